@@ -1,0 +1,103 @@
+from google.protobuf import any_pb2 as _any_pb2
+from protos.common.v1 import common_pb2 as _common_pb2
+from protos.fraud.v1 import fraud_pb2 as _fraud_pb2
+from protos.pricing.v1 import pricing_pb2 as _pricing_pb2
+from protos.recommender.v1 import recommender_pb2 as _recommender_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Domain(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DOMAIN_UNSPECIFIED: _ClassVar[Domain]
+    DOMAIN_FRAUD: _ClassVar[Domain]
+    DOMAIN_RECOMMENDER: _ClassVar[Domain]
+    DOMAIN_PRICING: _ClassVar[Domain]
+
+class AckStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACK_STATUS_UNSPECIFIED: _ClassVar[AckStatus]
+    ACK_STATUS_STORED: _ClassVar[AckStatus]
+    ACK_STATUS_DUPLICATE: _ClassVar[AckStatus]
+    ACK_STATUS_REJECTED: _ClassVar[AckStatus]
+DOMAIN_UNSPECIFIED: Domain
+DOMAIN_FRAUD: Domain
+DOMAIN_RECOMMENDER: Domain
+DOMAIN_PRICING: Domain
+ACK_STATUS_UNSPECIFIED: AckStatus
+ACK_STATUS_STORED: AckStatus
+ACK_STATUS_DUPLICATE: AckStatus
+ACK_STATUS_REJECTED: AckStatus
+
+class FeedbackRecord(_message.Message):
+    __slots__ = ("record_id", "domain", "served", "outcome")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    domain: Domain
+    served: ServedPrediction
+    outcome: Outcome
+    def __init__(self, record_id: _Optional[str] = ..., domain: _Optional[_Union[Domain, str]] = ..., served: _Optional[_Union[ServedPrediction, _Mapping]] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("name", "datatype", "shape", "raw_data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATATYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    RAW_DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    datatype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    raw_data: bytes
+    def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., raw_data: _Optional[bytes] = ...) -> None: ...
+
+class ServedPrediction(_message.Message):
+    __slots__ = ("prediction_id", "model", "served_at", "inputs", "outputs", "request", "response")
+    PREDICTION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SERVED_AT_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    prediction_id: str
+    model: _common_pb2.ModelRef
+    served_at: float
+    inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    request: _any_pb2.Any
+    response: _any_pb2.Any
+    def __init__(self, prediction_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., served_at: _Optional[float] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., request: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., response: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
+
+class Outcome(_message.Message):
+    __slots__ = ("prediction_id", "occurred_at", "received_at", "fraud", "recommendation", "pricing")
+    PREDICTION_ID_FIELD_NUMBER: _ClassVar[int]
+    OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    FRAUD_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDATION_FIELD_NUMBER: _ClassVar[int]
+    PRICING_FIELD_NUMBER: _ClassVar[int]
+    prediction_id: str
+    occurred_at: float
+    received_at: float
+    fraud: _fraud_pb2.FraudOutcome
+    recommendation: _recommender_pb2.RecommendationOutcome
+    pricing: _pricing_pb2.PricingOutcome
+    def __init__(self, prediction_id: _Optional[str] = ..., occurred_at: _Optional[float] = ..., received_at: _Optional[float] = ..., fraud: _Optional[_Union[_fraud_pb2.FraudOutcome, _Mapping]] = ..., recommendation: _Optional[_Union[_recommender_pb2.RecommendationOutcome, _Mapping]] = ..., pricing: _Optional[_Union[_pricing_pb2.PricingOutcome, _Mapping]] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("record_id", "status", "message")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    status: AckStatus
+    message: str
+    def __init__(self, record_id: _Optional[str] = ..., status: _Optional[_Union[AckStatus, str]] = ..., message: _Optional[str] = ...) -> None: ...

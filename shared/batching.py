@@ -1,0 +1,205 @@
+"""Asyncio micro-batcher: merge concurrent requests into one ONNX Runtime run.
+
+Each request brings its inputs (batch axis first) and an absolute deadline. Worker
+coroutines take requests off a bounded queue, merge those with the same non-batch shapes
+up to `max_batch_size` rows, and run them in a worker thread: ORT releases the GIL, so
+the event loop keeps receiving requests while a batch runs, and the next batch forms by
+itself under load (no waiting needed). `max_queue_delay_us` adds an optional wait for
+more rows when the queue is short, for models where bigger batches pay off.
+
+- Queue full: ResourceExhausted at once (the caller sees RESOURCE_EXHAUSTED).
+- Deadline passed while queued: the request is dropped before running (DEADLINE_EXCEEDED).
+- Every request in a batch is answered by the same model version, which is returned.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from shared import metrics
+from shared.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from shared.runtime.model import LoadedModel, ModelHandle
+
+log = logging.getLogger(__name__)
+
+
+class _Pending:
+    __slots__ = ("feeds", "rows", "key", "deadline", "future")
+
+    def __init__(self, feeds, rows, key, deadline, future):
+        self.feeds = feeds
+        self.rows = rows
+        self.key = key
+        self.deadline = deadline
+        self.future = future
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        handle: ModelHandle,
+        *,
+        max_batch_size: int = 64,
+        max_queue_delay_us: int = 0,
+        max_queue_size: int = 1024,
+        workers: int = 1,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or workers < 1 or max_queue_delay_us < 0:
+            raise ValueError("max_batch_size, max_queue_size and workers must be >= 1, the delay >= 0")
+        self.handle = handle
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_us / 1e6
+        self.max_queue_size = max_queue_size
+        self.workers = workers
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"ort-{handle.name}")
+        self._depth = metrics.QUEUE_DEPTH.labels(handle.name)
+        self._batch_hist = metrics.BATCH_SIZE.labels(handle.name)
+        self._closed = False
+
+    # ---- lifecycle ----
+    def start(self) -> None:
+        if self._tasks:
+            return
+        self._wakeup = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._worker(), name=f"batcher-{self.handle.name}-{i}")
+                       for i in range(self.workers)]
+
+    async def stop(self) -> None:
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+        while self._queue:
+            p = self._queue.popleft()
+            if not p.future.done():
+                p.future.set_exception(Unavailable("server is shutting down"))
+        self._depth.set(0)
+        self._executor.shutdown(wait=True)
+
+    # ---- request side ----
+    async def infer(self, feeds: Mapping[str, np.ndarray], rows: int,
+                    deadline: float | None = None) -> tuple[list[np.ndarray], LoadedModel]:
+        """Outputs for these rows (in signature order) and the model version that computed them.
+
+        feeds must already be validated against the model's signature; deadline is on the
+        time.monotonic() clock.
+        """
+        if self._closed or not self._tasks:
+            raise Unavailable("server is shutting down")
+        if len(self._queue) >= self.max_queue_size:
+            metrics.DROPPED.labels(self.handle.name, "queue_full").inc()
+            raise ResourceExhausted(
+                f"model {self.handle.name!r}: batch queue is full ({self.max_queue_size} requests waiting); retry later"
+            )
+        key = tuple(a.shape[1:] for a in feeds.values())
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(feeds, rows, key, deadline, fut))
+        self._depth.set(len(self._queue))
+        self._wakeup.set()
+        return await fut
+
+    # ---- worker side ----
+    def _take_batch(self) -> list[_Pending]:
+        """Pop the head request and every later one that can join it, up to max rows."""
+        now = time.monotonic()
+        batch: list[_Pending] = []
+        rows = 0
+        key = None
+        leftovers: list[_Pending] = []
+        q = self._queue
+        while q:
+            p = q.popleft()
+            if p.future.done():  # cancelled by the client while queued
+                continue
+            if p.deadline is not None and p.deadline <= now:
+                metrics.DROPPED.labels(self.handle.name, "deadline").inc()
+                p.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
+                continue
+            if key is None:
+                key = p.key
+            elif p.key != key or rows + p.rows > self.max_batch_size:
+                leftovers.append(p)
+                if rows + p.rows > self.max_batch_size and p.key == key:
+                    break
+                continue
+            batch.append(p)
+            rows += p.rows
+            if rows >= self.max_batch_size:
+                break
+        if leftovers:
+            q.extendleft(reversed(leftovers))
+        self._depth.set(len(q))
+        return batch
+
+    def _queued_rows(self) -> int:
+        return sum(p.rows for p in self._queue)
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        wakeup = self._wakeup
+        while True:
+            if not self._queue:
+                wakeup.clear()
+                await wakeup.wait()
+            if self.max_queue_delay_s > 0 and self.max_batch_size > 1:
+                # Short queue: give other requests a moment to arrive and join.
+                until = loop.time() + self.max_queue_delay_s
+                while self._queued_rows() < self.max_batch_size and loop.time() < until:
+                    await asyncio.sleep(0 if until - loop.time() < 0.0005 else 0.0002)
+            else:
+                await asyncio.sleep(0)  # let requests already received this tick join
+            batch = self._take_batch()
+            if not batch:
+                continue
+            model = self.handle.current
+            if model is None:
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(Unavailable(f"model {self.handle.name!r} is not loaded yet"))
+                continue
+            try:
+                outputs = await loop.run_in_executor(self._executor, _run_batch, model, batch)
+            except Exception as e:  # a failing run answers every request of the batch
+                log.exception("model %s/%s: batch of %d failed", model.name, model.version, len(batch))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                continue
+            self._batch_hist.observe(sum(p.rows for p in batch))
+            start = 0
+            for p in batch:
+                end = start + p.rows
+                if not p.future.done():
+                    if len(batch) == 1:
+                        p.future.set_result((outputs, model))
+                    else:
+                        p.future.set_result(([y[start:end] for y in outputs], model))
+                start = end
+
+
+def _run_batch(model: LoadedModel, batch: Sequence[_Pending]) -> list[np.ndarray]:
+    if len(batch) == 1:
+        return model.run(batch[0].feeds)
+    names = batch[0].feeds.keys()
+    feeds = {n: np.concatenate([p.feeds[n] for p in batch], axis=0) for n in names}
+    outputs = model.run(feeds)
+    rows = sum(p.rows for p in batch)
+    for name, y in zip(model.output_names, outputs):
+        if y.ndim == 0 or y.shape[0] != rows:
+            raise RuntimeError(f"output {name!r} has no batch axis (shape {y.shape}); serve this model with max_batch_size=1")
+    return outputs

@@ -1,0 +1,1 @@
+"""Model runtime: ONNX Runtime sessions, validated loading, and the atomically swapped handle."""

@@ -1,0 +1,175 @@
+"""A loaded, validated model version, and the handle that swaps the live one atomically.
+
+Loading is load-beside-then-swap: a new version is verified (checksums), checked against
+the signature the service declares, given a session, and warmed up on sample inputs whose
+outputs must be finite (and pass the service's own range check) before the handle points
+at it. Requests hold a reference to the LoadedModel they started with, so a swap never
+disturbs one in flight; the old session is freed when its last request finishes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from shared.registry import Manifest, ModelRegistry, RegistryError, Signature, TensorSpec
+from shared.runtime.dtypes import NUMPY_OF_V2
+from shared.runtime.session import CreatedSession, ProviderError, RuntimeOptions, create_session
+from shared.runtime.signature import signature_of_onnx
+
+log = logging.getLogger(__name__)
+
+Arrays = Mapping[str, np.ndarray]
+# A service's check of warm-up outputs: return None when fine, else the reason to refuse.
+OutputCheck = Callable[[Arrays], "str | None"]
+
+
+class ModelRejected(Exception):
+    """A version that must not serve; the message says why."""
+
+
+@dataclasses.dataclass(eq=False)
+class LoadedModel:
+    name: str
+    version: str
+    signature: Signature
+    created: CreatedSession
+    manifest: Manifest | None = None
+    loaded_at: float = dataclasses.field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.input_names = [t.name for t in self.signature.inputs]
+        self.output_names = [t.name for t in self.signature.outputs]
+        self._session = self.created.session
+
+    @property
+    def provider(self) -> str:
+        return self.created.primary_provider
+
+    def run(self, feeds: Arrays) -> list[np.ndarray]:
+        """All outputs, in signature order. Thread-safe (ORT sessions are); releases the GIL."""
+        return self._session.run(self.output_names, dict(feeds))
+
+
+def sample_inputs(signature: Signature, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs that fit the signature: the batch axis = batch, other dynamic axes = 1."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for spec in signature.inputs:
+        shape = [batch if i == 0 and d == -1 else (1 if d == -1 else d) for i, d in enumerate(spec.shape)]
+        dtype = NUMPY_OF_V2[spec.datatype]
+        if dtype.kind == "f":
+            out[spec.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            out[spec.name] = np.zeros(shape, dtype=dtype)  # ids/indices: 0 is always valid
+    return out
+
+
+def warm_up(model: LoadedModel, batches: tuple[int, ...], check: OutputCheck | None,
+            inputs_for: Callable[[Signature, int], Arrays] = sample_inputs) -> None:
+    for batch in batches:
+        feeds = inputs_for(model.signature, batch)
+        outputs = model.run(feeds)
+        named = dict(zip(model.output_names, outputs))
+        for name, y in named.items():
+            if y.dtype.kind == "f" and not np.isfinite(y).all():
+                raise ModelRejected(f"warm-up output {name!r} has non-finite values at batch {batch}")
+        if check is not None:
+            reason = check(named)
+            if reason:
+                raise ModelRejected(f"warm-up output check failed at batch {batch}: {reason}")
+
+
+@dataclasses.dataclass
+class ModelLoader:
+    """Everything needed to turn a file or a registry version into a validated LoadedModel."""
+
+    options: RuntimeOptions = dataclasses.field(default_factory=RuntimeOptions)
+    expected: Signature | None = None  # what the service declares; None = accept the first one seen
+    output_check: OutputCheck | None = None
+    warmup_batches: tuple[int, ...] = (1, 8)
+    inputs_for: Callable[[Signature, int], Arrays] = sample_inputs
+
+    def _finish(self, name: str, version: str, path: Path, signature: Signature,
+                manifest: Manifest | None, engine_dir: Path | None) -> LoadedModel:
+        if self.expected is not None:
+            diffs = self.expected.differences(signature)
+            if diffs:
+                raise ModelRejected("signature differs from what the service declares: " + "; ".join(diffs))
+        try:
+            created = create_session(path, self.options, engine_dir=engine_dir)
+        except ProviderError as e:
+            raise ModelRejected(str(e)) from e
+        except Exception as e:  # onnxruntime raises its own types for unreadable graphs
+            raise ModelRejected(f"onnxruntime cannot load the model: {e}") from e
+        model = LoadedModel(name, version, signature, created, manifest)
+        try:
+            warm_up(model, self.warmup_batches, self.output_check, self.inputs_for)
+        except ModelRejected:
+            raise
+        except Exception as e:
+            raise ModelRejected(f"warm-up failed: {e}") from e
+        return model
+
+    def from_file(self, name: str, path: str | os.PathLike[str], version: str = "1") -> LoadedModel:
+        path = Path(path)
+        if not path.is_file():
+            raise ModelRejected(f"model file {path} does not exist")
+        try:
+            signature = signature_of_onnx(path)
+        except Exception as e:
+            raise ModelRejected(f"{path} is not a readable ONNX model: {e}") from e
+        return self._finish(name, version, path, signature, None, None)
+
+    def from_registry(self, registry: ModelRegistry, name: str, version: str) -> LoadedModel:
+        try:
+            manifest = registry.verify(name, version)
+        except RegistryError as e:
+            raise ModelRejected(str(e)) from e
+        path = registry.model_path(name, version)
+        try:
+            in_file = signature_of_onnx(path)
+        except Exception as e:
+            raise ModelRejected(f"{name}/{version} is not a readable ONNX model: {e}") from e
+        diffs = manifest.signature.differences(in_file)
+        if diffs:
+            raise ModelRejected("model file disagrees with its manifest: " + "; ".join(diffs))
+        engine_dir = Path(self.options.trt_cache_dir) / name / version
+        return self._finish(name, version, path, in_file, manifest, engine_dir)
+
+
+class ModelHandle:
+    """The live version of one model, plus the previous one kept warm for instant rollback.
+
+    Swaps happen on the event loop thread; a request reads `current` once and keeps that
+    object, so it finishes on the version it started with.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.current: LoadedModel | None = None
+        self.previous: LoadedModel | None = None
+        self._listeners: list[Callable[[LoadedModel], None]] = []
+
+    def on_swap(self, listener: Callable[[LoadedModel], None]) -> None:
+        self._listeners.append(listener)
+
+    def swap(self, new: LoadedModel) -> LoadedModel | None:
+        old = self.current
+        if old is not None and old.version == new.version:
+            return old
+        self.previous, self.current = old, new
+        for listener in self._listeners:
+            listener(new)
+        return old
+
+    def loaded(self, version: str) -> LoadedModel | None:
+        for m in (self.current, self.previous):
+            if m is not None and m.version == version:
+                return m
+        return None
