@@ -1,0 +1,57 @@
+# The verbs a newcomer needs. Everything runs from the project's own .venv.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock 2>/dev/null | cksum | cut -d' ' -f1)
+
+ONNX ?=
+NAME ?= model
+PORT ?= 18111
+REGISTRY ?= var/registry
+
+.PHONY: setup test proto proto-check serve-onnx bench bench-serving peers lock clean
+
+setup: $(STAMP)
+
+# Pinned, exact, no resolver surprises: the lock lists every package.
+$(STAMP): requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+proto: setup
+	$(PY) -m protos.codegen
+
+proto-check: setup
+	$(PY) -m protos.codegen --check
+
+# Serve one ONNX file over KServe V2 in the foreground; without ONNX=, follow the registry.
+serve-onnx: setup
+	@if [ -n "$(ONNX)" ]; then \
+	  exec $(PY) -m shared.serve_onnx --onnx "$(ONNX)" --name "$(NAME)" --port "$(PORT)"; \
+	else \
+	  exec $(PY) -m shared.serve_onnx --registry-dir "$(REGISTRY)" --name "$(NAME)" --port "$(PORT)"; \
+	fi
+
+bench: bench-serving
+
+bench-serving: setup
+	$(PY) -m bench.serving
+
+# Side-by-side with PyTriton and MLServer (../shared/peers), both benchmark models.
+peers: setup
+	../shared/peers/run.sh -d 10 -c 1,32 --only baseline,pytriton,mlserver-pw0,ours \
+	  --ours-cmd "make -C $(CURDIR) serve-onnx ONNX={model} NAME=mlp PORT={port}"
+	../shared/peers/run.sh -d 10 -c 1,32 --model twotower --only baseline,pytriton,mlserver-pw0,ours \
+	  --ours-cmd "make -C $(CURDIR) serve-onnx ONNX={model} NAME={name} PORT={port}"
+
+lock: setup
+	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//' > requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache var

@@ -1,0 +1,137 @@
+"""One settings object per process, from CLI flags, then environment, then defaults.
+
+Every field of a settings dataclass is a flag (`--max-batch-size 32`) and an environment
+variable (`STOREFRONT_MAX_BATCH_SIZE=32`); a flag beats the environment, which beats the
+default. Defaults run on one machine with nothing else installed. Services subclass
+ServerSettings to add their own fields and change defaults (their port, their model).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from typing import Any, Mapping, Sequence, TypeVar
+
+ENV_PREFIX = "STOREFRONT_"
+T = TypeVar("T", bound="BaseSettings")
+
+
+def _parse_bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+@dataclasses.dataclass
+class BaseSettings:
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        return ENV_PREFIX + field.upper()
+
+    @classmethod
+    def load(cls: type[T], argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
+             description: str | None = None) -> T:
+        env = os.environ if env is None else env
+        hints = typing.get_type_hints(cls)
+        ap = argparse.ArgumentParser(description=description or cls.__doc__)
+        for f in dataclasses.fields(cls):
+            kind = hints[f.name]
+            help_text = f.metadata.get("help", "")
+            flag = "--" + f.name.replace("_", "-")
+            if kind is bool:
+                ap.add_argument(flag, dest=f.name, type=_parse_bool, nargs="?", const=True, default=None,
+                                help=f"{help_text} [env {cls.env_name(f.name)}, default {f.default}]")
+            else:
+                ap.add_argument(flag, dest=f.name, type=kind, default=None,
+                                help=f"{help_text} [env {cls.env_name(f.name)}, default {f.default!r}]")
+        ns = ap.parse_args(argv)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            kind = hints[f.name]
+            if getattr(ns, f.name) is not None:
+                values[f.name] = getattr(ns, f.name)
+            elif cls.env_name(f.name) in env:
+                raw = env[cls.env_name(f.name)]
+                try:
+                    values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
+                except ValueError as e:
+                    ap.error(f"environment variable {cls.env_name(f.name)}={raw!r}: {e}")
+        settings = cls(**values)
+        problems = settings.validate()
+        if problems:
+            ap.error("; ".join(problems))
+        return settings
+
+    def validate(self) -> list[str]:
+        return []
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as environment variables (to hand to a child process)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[self.env_name(f.name)] = ("1" if v else "0") if isinstance(v, bool) else str(v)
+        return out
+
+
+def setting(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class ServerSettings(BaseSettings):
+    """Settings every serving process shares."""
+
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 for all interfaces)")
+    port: int = setting(18111, "gRPC port")
+    metrics_port: int = setting(-1, "Prometheus HTTP port; -1 = gRPC port + 1000, 0 = off")
+    registry_dir: str = setting("var/registry", "model registry folder")
+    poll_interval_s: float = setting(0.5, "how often to look for a new model version")
+    providers: str = setting("auto", "execution providers: auto, or a comma list of tensorrt,cuda,cpu")
+    intra_op_threads: int = setting(1, "ONNX Runtime threads inside one operator")
+    inter_op_threads: int = setting(1, "ONNX Runtime threads across operators")
+    trt_fp16: bool = setting(False, "let TensorRT build fp16 engines")
+    trt_cache_dir: str = setting("var/trt-cache", "TensorRT engine cache (one folder per model version)")
+    max_batch_size: int = setting(64, "most rows merged into one session run (1 = no batching)")
+    max_queue_delay_us: int = setting(0, "how long a short queue waits for more rows, microseconds")
+    max_queue_size: int = setting(1024, "requests waiting for a run before RESOURCE_EXHAUSTED")
+    batch_workers: int = setting(1, "session runs in flight at once per model")
+    max_request_rows: int = setting(1024, "largest batch one request may carry")
+    max_message_mb: int = setting(64, "largest gRPC message, MiB")
+    tls_cert: str = setting("", "server certificate (PEM); with tls_key enables TLS")
+    tls_key: str = setting("", "server private key (PEM)")
+    tls_client_ca: str = setting("", "CA bundle for client certificates; set = mTLS required")
+    keepalive_time_s: float = setting(30.0, "HTTP/2 keepalive ping interval")
+    keepalive_timeout_s: float = setting(10.0, "close a connection whose ping is not answered in this time")
+    grace_s: float = setting(5.0, "seconds in-flight RPCs get to finish on shutdown")
+    workers: int = setting(1, "server processes sharing the port (SO_REUSEPORT)")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = setting("json", "json (one object per line) or text")
+
+    def validate(self) -> list[str]:
+        p = []
+        if not 0 <= self.port <= 65535:
+            p.append(f"port {self.port} out of range")
+        if self.workers > 1 and self.port == 0:
+            p.append("workers > 1 needs a fixed port")
+        for name in ("max_batch_size", "max_queue_size", "batch_workers", "max_request_rows", "workers",
+                     "intra_op_threads", "inter_op_threads", "max_message_mb"):
+            if getattr(self, name) < 1:
+                p.append(f"{name} must be >= 1")
+        if self.max_queue_delay_us < 0:
+            p.append("max_queue_delay_us must be >= 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            p.append("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            p.append("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.log_format not in ("json", "text"):
+            p.append("log_format must be json or text")
+        return p
+
+    @property
+    def resolved_metrics_port(self) -> int:
+        return self.port + 1000 if self.metrics_port == -1 else self.metrics_port
