@@ -1,0 +1,36 @@
+import pytest
+
+from shared.serve_onnx import OnnxServerSettings
+from shared.settings import ServerSettings
+
+
+def test_flags_beat_environment_beat_defaults():
+    env = {"STOREFRONT_PORT": "19000", "STOREFRONT_MAX_BATCH_SIZE": "8", "STOREFRONT_TRT_FP16": "true"}
+    s = ServerSettings.load(["--max-batch-size", "16"], env=env)
+    assert (s.port, s.max_batch_size, s.trt_fp16, s.max_queue_size) == (19000, 16, True, 1024)
+    assert s.resolved_metrics_port == 20000
+    assert ServerSettings.load([], env={}).port == 18111
+
+
+def test_subclass_fields_are_settings_too():
+    s = OnnxServerSettings.load(["--name", "mlp", "--onnx", "m.onnx"], env={"STOREFRONT_WORKERS": "2"})
+    assert (s.name, s.onnx, s.workers) == ("mlp", "m.onnx", 2)
+
+
+@pytest.mark.parametrize("argv, env, words", [
+    (["--max-batch-size", "0"], {}, "max_batch_size must be >= 1"),
+    (["--tls-cert", "c.pem"], {}, "tls_cert and tls_key go together"),
+    (["--tls-client-ca", "ca.pem"], {}, "mTLS"),
+    (["--port", "70000"], {}, "out of range"),
+    ([], {"STOREFRONT_PORT": "abc"}, "STOREFRONT_PORT"),
+    ([], {"STOREFRONT_TRT_FP16": "maybe"}, "STOREFRONT_TRT_FP16"),
+])
+def test_bad_settings_are_refused_with_the_reason(argv, env, words, capsys):
+    with pytest.raises(SystemExit):
+        ServerSettings.load(argv, env=env)
+    assert words in capsys.readouterr().err
+
+
+def test_as_env_round_trips():
+    s = ServerSettings(port=1234, trt_fp16=True)
+    assert ServerSettings.load([], env=s.as_env()) == s
