@@ -23,7 +23,6 @@ import asyncio
 import collections
 import json
 import math
-import os
 import resource
 import sys
 import time

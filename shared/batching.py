@@ -10,6 +10,9 @@ more rows when the queue is short, for models where bigger batches pay off.
 - Queue full: ResourceExhausted at once (the caller sees RESOURCE_EXHAUSTED).
 - Deadline passed while queued: the request is dropped before running (DEADLINE_EXCEEDED).
 - Every request in a batch is answered by the same model version, which is returned.
+- Cheap models run on the event loop itself: when the moving average of a batch's run
+  time is under `inline_below_us`, the hand-off to a worker thread and back costs more
+  than the run (the MLP of the peer benchmark runs in ~15 us), so it is skipped.
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ class MicroBatcher:
         max_queue_delay_us: int = 0,
         max_queue_size: int = 1024,
         workers: int = 1,
+        inline_below_us: int = 200,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or workers < 1 or max_queue_delay_us < 0:
             raise ValueError("max_batch_size, max_queue_size and workers must be >= 1, the delay >= 0")
@@ -64,6 +68,8 @@ class MicroBatcher:
         self._depth = metrics.QUEUE_DEPTH.labels(handle.name)
         self._batch_hist = metrics.BATCH_SIZE.labels(handle.name)
         self._closed = False
+        self.inline_below_s = inline_below_us / 1e6
+        self._run_s_avg = float("inf")  # unknown until measured: start in a worker thread
 
     # ---- lifecycle ----
     def start(self) -> None:
@@ -173,7 +179,13 @@ class MicroBatcher:
                         p.future.set_exception(Unavailable(f"model {self.handle.name!r} is not loaded yet"))
                 continue
             try:
-                outputs = await loop.run_in_executor(self._executor, _run_batch, model, batch)
+                started = time.perf_counter()
+                if self._run_s_avg < self.inline_below_s:
+                    outputs = _run_batch(model, batch)
+                else:
+                    outputs = await loop.run_in_executor(self._executor, _run_batch, model, batch)
+                took = time.perf_counter() - started
+                self._run_s_avg = took if self._run_s_avg == float("inf") else 0.9 * self._run_s_avg + 0.1 * took
             except Exception as e:  # a failing run answers every request of the batch
                 log.exception("model %s/%s: batch of %d failed", model.name, model.version, len(batch))
                 for p in batch:

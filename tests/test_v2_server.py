@@ -41,13 +41,13 @@ async def test_health_follows_model_availability_and_infer_works(registry, model
         assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
 
         x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
-        call = stub.ModelInfer(infer_request(x))
+        call = stub.ModelInfer(infer_request(x), metadata=(("x-request-id", "abc-123"),))
         resp = await call
         assert (resp.model_name, resp.model_version, resp.id) == ("linear", "1", "req-1")
         assert [(o.name, o.datatype, list(o.shape)) for o in resp.outputs] == [("y", "FP32", [3, 1])]
         y = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(3, 1)
         np.testing.assert_allclose(y, onnx_models.linear_reference(x, seed=1), rtol=1e-5)
-        assert dict(await call.trailing_metadata()).get("x-request-id")
+        assert dict(await call.trailing_metadata()).get("x-request-id") == "abc-123"
 
         # typed contents work too
         req = pb.ModelInferRequest(model_name="linear")
@@ -95,6 +95,7 @@ async def test_bad_requests_get_clear_client_errors_never_internal(registry, mod
                 await stub.ModelInfer(req)
             assert e.value.code() == code, (label, e.value.code(), e.value.details())
             assert words in e.value.details(), (label, e.value.details())
+            assert "(request id " in e.value.details()
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"))
         assert e.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,7 +1,8 @@
 """One server interceptor for the cross-cutting concerns of every unary and client-streaming RPC.
 
-- request id: the caller's `x-request-id` metadata, else a new one; echoed in trailing
-  metadata and set in the logging context;
+- request id: the caller's `x-request-id` metadata, else a new one; set in the logging
+  context, named in every error message, and echoed in trailing metadata when the caller
+  sent one (a trailer on every response costs both sides CPU on the hot path);
 - errors: a shared.errors.ServiceError becomes its status code and message; anything else
   is logged with its traceback and becomes INTERNAL naming the request id (no internals leak);
 - metrics: count and latency by method and final status code.
@@ -41,26 +42,28 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         series[0].inc()
         series[1].observe(seconds)
 
-    def _request_id(self, context: grpc.aio.ServicerContext) -> str:
+    def _request_id(self, context: grpc.aio.ServicerContext) -> tuple[str, bool]:
+        """(request id, whether the caller sent it)."""
         for key, value in context.invocation_metadata() or ():
             if key == "x-request-id" and value:
-                return str(value)[:128]
-        return f"{self._prefix}-{next(self._counter):x}"
+                return str(value)[:128], True
+        return f"{self._prefix}-{next(self._counter):x}", False
 
     def _wrap(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         short = method.rsplit("/", 1)[-1]
 
         async def handle(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
-            rid = self._request_id(context)
+            rid, echo = self._request_id(context)
             token = logs.request_id.set(rid)
             code = "OK"
             try:
-                context.set_trailing_metadata((("x-request-id", rid),))
+                if echo:
+                    context.set_trailing_metadata((("x-request-id", rid),))
                 return await behavior(request_or_iterator, context)
             except ServiceError as e:
                 code = e.code.name
-                await context.abort(e.code, e.message)
+                await context.abort(e.code, f"{e.message} (request id {rid})")
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
