@@ -135,3 +135,13 @@ class ServerSettings(BaseSettings):
     @property
     def resolved_metrics_port(self) -> int:
         return self.port + 1000 if self.metrics_port == -1 else self.metrics_port
+
+
+@dataclasses.dataclass
+class DomainSettings(ServerSettings):
+    """Settings every domain service adds: its model and its feedback stream to the trainer."""
+
+    model_name: str = setting("", "model name in the registry (default: the domain)")
+    trainer_target: str = setting("127.0.0.1:50050", "trainer's feedback endpoint; empty = no feedback")
+    spool_dir: str = setting("", "where feedback waits while the trainer is unreachable (default var/spool/<domain>)")
+    spool_max_mb: int = setting(256, "feedback spool size limit; beyond it records are dropped (and logged)")

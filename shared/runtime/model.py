@@ -92,6 +92,8 @@ class ModelLoader:
     options: RuntimeOptions = dataclasses.field(default_factory=RuntimeOptions)
     expected: Signature | None = None  # what the service declares; None = accept the first one seen
     output_check: OutputCheck | None = None
+    # A service's check of a registry version's manifest (feature names, thresholds...).
+    manifest_check: Callable[[Manifest], "str | None"] | None = None
     warmup_batches: tuple[int, ...] = (1, 8)
     inputs_for: Callable[[Signature, int], Arrays] = sample_inputs
 
@@ -139,6 +141,10 @@ class ModelLoader:
         diffs = manifest.signature.differences(in_file)
         if diffs:
             raise ModelRejected("model file disagrees with its manifest: " + "; ".join(diffs))
+        if self.manifest_check is not None:
+            reason = self.manifest_check(manifest)
+            if reason:
+                raise ModelRejected(f"manifest refused: {reason}")
         engine_dir = Path(self.options.trt_cache_dir) / name / version
         return self._finish(name, version, path, in_file, manifest, engine_dir)
 

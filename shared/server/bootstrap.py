@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Awaitable, Callable, Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -68,6 +68,9 @@ class ServerApp:
     settings: ServerSettings
     models: Mapping[str, ServedModel]
     register: Register | None = None
+    # Called after the models started / before they stop (e.g. the feedback client).
+    on_start: list[Callable[[], Awaitable[None]]] = dataclasses.field(default_factory=list)
+    on_stop: list[Callable[[], Awaitable[None]]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.server: grpc.aio.Server | None = None
@@ -118,6 +121,8 @@ class ServerApp:
         for served in self.models.values():
             served.handle.on_swap(lambda _m: loop.create_task(self._set_health()))
         await asyncio.gather(*(m.start() for m in self.models.values()))
+        for hook in self.on_start:
+            await hook()
         await self._set_health()
         log.info("%s serving gRPC on %s%s (metrics %s)", self.name, address if s.port else self.address,
                  " with TLS" if creds else "", f"http://{s.host}:{mport}/metrics" if mport > 0 else "off")
@@ -133,6 +138,11 @@ class ServerApp:
             if self.server is not None:
                 await self.server.stop(self.settings.grace_s)
         finally:
+            for hook in self.on_stop:
+                try:
+                    await hook()
+                except Exception:
+                    log.exception("%s: shutdown hook failed", self.name)
             await asyncio.gather(*(m.stop() for m in self.models.values()), return_exceptions=True)
             if self._metrics_httpd is not None:
                 self._metrics_httpd.shutdown()

@@ -1,0 +1,1 @@
+"""Fraud scoring: probability, decision, reason codes, and the labels that teach it."""

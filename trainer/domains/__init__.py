@@ -1,0 +1,1 @@
+"""What each domain's learner needs: data, network, export, metrics."""

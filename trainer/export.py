@@ -1,0 +1,97 @@
+"""Export a PyTorch module to ONNX (dynamic batch axis), check it, and compare it with PyTorch.
+
+When the `tensorrt` package imports (the GPU image), a TensorRT engine is also built
+beside the ONNX file; otherwise one clear line says it was skipped. Services on a GPU
+build their own engines through ONNX Runtime's TensorRT provider (with a per-version
+engine cache), so the ONNX file is always the artifact that is published.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+log = logging.getLogger(__name__)
+OPSET = 18
+
+
+def export_onnx(module: torch.nn.Module, inputs: Mapping[str, tuple[int, ...]], output_names: Sequence[str],
+                path: str | os.PathLike[str]) -> Path:
+    """Export with axis 0 of every input and output dynamic; run the ONNX checker."""
+    path = Path(path)
+    module = module.eval()
+    example = tuple(torch.randn(*shape) for shape in inputs.values())
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    with torch.no_grad():
+        torch.onnx.export(module, example, str(path), input_names=list(inputs), output_names=list(output_names),
+                          dynamic_shapes={name: {0: batch} for name in inputs}, dynamo=True, opset_version=OPSET,
+                          external_data=False, verbose=False)
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def parity(module: torch.nn.Module, path: str | os.PathLike[str], feeds: Mapping[str, np.ndarray]) -> float:
+    """Largest absolute difference between ONNX Runtime's and PyTorch's outputs on feeds."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, dict(feeds))
+    with torch.no_grad():
+        want = module.eval()(*(torch.from_numpy(np.asarray(v)) for v in feeds.values()))
+    if isinstance(want, torch.Tensor):
+        want = (want,)
+    return max(float(np.max(np.abs(g - w.numpy()))) if g.size else 0.0 for g, w in zip(got, want))
+
+
+def batch1_latency_ms(path: str | os.PathLike[str], feeds: Mapping[str, np.ndarray], runs: int = 200) -> float:
+    """Median batch-1 latency of one ORT CPU thread, in milliseconds."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    one = {k: np.asarray(v)[:1] for k, v in feeds.items()}
+    for _ in range(10):
+        session.run(None, one)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(None, one)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def build_tensorrt_engine(path: str | os.PathLike[str], fp16: bool = False) -> Path | None:
+    """Build `<model>.plan` next to the ONNX file when TensorRT is installed; None otherwise."""
+    try:
+        import tensorrt as trt  # only in the GPU image
+    except ImportError:
+        log.info("TensorRT engine skipped: the tensorrt package is not installed (CPU machine)")
+        return None
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(path).read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT cannot parse {path}: {errors}")
+    config = builder.create_builder_config()
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        dims = list(tensor.shape)
+        rest = [d if d > 0 else 1 for d in dims[1:]]
+        profile.set_shape(tensor.name, [1, *rest], [8, *rest], [64, *rest])
+    config.add_optimization_profile(profile)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise RuntimeError(f"TensorRT failed to build an engine for {path}")
+    out = Path(path).with_suffix(".plan")
+    out.write_bytes(bytes(engine))
+    log.info("TensorRT engine built: %s", out)
+    return out

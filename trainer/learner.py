@@ -1,0 +1,359 @@
+"""The incremental learner of one domain: joined events -> update -> gate -> export -> publish.
+
+One round:
+1. take the joined examples the joiner produced since the last round (test-then-train:
+   the newest `holdout_share` of them is the holdout this round, trained on next round);
+2. warm-start a candidate from the current checkpoint, update it on the new training
+   examples mixed with a replay sample of older ones (against forgetting);
+3. gate it: on the holdout, its domain metric must not be worse than the serving
+   version's (the current checkpoint) by more than `tolerance`; its ONNX outputs must
+   match PyTorch's within `parity_tol`; its batch-1 latency must be within budget;
+4. publish it to the registry (manifest: metrics, gate figures, the event offset it
+   learned up to), and write the checkpoint (weights, optimizer, replay buffer, offset)
+   atomically. The checkpoint's offset is the only source of truth for where learning
+   resumes, so a crash between two steps never trains an event twice or skips one.
+Every decision (published or refused, with its figures) goes to the decision log.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from shared.registry import ModelRegistry
+from trainer.drift import PageHinkley
+from trainer.export import batch1_latency_ms, build_tensorrt_engine, parity
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Examples:
+    X: np.ndarray  # model input rows, exactly as served
+    y: np.ndarray  # labels
+    served_p: np.ndarray  # what the serving model answered (for prequential error)
+    offsets: np.ndarray  # event-log offset of each label
+
+    @classmethod
+    def empty(cls, width: int) -> "Examples":
+        return cls(np.zeros((0, width), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32),
+                   np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def concat(self, other: "Examples") -> "Examples":
+        return Examples(np.concatenate([self.X, other.X]), np.concatenate([self.y, other.y]),
+                        np.concatenate([self.served_p, other.served_p]), np.concatenate([self.offsets, other.offsets]))
+
+    def take(self, idx) -> "Examples":
+        return Examples(self.X[idx], self.y[idx], self.served_p[idx], self.offsets[idx])
+
+
+class DomainModel(abc.ABC):
+    """What the learner needs from a domain: its network, training step, metric and export."""
+
+    name: str  # registry model name
+    width: int  # input row width
+
+    @abc.abstractmethod
+    def new_network(self, bootstrap_X: np.ndarray) -> torch.nn.Module: ...
+
+    @abc.abstractmethod
+    def train(self, net: torch.nn.Module, opt: torch.optim.Optimizer, X: np.ndarray, y: np.ndarray,
+              epochs: int, seed: int) -> None: ...
+
+    @abc.abstractmethod
+    def predict(self, net: torch.nn.Module, X: np.ndarray) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def gate_metric(self, y: np.ndarray, p: np.ndarray) -> tuple[str, float, bool]:
+        """(metric name, value, higher is better) on a holdout."""
+
+    @abc.abstractmethod
+    def report_metrics(self, y: np.ndarray, p: np.ndarray) -> dict[str, float]: ...
+
+    @abc.abstractmethod
+    def export(self, net: torch.nn.Module, path: Path) -> tuple[Path, torch.nn.Module]:
+        """Write the ONNX file; return it and the module it was exported from (for parity)."""
+
+    @abc.abstractmethod
+    def signature_inputs(self, X: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    @abc.abstractmethod
+    def manifest_extra(self, y: np.ndarray, p: np.ndarray) -> dict[str, Any]: ...
+
+    def optimizer(self, net: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(net.parameters(), lr=1e-3)
+
+
+@dataclasses.dataclass
+class LearnerConfig:
+    min_events: int = 200  # a round starts once this many new labels arrived ...
+    max_interval_s: float = 30.0  # ... or this long after the last round, with at least one
+    holdout_share: float = 0.2
+    replay_size: int = 20_000
+    replay_ratio: float = 1.0  # replayed rows per new row in an update
+    epochs: int = 3
+    tolerance: float = 0.02
+    parity_tol: float = 1e-4
+    latency_budget_ms: float = 5.0
+    drift_cadence_factor: float = 0.25  # while drift lasts, rounds start after this share of min_events
+
+
+class Checkpoint:
+    """Weights, optimizer, replay buffer and the offset learned up to, written atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def load(self) -> dict[str, Any]:
+        return torch.load(self.path, weights_only=False)
+
+
+class DecisionLog:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, entry: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+class Learner:
+    def __init__(self, model: DomainModel, registry: ModelRegistry, workdir: Path,
+                 config: LearnerConfig | None = None) -> None:
+        self.model = model
+        self.registry = registry
+        self.config = config or LearnerConfig()
+        self.workdir = Path(workdir)
+        self.checkpoint = Checkpoint(self.workdir / "checkpoints" / f"{model.name}.pt")
+        self.decisions = DecisionLog(self.workdir / "decisions" / f"{model.name}.jsonl")
+        self.pending = Examples.empty(model.width)
+        self.holdout = Examples.empty(model.width)  # last round's holdout: trained on this round
+        self.drift = PageHinkley()
+        self.last_round = time.monotonic()
+        self.net: torch.nn.Module | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        self.replay = Examples.empty(model.width)
+        self.offset = 0  # last event-log offset whose label is in the weights or the holdout
+        self.trained_rows = 0
+        self.rounds = 0
+        self._rng = np.random.default_rng(0)
+
+    # ---- state ----
+    def restore(self) -> bool:
+        """Load the checkpoint; False when there is none (bootstrap first)."""
+        if not self.checkpoint.exists():
+            return False
+        state = self.checkpoint.load()
+        self.net = self.model.new_network(np.zeros((1, self.model.width), np.float32))
+        self.net.load_state_dict(state["net"])
+        self.opt = self.model.optimizer(self.net)
+        self.opt.load_state_dict(state["opt"])
+        self.replay = state["replay"]
+        self.holdout = state.get("holdout", Examples.empty(self.model.width))
+        self.offset = int(state["offset"])
+        self.trained_rows = int(state.get("trained_rows", 0))
+        self.rounds = int(state.get("rounds", 0))
+        return True
+
+    def _save(self) -> None:
+        self.checkpoint.save({"net": self.net.state_dict(), "opt": self.opt.state_dict(), "replay": self.replay,
+                              "holdout": self.holdout, "offset": self.offset, "trained_rows": self.trained_rows,
+                              "rounds": self.rounds})
+
+    # ---- bootstrap ----
+    def bootstrap(self, X: np.ndarray, y: np.ndarray, holdout_X: np.ndarray, holdout_y: np.ndarray,
+                  epochs: int, progress=None) -> dict[str, Any]:
+        """Train the first version from a real dataset, publish it, write the checkpoint."""
+        self.net = self.model.new_network(X)
+        self.opt = self.model.optimizer(self.net)
+        for epoch in range(epochs):
+            self.model.train(self.net, self.opt, X, y, epochs=1, seed=epoch)
+            if progress is not None:
+                progress(epoch + 1, epochs)
+        p = self.model.predict(self.net, holdout_X)
+        keep = self._rng.choice(len(y), size=min(len(y), self.config.replay_size), replace=False)
+        self.replay = Examples(X[keep], y[keep], np.full(len(keep), np.nan, np.float32), np.zeros(len(keep), np.int64))
+        self.trained_rows = len(y)
+        return self._publish_and_save(holdout_y, p, {"bootstrap_rows": len(y)}, decision="bootstrap")
+
+    # ---- incremental rounds ----
+    def add(self, examples: Examples) -> None:
+        if len(examples) == 0:
+            return
+        self.pending = self.pending.concat(examples)
+        # prequential error of what was served, for the drift detector
+        served = np.clip(examples.served_p[~np.isnan(examples.served_p)], 1e-6, 1 - 1e-6)
+        labels = examples.y[~np.isnan(examples.served_p)]
+        for p, y in zip(served, labels):
+            self.drift.update(-(y * math.log(p) + (1 - y) * math.log(1 - p)))
+
+    def due(self) -> bool:
+        need = self.config.min_events
+        if self.drift.in_drift:
+            need = max(1, int(need * self.config.drift_cadence_factor))
+        if len(self.pending) >= need:
+            return True
+        return len(self.pending) > 0 and time.monotonic() - self.last_round >= self.config.max_interval_s
+
+    def round(self, up_to: int | None = None) -> dict[str, Any] | None:
+        """One update-gate-publish round over the pending examples. Returns the decision.
+
+        up_to: the event-log offset the caller has read up to (every label at or below it is
+        in `pending` or was dropped by the joiner); it becomes the checkpoint's offset.
+        """
+        if len(self.pending) == 0:
+            return None
+        if self.net is None:
+            raise RuntimeError(f"no checkpoint for {self.model.name}: run `python -m trainer bootstrap` first")
+        self.last_round = time.monotonic()
+        new = self.pending
+        self.pending = Examples.empty(self.model.width)
+        n_hold = int(round(len(new) * self.config.holdout_share))
+        if len(new) >= 5:
+            n_hold = max(n_hold, 1)
+        fresh_train, holdout = new.take(slice(0, len(new) - n_hold)), new.take(slice(len(new) - n_hold, len(new)))
+        # last round's holdout was only evaluated on; now it is trained on
+        train = self.holdout.concat(fresh_train)
+        serving = self.net
+        candidate = self.model.new_network(np.zeros((1, self.model.width), np.float32))
+        candidate.load_state_dict(serving.state_dict())
+        opt = self.model.optimizer(candidate)
+        opt.load_state_dict(self.opt.state_dict())
+        X, y = train.X, train.y
+        if len(self.replay) and len(train):
+            k = min(len(self.replay), max(1, int(len(train) * self.config.replay_ratio)))
+            idx = self._rng.choice(len(self.replay), size=k, replace=False)
+            X, y = np.concatenate([X, self.replay.X[idx]]), np.concatenate([y, self.replay.y[idx]])
+        if len(y):
+            self.model.train(candidate, opt, X, y, epochs=self.config.epochs, seed=self.rounds)
+        self.rounds += 1
+        # the offsets covered: everything up to the newest label of this round
+        up_to = int(max(new.offsets.max(), self.offset, up_to or 0))
+        figures: dict[str, Any] = {"round": self.rounds, "new_labels": len(new), "trained_rows": len(train),
+                                   "replayed_rows": len(y) - len(train), "holdout_rows": len(holdout),
+                                   "offsets": [int(new.offsets.min()), int(new.offsets.max())],
+                                   "drift": self.drift.in_drift}
+        reasons = []
+        if len(holdout):
+            name, cand, higher = self.model.gate_metric(holdout.y, self.model.predict(candidate, holdout.X))
+            _, base, _ = self.model.gate_metric(holdout.y, self.model.predict(serving, holdout.X))
+            figures.update({"gate_metric": name, "candidate": cand, "serving": base})
+            if not (math.isnan(cand) or math.isnan(base)):
+                worse = base - cand if higher else cand - base
+                if worse > self.config.tolerance:
+                    reasons.append(f"{name} {cand:.4f} is worse than serving {base:.4f} by more than {self.config.tolerance}")
+        # every label of this round is now accounted for, whether or not the candidate ships
+        self.trained_rows += len(train)
+        self._remember(train)
+        self.holdout = holdout
+        self.offset = up_to
+        if reasons:
+            # refused: keep serving weights, but move on (the labels stay in the replay buffer)
+            entry = self._decide("refused", figures, reasons)
+            self._save()
+            return entry
+        eval_y = np.concatenate([holdout.y, self.replay.y[-5000:]])
+        eval_p = self.model.predict(candidate, np.concatenate([holdout.X, self.replay.X[-5000:]]))
+        return self._publish_and_save(eval_y, eval_p, figures, decision="published", candidate=(candidate, opt))
+
+    def _remember(self, ex: Examples) -> None:
+        if len(ex) == 0:
+            return
+        self.replay = self.replay.concat(ex)
+        if len(self.replay) > self.config.replay_size:
+            # reservoir-like: keep a uniform sample of the older part plus all of the newest
+            n = self.config.replay_size
+            old = len(self.replay) - len(ex)
+            keep_old = self._rng.choice(old, size=max(0, n - len(ex)), replace=False) if old else np.zeros(0, int)
+            idx = np.concatenate([np.sort(keep_old), np.arange(old, len(self.replay))])[-n:]
+            self.replay = self.replay.take(idx)
+
+    def _publish_and_save(self, y: np.ndarray, p: np.ndarray, figures: dict[str, Any], decision: str,
+                          candidate: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None) -> dict[str, Any]:
+        """Export and check the candidate (default: the current weights); if it passes, make it
+        the learner's weights, write the checkpoint, then publish. Checkpoint before publish:
+        a crash in between loses a version, never trains its events a second time."""
+        net, opt = candidate if candidate is not None else (self.net, self.opt)
+        reasons = []
+        with tempfile.TemporaryDirectory() as tmp:
+            path, module = self.model.export(net, Path(tmp) / "model.onnx")
+            feeds = self.model.signature_inputs(self.replay.X[:64] if len(self.replay) else
+                                                np.zeros((4, self.model.width), np.float32))
+            diff = parity(module, path, feeds)
+            latency = batch1_latency_ms(path, feeds)
+            figures.update({"onnx_parity_max_abs": diff, "batch1_latency_ms": latency})
+            if not diff <= self.config.parity_tol:
+                reasons.append(f"ONNX differs from PyTorch by {diff:.2e} > {self.config.parity_tol}")
+            if latency > self.config.latency_budget_ms:
+                reasons.append(f"batch-1 latency {latency:.3f} ms over budget {self.config.latency_budget_ms} ms")
+            if reasons:
+                entry = self._decide("refused", figures, reasons)
+                self._save()
+                return entry
+            metrics = self.model.report_metrics(y, p)
+            figures["metrics"] = metrics
+            engine = build_tensorrt_engine(path)
+            extra = self.model.manifest_extra(y, p)
+            self.net, self.opt = net, opt
+            self._save()
+            manifest = self.registry.publish(self.model.name, path, self._signature(path), metrics=metrics,
+                                             learned_up_to=self.offset, extra={**extra, "gate": figures},
+                                             extra_files=[engine] if engine else ())
+        figures["version"] = manifest.version
+        return self._decide(decision, figures, [])
+
+    @staticmethod
+    def _signature(path: Path):
+        from shared.runtime.signature import signature_of_onnx
+
+        return signature_of_onnx(path)
+
+    def _decide(self, decision: str, figures: dict[str, Any], reasons: Sequence[str]) -> dict[str, Any]:
+        entry = {"time": time.time(), "model": self.model.name, "decision": decision, "reasons": list(reasons),
+                 "offset": self.offset, **figures}
+        self.decisions.write(entry)
+        (log.info if decision != "refused" else log.warning)(
+            "%s: %s %s", self.model.name, decision, json.dumps({k: v for k, v in entry.items() if k != "metrics"},
+                                                               default=float))
+        return entry
