@@ -80,3 +80,24 @@ def fraud_stream_rows(limit: int | None = None) -> tuple[np.ndarray, np.ndarray,
     data = fraud.load_creditcard(limit)
     _, _, rest = fraud_split(data)
     return rest.X, rest.y, rest.t
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from shared import logs
+
+    ap = argparse.ArgumentParser(prog="python -m trainer bootstrap", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--domains", default="fraud", help=f"comma list of {sorted(DOMAINS)}")
+    ap.add_argument("--registry-dir", default="var/registry")
+    ap.add_argument("--workdir", default="var/trainer")
+    ap.add_argument("--force", action="store_true", help="publish a new first version even if one exists")
+    args = ap.parse_args(argv)
+    logs.configure("INFO", "text")
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        ap.error(f"unknown domain(s) {unknown}; known: {sorted(DOMAINS)}")
+    bootstrap(ModelRegistry(args.registry_dir), Path(args.workdir), domains, force=args.force)
+    return 0

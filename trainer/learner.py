@@ -68,6 +68,10 @@ class DomainModel(abc.ABC):
     width: int  # input row width
 
     @abc.abstractmethod
+    def examples(self, joined: Sequence[Any]) -> Examples:
+        """Training rows from the joiner's JoinedExamples of this domain."""
+
+    @abc.abstractmethod
     def new_network(self, bootstrap_X: np.ndarray) -> torch.nn.Module: ...
 
     @abc.abstractmethod
@@ -175,7 +179,9 @@ class Learner:
         self.opt: torch.optim.Optimizer | None = None
         self.replay = Examples.empty(model.width)
         self.offset = 0  # last event-log offset whose label is in the weights or the holdout
+        self.progress: dict[str, Any] = {"offset": 0, "pending": []}  # the joiner's checkpoint
         self.trained_rows = 0
+        self.labels_seen = 0  # labels consumed by rounds: each event exactly once, across restarts
         self.rounds = 0
         self._rng = np.random.default_rng(0)
 
@@ -192,14 +198,16 @@ class Learner:
         self.replay = state["replay"]
         self.holdout = state.get("holdout", Examples.empty(self.model.width))
         self.offset = int(state["offset"])
+        self.progress = state.get("progress", {"offset": self.offset, "pending": []})
         self.trained_rows = int(state.get("trained_rows", 0))
         self.rounds = int(state.get("rounds", 0))
+        self.labels_seen = int(state.get("labels_seen", 0))
         return True
 
     def _save(self) -> None:
         self.checkpoint.save({"net": self.net.state_dict(), "opt": self.opt.state_dict(), "replay": self.replay,
-                              "holdout": self.holdout, "offset": self.offset, "trained_rows": self.trained_rows,
-                              "rounds": self.rounds})
+                              "holdout": self.holdout, "offset": self.offset, "progress": self.progress, "trained_rows": self.trained_rows,
+                              "labels_seen": self.labels_seen, "rounds": self.rounds})
 
     # ---- bootstrap ----
     def bootstrap(self, X: np.ndarray, y: np.ndarray, holdout_X: np.ndarray, holdout_y: np.ndarray,
@@ -236,11 +244,12 @@ class Learner:
             return True
         return len(self.pending) > 0 and time.monotonic() - self.last_round >= self.config.max_interval_s
 
-    def round(self, up_to: int | None = None) -> dict[str, Any] | None:
+    def round(self, progress: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """One update-gate-publish round over the pending examples. Returns the decision.
 
-        up_to: the event-log offset the caller has read up to (every label at or below it is
-        in `pending` or was dropped by the joiner); it becomes the checkpoint's offset.
+        progress: the joiner's checkpoint taken after it produced the last pending example
+        ({"offset", "pending"}); it is stored in the model checkpoint, so a restart resumes
+        reading exactly after what this round consumed.
         """
         if len(self.pending) == 0:
             return None
@@ -269,7 +278,9 @@ class Learner:
             self.model.train(candidate, opt, X, y, epochs=self.config.epochs, seed=self.rounds)
         self.rounds += 1
         # the offsets covered: everything up to the newest label of this round
-        up_to = int(max(new.offsets.max(), self.offset, up_to or 0))
+        if progress is not None:
+            self.progress = dict(progress)
+        up_to = int(max(new.offsets.max(), self.offset, self.progress.get("offset", 0)))
         figures: dict[str, Any] = {"round": self.rounds, "new_labels": len(new), "trained_rows": len(train),
                                    "replayed_rows": len(y) - len(train), "holdout_rows": len(holdout),
                                    "offsets": [int(new.offsets.min()), int(new.offsets.max())],
@@ -285,6 +296,8 @@ class Learner:
                     reasons.append(f"{name} {cand:.4f} is worse than serving {base:.4f} by more than {self.config.tolerance}")
         # every label of this round is now accounted for, whether or not the candidate ships
         self.trained_rows += len(train)
+        self.labels_seen += len(new)
+        figures["labels_seen"] = self.labels_seen
         self._remember(train)
         self.holdout = holdout
         self.offset = up_to

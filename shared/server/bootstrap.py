@@ -68,6 +68,7 @@ class ServerApp:
     settings: ServerSettings
     models: Mapping[str, ServedModel]
     register: Register | None = None
+    v2: bool = True  # serve the models over KServe V2 too (the trainer serves none)
     # Called after the models started / before they stop (e.g. the feedback client).
     on_start: list[Callable[[], Awaitable[None]]] = dataclasses.field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = dataclasses.field(default_factory=list)
@@ -97,8 +98,10 @@ class ServerApp:
         """Bind, start serving (health NOT_SERVING), load the models, flip health. Returns the port."""
         s = self.settings
         self.server = grpc.aio.server(interceptors=[ServingInterceptor()], options=server_options(s))
-        add_v2(V2Servicer(self.models), self.server)
-        names = [ "inference.GRPCInferenceService"]
+        names = []
+        if self.v2:
+            add_v2(V2Servicer(self.models), self.server)
+            names.append("inference.GRPCInferenceService")
         if self.register is not None:
             names += self.register(self.server)
         self.service_names = names

@@ -227,3 +227,28 @@ class FraudModel(DomainModel):
     def manifest_extra(self, y, p) -> dict[str, Any]:
         return {"feature_names": INPUT_NAMES, "thresholds": calibrate_thresholds(y, p),
                 "threshold_target_fpr": TARGET_FPR}
+
+    def examples(self, joined) -> "Examples":
+        """Training rows from joined events: exactly the features that were served."""
+        from shared.feedback import tensor_to_numpy
+        from trainer.learner import Examples
+
+        X, y, p, off = [], [], [], []
+        for j in joined:
+            if j.outcome.WhichOneof("outcome") != "fraud":
+                continue
+            tensors = {t.name: t for t in j.served.inputs}
+            outputs = {t.name: t for t in j.served.outputs}
+            if "features" not in tensors:
+                continue
+            row = tensor_to_numpy(tensors["features"]).reshape(-1)
+            if row.shape != (N_INPUTS,) or not np.isfinite(row).all():
+                continue  # served by a model of another shape: not this learner's input
+            X.append(row)
+            y.append(1.0 if j.outcome.fraud.is_fraud else 0.0)
+            p.append(float(tensor_to_numpy(outputs["probability"]).reshape(-1)[0]) if "probability" in outputs else np.nan)
+            off.append(j.offset)
+        if not X:
+            return Examples.empty(N_INPUTS)
+        return Examples(np.stack(X).astype(np.float32), np.array(y, np.float32), np.array(p, np.float32),
+                        np.array(off, np.int64))

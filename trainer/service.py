@@ -1,0 +1,159 @@
+"""The trainer process: collector endpoint + per-domain joiner/learner loops.
+
+    python -m trainer serve [--port 50050] [--workdir var/trainer] [--registry-dir var/registry]
+
+Services stream served predictions and outcomes to the collector, which appends them to
+the durable event log and acks. For each domain with a model checkpoint (made by
+`python -m trainer bootstrap`), a loop polls that domain's joiner, hands the joined
+examples to the learner, and runs an update-gate-publish round when one is due. Rounds
+run in a worker thread, so the collector keeps acknowledging while a model trains.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge
+
+from shared.registry import ModelRegistry
+from shared.server import ServerApp
+from shared.settings import ServerSettings, setting
+from trainer.collector import FeedbackCollector, add_collector
+from trainer.eventlog import SqliteEventLog
+from trainer.joiner import Joiner, parse_windows
+from trainer.learner import Learner, LearnerConfig
+
+log = logging.getLogger(__name__)
+
+ROUNDS = Counter("storefront_trainer_rounds_total", "Learning rounds by domain and decision", ["domain", "decision"])
+DRIFT = Gauge("storefront_trainer_drift", "1 while the drift detector reports drift", ["domain"])
+TRAINED = Gauge("storefront_trainer_trained_rows", "Labels the current checkpoint has learned from", ["domain"])
+
+
+@dataclasses.dataclass
+class TrainerSettings(ServerSettings):
+    """The trainer: feedback collector, event log, joiner, learner, gate, publisher."""
+
+    port: int = setting(50050, "gRPC port of the feedback collector")
+    workdir: str = setting("var/trainer", "event log, checkpoints, decision logs")
+    domains: str = setting("fraud", "comma list of domains to learn")
+    windows: str = setting("", "label windows, e.g. 'fraud=1209600,recommender=3600' (seconds)")
+    join_grace_s: float = setting(60.0, "how long an outcome waits for its served prediction")
+    min_events: int = setting(200, "a round starts after this many new labels ...")
+    max_interval_s: float = setting(30.0, "... or this long after the last round, with at least one")
+    epochs: int = setting(3, "passes over each round's new labels (plus replay)")
+    replay_size: int = setting(20000, "older labeled rows kept for replay against forgetting")
+    tolerance: float = setting(0.02, "gate: how much worse than serving a candidate may be on the holdout")
+    latency_budget_ms: float = setting(5.0, "gate: batch-1 latency budget of a candidate, ms")
+    bootstrap: bool = setting(True, "bootstrap a domain from its real dataset when it has no checkpoint")
+
+    @property
+    def event_log_path(self) -> Path:
+        return Path(self.workdir) / "events.db"
+
+    def learner_config(self) -> LearnerConfig:
+        return LearnerConfig(min_events=self.min_events, max_interval_s=self.max_interval_s, epochs=self.epochs,
+                             replay_size=self.replay_size, tolerance=self.tolerance,
+                             latency_budget_ms=self.latency_budget_ms)
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if self.min_events < 1 or self.epochs < 1:
+            p.append("min_events and epochs must be >= 1")
+        unknown = set(self.domain_list) - set(DOMAIN_MODELS)
+        if unknown:
+            p.append(f"unknown domain(s) {sorted(unknown)}; known: {sorted(DOMAIN_MODELS)}")
+        return p
+
+    @property
+    def domain_list(self) -> list[str]:
+        return [d.strip() for d in self.domains.split(",") if d.strip()]
+
+
+def _fraud_model():
+    from trainer.domains.fraud import FraudModel
+
+    return FraudModel()
+
+
+DOMAIN_MODELS = {"fraud": _fraud_model}
+
+
+class DomainLoop:
+    """One domain: its joiner feeds its learner; rounds run off the event loop."""
+
+    def __init__(self, domain: str, log_: SqliteEventLog, registry: ModelRegistry, s: TrainerSettings) -> None:
+        self.domain = domain
+        self.learner = Learner(DOMAIN_MODELS[domain](), registry, Path(s.workdir), s.learner_config())
+        if not self.learner.restore():
+            raise FileNotFoundError(f"{domain}: no checkpoint in {self.learner.checkpoint.path}")
+        self.joiner = Joiner(log_, parse_windows(s.windows) if s.windows else None, domain=domain,
+                             grace_s=s.join_grace_s)
+        # The learner's checkpoint is the truth for where learning resumes.
+        self.joiner.restore(self.learner.progress.get("offset", 0), self.learner.progress.get("pending", ()))
+        self.poll_interval_s = s.poll_interval_s
+        TRAINED.labels(domain).set(self.learner.trained_rows)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                joined = await asyncio.to_thread(self.joiner.poll, 4096)
+                self.learner.add(self.learner.model.examples(joined))
+                DRIFT.labels(self.domain).set(1 if self.learner.drift.in_drift else 0)
+                if self.learner.due():
+                    progress = self.joiner.checkpoint()
+                    entry = await asyncio.to_thread(self.learner.round, progress)
+                    if entry is not None:
+                        ROUNDS.labels(self.domain, entry["decision"]).inc()
+                        TRAINED.labels(self.domain).set(self.learner.trained_rows)
+                if not joined:
+                    await asyncio.sleep(self.poll_interval_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep learning alive; the error is in the log with its traceback
+                log.exception("%s: learning loop failed; retrying", self.domain)
+                await asyncio.sleep(max(1.0, self.poll_interval_s))
+
+
+def make_app(s: TrainerSettings) -> ServerApp:
+    Path(s.workdir).mkdir(parents=True, exist_ok=True)
+    event_log = SqliteEventLog(s.event_log_path)
+    registry = ModelRegistry(s.registry_dir)
+    collector = FeedbackCollector(event_log)
+
+    def register(server) -> list[str]:
+        return [add_collector(server, collector)]
+
+    app = ServerApp("trainer", s, {}, register, v2=False)
+    tasks: list[asyncio.Task] = []
+
+    async def start() -> None:
+        if s.bootstrap:
+            from trainer.bootstrap import bootstrap
+
+            missing = [d for d in s.domain_list
+                       if not Learner(DOMAIN_MODELS[d](), registry, Path(s.workdir)).checkpoint.exists()]
+            if missing:
+                log.info("bootstrapping %s from the bundled real data", missing)
+                await asyncio.to_thread(bootstrap, registry, Path(s.workdir), missing, force=True)
+        for domain in s.domain_list:
+            try:
+                loop = DomainLoop(domain, event_log, registry, s)
+            except FileNotFoundError as e:
+                log.error("%s; run `python -m trainer bootstrap --domains %s`; not learning it", e, domain)
+                continue
+            tasks.append(asyncio.get_running_loop().create_task(loop.run(), name=f"learn-{domain}"))
+            app.loops = getattr(app, "loops", {}) | {domain: loop}
+
+    async def stop() -> None:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await collector.close()
+        event_log.close()
+
+    app.on_start.append(start)
+    app.on_stop.append(stop)
+    return app
