@@ -93,3 +93,17 @@ def test_trainer_down_for_30_seconds_under_traffic(loop):
     shop.stop()
     assert shop.errors == []
     wait_until(lambda: log_counts(loop) == (shop.scored, shop.outcomes), 90, "spooled feedback to be replayed")
+
+
+def test_replay_feeds_history_through_the_live_loop(loop, tmp_path, capsys):
+    from trainer.replay import export_fraud, read_events, run_fraud
+
+    events = tmp_path / "events.jsonl"
+    assert export_fraud(events, start_row=1000, rows=500, label_delay_s=120.0, t0=None) == 500
+    first = next(read_events(events))
+    assert first["domain"] == "fraud" and set(first["outcome"]["label"]) == {"is_fraud", "source"}
+    stats = run_fraud(events, f"127.0.0.1:{loop.fraud_port}", speed=0, report_every=200, timeout_s=10)
+    assert len(stats.y) == 500 and sum(stats.versions.values()) == 500
+    out = capsys.readouterr().out
+    assert "[replay] labels=200" in out and "[replay] done: labels=500" in out
+    wait_until(lambda: log_counts(loop) == (500, 500), 30, "the log to hold the replay")
