@@ -174,10 +174,15 @@ def attach_feedback(app, settings, domain: str):
     when settings.trainer_target is empty (serving without learning)."""
     if not settings.trainer_target:
         return None
+    import os
+
     from shared.feedback import FeedbackClient
 
-    client = FeedbackClient(settings.trainer_target, domain=domain,
-                            spool_dir=settings.spool_dir or f"var/spool/{domain}",
+    spool = settings.spool_dir or f"var/spool/{domain}"
+    worker = os.environ.get("STOREFRONT_WORKER_INDEX")
+    if worker is not None:  # a spool folder is locked by one process: one per worker
+        spool = os.path.join(spool, f"worker-{worker}")
+    client = FeedbackClient(settings.trainer_target, domain=domain, spool_dir=spool,
                             max_spool_bytes=settings.spool_max_mb << 20)
 
     async def start() -> None:

@@ -1,0 +1,95 @@
+"""Freshness: time from ReportOutcome to the first response served by a version that learned it.
+
+    python -m bench.freshness [--duration 120] [--rate 50]
+
+Starts the real trainer (default settings: it bootstraps fraud from the real data) and the
+fraud service as processes, then a storefront client scores real transactions (the part of
+the creditcard stream the bootstrap did not see) at --rate per second and reports each
+label right after. For every outcome: its log offset (from the event log), the first
+version whose manifest says it learned up to that offset, and the first time a response
+came from that version; freshness = that time - the time the outcome was reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.procs import FraudLoop
+from bench.storefront import Storefront
+from shared.registry import ModelRegistry
+from trainer.eventlog import SqliteEventLog
+
+
+def measure(duration_s: float, rate: float, workdir: Path, trainer_args: list[str] = ()) -> dict:
+    from trainer.bootstrap import fraud_split
+    from trainer.domains import fraud
+
+    data = fraud.load_creditcard()
+    _, _, rest = fraud_split(data)
+    start_row = len(data) - len(rest)
+    loop = FraudLoop(workdir, list(trainer_args))
+    t0 = time.time()
+    print(f"[freshness] starting trainer (bootstrap from real data) and fraud service in {workdir}", file=sys.stderr)
+    loop.start()
+    print(f"[freshness] up after {time.time() - t0:.1f} s; traffic for {duration_s:.0f} s at {rate}/s", file=sys.stderr)
+    shop = Storefront(f"127.0.0.1:{loop.fraud_port}", data, range(start_row, len(data)))
+    try:
+        shop.start(pause_s=1.0 / rate)
+        end = time.time() + duration_s
+        while time.time() < end:
+            time.sleep(5)
+            print(f"[freshness] {shop.outcomes} outcomes, versions seen {sorted(shop.versions, key=int)}", file=sys.stderr)
+        shop.stop()
+        time.sleep(2)
+    finally:
+        codes = loop.stop()
+    with SqliteEventLog(loop.event_log) as log:
+        offsets = {e.prediction_id: e.offset for e in log.read(0, 10_000_000, domain="fraud", kind="outcome")}
+    registry = ModelRegistry(loop.registry)
+    learned = sorted((registry.manifest("fraud", v).learned_up_to or 0, int(v)) for v in registry.versions("fraud"))
+    fresh = []
+    for pid, t_reported in shop.reported.items():
+        off = offsets.get(pid)
+        if off is None:
+            continue
+        versions = [v for up_to, v in learned if up_to >= off and str(v) in shop.first_seen]
+        if versions:
+            fresh.append(shop.first_seen[str(min(versions))] - t_reported)
+    fresh_a = np.array(fresh)
+    return {
+        "outcomes_reported": len(shop.reported), "outcomes_in_log": len(offsets),
+        "outcomes_served_by_a_learned_version": len(fresh),
+        "versions_published": len(learned), "versions_seen": sorted(shop.versions, key=int),
+        "freshness_p50_s": round(float(np.percentile(fresh_a, 50)), 2) if len(fresh) else None,
+        "freshness_p95_s": round(float(np.percentile(fresh_a, 95)), 2) if len(fresh) else None,
+        "freshness_max_s": round(float(fresh_a.max()), 2) if len(fresh) else None,
+        "errors": len(shop.errors), "exit_codes": list(codes), "duration_s": duration_s, "rate_per_s": rate,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=120.0)
+    ap.add_argument("--rate", type=float, default=50.0, help="transactions (and labels) per second")
+    ap.add_argument("--out", default="bench/results/freshness.json")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="freshness-") as tmp:
+        result = measure(args.duration, args.rate, Path(tmp))
+    print("| outcomes | in a served version | versions | freshness p50 s | p95 s | max s | errors |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {result['outcomes_reported']} | {result['outcomes_served_by_a_learned_version']} | "
+          f"{result['versions_published']} | {result['freshness_p50_s']} | {result['freshness_p95_s']} | "
+          f"{result['freshness_max_s']} | {result['errors']} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

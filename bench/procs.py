@@ -1,0 +1,105 @@
+"""Run the suite's real processes (trainer, services) for benchmarks and end-to-end tests."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """One child process in its own session (so kill -9 takes its whole group), logging to a file."""
+
+    def __init__(self, name: str, args: list[str], log_path: Path) -> None:
+        self.name, self.args, self.log_path = name, args, Path(log_path)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Proc":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, *self.args], cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise RuntimeError(f"{self.name} did not stop on SIGTERM; log: {self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log_path.read_bytes()[-n:].decode(errors="replace")
+
+
+def wait_serving(address: str, timeout: float = 180.0, proc: Proc | None = None) -> None:
+    """Until the standard health service at address says SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc is not None and proc.proc.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}: {proc.tail()}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"{address} not SERVING after {timeout} s")
+
+
+class FraudLoop:
+    """Trainer + fraud service over one registry and work folder, each its own process."""
+
+    def __init__(self, root: Path, trainer_args: list[str] = (), fraud_args: list[str] = ()) -> None:
+        self.root = Path(root)
+        self.registry, self.workdir, self.spool = self.root / "registry", self.root / "trainer", self.root / "spool"
+        self.trainer_port, self.fraud_port = free_port(), free_port()
+        self.trainer = Proc("trainer", ["-m", "trainer", "serve", "--port", str(self.trainer_port), "--metrics-port", "0",
+                                        "--workdir", str(self.workdir), "--registry-dir", str(self.registry),
+                                        "--log-format", "text", *trainer_args], self.root / "trainer.log")
+        self.fraud = Proc("fraud", ["-m", "services.fraud.main", "--port", str(self.fraud_port), "--metrics-port", "0",
+                                    "--registry-dir", str(self.registry), "--trainer-target",
+                                    f"127.0.0.1:{self.trainer_port}", "--spool-dir", str(self.spool),
+                                    "--log-format", "text", *fraud_args], self.root / "fraud.log")
+
+    @property
+    def event_log(self) -> Path:
+        return self.workdir / "events.db"
+
+    def start(self, timeout: float = 300.0) -> "FraudLoop":
+        self.trainer.start()
+        self.fraud.start()
+        wait_serving(f"127.0.0.1:{self.trainer_port}", timeout, self.trainer)
+        wait_serving(f"127.0.0.1:{self.fraud_port}", timeout, self.fraud)
+        return self
+
+    def stop(self) -> tuple[int, int]:
+        return self.fraud.stop(), self.trainer.stop()
