@@ -1,0 +1,229 @@
+"""The joiner over a real SQLite event log: matches, late, unmatched, duplicates, restarts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.ingest import fraud_outcome, fraud_served
+from protos.common.v1 import common_pb2
+from protos.feedback.v1 import feedback_pb2 as fb
+from protos.pricing.v1 import pricing_pb2
+from protos.recommender.v1 import recommender_pb2
+from trainer.eventlog import STORED, SqliteEventLog
+from trainer.joiner import DEFAULT_WINDOWS, Joiner, parse_windows
+
+T = 1.7e9
+DAY = 86400.0
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def log(tmp_path: Path):
+    with SqliteEventLog(tmp_path / "events.db") as lg:
+        yield lg
+
+
+def append(log, *records) -> None:
+    assert [r.status for r in log.append_batch(list(records))] == [STORED] * len(records)
+
+
+def rec_served(rid: str, pid: str, at: float) -> fb.FeedbackRecord:
+    s = fb.ServedPrediction(prediction_id=pid, model=common_pb2.ModelRef(name="recommender", version="v3"),
+                            served_at=at)
+    s.inputs.add(name="user", datatype="INT64", shape=[1, 1], raw_data=np.array([[7]], np.int64).tobytes())
+    return fb.FeedbackRecord(record_id=rid, domain=fb.DOMAIN_RECOMMENDER, served=s)
+
+
+def rec_outcome(rid: str, pid: str, at: float, item: str = "i1", event=recommender_pb2.EVENT_CLICK):
+    o = fb.Outcome(prediction_id=pid, occurred_at=at, received_at=at,
+                   recommendation=recommender_pb2.RecommendationOutcome(prediction_id=pid, item_id=item,
+                                                                        event=event, occurred_at=at))
+    return fb.FeedbackRecord(record_id=rid, domain=fb.DOMAIN_RECOMMENDER, outcome=o)
+
+
+def pricing_outcome(rid: str, pid: str, at: float, units: int = 1):
+    o = fb.Outcome(prediction_id=pid, occurred_at=at, received_at=at,
+                   pricing=pricing_pb2.PricingOutcome(prediction_id=pid, sold=True, units=units, price=4.2,
+                                                      occurred_at=at))
+    return fb.FeedbackRecord(record_id=rid, domain=fb.DOMAIN_PRICING, outcome=o)
+
+
+def test_matches_outcomes_to_what_was_served(log):
+    served = [fraud_served(f"s{i}", f"p{i}", T + i) for i in range(5)]
+    append(log, *served)
+    append(log, fraud_outcome("o1", "p1", T + DAY, is_fraud=True), fraud_outcome("o3", "p3", T + 3 + 60))
+    j = Joiner(log)
+    out = j.poll()
+    assert [(x.prediction_id, x.outcome.fraud.is_fraud) for x in out] == [("p1", True), ("p3", False)]
+    x = out[0]
+    assert x.domain == "fraud" and x.offset == 6 and x.served_offset == 2
+    assert x.served == served[1].served  # exactly the features that were served
+    assert x.served.inputs[0].shape == [1, 30]
+    assert (x.model_name, x.model_version) == ("fraud", "20240101T000000Z-0001")
+    assert x.label_delay_s == pytest.approx(DAY - 1)
+    assert out[1].label_delay_s == pytest.approx(60)
+    assert j.position == 7 and j.matched == 2
+    assert j.poll() == []
+
+
+def test_late_outcomes_are_dropped(log):
+    append(log, fraud_served("s1", "p1", T), rec_served("s2", "q1", T), rec_served("s3", "q2", T))
+    append(log, fraud_outcome("o1", "p1", T + 15 * DAY),   # fraud window: 14 days
+           rec_outcome("o2", "q1", T + 2 * 3600),        # recommender window: 1 h
+           rec_outcome("o3", "q2", T + 120))
+    j = Joiner(log)
+    assert [x.prediction_id for x in j.poll()] == ["q2"]
+    assert (j.late, j.matched) == (2, 1)
+    # Configurable windows.
+    j2 = Joiner(log, {"fraud": 20 * DAY, "recommender": 3 * 3600}, consumer="other")
+    assert [x.prediction_id for x in j2.poll()] == ["p1", "q1", "q2"]
+
+
+def test_unmatched_outcomes_wait_then_give_up(log):
+    clock = Clock(T + 1000)
+    j = Joiner(log, grace_s=60, clock=clock)
+    append(log, fraud_outcome("o1", "p1", T + 10, received_at=T + 10),
+           fraud_outcome("o2", "p2", T + 10, received_at=T + 10))
+    for r in log.read(0, 10):
+        clock.now = r.received_at  # the log's clock
+    assert j.poll() == [] and j.pending_offsets == [1, 2]
+    # p1's prediction arrives late (another replica's stream was behind): joined on the next poll.
+    append(log, fraud_served("s1", "p1", T))
+    clock.now += 30
+    out = j.poll()
+    assert [x.prediction_id for x in out] == ["p1"] and out[0].offset == 1
+    assert j.pending_offsets == [2] and j.unmatched == 0
+    clock.now += 31  # past the grace period
+    assert j.poll() == []
+    assert j.pending_offsets == [] and j.unmatched == 1
+    append(log, fraud_served("s2", "p2", T))
+    assert j.poll() == []  # given up for good
+
+
+def test_pending_is_bounded(log):
+    clock = Clock(T)
+    j = Joiner(log, grace_s=3600, max_pending=3, clock=clock)
+    append(log, *[fraud_outcome(f"o{i}", f"p{i}", T, received_at=T) for i in range(5)])
+    clock.now = log.read(0, 1)[0].received_at
+    j.poll()
+    assert j.pending_offsets == [3, 4, 5] and j.unmatched == 2  # the oldest gave way
+
+
+def test_duplicates_are_emitted_once(log):
+    append(log, fraud_served("s1", "p1", T), rec_served("s2", "q1", T))
+    append(log, fraud_outcome("o1", "p1", T + 5, is_fraud=True),
+           fraud_outcome("o1-resent", "p1", T + 5, is_fraud=True),          # same label, new record id
+           fraud_outcome("o1-reversed", "p1", T + 9, is_fraud=False),       # the other label: accepted
+           rec_outcome("c1", "q1", T + 1), rec_outcome("c2", "q1", T + 2),  # same (pid, item, event)
+           rec_outcome("c3", "q1", T + 3, event=recommender_pb2.EVENT_PURCHASE))
+    j = Joiner(log)
+    out = j.poll()
+    assert [log.get([x.offset])[0].record_id for x in out] == ["o1", "o1-reversed", "c1", "c3"]
+    assert j.duplicates == 2
+    # Resent again much later, after a restart from the committed checkpoint: still a duplicate.
+    j.commit()
+    append(log, fraud_outcome("o1-third", "p1", T + 5, is_fraud=True))
+    j2 = Joiner(log)
+    assert j2.position == j.position
+    assert j2.poll() == [] and j2.duplicates == 1
+
+
+def test_duplicate_inside_one_poll_when_the_first_is_pending(log):
+    clock = Clock(T)
+    j = Joiner(log, clock=clock)
+    append(log, fraud_outcome("o1", "p1", T + 5), fraud_outcome("o2", "p1", T + 5))
+    clock.now = log.read(0, 1)[0].received_at
+    assert j.poll() == [] and j.pending_offsets == [1] and j.duplicates == 1
+    append(log, fraud_served("s1", "p1", T))
+    assert [x.offset for x in j.poll()] == [1]
+
+
+def test_restore_continues_exactly_once(log):
+    """Emit in small polls, checkpoint in the middle (with a pending outcome), restart: the union of
+    what both joiners emit is every outcome exactly once, as a single uninterrupted joiner would."""
+    clock = Clock(T)
+    append(log, *[fraud_served(f"s{i}", f"p{i}", T + i) for i in range(30) if i != 4])
+    append(log, *[fraud_outcome(f"o{i}", f"p{i}", T + 100 + i) for i in range(30)])
+    clock.now = log.read(0, 1)[0].received_at
+    reference = Joiner(log, consumer="reference", clock=clock)
+
+    j = Joiner(log, clock=clock)
+    first = j.poll(limit=10) + j.poll(limit=5)
+    cp = j.checkpoint()
+    assert cp["pending"] == [29 + 1 + 4]  # o4 (offset 34): its prediction is not in the log yet
+    log.commit_offset("learner-fraud", cp["offset"], {"joiner": cp, "model": "v2"})
+
+    append(log, fraud_served("s4", "p4", T + 4))  # p4 shows up while the trainer is down
+    offset, meta = log.committed("learner-fraud")
+    j2 = Joiner(log, consumer="learner-restarted", clock=clock)
+    j2.restore(offset, meta["joiner"]["pending"])
+    second = []
+    while batch := j2.poll(limit=7):
+        second += batch
+    got = sorted(x.offset for x in first + second)
+    assert got == sorted(set(got))  # nothing twice
+    expected = sorted(x.offset for x in reference.poll(limit=1000) + reference.poll())
+    assert got == expected and len(got) == 30
+    assert j2.position == log.end_offset()
+
+
+def test_replay_from_zero_emits_the_same(log):
+    append(log, *[fraud_served(f"s{i}", f"p{i}", T + i) for i in range(10)])
+    append(log, *[fraud_outcome(f"o{i}", f"p{i}", T + 50, is_fraud=i % 3 == 0) for i in range(10)])
+    append(log, fraud_outcome("o0-again", "p0", T + 50, is_fraud=True))
+    a = [(x.offset, x.prediction_id) for x in Joiner(log).poll()]
+    j = Joiner(log)
+    j.poll()
+    j.restore(0)
+    b = [(x.offset, x.prediction_id) for x in j.poll()]
+    assert a == b and len(a) == 10
+
+
+def test_position_moves_past_served_only_stretches(log):
+    append(log, *[fraud_served(f"s{i}", f"p{i}", T) for i in range(50)])
+    j = Joiner(log)
+    assert j.poll(limit=5) == [] and j.position == 50
+    append(log, fraud_outcome("o", "p3", T + 1))
+    assert len(j.poll(limit=1)) == 1 and j.position == 51
+
+
+def test_domain_filter_and_pricing(log):
+    append(log, fraud_served("s1", "p1", T), rec_served("s2", "q1", T))
+    s = fb.ServedPrediction(prediction_id="z1", model=common_pb2.ModelRef(name="pricing", version="v1"),
+                            served_at=T)
+    append(log, fb.FeedbackRecord(record_id="s3", domain=fb.DOMAIN_PRICING, served=s))
+    append(log, fraud_outcome("o1", "p1", T + 1), rec_outcome("o2", "q1", T + 1),
+           pricing_outcome("o3", "z1", T + 3600), pricing_outcome("o4", "z1", T + 3600),
+           pricing_outcome("o5", "z1", T + 3600, units=2))
+    only = Joiner(log, domain="recommender")
+    assert only.consumer == "joiner-recommender"
+    assert [x.prediction_id for x in only.poll()] == ["q1"]
+    pricing = Joiner(log, domain="pricing")
+    out = pricing.poll()
+    assert [log.get([x.offset])[0].record_id for x in out] == ["o3", "o5"] and pricing.duplicates == 1
+
+
+def test_prediction_ids_are_per_domain(log):
+    """The same prediction id in two domains: an outcome joins its own domain's prediction only."""
+    append(log, rec_served("s1", "same", T))
+    append(log, fraud_outcome("o1", "same", T + 1))
+    j = Joiner(log, grace_s=0)
+    assert j.poll() == [] and j.unmatched == 1
+
+
+def test_parse_windows():
+    w = parse_windows("fraud=100, recommender=1800")
+    assert w == {"fraud": 100.0, "recommender": 1800.0, "pricing": DEFAULT_WINDOWS["pricing"]}
+    assert parse_windows("") == DEFAULT_WINDOWS
+    for bad in ("fraud", "shoes=1", "fraud=0", "fraud=x"):
+        with pytest.raises(ValueError):
+            parse_windows(bad)

@@ -1,0 +1,289 @@
+"""The trainer's feedback endpoint: storefront.feedback.v1.Feedback/Stream (bidirectional).
+
+Every serving replica keeps one stream open and sends FeedbackRecords; the collector answers
+one Ack per record, only after the record is durably in the event log (or known to be there).
+
+How a record travels:
+1. Each stream has a reader task that takes records off the wire as raw bytes (no protobuf
+   decoding on the event loop: the log parses and validates them, and stores the very bytes
+   received) and puts them in the stream's buffer.
+2. One committer task per collector drains the buffers of *all* streams, up to `max_batch`
+   records, and hands them to `append_batch` on a dedicated writer thread: one transaction and
+   one fsync for the whole group (group commit). A group smaller than max_batch waits
+   `linger_s` (1 ms) for more first; and while the writer thread commits, the loop keeps
+   reading, so the next group builds up. Fewer, larger transactions cost less CPU per record
+   (on a 2-CPU machine: 16 records per commit without linger, hundreds with 1 ms).
+3. After the commit returns, each stream's acks go to its writer coroutine, which writes one
+   Ack per record (STORED / DUPLICATE / REJECTED with the field named). Writing acks of one
+   group overlaps with committing the next.
+
+Backpressure: a stream holds at most `max_inflight_per_stream` records read but not yet acked;
+at that bound its reader stops reading, so HTTP/2 flow control slows the sender down.
+
+Errors: when the log cannot be written (disk full, I/O error, database locked beyond the busy
+timeout) every stream whose records were in the failed group ends with UNAVAILABLE; nothing of
+that group was stored or acked, the clients resend it later. A malformed record only gets a
+REJECTED ack; its stream goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from typing import Any, AsyncIterator
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from protos.feedback.v1 import feedback_pb2 as fb
+from trainer.eventlog import REJECTED, AppendResult, EventLog
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = fb.DESCRIPTOR.services_by_name["Feedback"].full_name  # storefront.feedback.v1.Feedback
+
+_STATUS_NAME = {fb.ACK_STATUS_STORED: "stored", fb.ACK_STATUS_DUPLICATE: "duplicate",
+                fb.ACK_STATUS_REJECTED: "rejected"}
+
+RECORDS = Counter("storefront_trainer_records_total",
+                  "Feedback records received by the collector, by domain, kind and result "
+                  "(stored, duplicate, rejected); domain/kind 'unknown' when a rejected record did not say",
+                  ["domain", "kind", "result"])
+APPEND_BATCH = Histogram("storefront_trainer_append_batch_size", "Records per event-log transaction",
+                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
+APPEND_LATENCY = Histogram("storefront_trainer_append_latency_seconds",
+                           "Time to append one group to the event log (validation, insert, commit + fsync)",
+                           buckets=(0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256,
+                                    0.512, 1.024, 2.048, 4.096))
+APPEND_ERRORS = Counter("storefront_trainer_append_errors_total",
+                        "Groups the event log could not store (their streams ended UNAVAILABLE)")
+STREAMS = Gauge("storefront_trainer_feedback_streams", "Feedback streams open now")
+INFLIGHT = Gauge("storefront_trainer_records_inflight", "Records read from streams and not yet acknowledged")
+
+
+class LogUnavailable(Exception):
+    """The event log could not store a group this stream's records were in."""
+
+
+class _Stream:
+    """One open Stream RPC: its buffer, its acks to write, its backpressure state."""
+    __slots__ = ("buf", "queued", "inflight", "space", "acks", "reader_done", "peer")
+
+    def __init__(self, peer: str) -> None:
+        self.buf: list[bytes] = []           # read, not yet handed to the committer
+        self.queued = False                  # in the committer's ready queue
+        self.inflight = 0                    # read and not yet acked
+        self.space = asyncio.Event()         # set while inflight < bound
+        self.space.set()
+        self.acks: asyncio.Queue = asyncio.Queue()  # lists of AppendResult, None (wake-up) or an exception
+        self.reader_done = False
+        self.peer = peer
+
+
+class FeedbackCollector:
+    """grpc.aio servicer of storefront.feedback.v1.Feedback. Register it with `add_collector`.
+
+    log: where records go (its `append_batch` runs on one dedicated writer thread).
+    max_batch: most records per transaction.
+    max_inflight_per_stream: records one stream may have read but not acked (backpressure).
+    linger_s: when a group is smaller than max_batch, wait this long for more before committing
+      (0: commit at once; groups still form while the previous commit runs). It adds at most
+      this much to an ack's latency.
+    """
+
+    def __init__(self, log: EventLog, *, max_batch: int = 512, max_inflight_per_stream: int = 4096,
+                 linger_s: float = 0.001) -> None:
+        if max_batch < 1 or max_inflight_per_stream < 1 or linger_s < 0:
+            raise ValueError("max_batch and max_inflight_per_stream must be >= 1, linger_s >= 0")
+        self.log = log
+        self.max_batch = max_batch
+        self.max_inflight = max_inflight_per_stream
+        self.linger_s = linger_s
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eventlog-writer")
+        self._ready: collections.deque[_Stream] = collections.deque()
+        self._buffered = 0
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._series: dict[tuple[str, str, int], Any] = {}
+        # Totals since start, for tests and logs (Prometheus has the labelled series).
+        self.stored = 0
+        self.duplicates = 0
+        self.rejected = 0
+        self.batches = 0
+
+    # ------------------------------------------------------------ the committer
+
+    def _ensure_committer(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._closed:
+            raise RuntimeError("collector is closed")
+        if self._task is None or self._task.done() or self._loop is not loop:
+            self._loop = loop
+            self._wake = asyncio.Event()
+            self._ready.clear()
+            self._buffered = 0
+            self._task = loop.create_task(self._commit_loop(), name="feedback-committer")
+
+    def _submit(self, st: _Stream, raw: bytes) -> None:
+        st.buf.append(raw)
+        self._buffered += 1
+        if not st.queued:
+            st.queued = True
+            self._ready.append(st)
+            self._wake.set()  # type: ignore[union-attr]
+
+    def _take(self) -> tuple[list[bytes], list[tuple[_Stream, int]]]:
+        """Up to max_batch buffered records, round-robin over the ready streams."""
+        batch: list[bytes] = []
+        owners: list[tuple[_Stream, int]] = []
+        ready = self._ready
+        while ready and len(batch) < self.max_batch:
+            st = ready.popleft()
+            room = self.max_batch - len(batch)
+            if len(st.buf) <= room:
+                taken, st.buf = st.buf, []
+                st.queued = False
+            else:
+                taken, st.buf = st.buf[:room], st.buf[room:]
+                ready.append(st)
+            batch += taken
+            owners.append((st, len(taken)))
+        self._buffered -= len(batch)
+        return batch, owners
+
+    async def _commit_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        wake = self._wake
+        assert wake is not None
+        while True:
+            await wake.wait()
+            wake.clear()
+            if self.linger_s > 0 and self._buffered < self.max_batch:
+                await asyncio.sleep(self.linger_s)
+            batch, owners = self._take()
+            if self._ready:
+                wake.set()
+            if not batch:
+                continue
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, self.log.append_batch, batch)
+                if len(results) != len(batch):
+                    raise RuntimeError(f"append_batch returned {len(results)} results for {len(batch)} records")
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the log cannot be written: these streams end UNAVAILABLE
+                APPEND_ERRORS.inc()
+                log.error("event log append of %d records failed: %s", len(batch), e, exc_info=True)
+                err = LogUnavailable(f"event log cannot be written: {type(e).__name__}")
+                for st, _ in owners:
+                    st.acks.put_nowait(err)
+                continue
+            i = 0
+            for st, n in owners:
+                st.acks.put_nowait(results[i:i + n])
+                i += n
+            self.batches += 1
+            APPEND_LATENCY.observe(time.perf_counter() - t0)
+            APPEND_BATCH.observe(len(batch))
+            self._count(results)
+
+    def _count(self, results: list[AppendResult]) -> None:
+        tally: collections.Counter = collections.Counter((r.domain, r.kind, r.status) for r in results)
+        for key, n in tally.items():
+            series = self._series.get(key)
+            if series is None:
+                series = RECORDS.labels(key[0] or "unknown", key[1] or "unknown", _STATUS_NAME[key[2]])
+                self._series[key] = series
+            series.inc(n)
+            if key[2] == fb.ACK_STATUS_STORED:
+                self.stored += n
+            elif key[2] == fb.ACK_STATUS_DUPLICATE:
+                self.duplicates += n
+            else:
+                self.rejected += n
+
+    # ------------------------------------------------------------ one stream
+
+    async def _read(self, requests: AsyncIterator[bytes], st: _Stream) -> None:
+        try:
+            async for raw in requests:
+                self._submit(st, raw)
+                st.inflight += 1
+                INFLIGHT.inc()
+                if st.inflight >= self.max_inflight:
+                    st.space.clear()
+                    await st.space.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the stream broke (client reset): wake the writer, which ends the RPC
+            st.acks.put_nowait(e)
+            return
+        st.reader_done = True
+        st.acks.put_nowait(None)
+
+    async def Stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        self._ensure_committer()
+        st = _Stream(context.peer())
+        STREAMS.inc()
+        reader = asyncio.get_running_loop().create_task(self._read(requests, st))
+        write = context.write
+        low_water = self.max_inflight // 2
+        try:
+            while not (st.reader_done and st.inflight == 0):
+                item = await st.acks.get()
+                if item is None:
+                    continue
+                if isinstance(item, LogUnavailable):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(item))
+                if isinstance(item, BaseException):
+                    log.info("feedback stream from %s broke: %s", st.peer, item)
+                    return
+                for r in item:
+                    if r.status == REJECTED:
+                        await write(fb.Ack(record_id=r.record_id, status=r.status,
+                                           message=r.message).SerializeToString())
+                    else:
+                        await write(fb.Ack(record_id=r.record_id, status=r.status).SerializeToString())
+                st.inflight -= len(item)
+                INFLIGHT.dec(len(item))
+                if st.inflight <= low_water:
+                    st.space.set()
+        finally:
+            reader.cancel()
+            INFLIGHT.dec(st.inflight)  # records read but never acked (stream ended early)
+            STREAMS.dec()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """A generic handler for the Feedback service: requests arrive as raw bytes (validated and
+        stored by the log as received), acks leave as serialized Ack messages."""
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Stream": grpc.stream_stream_rpc_method_handler(self.Stream),
+        })
+
+    async def close(self) -> None:
+        """Stop committing (after the group in progress finishes) and release the writer thread.
+        Call it after the server stopped; the log itself stays open (its owner closes it)."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+
+
+def add_collector(server: grpc.aio.Server, log: EventLog | FeedbackCollector, **options: Any) -> str:
+    """Register the Feedback service on `server`; returns its full service name (for health and
+    reflection). `log` is an EventLog (a FeedbackCollector with `options` is made over it) or a
+    FeedbackCollector you made yourself, to read its totals and `close()` it on shutdown."""
+    collector = log if isinstance(log, FeedbackCollector) else FeedbackCollector(log, **options)
+    server.add_generic_rpc_handlers((collector.handler(),))
+    return SERVICE_NAME

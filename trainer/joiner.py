@@ -1,0 +1,263 @@
+"""Join outcomes to the predictions that were served, so training uses exactly the features served.
+
+`Joiner.poll()` reads the outcomes stored after its position, looks up each one's served
+prediction by prediction_id through the log's index, and returns JoinedExamples. Per outcome:
+
+- matched: the served prediction is in the log and the label arrived inside the domain's window
+  (occurred_at - served_at <= window) -> emitted;
+- late: the label came after the window (a chargeback after the fraud window, a click long after
+  the recommendation was shown) -> counted and dropped;
+- duplicate: an outcome with the same identity (its domain contract's: fraud (prediction_id,
+  is_fraud); recommender (prediction_id, item_id, event); pricing every field) is stored at a
+  lower offset -> counted and dropped. The first occurrence in log order is the one emitted;
+  that is a pure function of the log, so a resent outcome (new record_id, same label) is never
+  emitted twice, not across restarts either, without the joiner keeping any state of its own;
+- pending: the served prediction is not in the log yet (another replica's feedback stream is
+  behind, or spooled during an outage) -> kept and looked up again on later polls, until
+  `grace_s` after the log received the outcome; then (or when more than `max_pending` are
+  waiting, oldest first) it is counted unmatched and dropped.
+
+Position and restarts. The joiner does not commit its own offset: the learner stores
+`checkpoint()` together with its model checkpoint (e.g. `log.commit_offset(consumer, cp["offset"],
+cp)` right after the model is durable, or in the model's manifest) and gives it back to
+`restore()` after a restart. A checkpoint is the read position plus the offsets of the outcomes
+still pending at that moment: everything at or below the position was emitted or dropped except
+those, so a restored joiner emits every outcome exactly once. `restore_committed()` restores from
+the log's consumer offsets (the constructor does it).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from protos.feedback.v1 import feedback_pb2 as fb
+from trainer.eventlog import DOMAINS, OUTCOME, EventLog, LogEntry, outcome_key
+
+log = logging.getLogger(__name__)
+
+# Label windows, seconds: how long after a prediction was served its outcome still counts.
+DEFAULT_WINDOWS: dict[str, float] = {
+    "fraud": 14 * 86400.0,        # chargebacks take weeks
+    "recommender": 3600.0,        # clicks within minutes, purchases within the session
+    "pricing": 86400.0,           # a quote is honoured for at most a day
+}
+
+JOINED = Counter("storefront_trainer_joined_total",
+                 "Outcomes processed by the joiner, by domain and result (matched, late, unmatched, duplicate)",
+                 ["domain", "result"])
+PENDING = Gauge("storefront_trainer_join_pending", "Outcomes waiting for their served prediction")
+LABEL_DELAY = Histogram("storefront_trainer_label_delay_seconds",
+                        "occurred_at of an outcome minus served_at of its prediction, matched outcomes",
+                        ["domain"], buckets=(1, 10, 60, 300, 1800, 3600, 4 * 3600, 86400, 7 * 86400, 14 * 86400,
+                                             30 * 86400))
+
+
+def parse_windows(spec: str, base: Mapping[str, float] | None = None) -> dict[str, float]:
+    """'fraud=1209600,recommender=1800' -> windows (seconds), over `base` (DEFAULT_WINDOWS)."""
+    out = dict(DEFAULT_WINDOWS if base is None else base)
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in DOMAINS:
+            raise ValueError(f"window {part!r}: expected <domain>=<seconds> with domain one of {DOMAINS}")
+        seconds = float(value)
+        if not seconds > 0:
+            raise ValueError(f"window {part!r}: seconds must be > 0")
+        out[name] = seconds
+    return out
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JoinedExample:
+    """One outcome with the prediction it belongs to, exactly as served."""
+    domain: str                      # "fraud" | "recommender" | "pricing"
+    prediction_id: str
+    offset: int                      # log offset of the outcome (the learner's progress marker)
+    served_offset: int               # log offset of the served prediction
+    served: fb.ServedPrediction      # model inputs/outputs, domain request/response, model version
+    outcome: fb.Outcome              # the label, with its domain message
+    model_name: str
+    model_version: str               # the version that served the prediction
+    label_delay_s: float             # outcome.occurred_at - served.served_at (>= 0; clocks may skew)
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    entry: LogEntry
+    deadline: float
+
+
+class Joiner:
+    """Outcome x served-prediction join over an EventLog.
+
+    log: the event log. windows: label window per domain, seconds (missing domains get
+    DEFAULT_WINDOWS). domain: join only this domain's outcomes (None: all). consumer: the name
+    its checkpoints are committed under. grace_s: how long (after the log received an outcome)
+    to wait for its served prediction. max_pending: most outcomes kept waiting. clock: time.time.
+    """
+
+    def __init__(self, log: EventLog, windows: Mapping[str, float] | None = None, *, domain: str | None = None,
+                 consumer: str | None = None, grace_s: float = 60.0, max_pending: int = 100_000,
+                 clock: Callable[[], float] = time.time) -> None:
+        if domain is not None and domain not in DOMAINS:
+            raise ValueError(f"domain {domain!r}: one of {DOMAINS}")
+        if grace_s < 0 or max_pending < 0:
+            raise ValueError("grace_s and max_pending must be >= 0")
+        self.log = log
+        self.windows = {**DEFAULT_WINDOWS, **(windows or {})}
+        self.domain = domain
+        self.consumer = consumer or ("joiner" if domain is None else f"joiner-{domain}")
+        self.grace_s = grace_s
+        self.max_pending = max_pending
+        self.clock = clock
+        self._position = 0
+        self._pending: collections.OrderedDict[int, _Pending] = collections.OrderedDict()  # by offset
+        self._pending_checked_upto = 0  # log end when pending outcomes were last looked up
+        # Totals since this object was made (replays after restore() count again).
+        self.matched = 0
+        self.late = 0
+        self.unmatched = 0
+        self.duplicates = 0
+        self._series: dict[tuple[str, str], Any] = {}
+        self.restore_committed()
+
+    # ------------------------------------------------------------ position
+
+    @property
+    def position(self) -> int:
+        """Offset up to which the log has been read (outcomes at or below it are emitted, dropped,
+        or listed in `pending_offsets`)."""
+        return self._position
+
+    @property
+    def pending_offsets(self) -> list[int]:
+        return list(self._pending)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """What to store with the model: {"offset": position, "pending": [offsets]} (JSON-able)."""
+        return {"offset": self._position, "pending": list(self._pending)}
+
+    def restore(self, offset: int, pending: Iterable[int] = ()) -> None:
+        """Continue from a checkpoint: read after `offset`; the outcomes at `pending` offsets
+        (those <= offset that were waiting for their prediction) are looked up again."""
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        self._position = int(offset)
+        self._pending.clear()
+        now = self.clock()
+        for e in self.log.get(o for o in pending if 0 < o <= offset):
+            if e.kind == OUTCOME and (self.domain is None or e.domain == self.domain):
+                self._pending[e.offset] = _Pending(e, e.received_at + self.grace_s)
+        self._pending_checked_upto = 0
+        PENDING.set(len(self._pending))
+        log.debug("%s restored at offset %d with %d pending (now %.0f)", self.consumer, offset,
+                  len(self._pending), now)
+
+    def restore_committed(self) -> None:
+        """Restore from the checkpoint committed in the log under `consumer` (start when none)."""
+        offset, meta = self.log.committed(self.consumer)
+        self.restore(offset, (meta or {}).get("pending", ()))
+
+    def commit(self) -> None:
+        """Commit `checkpoint()` under `consumer` in the log. Only for a caller whose progress is
+        durable at this point (the learner, once its model checkpoint is written)."""
+        cp = self.checkpoint()
+        self.log.commit_offset(self.consumer, cp["offset"], cp)
+
+    # ------------------------------------------------------------ joining
+
+    def _count(self, domain: str, result: str, n: int = 1) -> None:
+        series = self._series.get((domain, result))
+        if series is None:
+            series = self._series[(domain, result)] = JOINED.labels(domain, result)
+        series.inc(n)
+
+    def poll(self, limit: int = 1024) -> list[JoinedExample]:
+        """Read up to `limit` new outcomes and return those that join now (plus pending ones whose
+        prediction has arrived), in log order of the outcomes."""
+        upto = self.log.end_offset()
+        new = self.log.read(self._position, limit, domain=self.domain, kind=OUTCOME, upto=upto)
+        next_position = new[-1].offset if len(new) >= limit else max(upto, self._position)
+
+        # Duplicates: an outcome whose identity is stored at a lower offset was (or will be) handled
+        # at that offset.
+        keys = {e.offset: outcome_key(e.record.domain, e.record.outcome) for e in new}
+        first = self.log.first_outcome_offsets(keys.values()) if keys else {}
+        fresh = []
+        for e in new:
+            if first.get(keys[e.offset], e.offset) < e.offset:
+                self.duplicates += 1
+                self._count(e.domain, "duplicate")
+            else:
+                fresh.append(e)
+
+        # Look the predictions up: the new outcomes', and the pending ones' when the log has grown.
+        now = self.clock()
+        waiting = list(self._pending.values()) if upto > self._pending_checked_upto else []
+        lookup = [e for e in fresh] + [p.entry for p in waiting]
+        served = self._served(lookup)
+        self._pending_checked_upto = upto
+
+        out: list[JoinedExample] = []
+        for p in waiting:
+            s = served.get((p.entry.domain, p.entry.prediction_id))
+            if s is not None:
+                del self._pending[p.entry.offset]
+                self._judge(p.entry, s, out)
+        for e in fresh:
+            s = served.get((e.domain, e.prediction_id))
+            if s is not None:
+                self._judge(e, s, out)
+            else:
+                self._pending[e.offset] = _Pending(e, e.received_at + self.grace_s)
+
+        # Give up on outcomes whose prediction did not come in time, and beyond the bound.
+        expired = [o for o, p in self._pending.items() if p.deadline <= now]
+        overflow = len(self._pending) - len(expired) - self.max_pending
+        if overflow > 0:
+            expired += [o for o, p in self._pending.items() if p.deadline > now][:overflow]
+        for o in expired:
+            e = self._pending.pop(o).entry
+            self.unmatched += 1
+            self._count(e.domain, "unmatched")
+        PENDING.set(len(self._pending))
+
+        self._position = next_position
+        out.sort(key=lambda x: x.offset)
+        return out
+
+    def _served(self, entries: list[LogEntry]) -> dict[tuple[str, str], LogEntry]:
+        by_domain: dict[str, list[str]] = collections.defaultdict(list)
+        for e in entries:
+            by_domain[e.domain].append(e.prediction_id)
+        out: dict[tuple[str, str], LogEntry] = {}
+        for domain, pids in by_domain.items():
+            for pid, s in self.log.served_for(pids, domain=domain).items():
+                out[(domain, pid)] = s
+        return out
+
+    def _judge(self, e: LogEntry, s: LogEntry, out: list[JoinedExample]) -> None:
+        outcome = e.record.outcome
+        served = s.record.served
+        delay = outcome.occurred_at - served.served_at
+        if delay > self.windows[e.domain]:
+            self.late += 1
+            self._count(e.domain, "late")
+            return
+        delay = max(0.0, delay)
+        self.matched += 1
+        self._count(e.domain, "matched")
+        LABEL_DELAY.labels(e.domain).observe(delay)
+        out.append(JoinedExample(domain=e.domain, prediction_id=e.prediction_id, offset=e.offset,
+                                 served_offset=s.offset, served=served, outcome=outcome,
+                                 model_name=served.model.name, model_version=served.model.version,
+                                 label_delay_s=delay))
+
+    def stats(self) -> dict[str, int]:
+        return {"position": self._position, "matched": self.matched, "late": self.late,
+                "unmatched": self.unmatched, "duplicates": self.duplicates, "pending": len(self._pending)}
