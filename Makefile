@@ -9,7 +9,7 @@ NAME ?= model
 PORT ?= 18111
 REGISTRY ?= var/registry
 
-.PHONY: setup test proto proto-check serve-onnx bench bench-serving peers lock clean
+.PHONY: setup test proto proto-check serve-onnx bench bench-serving bench-loop peers lock clean
 
 setup: $(STAMP)
 
@@ -38,10 +38,13 @@ serve-onnx: setup
 	  exec $(PY) -m shared.serve_onnx --registry-dir "$(REGISTRY)" --name "$(NAME)" --port "$(PORT)"; \
 	fi
 
-bench: bench-serving
+bench: bench-serving bench-loop
 
 bench-serving: setup
 	$(PY) -m bench.serving
+
+bench-loop: setup
+	$(PY) -m bench.loop
 
 # Side-by-side with PyTriton and MLServer (../shared/peers), both benchmark models.
 peers: setup

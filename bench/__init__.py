@@ -1,1 +1,1 @@
-"""Benchmarks of the serving stack: `python -m bench.serving` (see bench/README.md)."""
+"""Benchmarks; `python -m bench.serving` measures the serving stack (see bench/README.md)."""

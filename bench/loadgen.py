@@ -133,7 +133,8 @@ async def run_load(target: str, model: str, *, concurrency: int = 1, duration: f
     (total), errors_by_code ({status name: count}), rps, p50_ms, p90_ms, p99_ms, p999_ms,
     mean_ms, max_ms, versions ({model_version: answers}), version_first_seen_s ({version:
     seconds after the window opened when it first answered}), client_cpu_us_per_req,
-    client_cpu_pct, warmup_errors, and "window" (what `window` returned) when given.
+    client_cpu_pct, client_loop_lag_max_ms (longest stall of this event loop in the window),
+    warmup_errors, and "window" (what `window` returned) when given.
     """
     if concurrency < 1 or channels < 1 or batch < 1 or duration <= 0 or warmup < 0:
         raise ValueError("concurrency, channels and batch must be >= 1, duration > 0, warmup >= 0")
@@ -181,11 +182,17 @@ async def run_load(target: str, model: str, *, concurrency: int = 1, duration: f
                     if v not in first_seen:
                         first_seen[v] = e - t_start
 
+        lag = [0.0]
+
         async def clock() -> Any:
             await asyncio.sleep(max(0.0, t_start - time.perf_counter()))
             cpu["a"] = self_cpu_s()
             task = asyncio.ensure_future(window(t_start, t_end)) if window is not None else None
-            await asyncio.sleep(max(0.0, t_end - time.perf_counter()))
+            # Event-loop lag probe: how late a 5 ms sleep wakes up. A long stall of this process
+            # (starved of CPU by other load) inflates every latency measured meanwhile.
+            while (now := time.perf_counter()) < t_end:
+                await asyncio.sleep(min(0.005, t_end - now))
+                lag[0] = max(lag[0], time.perf_counter() - now - 0.005)
             cpu["b"] = self_cpu_s()
             return await task if task is not None else None
 
@@ -213,6 +220,7 @@ async def run_load(target: str, model: str, *, concurrency: int = 1, duration: f
         "version_first_seen_s": {v: round(t, 4) for v, t in sorted(first_seen.items(), key=lambda kv: kv[1])},
         "client_cpu_us_per_req": round(client_cpu / n * 1e6, 1) if n else None,
         "client_cpu_pct": round(100 * client_cpu / duration, 1),
+        "client_loop_lag_max_ms": round(max(0.0, lag[0]) * 1e3, 1),
         "warmup_errors": dict(warm_errors),
     }
     if window is not None:
@@ -235,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1, help="rows per request")
     ap.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, seconds")
     a = ap.parse_args(argv)
-    res = asyncio.run(run_load(a.target, a.model, concurrency=a.concurrency, duration=a.duration,
-                               warmup=a.warmup, channels=a.channels, batch=a.batch, timeout=a.timeout))
+    try:
+        res = asyncio.run(run_load(a.target, a.model, concurrency=a.concurrency, duration=a.duration,
+                                   warmup=a.warmup, channels=a.channels, batch=a.batch, timeout=a.timeout))
+    except grpc.aio.AioRpcError as e:
+        print(f"{a.target}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
     print(json.dumps(res), flush=True)
     print(f"{a.model} @ {a.target} c={a.concurrency}: {res['rps']} req/s, p50 {res['p50_ms']} ms, "
           f"p99 {res['p99_ms']} ms, errors {res['errors_by_code'] or 0}, versions {res['versions']}",

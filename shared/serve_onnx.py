@@ -35,8 +35,8 @@ def runtime_options(s: ServerSettings) -> RuntimeOptions:
 class PinFirstSignature(ModelLoader):
     """A loader that, having accepted one version, holds every later one to its signature."""
 
-    def _finish(self, name, version, path, signature, manifest, engine_dir):
-        model = super()._finish(name, version, path, signature, manifest, engine_dir)
+    def _load(self, name, version, path, manifest, engine_dir):
+        model = super()._load(name, version, path, manifest, engine_dir)
         if self.expected is None:
             self.expected = model.signature
         return model

@@ -60,7 +60,7 @@ def test_loader_gives_correct_outputs(model_files, linear_signature):
 @pytest.mark.parametrize("bad, reason", [
     ("wrong_signature", "signature differs"),
     ("nan", "non-finite"),
-    ("corrupt", "not a readable ONNX model"),
+    ("corrupt", "not a model onnxruntime can load"),
 ])
 def test_loader_refuses_bad_versions(model_files, linear_signature, bad, reason):
     with pytest.raises(ModelRejected, match=reason):

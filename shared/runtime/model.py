@@ -20,7 +20,7 @@ import numpy as np
 from shared.registry import Manifest, ModelRegistry, RegistryError, Signature, TensorSpec
 from shared.runtime.dtypes import NUMPY_OF_V2
 from shared.runtime.session import CreatedSession, ProviderError, RuntimeOptions, create_session
-from shared.runtime.signature import signature_of_onnx
+from shared.runtime.signature import signature_of_session
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +97,30 @@ class ModelLoader:
     warmup_batches: tuple[int, ...] = (1, 8)
     inputs_for: Callable[[Signature, int], Arrays] = sample_inputs
 
-    def _finish(self, name: str, version: str, path: Path, signature: Signature,
-                manifest: Manifest | None, engine_dir: Path | None) -> LoadedModel:
-        if self.expected is not None:
-            diffs = self.expected.differences(signature)
-            if diffs:
-                raise ModelRejected("signature differs from what the service declares: " + "; ".join(diffs))
+    def _load(self, name: str, version: str, path: Path, manifest: Manifest | None,
+              engine_dir: Path | None) -> LoadedModel:
+        """Create the session, check its signature (against the manifest and what the service
+        declares), warm it up. The signature is read from the session, not by parsing the
+        file again: parsing a model with large initializers in Python would hold the GIL
+        (and stall the serving loop) for tens of milliseconds."""
         try:
             created = create_session(path, self.options, engine_dir=engine_dir)
         except ProviderError as e:
             raise ModelRejected(str(e)) from e
         except Exception as e:  # onnxruntime raises its own types for unreadable graphs
-            raise ModelRejected(f"onnxruntime cannot load the model: {e}") from e
+            raise ModelRejected(f"{name}/{version} is not a model onnxruntime can load: {e}") from e
+        try:
+            signature = signature_of_session(created.session)
+        except ValueError as e:
+            raise ModelRejected(str(e)) from e
+        if manifest is not None:
+            diffs = manifest.signature.differences(signature)
+            if diffs:
+                raise ModelRejected("model file disagrees with its manifest: " + "; ".join(diffs))
+        if self.expected is not None:
+            diffs = self.expected.differences(signature)
+            if diffs:
+                raise ModelRejected("signature differs from what the service declares: " + "; ".join(diffs))
         model = LoadedModel(name, version, signature, created, manifest)
         try:
             warm_up(model, self.warmup_batches, self.output_check, self.inputs_for)
@@ -122,31 +134,19 @@ class ModelLoader:
         path = Path(path)
         if not path.is_file():
             raise ModelRejected(f"model file {path} does not exist")
-        try:
-            signature = signature_of_onnx(path)
-        except Exception as e:
-            raise ModelRejected(f"{path} is not a readable ONNX model: {e}") from e
-        return self._finish(name, version, path, signature, None, None)
+        return self._load(name, version, path, None, None)
 
     def from_registry(self, registry: ModelRegistry, name: str, version: str) -> LoadedModel:
         try:
             manifest = registry.verify(name, version)
         except RegistryError as e:
             raise ModelRejected(str(e)) from e
-        path = registry.model_path(name, version)
-        try:
-            in_file = signature_of_onnx(path)
-        except Exception as e:
-            raise ModelRejected(f"{name}/{version} is not a readable ONNX model: {e}") from e
-        diffs = manifest.signature.differences(in_file)
-        if diffs:
-            raise ModelRejected("model file disagrees with its manifest: " + "; ".join(diffs))
         if self.manifest_check is not None:
             reason = self.manifest_check(manifest)
             if reason:
                 raise ModelRejected(f"manifest refused: {reason}")
         engine_dir = Path(self.options.trt_cache_dir) / name / version
-        return self._finish(name, version, path, in_file, manifest, engine_dir)
+        return self._load(name, version, registry.model_path(name, version), manifest, engine_dir)
 
 
 class ModelHandle:

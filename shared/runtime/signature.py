@@ -8,6 +8,13 @@ import onnx
 from shared.registry import Signature, TensorSpec
 from shared.runtime.dtypes import V2_OF_ONNX
 
+# onnxruntime's NodeArg.type strings -> V2 datatypes
+_V2_OF_ORT = {
+    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64", "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64", "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
+}
+
 
 def _spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
     ttype = value_info.type.tensor_type
@@ -27,3 +34,16 @@ def signature_of_model(model: onnx.ModelProto) -> Signature:
 def signature_of_onnx(path: str | os.PathLike[str]) -> Signature:
     # load_external_data=False: the signature lives in the graph, weights are not needed.
     return signature_of_model(onnx.load(os.fspath(path), load_external_data=False))
+
+
+def _session_spec(arg) -> TensorSpec:
+    if arg.type not in _V2_OF_ORT:
+        raise ValueError(f"tensor {arg.name!r} has unsupported type {arg.type}")
+    dims = tuple(d if isinstance(d, int) and d > 0 else -1 for d in arg.shape)
+    return TensorSpec(arg.name, _V2_OF_ORT[arg.type], dims)
+
+
+def signature_of_session(session) -> Signature:
+    """The signature of a created onnxruntime.InferenceSession (cheap: no file parsing)."""
+    return Signature(tuple(_session_spec(a) for a in session.get_inputs()),
+                     tuple(_session_spec(a) for a in session.get_outputs()))
