@@ -10,9 +10,11 @@ more rows when the queue is short, for models where bigger batches pay off.
 - Queue full: ResourceExhausted at once (the caller sees RESOURCE_EXHAUSTED).
 - Deadline passed while queued: the request is dropped before running (DEADLINE_EXCEEDED).
 - Every request in a batch is answered by the same model version, which is returned.
-- Cheap models run on the event loop itself: when the moving average of a batch's run
-  time is under `inline_below_us`, the hand-off to a worker thread and back costs more
-  than the run (the MLP of the peer benchmark runs in ~15 us), so it is skipped.
+- Cheap models run on the event loop itself: when the moving average of a run's time is
+  under `inline_below_us`, the hand-off to a worker thread and back costs more than the
+  run (the MLP of the peer benchmark runs in ~15 us), so it is skipped; and a request that
+  finds the queue empty then runs at once in its own coroutine, with no queue and no
+  future (merging rows into one run saves nothing when a run costs microseconds).
 """
 from __future__ import annotations
 
@@ -107,6 +109,8 @@ class MicroBatcher:
         """
         if self._closed or not self._tasks:
             raise Unavailable("server is shutting down")
+        if self._run_s_avg < self.inline_below_s and not self._queue:
+            return self._run_now(feeds, rows, deadline)
         if len(self._queue) >= self.max_queue_size:
             metrics.DROPPED.labels(self.handle.name, "queue_full").inc()
             raise ResourceExhausted(
@@ -118,6 +122,23 @@ class MicroBatcher:
         self._depth.set(len(self._queue))
         self._wakeup.set()
         return await fut
+
+    def _run_now(self, feeds: Mapping[str, np.ndarray], rows: int,
+                 deadline: float | None) -> tuple[list[np.ndarray], LoadedModel]:
+        model = self.handle.current
+        if model is None:
+            raise Unavailable(f"model {self.handle.name!r} is not loaded yet")
+        started = time.perf_counter()
+        if deadline is not None and deadline <= time.monotonic():
+            metrics.DROPPED.labels(self.handle.name, "deadline").inc()
+            raise DeadlineExceeded("deadline passed before the model ran")
+        outputs = model.run(feeds)
+        self._observe_run(time.perf_counter() - started)
+        self._batch_hist.observe(rows)
+        return outputs, model
+
+    def _observe_run(self, took: float) -> None:
+        self._run_s_avg = took if self._run_s_avg == float("inf") else 0.9 * self._run_s_avg + 0.1 * took
 
     # ---- worker side ----
     def _take_batch(self) -> list[_Pending]:
@@ -184,8 +205,7 @@ class MicroBatcher:
                     outputs = _run_batch(model, batch)
                 else:
                     outputs = await loop.run_in_executor(self._executor, _run_batch, model, batch)
-                took = time.perf_counter() - started
-                self._run_s_avg = took if self._run_s_avg == float("inf") else 0.9 * self._run_s_avg + 0.1 * took
+                self._observe_run(time.perf_counter() - started)
             except Exception as e:  # a failing run answers every request of the batch
                 log.exception("model %s/%s: batch of %d failed", model.name, model.version, len(batch))
                 for p in batch:
