@@ -6,14 +6,20 @@ append it to a bounded in-memory buffer and return; they never block on the netw
 on fsync and never raise. A background asyncio task keeps one bidirectional
 `Feedback.Stream` to the trainer open (protos/feedback/v1/feedback.proto):
 
-    record_* -> buffer (deque, max_buffer) --(stream)--> trainer
-                   |  full, or trainer away                 | Ack per record_id
+    record_* -> buffer (deque, max_buffer) --(stream of FeedbackBatch)--> trainer
+                   |  full, or trainer away                 | AckBatch: one Ack per record_id
                    v                                        v
                 spool (disk segments, max_spool_bytes)   in-flight map (max_in_flight)
 
-- Records are sent in order; each stays in the in-flight map until its Ack arrives (acks
-  may come in any order). STORED and DUPLICATE forget it; REJECTED forgets it, counts it
-  and logs the trainer's message.
+- Records are sent in order, in batches: each stream message (FeedbackBatch) carries
+  whatever is ready, up to batch_max records and max_batch_bytes (the sender never waits
+  to fill a batch; one record alone goes at once). A batch is built from the records'
+  serialized bytes as they are (the wire framing of `repeated FeedbackRecord` is that of
+  `repeated bytes`), so nothing is serialized twice.
+- Each record stays in the in-flight map until its own Ack arrives (acks come in
+  AckBatch messages, in any order and grouped in any way; they are matched by
+  record_id). STORED and DUPLICATE forget it; REJECTED forgets it, counts it and logs
+  the trainer's message.
 - When the stream breaks or the trainer is unreachable, every in-flight and buffered
   record is appended to the spool, in order, and the task reconnects with exponential
   backoff (with jitter). While the trainer stays away, new records keep going to the
@@ -76,6 +82,11 @@ from protos.feedback.v1 import feedback_pb2
 log = logging.getLogger(__name__)
 
 STREAM_METHOD = "/storefront.feedback.v1.Feedback/Stream"
+
+# feedback.proto: a FeedbackBatch holds at most 1024 records and 4 MiB serialized.
+MAX_BATCH_RECORDS = 1024
+MAX_BATCH_BYTES = 4 << 20
+_BATCH_FRAMING = 8  # > the framing of one record in a batch: 1 tag byte + a varint length (<= 5 bytes)
 
 # ---- metrics (label domain: fraud, recommender, pricing) ----
 BUFFERED = Gauge("storefront_feedback_buffered", "Feedback records waiting in memory to be sent", ["domain"])
@@ -402,9 +413,14 @@ class Spool:
             first = next(iter(self._segs), self._next_no)
             return [first, len(SEGMENT_MAGIC)]
 
-    def read(self, cursor: list[int], limit: int) -> list[tuple[str, bytes, tuple[int, int]]]:
-        """Up to limit unacknowledged frames from cursor on (cursor advances): (rid, payload, (seg, offset))."""
+    def read(self, cursor: list[int], limit: int,
+             max_bytes: int | None = None) -> list[tuple[str, bytes, tuple[int, int]]]:
+        """Up to limit unacknowledged frames from cursor on (cursor advances): (rid, payload, (seg, offset)).
+
+        With max_bytes, stops before a frame whose payload (plus its framing in a FeedbackBatch)
+        would take the payloads read over max_bytes; the first frame is always read."""
         out: list[tuple[str, bytes, tuple[int, int]]] = []
+        nbytes = 0
         with self._lock:
             if self.closed:
                 return out
@@ -428,6 +444,9 @@ class Spool:
                         seg.fd = os.open(seg.path, os.O_RDONLY)
                     head = os.pread(seg.fd, _HEAD.size, off)
                     _, body_len, id_len, _ = _HEAD.unpack(head)
+                    if max_bytes is not None and out and off not in seg.acked:
+                        if nbytes + body_len - id_len + _BATCH_FRAMING > max_bytes:
+                            break  # cursor stays on this frame
                     body = os.pread(seg.fd, body_len, off + _HEAD.size) if off not in seg.acked else b""
                     if off not in seg.acked:
                         if len(body) != body_len:
@@ -442,6 +461,7 @@ class Spool:
                 if off in seg.acked:
                     continue
                 out.append((rid, body[id_len:], (seg.no, off)))
+                nbytes += body_len - id_len + _BATCH_FRAMING
         return out
 
     def _give_up_tail(self, seg: _Segment, off: int, e: Exception) -> None:
@@ -524,6 +544,31 @@ class Spool:
             os.close(self._lock_fd)
 
 
+def _record_head(n: int) -> bytes:
+    """The framing of one n-byte serialized record in a FeedbackBatch: tag of field 1
+    (length-delimited) and the varint length. Record bytes follow as they are."""
+    if n < 0x80:
+        return bytes((0x0A, n))
+    if n < 0x4000:
+        return bytes((0x0A, (n & 0x7F) | 0x80, n >> 7))
+    out = bytearray(b"\x0a")
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_batch(payloads: Sequence[bytes]) -> bytes:
+    """A serialized FeedbackBatch from already serialized FeedbackRecords, without parsing or
+    re-serializing them: `repeated FeedbackRecord records = 1` is framed like `repeated bytes`."""
+    parts: list[bytes] = []
+    for p in payloads:
+        parts.append(_record_head(len(p)))
+        parts.append(p)
+    return b"".join(parts)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -546,13 +591,19 @@ class FeedbackClient:
 
     def __init__(self, target: str, *, domain: int | str, spool_dir: str | Path, instance_id: str | None = None,
                  max_buffer: int = 10000, max_in_flight: int = 2000, max_spool_bytes: int = 256 << 20,
-                 batch_max: int = 256, reconnect_backoff_s: tuple[float, float] = (0.2, 5.0),
+                 batch_max: int = 256, max_batch_bytes: int = MAX_BATCH_BYTES, reconnect_backoff_s: tuple[float, float] = (0.2, 5.0),
                  channel_credentials: grpc.ChannelCredentials | None = None,
                  channel_options: Sequence[tuple[str, object]] = (), metadata: Sequence[tuple[str, str]] = (),
                  ack_timeout_s: float = 30.0, spool_interval_s: float = 0.02,
-                 max_record_bytes: int = 4 << 20) -> None:
+                 max_record_bytes: int = MAX_BATCH_BYTES - _BATCH_FRAMING) -> None:
         if max_buffer < 1 or max_in_flight < 1 or batch_max < 1:
             raise ValueError("max_buffer, max_in_flight and batch_max must be >= 1")
+        if batch_max > MAX_BATCH_RECORDS or not 0 < max_batch_bytes <= MAX_BATCH_BYTES:
+            raise ValueError(f"batch_max must be <= {MAX_BATCH_RECORDS} and max_batch_bytes in 1..{MAX_BATCH_BYTES} "
+                             "(feedback.proto's limits on a FeedbackBatch)")
+        if max_record_bytes > max_batch_bytes - _BATCH_FRAMING:
+            raise ValueError(f"max_record_bytes must leave room for the framing in a batch: at most "
+                             f"max_batch_bytes - {_BATCH_FRAMING} = {max_batch_bytes - _BATCH_FRAMING}")
         lo, hi = reconnect_backoff_s
         if not 0 < lo <= hi:
             raise ValueError(f"reconnect_backoff_s must be (min, max) with 0 < min <= max, got {reconnect_backoff_s}")
@@ -564,12 +615,14 @@ class FeedbackClient:
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self.max_buffer = max_buffer
         self.max_in_flight = max_in_flight
-        self.batch_max = batch_max
+        self.batch_max = batch_max  # most records per FeedbackBatch (and per spool write on overflow)
+        self.max_batch_bytes = max_batch_bytes  # most bytes per FeedbackBatch
         self.backoff_min_s, self.backoff_max_s = float(lo), float(hi)
         self.ack_timeout_s = ack_timeout_s
         self.spool_interval_s = spool_interval_s
         # Larger records are refused up front: the trainer's gRPC receive limit (4 MiB by
-        # default) would end the stream on them again and again after every replay.
+        # default) would end the stream on them again and again after every replay. A record
+        # must fit alone in a batch.
         self.max_record_bytes = max_record_bytes
         self._credentials = channel_credentials
         self._options = [("grpc.initial_reconnect_backoff_ms", int(lo * 1000)),
@@ -930,8 +983,8 @@ class FeedbackClient:
 
     async def _session(self) -> None:
         self.n_sessions += 1
-        call = self._channel.stream_stream(STREAM_METHOD, request_serializer=None,
-                                           response_deserializer=feedback_pb2.Ack.FromString)(
+        call = self._channel.stream_stream(STREAM_METHOD, request_serializer=None,  # batches built by encode_batch
+                                           response_deserializer=feedback_pb2.AckBatch.FromString)(
             metadata=self._metadata or None, wait_for_ready=False)
         reader = asyncio.get_running_loop().create_task(self._read_acks(call))
         cursor = self.spool.first_cursor()  # replay the spool first, in order, then the buffer
@@ -953,13 +1006,20 @@ class FeedbackClient:
                 if room <= 0:
                     await self._wait_wake(0.1)
                     continue
-                batch = self.spool.read(cursor, room)
+                # One FeedbackBatch: whatever is ready (never waiting for more), spool first.
+                max_bytes = self.max_batch_bytes
+                batch = self.spool.read(cursor, room, max_bytes)
                 if not batch:
                     buf = self._buffer
+                    nbytes = 0
                     while len(batch) < room:
                         try:
                             rid, payload = buf.popleft()
                         except IndexError:
+                            break
+                        nbytes += len(payload) + _BATCH_FRAMING
+                        if nbytes > max_bytes and batch:
+                            buf.appendleft((rid, payload))  # the next batch starts with it
                             break
                         batch.append((rid, payload, None))
                 if not batch:
@@ -968,12 +1028,17 @@ class FeedbackClient:
                     await self._wait_wake(0.25)
                     continue
                 now = time.monotonic()
+                in_flight = self._in_flight
+                parts: list[bytes] = []
                 for rid, payload, where in batch:
-                    self._in_flight[rid] = (payload, where, now)
+                    in_flight[rid] = (payload, where, now)
+                    parts.append(_record_head(len(payload)))
+                    parts.append(payload)
+                message = b"".join(parts)
+                del parts
                 try:
                     async with asyncio.timeout(self.ack_timeout_s):  # a trainer that stops reading
-                        for rid, payload, where in batch:
-                            await call.write(payload)
+                        await call.write(message)
                 except Exception as e:
                     # A write racing the end of the call says little ("RPC already finished",
                     # INTERNAL); the call's own status (what the reader saw) says why.
@@ -992,40 +1057,54 @@ class FeedbackClient:
     async def _read_acks(self, call) -> None:
         try:
             while True:
-                ack = await call.read()
-                if ack is grpc.aio.EOF:
+                batch = await call.read()
+                if batch is grpc.aio.EOF:
                     raise _StreamBroken("trainer closed the stream")
-                self._on_ack(ack)
+                self._on_acks(batch.acks)
         finally:
             self._set_wake()
 
-    def _on_ack(self, ack: feedback_pb2.Ack) -> None:
-        entry = self._in_flight.pop(ack.record_id, None)
-        if entry is None:
-            log.debug("feedback: ack for unknown record %s", ack.record_id)
-            return
-        if not self._connected:
+    def _on_acks(self, acks) -> None:
+        """One AckBatch: each Ack forgets its own record (acks of one batch may be anywhere)."""
+        in_flight = self._in_flight
+        known = stored = duplicate = rejected = 0
+        for ack in acks:
+            rid = ack.record_id
+            entry = in_flight.pop(rid, None)
+            if entry is None:
+                log.debug("feedback: ack for unknown record %s", rid)
+                continue
+            known += 1
+            if entry[1] is not None:
+                self.spool.ack(entry[1])
+            status = ack.status
+            if status == feedback_pb2.ACK_STATUS_STORED:
+                stored += 1
+            elif status == feedback_pb2.ACK_STATUS_DUPLICATE:
+                duplicate += 1
+            elif status == feedback_pb2.ACK_STATUS_REJECTED:
+                rejected += 1
+                self.n_rejected += 1
+                now = time.monotonic()
+                if now - self._reject_logged_at >= 1.0 or self.n_rejected <= 10:
+                    self._reject_logged_at = now
+                    log.error("feedback: trainer REJECTED record %s: %s (%d rejected so far)", rid,
+                              ack.message or "no reason given", self.n_rejected)
+            else:
+                log.warning("feedback: ack with unexpected status %d for record %s; forgetting it", status, rid)
+        if known and not self._connected:
             self._set_connected(True)
-        if entry[1] is not None:
-            self.spool.ack(entry[1])
-        status = ack.status
-        m = self._m_acked.get(status)
-        if m is not None:
-            m.inc()
-        if status == feedback_pb2.ACK_STATUS_STORED:
-            self.n_stored += 1
-        elif status == feedback_pb2.ACK_STATUS_DUPLICATE:
-            self.n_duplicate += 1
-        elif status == feedback_pb2.ACK_STATUS_REJECTED:
-            self.n_rejected += 1
-            now = time.monotonic()
-            if now - self._reject_logged_at >= 1.0 or self.n_rejected <= 10:
-                self._reject_logged_at = now
-                log.error("feedback: trainer REJECTED record %s: %s (%d rejected so far)", ack.record_id,
-                          ack.message or "no reason given", self.n_rejected)
-        else:
-            log.warning("feedback: ack with unexpected status %d for record %s; forgetting it", status, ack.record_id)
-        if len(self._in_flight) < self.max_in_flight:
+        if known:
+            m = self._m_acked
+            if stored:
+                self.n_stored += stored
+                m[feedback_pb2.ACK_STATUS_STORED].inc(stored)
+            if duplicate:
+                self.n_duplicate += duplicate
+                m[feedback_pb2.ACK_STATUS_DUPLICATE].inc(duplicate)
+            if rejected:
+                m[feedback_pb2.ACK_STATUS_REJECTED].inc(rejected)
+        if len(in_flight) < self.max_in_flight:
             self._set_wake()
 
 

@@ -13,23 +13,17 @@ import dataclasses
 import sys
 
 from shared.runtime.model import ModelLoader
-from shared.runtime.session import RuntimeOptions
 from shared.server import ServerApp, run_app
 from shared.serving import ServedModel
-from shared.settings import ServerSettings, setting
+from shared.settings import ServingSettings, setting
 
 
 @dataclasses.dataclass
-class OnnxServerSettings(ServerSettings):
+class OnnxServerSettings(ServingSettings):
     """Generic KServe V2 server for one ONNX model."""
 
     name: str = setting("model", "model name clients use (V2 model_name)")
     onnx: str = setting("", "ONNX file to serve; empty = follow the registry")
-
-
-def runtime_options(s: ServerSettings) -> RuntimeOptions:
-    return RuntimeOptions(providers=s.providers, intra_op_threads=s.intra_op_threads,
-                          inter_op_threads=s.inter_op_threads, trt_fp16=s.trt_fp16, trt_cache_dir=s.trt_cache_dir)
 
 
 class PinFirstSignature(ModelLoader):
@@ -43,7 +37,7 @@ class PinFirstSignature(ModelLoader):
 
 
 def make_app(s: OnnxServerSettings) -> ServerApp:
-    loader = PinFirstSignature(options=runtime_options(s))
+    loader = PinFirstSignature(options=s.runtime_options())
     served = ServedModel.from_settings(s.name, s, loader, model_file=s.onnx or None)
     return ServerApp(f"serve-onnx[{s.name}]", s, {s.name: served})
 

@@ -20,7 +20,7 @@ from shared.errors import NotFound, Unavailable
 from shared.registry import ModelRegistry, Signature
 from shared.reload import HotReloader
 from shared.runtime.model import LoadedModel, ModelHandle, ModelLoader
-from shared.settings import ServerSettings
+from shared.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class ServedModel:
         self.reloader = HotReloader(registry, self.handle, loader, poll_interval_s) if registry else None
 
     @classmethod
-    def from_settings(cls, name: str, settings: ServerSettings, loader: ModelLoader,
+    def from_settings(cls, name: str, settings: ServingSettings, loader: ModelLoader,
                       model_file: str | None = None) -> "ServedModel":
         return cls(name, loader, registry=None if model_file else ModelRegistry(settings.registry_dir),
                    model_file=model_file, poll_interval_s=settings.poll_interval_s,

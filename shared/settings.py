@@ -84,23 +84,12 @@ def setting(default: Any, help: str) -> Any:
 
 @dataclasses.dataclass
 class ServerSettings(BaseSettings):
-    """Settings every serving process shares."""
+    """Settings every gRPC server process shares (services and the trainer)."""
 
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 for all interfaces)")
     port: int = setting(18111, "gRPC port")
     metrics_port: int = setting(-1, "Prometheus HTTP port; -1 = gRPC port + 1000, 0 = off")
     registry_dir: str = setting("var/registry", "model registry folder")
-    poll_interval_s: float = setting(0.5, "how often to look for a new model version")
-    providers: str = setting("auto", "execution providers: auto, or a comma list of tensorrt,cuda,cpu")
-    intra_op_threads: int = setting(1, "ONNX Runtime threads inside one operator")
-    inter_op_threads: int = setting(1, "ONNX Runtime threads across operators")
-    trt_fp16: bool = setting(False, "let TensorRT build fp16 engines")
-    trt_cache_dir: str = setting("var/trt-cache", "TensorRT engine cache (one folder per model version)")
-    max_batch_size: int = setting(64, "most rows merged into one session run (1 = no batching)")
-    max_queue_delay_us: int = setting(0, "how long a short queue waits for more rows, microseconds")
-    max_queue_size: int = setting(1024, "requests waiting for a run before RESOURCE_EXHAUSTED")
-    batch_workers: int = setting(1, "session runs in flight at once per model")
-    max_request_rows: int = setting(1024, "largest batch one request may carry")
     max_message_mb: int = setting(64, "largest gRPC message, MiB")
     tls_cert: str = setting("", "server certificate (PEM); with tls_key enables TLS")
     tls_key: str = setting("", "server private key (PEM)")
@@ -112,18 +101,18 @@ class ServerSettings(BaseSettings):
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = setting("json", "json (one object per line) or text")
 
+    def _at_least_one(self) -> tuple[str, ...]:
+        return ("workers", "max_message_mb")
+
     def validate(self) -> list[str]:
         p = []
         if not 0 <= self.port <= 65535:
             p.append(f"port {self.port} out of range")
         if self.workers > 1 and self.port == 0:
             p.append("workers > 1 needs a fixed port")
-        for name in ("max_batch_size", "max_queue_size", "batch_workers", "max_request_rows", "workers",
-                     "intra_op_threads", "inter_op_threads", "max_message_mb"):
+        for name in self._at_least_one():
             if getattr(self, name) < 1:
                 p.append(f"{name} must be >= 1")
-        if self.max_queue_delay_us < 0:
-            p.append("max_queue_delay_us must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             p.append("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
@@ -138,7 +127,41 @@ class ServerSettings(BaseSettings):
 
 
 @dataclasses.dataclass
-class DomainSettings(ServerSettings):
+class ServingSettings(ServerSettings):
+    """Settings of a process that serves models: runtime, hot reload, batching."""
+
+    poll_interval_s: float = setting(0.5, "how often to look for a new model version")
+    providers: str = setting("auto", "execution providers: auto, or a comma list of tensorrt,cuda,cpu")
+    intra_op_threads: int = setting(1, "ONNX Runtime threads inside one operator")
+    inter_op_threads: int = setting(1, "ONNX Runtime threads across operators")
+    trt_fp16: bool = setting(False, "let TensorRT build fp16 engines")
+    trt_cache_dir: str = setting("var/trt-cache", "TensorRT engine cache (one folder per model version)")
+    max_batch_size: int = setting(64, "most rows merged into one session run (1 = no batching)")
+    max_queue_delay_us: int = setting(0, "how long a short queue waits for more rows, microseconds")
+    max_queue_size: int = setting(1024, "requests waiting for a run before RESOURCE_EXHAUSTED")
+    batch_workers: int = setting(1, "session runs in flight at once per model")
+    max_request_rows: int = setting(1024, "largest batch one request may carry")
+
+    def runtime_options(self):
+        from shared.runtime.session import RuntimeOptions
+
+        return RuntimeOptions(providers=self.providers, intra_op_threads=self.intra_op_threads,
+                              inter_op_threads=self.inter_op_threads, trt_fp16=self.trt_fp16,
+                              trt_cache_dir=self.trt_cache_dir)
+
+    def _at_least_one(self) -> tuple[str, ...]:
+        return (*super()._at_least_one(), "max_batch_size", "max_queue_size", "batch_workers", "max_request_rows",
+                "intra_op_threads", "inter_op_threads")
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if self.max_queue_delay_us < 0:
+            p.append("max_queue_delay_us must be >= 0")
+        return p
+
+
+@dataclasses.dataclass
+class DomainSettings(ServingSettings):
     """Settings every domain service adds: its model and its feedback stream to the trainer."""
 
     model_name: str = setting("", "model name in the registry (default: the domain)")

@@ -12,7 +12,8 @@ from prometheus_client import REGISTRY
 
 from protos.feedback.v1 import feedback_pb2
 from protos.fraud.v1 import fraud_pb2
-from shared.feedback import SEGMENT_SUFFIX, FeedbackClient, SpoolLockedError, tensor_to_numpy
+from shared.feedback import (MAX_BATCH_BYTES, SEGMENT_SUFFIX, FeedbackClient, SpoolLockedError, encode_batch,
+                             tensor_to_numpy)
 from tests.conftest import free_port
 from tests.fake_trainer import FakeTrainer
 
@@ -405,3 +406,82 @@ async def test_segment_damaged_after_startup_is_given_up_not_retried_forever(tra
     assert "p100" in prediction_ids(trainer_down)
     assert c.stats()["spool_lost"] < 30 and len(trainer_down.stored) == 31 - c.stats()["spool_lost"]
     await c.stop()
+
+
+async def test_backlog_goes_in_full_batches_live_records_at_once(trainer, tmp_path):
+    c = make_client(trainer.port, tmp_path / "spool", batch_max=64)
+    for i in range(300):  # recorded before start: buffered
+        served(c, i)
+    c.start()
+    assert await c.flush(10)
+    assert sum(trainer.batches) == 300 and max(trainer.batches) == 64 and len(trainer.batches) <= 8
+    assert c.stats()["sent"] == 300 and c.stats()["stored"] == 300
+    # One record with nothing else ready is sent at once, alone: the sender never waits to fill a batch.
+    t0 = time.monotonic()
+    served(c, 300)
+    assert await c.flush(5)
+    assert time.monotonic() - t0 < 0.5 and trainer.batches[-1] == 1
+    assert prediction_ids(trainer) == [f"p{i}" for i in range(301)]
+    await c.stop()
+
+
+async def test_batches_stay_under_max_batch_bytes_buffer_and_spool(trainer_down, tmp_path):
+    c = make_client(trainer_down.port, tmp_path / "spool", max_batch_bytes=2000, max_record_bytes=1500)
+    c.start()
+    for i in range(100):  # trainer down: these go to the spool and are replayed from it
+        served(c, i)
+    await wait_for(lambda: c.stats()["spooled"] == 100, what="records spooled")
+    await c.stop(flush_timeout_s=0)
+    c = make_client(trainer_down.port, tmp_path / "spool", max_batch_bytes=2000, max_record_bytes=1500)
+    for i in range(100, 200):  # these wait in the buffer
+        served(c, i)
+    await trainer_down.start()
+    c.start()
+    assert await c.flush(10)
+    assert prediction_ids(trainer_down) == [f"p{i}" for i in range(200)]
+    assert max(trainer_down.batch_bytes) <= 2000 and max(trainer_down.batches) > 1
+    assert len(trainer_down.batches) >= 200 * 316 // 2000  # records are 316 bytes: split by bytes, not count
+    await c.stop()
+
+
+@pytest.mark.parametrize("mode", ["split", "merged"])
+async def test_acks_split_or_merged_across_batches(trainer, tmp_path, mode):
+    if mode == "split":
+        trainer.split_acks = True  # every ack of a batch in its own AckBatch
+    else:
+        trainer.merge_acks = 50  # acks of several batches in one AckBatch
+    c = make_client(trainer.port, tmp_path / "spool", batch_max=8, max_in_flight=64)
+    c.start()
+    for i in range(400):
+        served(c, i)
+        if i % 37 == 0:
+            await asyncio.sleep(0.002)
+    assert await c.flush(10)
+    st = c.stats()
+    assert st["stored"] == 400 and st["pending"] == 0 and st["in_flight"] == 0
+    assert max(trainer.batches) <= 8 and trainer.duplicates == 0 and trainer.max_unacked <= 64
+    await c.stop()
+
+
+def test_batch_limits_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="batch_max"):
+        make_client(free_port(), tmp_path / "a", batch_max=1025)
+    with pytest.raises(ValueError, match="max_batch_bytes"):
+        make_client(free_port(), tmp_path / "b", max_batch_bytes=MAX_BATCH_BYTES + 1)
+    with pytest.raises(ValueError, match="max_record_bytes"):
+        make_client(free_port(), tmp_path / "c", max_batch_bytes=1000, max_record_bytes=1000)
+    c = make_client(free_port(), tmp_path / "d")
+    assert c.max_record_bytes + 8 <= c.max_batch_bytes == MAX_BATCH_BYTES  # a record always fits alone
+    c.spool.close()
+
+
+def test_encode_batch_is_a_feedback_batch():
+    recs = [feedback_pb2.FeedbackRecord(record_id=f"r{i}", domain=feedback_pb2.DOMAIN_FRAUD,
+                                        outcome=outcome(i)) for i in range(3)]
+    big = feedback_pb2.FeedbackRecord(record_id="big", domain=feedback_pb2.DOMAIN_FRAUD)
+    big.served.inputs.add(name="x", datatype="UINT8", shape=[1, 70000], raw_data=bytes(70000))  # 3-byte varint
+    recs.append(big)
+    raw = encode_batch([r.SerializeToString() for r in recs])
+    assert raw == feedback_pb2.FeedbackBatch(records=recs).SerializeToString()
+    assert list(feedback_pb2.FeedbackBatch.FromString(raw).records) == recs
+    assert encode_batch([]) == b""

@@ -1,7 +1,7 @@
 import pytest
 
 from shared.serve_onnx import OnnxServerSettings
-from shared.settings import ServerSettings
+from shared.settings import ServingSettings as ServerSettings
 
 
 def test_flags_beat_environment_beat_defaults():

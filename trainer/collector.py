@@ -1,24 +1,32 @@
 """The trainer's feedback endpoint: storefront.feedback.v1.Feedback/Stream (bidirectional).
 
-Every serving replica keeps one stream open and sends FeedbackRecords; the collector answers
-one Ack per record, only after the record is durably in the event log (or known to be there).
+Every serving replica keeps one stream open and sends FeedbackBatch messages (each up to 1024
+records); the collector answers one Ack per record, in AckBatch messages, only after the record
+is durably in the event log (or known to be there).
 
 How a record travels:
-1. Each stream has a reader task that takes records off the wire as raw bytes (no protobuf
-   decoding on the event loop: the log parses and validates them, and stores the very bytes
-   received) and puts them in the stream's buffer.
+1. Each stream has a reader task that takes batches off the wire as raw bytes and splits each
+   into its records' bytes with a private message type (`repeated bytes records = 1`, which is
+   wire-identical to FeedbackBatch's `repeated FeedbackRecord records = 1`): no FeedbackRecord
+   is decoded on the event loop; the log parses and validates each one, and stores the very
+   bytes received. The records go to the stream's buffer. A batch whose framing does not
+   decode at all gets one REJECTED Ack with an empty record_id; the stream goes on.
 2. One committer task per collector drains the buffers of *all* streams, up to `max_batch`
    records, and hands them to `append_batch` on a dedicated writer thread: one transaction and
    one fsync for the whole group (group commit). A group smaller than max_batch waits
    `linger_s` (1 ms) for more first; and while the writer thread commits, the loop keeps
    reading, so the next group builds up. Fewer, larger transactions cost less CPU per record
    (on a 2-CPU machine: 16 records per commit without linger, hundreds with 1 ms).
+   A group is made of records, not batches: one client batch may be split over two groups, and
+   one group holds records of many batches and streams.
 3. After the commit returns, each stream's acks go to its writer coroutine, which writes one
-   Ack per record (STORED / DUPLICATE / REJECTED with the field named). Writing acks of one
-   group overlaps with committing the next.
+   Ack per record (STORED / DUPLICATE / REJECTED with the field named), as AckBatch messages of
+   at most 1024 acks: the acks of one group, merged with those of any later groups already
+   committed. Writing acks of one group overlaps with committing the next.
 
-Backpressure: a stream holds at most `max_inflight_per_stream` records read but not yet acked;
-at that bound its reader stops reading, so HTTP/2 flow control slows the sender down.
+Backpressure: a stream holds at most `max_inflight_per_stream` records read but not yet acked
+(plus the rest of the batch that reached the bound); at that bound its reader stops reading,
+so HTTP/2 flow control slows the sender down.
 
 Errors: when the log cannot be written (disk full, I/O error, database locked beyond the busy
 timeout) every stream whose records were in the failed group ends with UNAVAILABLE; nothing of
@@ -35,6 +43,8 @@ import time
 from typing import Any, AsyncIterator
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram
 
 from protos.feedback.v1 import feedback_pb2 as fb
@@ -43,6 +53,32 @@ from trainer.eventlog import REJECTED, AppendResult, EventLog
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = fb.DESCRIPTOR.services_by_name["Feedback"].full_name  # storefront.feedback.v1.Feedback
+
+MAX_ACKS_PER_MESSAGE = 1024  # feedback.proto: an AckBatch holds at most 1024 acks
+
+
+def _raw_batch_class():
+    """A private twin of FeedbackBatch with `repeated bytes records = 1`: the same wire format,
+    so parsing it yields each record's bytes exactly as received, without decoding them. Kept
+    in a private descriptor pool, so it clashes with nothing in the default one."""
+    f = descriptor_pb2.FileDescriptorProto(name="trainer/collector_raw_batch.proto",
+                                           package="storefront.trainer.collector", syntax="proto3")
+    m = f.message_type.add(name="RawFeedbackBatch")
+    m.field.add(name="records", number=fb.FeedbackBatch.RECORDS_FIELD_NUMBER,
+                type=descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
+                label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("storefront.trainer.collector.RawFeedbackBatch"))
+
+
+_RawFeedbackBatch = _raw_batch_class()
+
+
+def split_batch(raw: bytes) -> list[bytes]:
+    """The serialized records of a serialized FeedbackBatch, byte for byte. DecodeError when the
+    batch's framing is broken."""
+    return list(_RawFeedbackBatch.FromString(raw).records)
 
 _STATUS_NAME = {fb.ACK_STATUS_STORED: "stored", fb.ACK_STATUS_DUPLICATE: "duplicate",
                 fb.ACK_STATUS_REJECTED: "rejected"}
@@ -57,6 +93,8 @@ APPEND_LATENCY = Histogram("storefront_trainer_append_latency_seconds",
                            "Time to append one group to the event log (validation, insert, commit + fsync)",
                            buckets=(0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256,
                                     0.512, 1.024, 2.048, 4.096))
+BATCH_RECORDS = Histogram("storefront_trainer_feedback_batch_records", "Records per FeedbackBatch received",
+                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048))
 APPEND_ERRORS = Counter("storefront_trainer_append_errors_total",
                         "Groups the event log could not store (their streams ended UNAVAILABLE)")
 STREAMS = Gauge("storefront_trainer_feedback_streams", "Feedback streams open now")
@@ -128,9 +166,9 @@ class FeedbackCollector:
             self._buffered = 0
             self._task = loop.create_task(self._commit_loop(), name="feedback-committer")
 
-    def _submit(self, st: _Stream, raw: bytes) -> None:
-        st.buf.append(raw)
-        self._buffered += 1
+    def _submit(self, st: _Stream, records: list[bytes]) -> None:
+        st.buf += records
+        self._buffered += len(records)
         if not st.queued:
             st.queued = True
             self._ready.append(st)
@@ -212,9 +250,24 @@ class FeedbackCollector:
     async def _read(self, requests: AsyncIterator[bytes], st: _Stream) -> None:
         try:
             async for raw in requests:
-                self._submit(st, raw)
-                st.inflight += 1
-                INFLIGHT.inc()
+                try:
+                    records = split_batch(raw)
+                except DecodeError:
+                    # Not even the batch's framing decodes: no record_id to name. One REJECTED ack
+                    # (nothing to store, so it needs no commit); the stream goes on.
+                    bad = [AppendResult("", REJECTED, "not a serialized storefront.feedback.v1.FeedbackBatch")]
+                    self._count(bad)
+                    st.inflight += 1
+                    INFLIGHT.inc()
+                    st.acks.put_nowait(bad)
+                    continue
+                n = len(records)
+                BATCH_RECORDS.observe(n)
+                if not n:
+                    continue  # an empty batch is allowed and ignored
+                self._submit(st, records)
+                st.inflight += n
+                INFLIGHT.inc(n)
                 if st.inflight >= self.max_inflight:
                     st.space.clear()
                     await st.space.wait()
@@ -233,9 +286,14 @@ class FeedbackCollector:
         reader = asyncio.get_running_loop().create_task(self._read(requests, st))
         write = context.write
         low_water = self.max_inflight // 2
+        acks = st.acks
+        carry: Any = None  # an item taken while merging, handled next
         try:
             while not (st.reader_done and st.inflight == 0):
-                item = await st.acks.get()
+                if carry is not None:
+                    item, carry = carry, None
+                else:
+                    item = await acks.get()
                 if item is None:
                     continue
                 if isinstance(item, LogUnavailable):
@@ -243,12 +301,23 @@ class FeedbackCollector:
                 if isinstance(item, BaseException):
                     log.info("feedback stream from %s broke: %s", st.peer, item)
                     return
-                for r in item:
-                    if r.status == REJECTED:
-                        await write(fb.Ack(record_id=r.record_id, status=r.status,
-                                           message=r.message).SerializeToString())
+                # Merge the acks of groups committed meanwhile into the same AckBatch messages.
+                while len(item) < MAX_ACKS_PER_MESSAGE and not acks.empty():
+                    more = acks.get_nowait()
+                    if isinstance(more, list):
+                        item = item + more
                     else:
-                        await write(fb.Ack(record_id=r.record_id, status=r.status).SerializeToString())
+                        carry = more
+                        break
+                for i in range(0, len(item), MAX_ACKS_PER_MESSAGE):
+                    batch = fb.AckBatch()
+                    add = batch.acks.add
+                    for r in item[i:i + MAX_ACKS_PER_MESSAGE]:
+                        if r.status == REJECTED:
+                            add(record_id=r.record_id, status=r.status, message=r.message)
+                        else:
+                            add(record_id=r.record_id, status=r.status)
+                    await write(batch.SerializeToString())
                 st.inflight -= len(item)
                 INFLIGHT.dec(len(item))
                 if st.inflight <= low_water:
@@ -261,8 +330,9 @@ class FeedbackCollector:
     # ------------------------------------------------------------ lifecycle
 
     def handler(self) -> grpc.GenericRpcHandler:
-        """A generic handler for the Feedback service: requests arrive as raw bytes (validated and
-        stored by the log as received), acks leave as serialized Ack messages."""
+        """A generic handler for the Feedback service: FeedbackBatch messages arrive as raw bytes
+        (split into records by `split_batch`; each validated and stored by the log as received),
+        acks leave as serialized AckBatch messages."""
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "Stream": grpc.stream_stream_rpc_method_handler(self.Stream),
         })

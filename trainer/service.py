@@ -48,6 +48,7 @@ class TrainerSettings(ServerSettings):
     tolerance: float = setting(0.02, "gate: how much worse than serving a candidate may be on the holdout")
     latency_budget_ms: float = setting(5.0, "gate: batch-1 latency budget of a candidate, ms")
     bootstrap: bool = setting(True, "bootstrap a domain from its real dataset when it has no checkpoint")
+    poll_interval_s: float = setting(0.5, "how often a domain loop looks for new joined labels")
 
     @property
     def event_log_path(self) -> Path:
@@ -60,8 +61,8 @@ class TrainerSettings(ServerSettings):
 
     def validate(self) -> list[str]:
         p = super().validate()
-        if self.min_events < 1 or self.epochs < 1:
-            p.append("min_events and epochs must be >= 1")
+        if self.min_events < 1 or self.epochs < 1 or self.poll_interval_s <= 0:
+            p.append("min_events and epochs must be >= 1, poll_interval_s > 0")
         unknown = set(self.domain_list) - set(DOMAIN_MODELS)
         if unknown:
             p.append(f"unknown domain(s) {sorted(unknown)}; known: {sorted(DOMAIN_MODELS)}")

@@ -11,7 +11,6 @@ from services.fraud.adapter import SIGNATURE, FraudService, check_manifest, chec
 from services.fraud.servicer import FraudServicer, register
 from shared.domain import attach_feedback
 from shared.runtime.model import ModelLoader
-from shared.serve_onnx import runtime_options
 from shared.server import ServerApp, run_app
 from shared.serving import ServedModel
 from shared.settings import DomainSettings, setting
@@ -39,7 +38,7 @@ class FraudSettings(DomainSettings):
 
 
 def make_app(s: FraudSettings) -> ServerApp:
-    loader = ModelLoader(options=runtime_options(s), expected=SIGNATURE, output_check=check_outputs,
+    loader = ModelLoader(options=s.runtime_options(), expected=SIGNATURE, output_check=check_outputs,
                          manifest_check=check_manifest)
     served = ServedModel.from_settings(s.model_name, s, loader)
     service = FraudService(served, review_threshold=s.review_threshold, block_threshold=s.block_threshold,
