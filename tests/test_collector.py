@@ -16,7 +16,6 @@ from bench.ingest import fraud_outcome, fraud_served
 from protos.feedback.v1 import feedback_pb2 as fb
 from protos.feedback.v1 import feedback_pb2_grpc as fb_grpc
 from shared.feedback import FeedbackClient, encode_batch
-from tests.conftest import free_port
 from trainer.collector import SERVICE_NAME, FeedbackCollector, add_collector, split_batch
 from trainer.eventlog import SqliteEventLog
 

@@ -125,7 +125,8 @@ class FeedbackCollector:
 
     log: where records go (its `append_batch` runs on one dedicated writer thread).
     max_batch: most records per transaction.
-    max_inflight_per_stream: records one stream may have read but not acked (backpressure).
+    max_inflight_per_stream: records one stream may have read but not acked (backpressure; a batch
+      that crosses the bound is read whole, so the bound may be passed by less than one batch).
     linger_s: when a group is smaller than max_batch, wait this long for more before committing
       (0: commit at once; groups still form while the previous commit runs). It adds at most
       this much to an ack's latency.

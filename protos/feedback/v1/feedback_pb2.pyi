@@ -34,6 +34,18 @@ ACK_STATUS_STORED: AckStatus
 ACK_STATUS_DUPLICATE: AckStatus
 ACK_STATUS_REJECTED: AckStatus
 
+class FeedbackBatch(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[FeedbackRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[FeedbackRecord, _Mapping]]] = ...) -> None: ...
+
+class AckBatch(_message.Message):
+    __slots__ = ("acks",)
+    ACKS_FIELD_NUMBER: _ClassVar[int]
+    acks: _containers.RepeatedCompositeFieldContainer[Ack]
+    def __init__(self, acks: _Optional[_Iterable[_Union[Ack, _Mapping]]] = ...) -> None: ...
+
 class FeedbackRecord(_message.Message):
     __slots__ = ("record_id", "domain", "served", "outcome")
     RECORD_ID_FIELD_NUMBER: _ClassVar[int]

@@ -36,8 +36,8 @@ class FeedbackStub:
         """
         self.Stream = channel.stream_stream(
                 '/storefront.feedback.v1.Feedback/Stream',
-                request_serializer=protos_dot_feedback_dot_v1_dot_feedback__pb2.FeedbackRecord.SerializeToString,
-                response_deserializer=protos_dot_feedback_dot_v1_dot_feedback__pb2.Ack.FromString,
+                request_serializer=protos_dot_feedback_dot_v1_dot_feedback__pb2.FeedbackBatch.SerializeToString,
+                response_deserializer=protos_dot_feedback_dot_v1_dot_feedback__pb2.AckBatch.FromString,
                 _registered_method=True)
 
 
@@ -45,15 +45,19 @@ class FeedbackServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Stream(self, request_iterator, context):
-        """Bidirectional: the client sends records, the trainer answers one Ack per
-        record, after the record is durably stored (or known to be). Acks may come in
-        any order and are matched by record_id. A client keeps every unacknowledged
-        record and resends it on a new stream after a failure; resends are safe
-        (ACK_STATUS_DUPLICATE). Many streams (one per replica) may be open at once.
+        """Bidirectional: the client sends batches of records, the trainer answers with
+        batches of acks. Every record is acknowledged individually, by its record_id,
+        after it is durably stored (or known to be): one Ack per record, never one per
+        batch. Acks may come in any order; the acks of one FeedbackBatch may be split
+        across several AckBatch messages, and one AckBatch may hold acks of several
+        FeedbackBatches. A client keeps every unacknowledged record and resends it on a
+        new stream after a failure; resends are safe (ACK_STATUS_DUPLICATE). Many
+        streams (one per replica) may be open at once.
         Stream errors: UNAVAILABLE when the event log cannot be written (the client
         spools to disk and retries with backoff); UNAUTHENTICATED / PERMISSION_DENIED
         under mTLS when the client certificate is refused. A malformed record does not
-        end the stream: it gets ACK_STATUS_REJECTED.
+        end the stream: it gets ACK_STATUS_REJECTED, and the other records of its batch
+        are stored as usual.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -64,8 +68,8 @@ def add_FeedbackServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Stream': grpc.stream_stream_rpc_method_handler(
                     servicer.Stream,
-                    request_deserializer=protos_dot_feedback_dot_v1_dot_feedback__pb2.FeedbackRecord.FromString,
-                    response_serializer=protos_dot_feedback_dot_v1_dot_feedback__pb2.Ack.SerializeToString,
+                    request_deserializer=protos_dot_feedback_dot_v1_dot_feedback__pb2.FeedbackBatch.FromString,
+                    response_serializer=protos_dot_feedback_dot_v1_dot_feedback__pb2.AckBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,8 +97,8 @@ class Feedback:
             request_iterator,
             target,
             '/storefront.feedback.v1.Feedback/Stream',
-            protos_dot_feedback_dot_v1_dot_feedback__pb2.FeedbackRecord.SerializeToString,
-            protos_dot_feedback_dot_v1_dot_feedback__pb2.Ack.FromString,
+            protos_dot_feedback_dot_v1_dot_feedback__pb2.FeedbackBatch.SerializeToString,
+            protos_dot_feedback_dot_v1_dot_feedback__pb2.AckBatch.FromString,
             options,
             channel_credentials,
             insecure,
