@@ -1,14 +1,67 @@
 """Prometheus metrics of the serving runtime. Names and labels are documented in the README."""
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import bisect
+import threading
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-REQUESTS = Counter("storefront_requests_total", "RPCs handled, by method and status code", ["method", "code"])
-LATENCY = Histogram("storefront_request_latency_seconds", "RPC latency in the server, by method and status code",
-                    ["method", "code"], buckets=LATENCY_BUCKETS)
+
+
+class RequestStats:
+    """Per (method, code): the RPC count and a latency histogram, on the hot path of every RPC.
+
+    prometheus_client's Histogram takes a lock and walks its buckets in Python on every
+    observation (~4 us, a measurable share of a ~350 us RPC); here an observation is one
+    C bisect and two additions. Observations come from the event-loop thread only; the
+    scrape thread reads under a lock taken only while a new series is added, and a scrape
+    may see a count one observation ahead of the sum, which Prometheus tolerates.
+    Exported as storefront_requests_total and storefront_request_latency_seconds.
+    """
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = list(buckets)
+        self._series: dict[tuple[str, str], list] = {}  # -> [bucket counts..., +Inf count, sum]
+        self._lock = threading.Lock()
+
+    def series(self, method: str, code: str) -> list:
+        key = (method, code)
+        s = self._series.get(key)
+        if s is None:
+            with self._lock:
+                s = self._series.setdefault(key, [0] * (len(self.bounds) + 1) + [0.0])
+        return s
+
+    def observe(self, series: list, seconds: float) -> None:
+        series[bisect.bisect_left(self.bounds, seconds)] += 1
+        series[-1] += seconds
+
+    def collect(self):
+        with self._lock:
+            items = [(k, list(v)) for k, v in self._series.items()]
+        count = CounterMetricFamily("storefront_requests", "RPCs handled, by method and status code",
+                                    labels=["method", "code"])
+        hist = HistogramMetricFamily("storefront_request_latency_seconds",
+                                     "RPC latency in the server, by method and status code", labels=["method", "code"])
+        for (method, code), v in items:
+            total = sum(v[:-1])
+            count.add_metric([method, code], total)
+            cumulative, buckets = 0, []
+            for bound, n in zip(self.bounds, v):
+                cumulative += n
+                buckets.append((repr(bound), cumulative))
+            buckets.append(("+Inf", total))
+            hist.add_metric([method, code], buckets, v[-1])
+        yield count
+        yield hist
+
+
+REQUEST_STATS = RequestStats()
+REGISTRY.register(REQUEST_STATS)
 BATCH_SIZE = Histogram("storefront_batch_size", "Rows per session run", ["model"], buckets=BATCH_BUCKETS)
 QUEUE_DEPTH = Gauge("storefront_queue_depth", "Requests waiting in the micro-batcher", ["model"])
 DROPPED = Counter("storefront_requests_dropped_total", "Requests dropped before running, by reason",

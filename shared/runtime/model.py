@@ -53,7 +53,7 @@ class LoadedModel:
 
     def run(self, feeds: Arrays) -> list[np.ndarray]:
         """All outputs, in signature order. Thread-safe (ORT sessions are); releases the GIL."""
-        return self._session.run(self.output_names, dict(feeds))
+        return self._session.run(self.output_names, feeds)
 
 
 def sample_inputs(signature: Signature, batch: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -32,15 +32,11 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
         self._prefix = f"{os.getpid():x}"
         self._counter = itertools.count(1)
-        self._series: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._stats = metrics.REQUEST_STATS
 
     def _observe(self, method: str, code: str, seconds: float) -> None:
-        series = self._series.get((method, code))
-        if series is None:
-            series = (metrics.REQUESTS.labels(method, code), metrics.LATENCY.labels(method, code))
-            self._series[(method, code)] = series
-        series[0].inc()
-        series[1].observe(seconds)
+        stats = self._stats
+        stats.observe(stats.series(method, code), seconds)
 
     def _request_id(self, context: grpc.aio.ServicerContext) -> tuple[str, bool]:
         """(request id, whether the caller sent it)."""
