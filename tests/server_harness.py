@@ -33,7 +33,7 @@ async def running(s: OnnxServerSettings, app: ServerApp | None = None):
 
 def infer_request(x, model="linear", input_name="x", version="") -> pb.ModelInferRequest:
     req = pb.ModelInferRequest(model_name=model, model_version=version, id="req-1")
-    t = req.inputs.add(name=input_name, datatype="FP32", shape=list(x.shape))
+    req.inputs.add(name=input_name, datatype="FP32", shape=list(x.shape))
     req.raw_input_contents.append(x.tobytes())
     return req
 

@@ -1,6 +1,5 @@
 """Fraud service in-process over real gRPC, with a model the real learner trained on real data."""
 import asyncio
-import dataclasses
 
 import grpc
 import numpy as np

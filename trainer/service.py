@@ -146,7 +146,6 @@ def make_app(s: TrainerSettings) -> ServerApp:
                 log.error("%s; run `python -m trainer bootstrap --domains %s`; not learning it", e, domain)
                 continue
             tasks.append(asyncio.get_running_loop().create_task(loop.run(), name=f"learn-{domain}"))
-            app.loops = getattr(app, "loops", {}) | {domain: loop}
 
     async def stop() -> None:
         for t in tasks:

@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from shared.registry import Manifest, ModelRegistry, RegistryError, Signature, TensorSpec
+from shared.registry import Manifest, ModelRegistry, RegistryError, Signature
 from shared.runtime.dtypes import NUMPY_OF_V2
 from shared.runtime.session import CreatedSession, ProviderError, RuntimeOptions, create_session
 from shared.runtime.signature import signature_of_session
