@@ -10,8 +10,8 @@ more rows when the queue is short, for models where bigger batches pay off.
 - Queue full: ResourceExhausted at once (the caller sees RESOURCE_EXHAUSTED).
 - Deadline passed while queued: the request is dropped before running (DEADLINE_EXCEEDED).
 - Every request in a batch is answered by the same model version, which is returned.
-- Cheap models run on the event loop itself: when the moving average of a run's time is
-  under `inline_below_us`, the hand-off to a worker thread and back costs more than the
+- Cheap models run on the event loop itself: when a request's rows are expected to run in
+  under `inline_below_us` (a moving average of run time per row), the hand-off to a worker thread and back costs more than the
   run (the MLP of the peer benchmark runs in ~15 us), so it is skipped; and a request that
   finds the queue empty then runs at once in its own coroutine, with no queue and no
   future (merging rows into one run saves nothing when a run costs microseconds).
@@ -71,7 +71,7 @@ class MicroBatcher:
         self._batch_hist = metrics.BATCH_SIZE.labels(handle.name)
         self._closed = False
         self.inline_below_s = inline_below_us / 1e6
-        self._run_s_avg = float("inf")  # unknown until measured: start in a worker thread
+        self._run_s_per_row = float("inf")  # unknown until measured: start in a worker thread
 
     # ---- lifecycle ----
     def start(self) -> None:
@@ -109,7 +109,7 @@ class MicroBatcher:
         """
         if self._closed or not self._tasks:
             raise Unavailable("server is shutting down")
-        if self._run_s_avg < self.inline_below_s and not self._queue:
+        if self._run_s_per_row * rows < self.inline_below_s and not self._queue:
             return self._run_now(feeds, rows, deadline)
         if len(self._queue) >= self.max_queue_size:
             metrics.DROPPED.labels(self.handle.name, "queue_full").inc()
@@ -133,12 +133,14 @@ class MicroBatcher:
             metrics.DROPPED.labels(self.handle.name, "deadline").inc()
             raise DeadlineExceeded("deadline passed before the model ran")
         outputs = model.run(feeds)
-        self._observe_run(time.perf_counter() - started)
+        self._observe_run(time.perf_counter() - started, rows)
         self._batch_hist.observe(rows)
         return outputs, model
 
-    def _observe_run(self, took: float) -> None:
-        self._run_s_avg = took if self._run_s_avg == float("inf") else 0.9 * self._run_s_avg + 0.1 * took
+    def _observe_run(self, took: float, rows: int) -> None:
+        per_row = took / max(rows, 1)
+        avg = self._run_s_per_row
+        self._run_s_per_row = per_row if avg == float("inf") else 0.9 * avg + 0.1 * per_row
 
     # ---- worker side ----
     def _take_batch(self) -> list[_Pending]:
@@ -200,19 +202,20 @@ class MicroBatcher:
                         p.future.set_exception(Unavailable(f"model {self.handle.name!r} is not loaded yet"))
                 continue
             try:
+                rows = sum(p.rows for p in batch)
                 started = time.perf_counter()
-                if self._run_s_avg < self.inline_below_s:
+                if self._run_s_per_row * rows < self.inline_below_s:
                     outputs = _run_batch(model, batch)
                 else:
                     outputs = await loop.run_in_executor(self._executor, _run_batch, model, batch)
-                self._observe_run(time.perf_counter() - started)
+                self._observe_run(time.perf_counter() - started, rows)
             except Exception as e:  # a failing run answers every request of the batch
                 log.exception("model %s/%s: batch of %d failed", model.name, model.version, len(batch))
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(e)
                 continue
-            self._batch_hist.observe(sum(p.rows for p in batch))
+            self._batch_hist.observe(rows)
             start = 0
             for p in batch:
                 end = start + p.rows

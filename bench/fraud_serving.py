@@ -1,0 +1,124 @@
+"""ScoreTransaction vs V2 ModelInfer on the same fraud model, same process, same run.
+
+    python -m bench.fraud_serving [--duration 8] [--concurrency 32]
+
+Starts the real trainer (bootstraps fraud from the real data) and the fraud service, then
+measures, alternating twice, closed-loop load at the given concurrency on the service's
+domain API (ScoreTransaction: validation by feature name, thresholds, reason codes,
+feedback recording) and on its KServe V2 ModelInfer of the same model with the same real
+rows. Target (issue 4): ScoreTransaction p99 <= 1.2x ModelInfer p99. Writes
+bench/results/fraud_serving.json.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from bench.procs import FraudLoop
+from bench.storefront import score_request
+from protos.fraud.v1 import fraud_pb2_grpc
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+
+
+async def closed_loop(make_call, concurrency: int, duration: float, warmup: float) -> dict:
+    """`concurrency` workers each awaiting make_call(i) in a loop; latencies inside the window."""
+    t_start = time.perf_counter() + warmup
+    t_end = t_start + duration
+    lat: list[float] = []
+    errors: dict[str, int] = {}
+
+    async def worker(w: int) -> None:
+        i = w
+        while True:
+            s = time.perf_counter()
+            if s >= t_end:
+                return
+            try:
+                await make_call(i)
+            except grpc.aio.AioRpcError as e:
+                if s >= t_start:
+                    errors[e.code().name] = errors.get(e.code().name, 0) + 1
+            else:
+                e_ = time.perf_counter()
+                if s >= t_start and e_ <= t_end:
+                    lat.append(e_ - s)
+            i += concurrency
+
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    a = np.array(lat) * 1e3
+    return {"ok": len(lat), "rps": round(len(lat) / duration, 1), "p50_ms": round(float(np.percentile(a, 50)), 3),
+            "p99_ms": round(float(np.percentile(a, 99)), 3), "errors": errors}
+
+
+async def measure(address: str, rows: np.ndarray, requests, concurrency: int, duration: float, warmup: float):
+    channel = grpc.aio.insecure_channel(address)
+    fraud = fraud_pb2_grpc.FraudStub(channel)
+    v2 = pb_grpc.GRPCInferenceServiceStub(channel)
+    v2_requests = []
+    for r in rows:
+        req = pb.ModelInferRequest(model_name="fraud")
+        req.inputs.add(name="features", datatype="FP32", shape=[1, rows.shape[1]])
+        req.raw_input_contents.append(np.ascontiguousarray(r[None, :], np.float32).tobytes())
+        v2_requests.append(req)
+    n = len(rows)
+    out = []
+    for round_ in range(2):
+        for api, call in (("ModelInfer", lambda i: v2.ModelInfer(v2_requests[i % n], timeout=10)),
+                          ("ScoreTransaction", lambda i: fraud.ScoreTransaction(requests[i % n], timeout=10))):
+            r = await closed_loop(call, concurrency, duration, warmup)
+            r.update(api=api, round=round_ + 1, concurrency=concurrency)
+            print(f"[fraud-serving] {api} round {round_ + 1}: {r}", file=sys.stderr)
+            out.append(r)
+    await channel.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--out", default="bench/results/fraud_serving.json")
+    args = ap.parse_args(argv)
+    from trainer.bootstrap import fraud_split
+    from trainer.domains import fraud
+
+    data = fraud.load_creditcard()
+    _, _, rest = fraud_split(data)
+    start = len(data) - len(rest)
+    idx = np.arange(start, start + 2000)
+    requests = [score_request(data, int(i)) for i in idx]
+    with tempfile.TemporaryDirectory(prefix="fraud-serving-") as tmp:
+        loop = FraudLoop(Path(tmp)).start()
+        try:
+            results = asyncio.run(measure(f"127.0.0.1:{loop.fraud_port}", data.X[idx], requests, args.concurrency,
+                                          args.duration, args.warmup))
+        finally:
+            loop.stop()
+    p99 = {api: float(np.median([r["p99_ms"] for r in results if r["api"] == api]))
+           for api in ("ModelInfer", "ScoreTransaction")}
+    rps = {api: float(np.median([r["rps"] for r in results if r["api"] == api])) for api in p99}
+    ratio = round(p99["ScoreTransaction"] / p99["ModelInfer"], 3)
+    print(f"| API (c={args.concurrency}) | req/s (median of 2) | p99 ms (median of 2) |")
+    print("|---|---|---|")
+    for api in p99:
+        print(f"| {api} | {rps[api]:,.0f} | {p99[api]:.2f} |")
+    print(f"\nScoreTransaction p99 / ModelInfer p99 = {ratio} (target <= 1.2)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                          "results": results, "p99_ratio": ratio, "median_p99_ms": p99,
+                                          "median_rps": rps}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
