@@ -9,7 +9,7 @@ NAME ?= model
 PORT ?= 18111
 REGISTRY ?= var/registry
 
-.PHONY: setup test proto proto-check serve-onnx bench bench-serving bench-loop peers lock clean
+.PHONY: setup up test proto proto-check serve-onnx bench bench-serving bench-loop eval-fraud peers lock clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# The whole suite in the foreground: trainer (bootstraps from real data) + every service.
+up: setup
+	$(PY) -m ops.up
 
 test: setup
 	$(PY) -m pytest -q
@@ -45,6 +49,10 @@ bench-serving: setup
 
 bench-loop: setup
 	$(PY) -m bench.loop
+
+# Prequential fraud evaluation: incremental loop vs full retrain vs River (bench/results/fraud.json).
+eval-fraud: setup
+	$(PY) -m bench.eval_fraud
 
 # Side-by-side with PyTriton and MLServer (../shared/peers), both benchmark models.
 peers: setup

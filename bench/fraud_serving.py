@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.procs import FraudLoop
+from ops.procs import FraudLoop
 from bench.storefront import score_request
 from protos.fraud.v1 import fraud_pb2_grpc
 from protos.inference import grpc_service_pb2 as pb

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.procs import FraudLoop
+from ops.procs import FraudLoop
 from bench.storefront import Storefront
 from shared.registry import ModelRegistry
 from trainer.eventlog import SqliteEventLog

@@ -1,10 +1,10 @@
-"""End-to-end test helpers: the real trainer and fraud service as processes (bench.procs),
+"""End-to-end test helpers: the real trainer and fraud service as processes (ops.procs),
 and a storefront-like client that scores real transactions and reports their labels."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench.procs import FraudLoop, wait_serving  # noqa: F401  (re-exported for the tests)
+from ops.procs import FraudLoop, wait_serving  # noqa: F401  (re-exported for the tests)
 from bench.storefront import Storefront, score_request  # noqa: F401
 
 class Loop(FraudLoop):

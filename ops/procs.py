@@ -1,4 +1,4 @@
-"""Run the suite's real processes (trainer, services) for benchmarks and end-to-end tests."""
+"""The suite's real processes (trainer, services) as children: for `make up`, benchmarks and e2e tests."""
 from __future__ import annotations
 
 import os

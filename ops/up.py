@@ -1,0 +1,146 @@
+"""Bring the whole suite up on one machine, in the foreground (`make up`).
+
+    python -m ops.up [--var var] [--host 127.0.0.1]
+
+Starts the trainer (which bootstraps the first model of each domain from the bundled real
+data when the registry has none, with progress bars) and every domain service, on embedded
+defaults: one registry, event log and spool folder under --var. Prints each endpoint, then
+`all services serving` once every process reports SERVING through the standard gRPC health
+service. Ctrl-C (or SIGTERM) stops the services first, then the trainer, each draining
+gracefully; the exit status is non-zero if any process failed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ops.procs import ROOT, wait_serving
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    name: str
+    module: list[str]  # what follows `python -m`
+    port: int
+    domain: str | None = None  # the trainer domain it feeds
+
+
+TRAINER = Component("trainer", ["trainer", "serve"], 50050)
+# Each domain service: its composition root and default port. Recommender (50052) and
+# pricing (50053) join this list when they exist.
+SERVICES = [Component("fraud", ["services.fraud.main"], 50051, domain="fraud")]
+
+
+def _pump(name: str, stream, out) -> None:
+    for line in iter(stream.readline, b""):
+        out.write(f"[{name}] {line.decode(errors='replace')}")
+        out.flush()
+
+
+class Suite:
+    def __init__(self, var: Path, host: str, port_offset: int = 0, log_format: str = "text") -> None:
+        self.var, self.host, self.port_offset, self.log_format = var, host, port_offset, log_format
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def port(self, c: Component) -> int:
+        return c.port + self.port_offset
+
+    def args(self, c: Component) -> list[str]:
+        common = ["--host", self.host, "--port", str(self.port(c)), "--registry-dir", str(self.var / "registry"),
+                  "--log-format", self.log_format]
+        if c is TRAINER:
+            return [*common, "--workdir", str(self.var / "trainer"),
+                    "--domains", ",".join(s.domain for s in SERVICES if s.domain)]
+        return [*common, "--trainer-target", f"127.0.0.1:{self.port(TRAINER)}",
+                "--spool-dir", str(self.var / "spool" / c.name)]
+
+    def start(self, c: Component) -> None:
+        p = subprocess.Popen([sys.executable, "-m", *c.module, *self.args(c)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                             start_new_session=True)
+        threading.Thread(target=_pump, args=(c.name, p.stdout, sys.stdout), daemon=True).start()
+        self.procs[c.name] = p
+
+    def endpoints(self) -> list[str]:
+        lines = []
+        for c in [TRAINER, *SERVICES]:
+            lines.append(f"  {c.name:<12} gRPC {self.host}:{self.port(c)}   metrics http://{self.host}:"
+                         f"{self.port(c) + 1000}/metrics")
+        return lines
+
+    def stop(self) -> int:
+        failed = 0
+        for name in [*(s.name for s in SERVICES), TRAINER.name]:  # services first: they flush to the trainer
+            p = self.procs.get(name)
+            if p is None or p.poll() is not None:
+                failed |= bool(p is not None and p.returncode not in (0, -signal.SIGTERM))
+                continue
+            p.send_signal(signal.SIGTERM)
+            try:
+                failed |= p.wait(timeout=60) != 0
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                failed = 1
+        return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ops.up", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--var", type=Path, default=Path("var"), help="registry, event log and spools live here")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port-offset", type=int, default=0, help="added to every default port")
+    ap.add_argument("--startup-timeout-s", type=float, default=900.0, help="bootstrap from real data included")
+    args = ap.parse_args(argv)
+    suite = Suite(args.var, args.host, args.port_offset)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print("starting the trainer (the first start bootstraps each model from the bundled real data) and "
+          f"{len(SERVICES)} service(s); Ctrl-C stops everything", flush=True)
+    print("\n".join(suite.endpoints()), flush=True)
+    rc = 0
+    try:
+        suite.start(TRAINER)
+        for s in SERVICES:
+            suite.start(s)
+        deadline = time.monotonic() + args.startup_timeout_s
+        for c in [TRAINER, *SERVICES]:
+            while not stop.is_set():
+                try:
+                    wait_serving(f"127.0.0.1:{suite.port(c)}", timeout=max(1.0, min(2.0, deadline - time.monotonic())))
+                    break
+                except RuntimeError:
+                    p = suite.procs[c.name]
+                    if p.poll() is not None:
+                        raise SystemExit(f"{c.name} exited with {p.returncode} while starting; see its lines above")
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"{c.name} not SERVING after {args.startup_timeout_s:.0f} s")
+        if not stop.is_set():
+            print("all services serving", flush=True)
+        while not stop.is_set():
+            for name, p in suite.procs.items():
+                if p.poll() is not None:
+                    print(f"{name} exited with {p.returncode}; stopping the suite", flush=True)
+                    rc = 1
+                    stop.set()
+            stop.wait(1.0)
+    except SystemExit as e:
+        print(e, flush=True)
+        rc = 1
+    finally:
+        print("stopping...", flush=True)
+        rc |= suite.stop()
+        print("stopped" if rc == 0 else "stopped (with failures)", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
