@@ -20,6 +20,9 @@ import torch
 
 log = logging.getLogger(__name__)
 OPSET = 18
+# The exporter warns once per torchvision operator it cannot register (torchvision is not a
+# dependency here); those lines say nothing about our models.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 def export_onnx(module: torch.nn.Module, inputs: Mapping[str, tuple[int, ...]], output_names: Sequence[str],
