@@ -9,7 +9,7 @@ NAME ?= model
 PORT ?= 18111
 REGISTRY ?= var/registry
 
-.PHONY: setup up test proto proto-check serve-onnx bench bench-serving bench-loop eval-fraud peers lock clean
+.PHONY: setup up loadtest test proto proto-check serve-onnx bench bench-serving bench-loop eval-fraud peers lock clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ $(STAMP): requirements.lock
 # The whole suite in the foreground: trainer (bootstraps from real data) + every service.
 up: setup
 	$(PY) -m ops.up
+
+# Load test a running suite (see python -m ops.loadtest --help for scenarios and modes).
+loadtest: setup
+	$(PY) -m ops.loadtest fraud --target 127.0.0.1:50051 -c 32 -d 30
+	$(PY) -m ops.loadtest fraud --target 127.0.0.1:50051 --rate 300 -d 30
 
 test: setup
 	$(PY) -m pytest -q

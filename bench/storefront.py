@@ -8,13 +8,11 @@ import time
 import grpc
 
 from protos.fraud.v1 import fraud_pb2, fraud_pb2_grpc
-from trainer.domains.fraud import FEATURES
+from ops.storefront_data import fraud_request
 
 
 def score_request(data, i: int) -> fraud_pb2.ScoreTransactionRequest:
-    row = data.X[i]
-    return fraud_pb2.ScoreTransactionRequest(transaction_id=f"tx-{i}", amount=float(row[-1]),
-                                             features={n: float(v) for n, v in zip(FEATURES, row[:-1])})
+    return fraud_request(data.X[i], f"tx-{i}")
 
 
 class Storefront:
