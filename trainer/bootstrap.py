@@ -47,7 +47,8 @@ def fraud_split(data, train_share: float = FRAUD_TRAIN_SHARE, holdout_share: flo
 
 
 def bootstrap_fraud(registry: ModelRegistry, workdir: Path, *, epochs: int = 4, limit: int | None = None,
-                    force: bool = False, show_progress: bool = True) -> dict | None:
+                    force: bool = False, show_progress: bool = True, model=None) -> dict | None:
+    """model: the FraudModel to train (the trainer passes one built from its settings)."""
     from trainer.domains import fraud
     from trainer.learner import Learner
 
@@ -57,7 +58,7 @@ def bootstrap_fraud(registry: ModelRegistry, workdir: Path, *, epochs: int = 4, 
     t0 = time.time()
     data = fraud.load_creditcard(limit)
     train, holdout, _ = fraud_split(data)
-    learner = Learner(fraud.FraudModel(), registry, workdir)
+    learner = Learner(model or fraud.FraudModel(), registry, workdir)
     entry = learner.bootstrap(train.X, train.y, holdout.X, holdout.y, epochs,
                               progress=progress_bar("fraud bootstrap") if show_progress else None)
     log.info("fraud: bootstrapped version %s from %d real transactions in %.1f s: %s", entry.get("version"),
@@ -69,8 +70,10 @@ def bootstrap_fraud(registry: ModelRegistry, workdir: Path, *, epochs: int = 4, 
 DOMAINS = {"fraud": bootstrap_fraud}
 
 
-def bootstrap(registry: ModelRegistry, workdir: Path, domains: list[str], force: bool = False, **kw) -> dict:
-    return {d: DOMAINS[d](registry, workdir, force=force, **kw) for d in domains}
+def bootstrap(registry: ModelRegistry, workdir: Path, domains: list[str], force: bool = False,
+              models: dict | None = None, **kw) -> dict:
+    """models: domain -> the DomainModel to train (default: the domain's defaults)."""
+    return {d: DOMAINS[d](registry, workdir, force=force, model=(models or {}).get(d), **kw) for d in domains}
 
 
 def fraud_stream_rows(limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

