@@ -124,12 +124,13 @@ async def test_no_model_and_stopped_batcher_are_unavailable(handle):
 
 
 async def test_cheap_models_run_at_once_in_the_calling_coroutine(handle):
-    batcher = MicroBatcher(handle, max_batch_size=64)
+    # a generous threshold: the behaviour under test is the fast path, not this machine's speed
+    batcher = MicroBatcher(handle, max_batch_size=64, inline_below_us=20_000)
     batcher.start()
     x = np.ones((2, 4), np.float32)
-    for _ in range(20):  # the first runs go through a worker thread and are measured
+    for _ in range(5):  # the first runs go through a worker thread and are measured
         await batcher.infer({"x": x}, 2)
-    assert batcher._run_s_per_row * 2 < batcher.inline_below_s  # a 4-input logistic model takes microseconds
+    assert batcher._run_s_per_row * 2 < batcher.inline_below_s
     # the fast path answers without queueing: the result is there before any other task runs
     outputs, model = await batcher.infer({"x": x}, 2)
     np.testing.assert_allclose(outputs[0], onnx_models.linear_reference(x, seed=1), rtol=1e-5)
