@@ -53,7 +53,6 @@ import logging
 import math
 import multiprocessing as mp
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -62,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench.machine import machine_info as _machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_DIR = Path(__file__).resolve().parent.parent / "var" / "eval-fraud-quick"
@@ -524,24 +524,14 @@ def machine_info() -> dict[str, Any]:
     import sklearn
     import torch
 
-    cpu_model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         import river
 
         river_version = river.__version__
     except ImportError:
         river_version = None
-    return {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "cpu_model": cpu_model,
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "sklearn": sklearn.__version__, "river": river_version, "numpy": np.__version__,
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    return _machine_info(torch=torch.__version__, sklearn=sklearn.__version__, river=river_version,
+                         numpy=np.__version__)
 
 
 def fmt(x: Any, nd: int = 3) -> str:

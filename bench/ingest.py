@@ -52,7 +52,6 @@ import datetime
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -68,6 +67,7 @@ from google.protobuf import any_pb2
 from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2 as fb
 from protos.fraud.v1 import fraud_pb2
+from bench.machine import machine_info as _machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "ingest.json"
@@ -393,18 +393,9 @@ async def bench_grpc(path: str, n: int, streams: int, seed: int, folder: Path, b
 
 
 def machine_info() -> dict[str, Any]:
-    cpu_model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import sqlite3
-    return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model, "platform": platform.platform(),
-            "python": platform.python_version(), "grpcio": grpc.__version__, "sqlite": sqlite3.sqlite_version,
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+    return _machine_info(grpcio=grpc.__version__, sqlite=sqlite3.sqlite_version)
 
 
 def render(report: dict[str, Any]) -> str:

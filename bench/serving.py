@@ -26,7 +26,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
@@ -46,6 +45,7 @@ from bench import models
 from bench.loadgen import infer_once, latency_summary, make_inputs, run_load
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pbg
+from bench.machine import machine_info as _machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "serving.json"
@@ -657,25 +657,7 @@ def add_ratios(results: list[dict]) -> None:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu_model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": cpu_model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
-        "grpcio": grpc.__version__,
-        "numpy": np.__version__,
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
-    }
+    return _machine_info(onnxruntime=ort.__version__, grpcio=grpc.__version__, numpy=np.__version__)
 
 
 # ---------------------------------------------------------------- report
