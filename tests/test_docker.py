@@ -283,27 +283,6 @@ def test_default_target():
     assert healthcheck.default_target({"STOREFRONT_PORT": "7", "STOREFRONT_HOST": "::1"}) == "[::1]:7"
 
 
-def _openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture
-def certs(tmp_path):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    d = tmp_path / "pki"
-    d.mkdir()
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-             "-subj", "/CN=test-ca", cwd=d)
-    for who in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}.key", "-out", f"{who}.csr",
-                 "-subj", f"/CN={who}", cwd=d)
-        (d / f"{who}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{who}.pem", "-days", "1", "-extfile", f"{who}.ext", cwd=d)
-    return d
-
-
 async def test_mutual_tls(published, certs):
     s = server_harness.settings(registry_dir=str(published.root), tls_cert=str(certs / "server.pem"),
                                 tls_key=str(certs / "server.key"), tls_client_ca=str(certs / "ca.pem"))

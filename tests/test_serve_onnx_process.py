@@ -87,25 +87,6 @@ def test_two_workers_share_the_port(model_files):
     assert out.count("stopped") == 2
 
 
-def _openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture
-def certs(tmp_path):
-    d = tmp_path / "pki"
-    d.mkdir()
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-             "-subj", "/CN=test-ca", cwd=d)
-    for who in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}.key", "-out", f"{who}.csr",
-                 "-subj", f"/CN={who}", cwd=d)
-        (d / f"{who}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{who}.pem", "-days", "1", "-extfile", f"{who}.ext", cwd=d)
-    return d
-
-
 def test_mutual_tls(model_files, certs):
     port = free_port()
     proc = start(["--onnx", str(model_files["v_a"]), "--name", "linear", "--port", str(port), "--metrics-port", "0",
