@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from ops.loadtest import Recorder, closed_loop, summary
 from ops.procs import FraudLoop
 from bench.storefront import score_request
 from protos.fraud.v1 import fraud_pb2_grpc
@@ -29,34 +30,10 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 
-async def closed_loop(make_call, concurrency: int, duration: float, warmup: float) -> dict:
-    """`concurrency` workers each awaiting make_call(i) in a loop; latencies inside the window."""
-    t_start = time.perf_counter() + warmup
-    t_end = t_start + duration
-    lat: list[float] = []
-    errors: dict[str, int] = {}
-
-    async def worker(w: int) -> None:
-        i = w
-        while True:
-            s = time.perf_counter()
-            if s >= t_end:
-                return
-            try:
-                await make_call(i)
-            except grpc.aio.AioRpcError as e:
-                if s >= t_start:
-                    errors[e.code().name] = errors.get(e.code().name, 0) + 1
-            else:
-                e_ = time.perf_counter()
-                if s >= t_start and e_ <= t_end:
-                    lat.append(e_ - s)
-            i += concurrency
-
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    a = np.array(lat) * 1e3
-    return {"ok": len(lat), "rps": round(len(lat) / duration, 1), "p50_ms": round(float(np.percentile(a, 50)), 3),
-            "p99_ms": round(float(np.percentile(a, 99)), 3), "errors": errors}
+async def _measure_one(call, concurrency: int, duration: float, warmup: float) -> dict:
+    rec = Recorder(time.perf_counter() + warmup)
+    await closed_loop(call, concurrency, duration, warmup, rec)
+    return summary(rec, duration)
 
 
 async def measure(address: str, rows: np.ndarray, requests, concurrency: int, duration: float, warmup: float):
@@ -74,7 +51,7 @@ async def measure(address: str, rows: np.ndarray, requests, concurrency: int, du
     for round_ in range(2):
         for api, call in (("ModelInfer", lambda i: v2.ModelInfer(v2_requests[i % n], timeout=10)),
                           ("ScoreTransaction", lambda i: fraud.ScoreTransaction(requests[i % n], timeout=10))):
-            r = await closed_loop(call, concurrency, duration, warmup)
+            r = await _measure_one(call, concurrency, duration, warmup)
             r.update(api=api, round=round_ + 1, concurrency=concurrency)
             print(f"[fraud-serving] {api} round {round_ + 1}: {r}", file=sys.stderr)
             out.append(r)

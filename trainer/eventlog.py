@@ -320,6 +320,18 @@ def _chunks(items: list, n: int = _SQL_CHUNK):
         yield items[i:i + n]
 
 
+def _filters(domain: str | None, kind: str | None) -> tuple[list[str], list]:
+    """WHERE terms and their arguments for the optional domain and kind filters."""
+    where, args = [], []
+    if domain is not None:
+        where.append("domain = ?")
+        args.append(domain)
+    if kind is not None:
+        where.append("kind = ?")
+        args.append(kind)
+    return where, args
+
+
 def _marks(n: int) -> str:
     return ",".join("?" * n)
 
@@ -475,16 +487,12 @@ class SqliteEventLog:
              upto: int | None = None) -> list[LogEntry]:
         if limit <= 0:
             return []
-        where, args = ["offset > ?"], [int(after_offset)]
+        where, args = _filters(domain, kind)
+        where.insert(0, "offset > ?")
+        args.insert(0, int(after_offset))
         if upto is not None:
             where.append("offset <= ?")
             args.append(int(upto))
-        if domain is not None:
-            where.append("domain = ?")
-            args.append(domain)
-        if kind is not None:
-            where.append("kind = ?")
-            args.append(kind)
         args.append(int(limit))
         return self._entries(self._reader().execute(
             f"SELECT {_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY offset LIMIT ?", args))
@@ -502,13 +510,7 @@ class SqliteEventLog:
         return self._reader().execute("SELECT COALESCE(MAX(offset), 0) FROM events").fetchone()[0]
 
     def count(self, domain: str | None = None, kind: str | None = None) -> int:
-        where, args = [], []
-        if domain is not None:
-            where.append("domain = ?")
-            args.append(domain)
-        if kind is not None:
-            where.append("kind = ?")
-            args.append(kind)
+        where, args = _filters(domain, kind)
         sql = "SELECT COUNT(*) FROM events" + (f" WHERE {' AND '.join(where)}" if where else "")
         return self._reader().execute(sql, args).fetchone()[0]
 
