@@ -34,3 +34,10 @@ def test_bad_settings_are_refused_with_the_reason(argv, env, words, capsys):
 def test_as_env_round_trips():
     s = ServerSettings(port=1234, trt_fp16=True)
     assert ServerSettings.load([], env=s.as_env()) == s
+
+
+def test_readme_settings_table_is_generated_from_the_settings_classes():
+    from ops import settings_table
+
+    assert settings_table.main(["--check"]) == 0, "run: python -m ops.settings_table --write"
+    assert "`STOREFRONT_MAX_BATCH_SIZE`" in settings_table.table()
