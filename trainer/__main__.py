@@ -1,4 +1,4 @@
-"""python -m trainer {serve,bootstrap,replay} ... (see each command's --help)."""
+"""python -m trainer {serve,bootstrap,replay,report} ... (see each command's --help)."""
 from __future__ import annotations
 
 import sys
@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.replay import main as replay_main
 
         return replay_main(argv)
+    if command == "report":
+        from trainer.report import main as report_main
+
+        return report_main(argv)
     print(__doc__, file=sys.stderr)
     print(f"unknown command {command!r}", file=sys.stderr)
     return 2

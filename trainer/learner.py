@@ -101,6 +101,11 @@ class DomainModel(abc.ABC):
     def optimizer(self, net: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.Adam(net.parameters(), lr=1e-3)
 
+    def prequential_metrics(self, y: np.ndarray, served_p: np.ndarray) -> dict[str, float]:
+        """Metrics of what was served (scored before its label was learned) over the learner's
+        recent window: the learning report's curve. Default: report_metrics on those rows."""
+        return self.report_metrics(y, served_p)
+
 
 @dataclasses.dataclass
 class LearnerConfig:
@@ -114,6 +119,7 @@ class LearnerConfig:
     parity_tol: float = 1e-4
     latency_budget_ms: float = 5.0
     drift_cadence_factor: float = 0.25  # while drift lasts, rounds start after this share of min_events
+    prequential_window: int = 5000  # labels the prequential metrics of each round are computed over
 
 
 class Checkpoint:
@@ -183,6 +189,9 @@ class Learner:
         self.trained_rows = 0
         self.labels_seen = 0  # labels consumed by rounds: each event exactly once, across restarts
         self.rounds = 0
+        # (label, served prediction) of the newest labels: each round reports the served
+        # model's prequential metrics over it (not checkpointed: a restart starts a new window)
+        self.recent = Examples.empty(model.width)
         self._rng = np.random.default_rng(0)
 
     # ---- state ----
@@ -258,6 +267,7 @@ class Learner:
         self.last_round = time.monotonic()
         new = self.pending
         self.pending = Examples.empty(self.model.width)
+        prequential = self._prequential(new)
         n_hold = int(round(len(new) * self.config.holdout_share))
         if len(new) >= 5:
             n_hold = max(n_hold, 1)
@@ -284,7 +294,7 @@ class Learner:
         figures: dict[str, Any] = {"round": self.rounds, "new_labels": len(new), "trained_rows": len(train),
                                    "replayed_rows": len(y) - len(train), "holdout_rows": len(holdout),
                                    "offsets": [int(new.offsets.min()), int(new.offsets.max())],
-                                   "drift": self.drift.in_drift}
+                                   "drift": self.drift.in_drift, "prequential": prequential}
         reasons = []
         if len(holdout):
             name, cand, higher = self.model.gate_metric(holdout.y, self.model.predict(candidate, holdout.X))
@@ -309,6 +319,20 @@ class Learner:
         eval_y = np.concatenate([holdout.y, self.replay.y[-5000:]])
         eval_p = self.model.predict(candidate, np.concatenate([holdout.X, self.replay.X[-5000:]]))
         return self._publish_and_save(eval_y, eval_p, figures, decision="published", candidate=(candidate, opt))
+
+    def _prequential(self, new: Examples) -> dict[str, float]:
+        served = ~np.isnan(new.served_p)
+        if served.any():
+            window = self.recent.concat(new.take(served))
+            self.recent = window.take(slice(max(0, len(window) - self.config.prequential_window), len(window)))
+        if len(self.recent) == 0:
+            return {}
+        try:
+            out = self.model.prequential_metrics(self.recent.y, self.recent.served_p)
+        except Exception:  # a metric that cannot be computed must not stop learning
+            log.exception("%s: prequential metrics failed", self.model.name)
+            return {}
+        return {"window_rows": len(self.recent), **{k: float(v) for k, v in out.items()}}
 
     def _remember(self, ex: Examples) -> None:
         if len(ex) == 0:

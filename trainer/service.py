@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
+import time
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge
@@ -25,6 +27,7 @@ from trainer.domains.fraud import ADV_EPSILON, ADV_METHOD, ADV_SHARE, ADV_STEPS
 from trainer.eventlog import SqliteEventLog
 from trainer.joiner import Joiner, parse_windows
 from trainer.learner import Learner, LearnerConfig
+from trainer.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class TrainerSettings(ServerSettings):
     latency_budget_ms: float = setting(5.0, "gate: batch-1 latency budget of a candidate, ms")
     bootstrap: bool = setting(True, "bootstrap a domain from its real dataset when it has no checkpoint")
     poll_interval_s: float = setting(0.5, "how often a domain loop looks for new joined labels")
+    report_interval_s: float = setting(10.0, "refresh each domain's learning report (workdir/reports) at most this often; 0 = off")
     adv_epsilon: float = setting(ADV_EPSILON, "fraud adversarial training: L-inf radius in standardized units (0 = off)")
     adv_share: float = setting(ADV_SHARE, "fraud adversarial training: share of each mini-batch given an adversarial copy")
     adv_method: str = setting(ADV_METHOD, "fraud adversarial training: attack, 'pgd' or 'fgsm'")
@@ -68,6 +72,8 @@ class TrainerSettings(ServerSettings):
         p = super().validate()
         if self.min_events < 1 or self.epochs < 1 or self.poll_interval_s <= 0:
             p.append("min_events and epochs must be >= 1, poll_interval_s > 0")
+        if self.report_interval_s < 0:
+            p.append("report_interval_s must be >= 0 (0 = no learning report)")
         if self.adv_epsilon < 0 or not 0.0 <= self.adv_share <= 1.0 or self.adv_steps < 1:
             p.append("adv_epsilon must be >= 0, adv_share in [0, 1], adv_steps >= 1")
         if self.adv_method not in ("pgd", "fgsm"):
@@ -107,9 +113,26 @@ class DomainLoop:
         # The learner's checkpoint is the truth for where learning resumes.
         self.joiner.restore(self.learner.progress.get("offset", 0), self.learner.progress.get("pending", ()))
         self.poll_interval_s = s.poll_interval_s
+        self.report_interval_s = s.report_interval_s
+        self.reports_dir = Path(s.workdir) / "reports"
+        self._reported = -math.inf
         TRAINED.labels(domain).set(self.learner.trained_rows)
 
+    def refresh_report(self, force: bool = False) -> None:
+        """Re-render the learning report (in the calling thread) when it is due."""
+        if self.report_interval_s <= 0:
+            return
+        now = time.monotonic()
+        if not force and now - self._reported < self.report_interval_s:
+            return
+        self._reported = now
+        try:
+            write_report(self.learner.decisions.path, self.reports_dir, self.learner.model.name)
+        except Exception:  # a chart must never stop learning
+            log.exception("%s: learning report failed", self.domain)
+
     async def run(self) -> None:
+        await asyncio.to_thread(self.refresh_report, True)
         while True:
             try:
                 joined = await asyncio.to_thread(self.joiner.poll, 4096)
@@ -121,6 +144,7 @@ class DomainLoop:
                     if entry is not None:
                         ROUNDS.labels(self.domain, entry["decision"]).inc()
                         TRAINED.labels(self.domain).set(self.learner.trained_rows)
+                        await asyncio.to_thread(self.refresh_report)
                 if not joined:
                     await asyncio.sleep(self.poll_interval_s)
             except asyncio.CancelledError:

@@ -1,0 +1,173 @@
+"""Per-domain learning report: prequential metrics over time, a marker at every published version.
+
+    python -m trainer report [--workdir var/trainer]     # render every domain's report now
+
+The trainer refreshes `<workdir>/reports/<model>.png` and `<model>.html` after learning
+rounds (at most every `report_interval_s`), from the decision log the learner writes
+(`<workdir>/decisions/<model>.jsonl`: one entry per bootstrap, published or refused round).
+Top panel: the serving model's prequential metrics (each label scored by the version that
+served it, before it was learned) over the learner's recent window; green lines mark the
+versions published, red crosses the candidates the gate refused. Bottom panel: the gate's
+holdout metric, candidate against serving. The HTML page embeds the chart, lists the latest
+decisions with their figures and reasons, and reloads itself every 10 s.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+MAX_LINES = 4  # prequential metrics drawn per chart (the first ones the domain reports)
+
+
+def read_decisions(path: Path) -> list[dict[str, Any]]:
+    """The decision log's entries; a torn last line (crash mid-write) is skipped."""
+    out = []
+    if not Path(path).exists():
+        return out
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _metric_series(entries: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Prequential metrics that are rates (all values in [0, 1]) as (time, value) series."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for e in entries:
+        for k, v in (e.get("prequential") or {}).items():
+            if k == "window_rows" or not isinstance(v, (int, float)) or v != v:
+                continue
+            series.setdefault(k, []).append((e["time"], float(v)))
+    rates = {k: s for k, s in series.items() if all(0.0 <= v <= 1.0 for _, v in s)}
+    return dict(list(rates.items())[:MAX_LINES])
+
+
+def render_png(model: str, entries: Sequence[dict[str, Any]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = entries[0]["time"] if entries else 0.0
+
+    def minutes(t: float) -> float:
+        return (t - t0) / 60.0
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True, height_ratios=(3, 2))
+    for name, points in _metric_series(entries).items():
+        top.plot([minutes(t) for t, _ in points], [v for _, v in points], marker=".", label=name)
+    published = [e for e in entries if e.get("decision") in ("published", "bootstrap") and e.get("version")]
+    for e in published:
+        for ax in (top, bottom):
+            ax.axvline(minutes(e["time"]), color="tab:green", alpha=0.35, linewidth=1)
+    for e in published[-12:]:  # label the newest ones; older labels would overlap
+        top.annotate(f"v{e['version']}", (minutes(e["time"]), 1.0), xycoords=("data", "axes fraction"),
+                     fontsize=7, color="tab:green", rotation=90, va="top", ha="right")
+    refused = [e for e in entries if e.get("decision") == "refused"]
+    if refused:
+        top.scatter([minutes(e["time"]) for e in refused], [0.02] * len(refused), marker="x", color="tab:red",
+                    transform=top.get_xaxis_transform(), label="refused candidate", zorder=3)
+    top.set_ylabel("prequential (served version)")
+    top.set_title(f"{model}: learning report - {len(published)} versions, {len(refused)} refused")
+    if top.lines or refused:
+        top.legend(loc="lower left", fontsize=8)
+    rounds = [e for e in entries if "candidate" in e and "serving" in e]
+    if rounds:
+        metric = rounds[-1].get("gate_metric", "gate metric")
+        xs = [minutes(e["time"]) for e in rounds]
+        bottom.plot(xs, [e["candidate"] for e in rounds], marker=".", label=f"candidate {metric}")
+        bottom.plot(xs, [e["serving"] for e in rounds], marker=".", label=f"serving {metric}", alpha=0.7)
+        bottom.legend(loc="lower left", fontsize=8)
+    bottom.set_ylabel("gate holdout")
+    bottom.set_xlabel("minutes since the first decision")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "" if v is None else str(v)
+
+
+def render_html(model: str, entries: Sequence[dict[str, Any]], png: bytes, latest: int = 30) -> str:
+    rows = []
+    for e in reversed(entries[-latest:]):
+        preq = e.get("prequential") or {}
+        first = next(((k, v) for k, v in preq.items() if k != "window_rows"), ("", None))
+        rows.append("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in (
+            dt.datetime.fromtimestamp(e["time"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+            e.get("decision"), e.get("version"), e.get("new_labels", e.get("bootstrap_rows")),
+            e.get("gate_metric"), e.get("candidate"), e.get("serving"),
+            f"{first[0]} {_fmt(first[1])}" if first[0] else "", "; ".join(e.get("reasons") or ()))) + "</tr>")
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    img = base64.b64encode(png).decode()
+    head = "".join(f"<th>{h}</th>" for h in ("time (UTC)", "decision", "version", "labels", "gate metric",
+                                             "candidate", "serving", "prequential", "reasons"))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
+<title>{html.escape(model)} learning report</title>
+<style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}</style></head>
+<body><h1>{html.escape(model)}: learning report</h1>
+<p>Updated {now}; {len(entries)} decisions. Prequential metrics: each label scored by the version that served it.</p>
+<img alt="learning report chart" src="data:image/png;base64,{img}">
+<h2>Latest decisions</h2><table><tr>{head}</tr>{''.join(rows)}</table></body></html>
+"""
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)  # a reader (browser, dashboard) never sees half a file
+
+
+def write_report(decisions_path: Path, out_dir: Path, model: str) -> tuple[Path, Path] | None:
+    """Render one model's report; None when it has no decisions yet."""
+    entries = read_decisions(decisions_path)
+    if not entries:
+        return None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = render_png(model, entries)
+    png_path, html_path = out_dir / f"{model}.png", out_dir / f"{model}.html"
+    _atomic_write(png_path, png)
+    _atomic_write(html_path, render_html(model, entries, png).encode())
+    return png_path, html_path
+
+
+def write_all(workdir: Path) -> list[Path]:
+    written = []
+    for decisions in sorted((Path(workdir) / "decisions").glob("*.jsonl")):
+        out = write_report(decisions, Path(workdir) / "reports", decisions.stem)
+        if out:
+            written += list(out)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m trainer report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="var/trainer")
+    args = ap.parse_args(argv)
+    written = write_all(Path(args.workdir))
+    for p in written:
+        print(p)
+    if not written:
+        print(f"no decisions under {args.workdir}/decisions yet")
+    return 0
