@@ -9,7 +9,7 @@ NAME ?= model
 PORT ?= 18111
 REGISTRY ?= var/registry
 
-.PHONY: setup up loadtest test proto proto-check serve-onnx bench bench-serving bench-loop eval-fraud peers lock clean
+.PHONY: setup up demo loadtest test proto proto-check serve-onnx bench bench-serving bench-loop eval-fraud eval-recommender eval-pricing report peers lock clean
 
 setup: $(STAMP)
 
@@ -25,10 +25,16 @@ $(STAMP): requirements.lock
 up: setup
 	$(PY) -m ops.up
 
+# The suite plus a minute of real-data traffic and outcomes: new versions published and picked up.
+demo: setup
+	$(PY) -m ops.up --demo 60
+
 # Load test a running suite (see python -m ops.loadtest --help for scenarios and modes).
 loadtest: setup
 	$(PY) -m ops.loadtest fraud --target 127.0.0.1:50051 -c 32 -d 30
 	$(PY) -m ops.loadtest fraud --target 127.0.0.1:50051 --rate 300 -d 30
+	$(PY) -m ops.loadtest recommend --target 127.0.0.1:50052 -c 32 -d 30
+	$(PY) -m ops.loadtest quote --target 127.0.0.1:50053 -c 32 -d 30
 
 test: setup
 	$(PY) -m pytest -q
@@ -47,17 +53,31 @@ serve-onnx: setup
 	  exec $(PY) -m shared.serve_onnx --registry-dir "$(REGISTRY)" --name "$(NAME)" --port "$(PORT)"; \
 	fi
 
-bench: bench-serving bench-loop
+# Serving, hot swap, ingest, freshness, domain serving, recommender evaluation -> docs/BENCHMARKS.md.
+bench: setup
+	$(PY) -m bench.suite
 
 bench-serving: setup
-	$(PY) -m bench.serving
+	$(PY) -m bench.suite serving
 
 bench-loop: setup
-	$(PY) -m bench.loop
+	$(PY) -m bench.suite loop
 
 # Prequential fraud evaluation: incremental loop vs full retrain vs River (bench/results/fraud.json).
 eval-fraud: setup
-	$(PY) -m bench.eval_fraud
+	$(PY) -m bench.suite eval-fraud
+
+# Prequential recommender evaluation on Ta Feng (bench/results/recommender.json).
+eval-recommender: setup
+	$(PY) -m bench.suite eval-recommender
+
+# Market simulation against the best fixed price (bench/results/pricing.json).
+eval-pricing: setup
+	$(PY) -m bench.suite eval-pricing
+
+# Render each domain's learning report now (the trainer refreshes them while it runs).
+report: setup
+	$(PY) -m trainer report
 
 # Side-by-side with PyTriton and MLServer (../shared/peers), both benchmark models.
 peers: setup

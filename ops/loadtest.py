@@ -207,7 +207,19 @@ async def v2_scenario(channel: grpc.aio.Channel, args) -> tuple[Call, Callable[[
     return call, drain
 
 
-SCENARIOS = {"fraud": fraud_scenario, "v2": v2_scenario}
+async def recommend_scenario(channel: grpc.aio.Channel, args):
+    from ops.scenario_recommend import scenario
+
+    return await scenario(channel, args)
+
+
+async def quote_scenario(channel: grpc.aio.Channel, args):
+    from ops.scenario_quote import scenario
+
+    return await scenario(channel, args)
+
+
+SCENARIOS = {"fraud": fraud_scenario, "recommend": recommend_scenario, "quote": quote_scenario, "v2": v2_scenario}
 
 
 async def run(args) -> dict:

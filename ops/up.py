@@ -30,12 +30,14 @@ class Component:
     module: list[str]  # what follows `python -m`
     port: int
     domain: str | None = None  # the trainer domain it feeds
+    scenario: str | None = None  # its ops.loadtest scenario (for --demo)
+    demo_rate: float = 0.0  # requests/s the demo sends it
 
 
 TRAINER = Component("trainer", ["trainer", "serve"], 50050)
 # Each domain service: its composition root and default port. Recommender (50052) and
 # pricing (50053) join this list when they exist.
-SERVICES = [Component("fraud", ["services.fraud.main"], 50051, domain="fraud")]
+SERVICES = [Component("fraud", ["services.fraud.main"], 50051, domain="fraud", scenario="fraud", demo_rate=40.0)]
 
 
 def _pump(name: str, stream, out) -> None:
@@ -91,6 +93,33 @@ class Suite:
         return failed
 
 
+def run_demo(suite: Suite, seconds: float, stop: threading.Event) -> int:
+    """Demo traffic against the running suite; Ctrl-C ends it early. 1 if a request failed."""
+    import asyncio
+
+    from ops.demo import DomainTraffic, run_demo as demo
+
+    traffic = [DomainTraffic(s.domain, s.scenario, f"127.0.0.1:{suite.port(s)}", s.demo_rate)
+               for s in SERVICES if s.scenario and s.domain]
+
+    async def go() -> list[DomainTraffic]:
+        ended = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def relay() -> None:  # Ctrl-C (a threading.Event) ends the demo (an asyncio.Event)
+            stop.wait()
+            try:
+                loop.call_soon_threadsafe(ended.set)
+            except RuntimeError:  # the demo already ended and its loop is closed
+                pass
+
+        threading.Thread(target=relay, daemon=True).start()
+        return await demo(traffic, suite.var / "registry", seconds, stop=ended)
+
+    done = asyncio.run(go())
+    return 1 if any(t.errors for t in done) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ops.up", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port-offset", type=int, default=0, help="added to every default port")
     ap.add_argument("--startup-timeout-s", type=float, default=900.0, help="bootstrap from real data included")
+    ap.add_argument("--demo", type=float, default=0.0, metavar="SECONDS",
+                    help="once serving, send demo traffic and outcomes for this long, then stop (make demo)")
     args = ap.parse_args(argv)
     suite = Suite(args.var, args.host, args.port_offset)
     stop = threading.Event()
@@ -125,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                         raise SystemExit(f"{c.name} not SERVING after {args.startup_timeout_s:.0f} s")
         if not stop.is_set():
             print("all services serving", flush=True)
+        if args.demo > 0 and not stop.is_set():
+            rc |= run_demo(suite, args.demo, stop)
+            stop.set()
         while not stop.is_set():
             for name, p in suite.procs.items():
                 if p.poll() is not None:

@@ -50,3 +50,22 @@ def test_up_serves_everything_and_stops_on_ctrl_c(tmp_path):
     assert proc.returncode == 0, rest[-3000:]
     assert rest.rstrip().endswith("stopped")
     assert "[fraud]" in rest and "[trainer]" in rest  # each child's lines, prefixed, until it drained
+
+
+def test_demo_shows_new_versions_learned_from_its_traffic_being_served(tmp_path):
+    """`make demo`: real traffic and outcomes from the datasets through the live suite; the
+    trainer publishes versions learned from them and the services answer with them."""
+    var = tmp_path / "var"
+    var.mkdir()
+    bootstrap_small_fraud(var)
+    offset = 4000 + os.getpid() % 10000
+    proc = subprocess.run([sys.executable, "-m", "ops.up", "--var", str(var), "--port-offset", str(offset),
+                           "--demo", "25"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-4000:]
+    assert "all services serving" in out and "[demo" in out and out.rstrip().endswith("stopped")
+    for s in SERVICES:
+        summary = next(line for line in out.splitlines() if line.startswith(f"demo: {s.domain}: registry"))
+        assert summary.endswith(", 0 errors"), summary
+        picked = int(summary.split("(")[1].split(" new version")[0])
+        assert picked >= 1, summary  # at least one version learned during the demo was served

@@ -47,8 +47,19 @@ def _metric_series(entries: Sequence[dict[str, Any]]) -> dict[str, list[tuple[fl
             if k == "window_rows" or not isinstance(v, (int, float)) or v != v:
                 continue
             series.setdefault(k, []).append((e["time"], float(v)))
-    rates = {k: s for k, s in series.items() if all(0.0 <= v <= 1.0 for _, v in s)}
+    # rates only: counts (rows, frauds: whole numbers) and losses (own axis) are left out
+    rates = {k: s for k, s in series.items() if "loss" not in k and all(0.0 <= v <= 1.0 for _, v in s)
+             and not all(v == int(v) for _, v in s)}
     return dict(list(rates.items())[:MAX_LINES])
+
+
+def _loss_series(entries: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    series: dict[str, list[tuple[float, float]]] = {}
+    for e in entries:
+        for k, v in (e.get("prequential") or {}).items():
+            if "loss" in k and isinstance(v, (int, float)) and v == v:
+                series.setdefault(k, []).append((e["time"], float(v)))
+    return series
 
 
 def render_png(model: str, entries: Sequence[dict[str, Any]]) -> bytes:
@@ -76,9 +87,16 @@ def render_png(model: str, entries: Sequence[dict[str, Any]]) -> bytes:
     if refused:
         top.scatter([minutes(e["time"]) for e in refused], [0.02] * len(refused), marker="x", color="tab:red",
                     transform=top.get_xaxis_transform(), label="refused candidate", zorder=3)
+    losses = _loss_series(entries)
+    if losses:
+        right = top.twinx()
+        for name, points in losses.items():
+            right.plot([minutes(t) for t, _ in points], [v for _, v in points], linestyle="--", color="tab:gray",
+                       label=name)
+        right.set_ylabel(", ".join(losses) + " (dashed)")
     top.set_ylabel("prequential (served version)")
     top.set_title(f"{model}: learning report - {len(published)} versions, {len(refused)} refused")
-    if top.lines or refused:
+    if top.get_legend_handles_labels()[0]:
         top.legend(loc="lower left", fontsize=8)
     rounds = [e for e in entries if "candidate" in e and "serving" in e]
     if rounds:
