@@ -67,7 +67,7 @@ def bootstrap_fraud(registry: ModelRegistry, workdir: Path, *, epochs: int = 4, 
     return entry
 
 
-DOMAINS = {"fraud": bootstrap_fraud}
+DOMAINS = {"pricing": lambda *a, **kw: __import__("trainer.domains.pricing", fromlist=["x"]).bootstrap_pricing(*a, **kw), "fraud": bootstrap_fraud}
 
 
 def bootstrap(registry: ModelRegistry, workdir: Path, domains: list[str], force: bool = False,

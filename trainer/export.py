@@ -26,15 +26,24 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 
 
 def export_onnx(module: torch.nn.Module, inputs: Mapping[str, tuple[int, ...]], output_names: Sequence[str],
-                path: str | os.PathLike[str]) -> Path:
-    """Export with axis 0 of every input and output dynamic; run the ONNX checker."""
+                path: str | os.PathLike[str], *, example: Sequence[torch.Tensor] | None = None,
+                dynamic: Mapping[str, Mapping[int, str]] | None = None) -> Path:
+    """Export with axis 0 of every input and output dynamic; run the ONNX checker.
+
+    example: the example inputs (default: standard normal FP32 of the given shapes; pass them
+    for integer inputs). dynamic: more dynamic axes, input name -> {axis: dimension name}."""
     path = Path(path)
     module = module.eval()
-    example = tuple(torch.randn(*shape) for shape in inputs.values())
+    if example is None:
+        example = tuple(torch.randn(*shape) for shape in inputs.values())
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    shapes: dict[str, dict[int, object]] = {name: {0: batch} for name in inputs}
+    for name, axes in (dynamic or {}).items():
+        for axis, dim_name in axes.items():
+            shapes[name][axis] = torch.export.Dim(dim_name, min=1, max=1 << 16)
     with torch.no_grad():
-        torch.onnx.export(module, example, str(path), input_names=list(inputs), output_names=list(output_names),
-                          dynamic_shapes={name: {0: batch} for name in inputs}, dynamo=True, opset_version=OPSET,
+        torch.onnx.export(module, tuple(example), str(path), input_names=list(inputs), output_names=list(output_names),
+                          dynamic_shapes=shapes, dynamo=True, opset_version=OPSET,
                           external_data=False, verbose=False)
     onnx.checker.check_model(str(path), full_check=True)
     return path

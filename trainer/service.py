@@ -97,7 +97,7 @@ def _fraud_model(s: TrainerSettings | None = None):
                       adv_steps=s.adv_steps)
 
 
-DOMAIN_MODELS = {"fraud": _fraud_model}  # domain -> factory(settings or None) of its DomainModel
+DOMAIN_MODELS = {"pricing": lambda s=None: __import__("trainer.domains.pricing", fromlist=["x"]).PricingModel(), "fraud": _fraud_model}  # domain -> factory(settings or None) of its DomainModel
 
 
 class DomainLoop:

@@ -1,0 +1,223 @@
+"""Pricing domain rules: request -> candidate price grid -> one model run -> a price inside the guardrails.
+
+A quote:
+1. validates the request (INVALID_ARGUMENT naming the field; rules in protos/pricing/v1);
+2. computes the effective range [lo, hi] = [max(min_price, ref (1 - pct/100)),
+   min(max_price, ref (1 + pct/100))] (ref lies in [min_price, max_price], so lo <= ref <= hi);
+3. builds the candidate grid: `grid_size - 1` prices evenly spaced over [lo, hi] plus the
+   reference price itself (keeping the price unchanged is always a candidate);
+4. runs the model once on the whole grid: the posterior-mean conversion of every candidate
+   and the conversion under each of the model's Thompson samples (trainer.domains.pricing);
+5. greedy price = the candidate of highest expected value (revenue p x conversion, or margin
+   (p - unit_cost) x conversion) under the mean model. With probability `exploration_share`
+   the quote explores: one Thompson sample, drawn at random, picks the best candidate within
+   `max_step_pct` percent of the greedy price (the step limit: exploration never moves the
+   price further than that from the current best estimate). `exploratory` is true when the
+   price differs from the greedy one; expected_conversion and expected_value are the mean
+   model's at the chosen price.
+
+The price is a grid value clipped to [lo, hi] (a no-op, kept so float rounding can never put
+a quote outside the caller's guardrails).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Hashable, Mapping
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+
+from protos.common.v1 import common_pb2
+from protos.feedback.v1 import feedback_pb2
+from protos.pricing.v1 import pricing_pb2
+from shared.domain import DomainService, Prepared, check_id, event_time, finite
+from shared.errors import InvalidArgument
+from shared.registry import Manifest, Signature, TensorSpec
+from shared.runtime.model import LoadedModel
+
+N_SAMPLES = 16  # Thompson samples in the serving graph (trainer.domains.pricing.N_SAMPLES)
+SIGNATURE = Signature(
+    inputs=(TensorSpec("product", "INT64", (-1,)), TensorSpec("segment", "INT64", (-1,)),
+            TensorSpec("hour", "INT64", (-1,)), TensorSpec("log_price_ratio", "FP32", (-1, -1))),
+    outputs=(TensorSpec("conversion", "FP32", (-1, -1)), TensorSpec("sampled_conversion", "FP32", (-1, N_SAMPLES, -1))),
+)
+X_CLIP = 5.0  # the model's clip of log(price / reference) (trainer.domains.pricing_data.X_CLIP)
+MAX_SEGMENT_LEN = 64
+
+QUOTES = Counter("storefront_pricing_quotes_total", "Quotes served, by objective and whether the price was exploratory",
+                 ["model", "objective", "exploratory"])
+PRICE_CHANGE = Histogram("storefront_pricing_price_change_ratio", "Quoted price / reference price",
+                         ["model"], buckets=(0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.01, 1.05, 1.1, 1.2, 1.3, 1.5, 2.0))
+
+
+def check_manifest(manifest: Manifest) -> str | None:
+    extra = manifest.extra
+    products = extra.get("products")
+    if not isinstance(products, list) or not all(isinstance(p, str) for p in products):
+        return "extra.products must list the product ids in code order"
+    segments = extra.get("segments")
+    if not isinstance(segments, list) or not segments or segments[0] != "other":
+        return "extra.segments must list the segment names in code order, 'other' first"
+    return None
+
+
+def check_outputs(outputs: Mapping[str, np.ndarray]) -> str | None:
+    for name in ("conversion", "sampled_conversion"):
+        y = outputs[name]
+        if (y < 0).any() or (y > 1).any():
+            return f"{name} outside [0, 1]"
+    return None
+
+
+class Vocab:
+    """Product id -> code and segment -> code of one model version."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        extra = model.manifest.extra if model.manifest is not None else {}
+        self.products = {p: i + 1 for i, p in enumerate(extra.get("products", []))}
+        self.segments = {s: i for i, s in enumerate(extra.get("segments", ["other"]))}
+
+
+def effective_range(ref: float, min_price: float, max_price: float, max_change_pct: float | None) -> tuple[float, float]:
+    if max_change_pct is None:
+        return min_price, max_price
+    return max(min_price, ref * (1.0 - max_change_pct / 100.0)), min(max_price, ref * (1.0 + max_change_pct / 100.0))
+
+
+def candidate_grid(ref: float, lo: float, hi: float, size: int) -> np.ndarray:
+    """size - 1 evenly spaced prices over [lo, hi], plus ref; sorted, inside [lo, hi]."""
+    grid = np.append(np.linspace(lo, hi, max(size - 1, 1)), ref)
+    return np.clip(np.sort(grid), lo, hi)
+
+
+class PricingService(DomainService[pricing_pb2.QuoteRequest, pricing_pb2.QuoteResponse]):
+    domain = feedback_pb2.DOMAIN_PRICING
+
+    def __init__(self, served, feedback=None, *, exploration_share: float = 0.2, max_step_pct: float = 10.0,
+                 grid_size: int = 21, seed: int = -1) -> None:
+        super().__init__(served, feedback)
+        if not 0.0 <= exploration_share <= 1.0 or max_step_pct < 0 or grid_size < 2:
+            raise ValueError("exploration_share in [0, 1], max_step_pct >= 0, grid_size >= 2")
+        self.exploration_share = exploration_share
+        self.max_step = max_step_pct / 100.0
+        self.grid_size = grid_size
+        self.rng = np.random.default_rng(None if seed < 0 else seed)
+        self._vocab: tuple[str, Vocab] | None = None
+        self._counters: dict[tuple[str, int, bool], object] = {}
+
+    def vocab(self, model: LoadedModel) -> Vocab:
+        cached = self._vocab
+        if cached is None or cached[0] != model.version:
+            cached = self._vocab = (model.version, Vocab(model))
+        return cached[1]
+
+    # ---- request -> model inputs ----
+    def preprocess(self, request: pricing_pb2.QuoteRequest, model: LoadedModel) -> Prepared:
+        check_id(request.product_id, "product_id", 128)
+        ref = finite(request.reference_price, "reference_price")
+        if not ref > 0:
+            raise InvalidArgument(f"reference_price must be > 0, got {ref}")
+        cost = None
+        if request.HasField("unit_cost"):
+            cost = finite(request.unit_cost, "unit_cost")
+            if cost < 0:
+                raise InvalidArgument(f"unit_cost must be >= 0, got {cost}")
+        if not request.HasField("guardrails"):
+            raise InvalidArgument("guardrails is required")
+        g = request.guardrails
+        lo_price = finite(g.min_price, "guardrails.min_price")
+        if lo_price < 0:
+            raise InvalidArgument(f"guardrails.min_price must be >= 0, got {lo_price}")
+        hi_price = finite(g.max_price, "guardrails.max_price")
+        if not hi_price > 0:
+            raise InvalidArgument(f"guardrails.max_price must be > 0, got {hi_price}")
+        if hi_price < lo_price:
+            raise InvalidArgument(f"guardrails.max_price ({hi_price}) must be >= guardrails.min_price ({lo_price})")
+        pct = None
+        if g.HasField("max_change_pct"):
+            pct = finite(g.max_change_pct, "guardrails.max_change_pct")
+            if not 0.0 <= pct <= 100.0:
+                raise InvalidArgument(f"guardrails.max_change_pct must be in [0, 100], got {pct}")
+        if not lo_price <= ref <= hi_price:
+            raise InvalidArgument(f"reference_price ({ref}) must lie in [guardrails.min_price, guardrails.max_price] "
+                                  f"= [{lo_price}, {hi_price}]")
+        objective = request.objective
+        if objective not in (pricing_pb2.OBJECTIVE_UNSPECIFIED, pricing_pb2.OBJECTIVE_REVENUE, pricing_pb2.OBJECTIVE_MARGIN):
+            raise InvalidArgument(f"objective {objective} is not a known Objective")
+        margin = objective == pricing_pb2.OBJECTIVE_MARGIN
+        if margin and cost is None:
+            raise InvalidArgument("unit_cost is required for OBJECTIVE_MARGIN")
+        ctx = request.context
+        if len(ctx.segment) > MAX_SEGMENT_LEN:
+            raise InvalidArgument(f"context.segment is longer than {MAX_SEGMENT_LEN} characters")
+        if ctx.HasField("hour_of_day"):
+            if ctx.hour_of_day > 23:
+                raise InvalidArgument(f"context.hour_of_day must be in 0..23, got {ctx.hour_of_day}")
+            hour = ctx.hour_of_day
+        else:
+            hour = time.gmtime().tm_hour
+        lo, hi = effective_range(ref, lo_price, hi_price, pct)
+        grid = candidate_grid(ref, lo, hi, self.grid_size)
+        with np.errstate(divide="ignore", over="ignore"):
+            x = np.clip(np.log(grid / ref), -X_CLIP, X_CLIP).astype(np.float32)
+        vocab = self.vocab(model)
+        feeds = {"product": np.array([vocab.products.get(request.product_id, 0)], np.int64),
+                 "segment": np.array([vocab.segments.get(ctx.segment, 0)], np.int64),
+                 "hour": np.array([hour], np.int64),
+                 "log_price_ratio": x[None, :]}
+        return Prepared(feeds, 1, (grid, lo, hi, ref, cost if margin else None))
+
+    # ---- model outputs -> price ----
+    def postprocess(self, request, prepared: Prepared, outputs, model: LoadedModel, prediction_id: str):
+        grid, lo, hi, ref, margin_cost = prepared.extra
+        unit_value = grid - margin_cost if margin_cost is not None else grid
+        mean = outputs["conversion"][0].astype(np.float64)
+        value = unit_value * mean
+        greedy = int(np.argmax(value))
+        choice = greedy
+        if self.exploration_share > 0 and self.rng.random() < self.exploration_share:
+            samples = outputs["sampled_conversion"][0]
+            sampled_value = unit_value * samples[self.rng.integers(len(samples))]
+            reach = np.abs(grid - grid[greedy]) <= self.max_step * grid[greedy] + 1e-12
+            choice = int(np.argmax(np.where(reach, sampled_value, -np.inf)))
+        price = float(min(max(grid[choice], lo), hi))
+        exploratory = price != float(grid[greedy])
+        objective = pricing_pb2.OBJECTIVE_MARGIN if margin_cost is not None else pricing_pb2.OBJECTIVE_REVENUE
+        self._count(model.name, objective, exploratory)
+        PRICE_CHANGE.labels(model.name).observe(price / ref)
+        conversion = float(mean[choice])
+        return pricing_pb2.QuoteResponse(
+            prediction_id=prediction_id, price=price, expected_conversion=conversion,
+            expected_value=float(unit_value[choice] * conversion), exploratory=exploratory,
+            model=common_pb2.ModelRef(name=model.name, version=model.version),
+            effective_min_price=lo, effective_max_price=hi)
+
+    def _count(self, model: str, objective: int, exploratory: bool) -> None:
+        key = (model, objective, exploratory)
+        counter = self._counters.get(key)
+        if counter is None:
+            name = "margin" if objective == pricing_pb2.OBJECTIVE_MARGIN else "revenue"
+            counter = self._counters[key] = QUOTES.labels(model, name, "true" if exploratory else "false")
+        counter.inc()
+
+    # ---- outcomes ----
+    def outcome_to_feedback(self, outcome: pricing_pb2.PricingOutcome, now: float) -> tuple[Hashable, feedback_pb2.Outcome]:
+        check_id(outcome.prediction_id, "prediction_id", 64)
+        if outcome.sold:
+            if outcome.units < 1:
+                raise InvalidArgument(f"units must be >= 1 when sold is true, got {outcome.units}")
+            price = finite(outcome.price, "price")
+            if not price > 0:
+                raise InvalidArgument(f"price must be > 0 when sold is true, got {price}")
+        elif outcome.units != 0:
+            raise InvalidArgument(f"units must be 0 when sold is false, got {outcome.units}")
+        occurred = event_time(outcome.occurred_at, "occurred_at", now)
+        record = feedback_pb2.Outcome(prediction_id=outcome.prediction_id, occurred_at=occurred)
+        record.pricing.CopyFrom(outcome)
+        record.pricing.occurred_at = occurred
+        if not outcome.sold:
+            record.pricing.price = 0.0  # ignored when unsold: do not carry whatever was sent
+        key = (outcome.prediction_id, outcome.sold, outcome.units, outcome.price if outcome.sold else 0.0,
+               outcome.occurred_at)
+        return key, record

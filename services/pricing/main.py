@@ -1,0 +1,58 @@
+"""Composition root of the pricing service: settings -> registry, model, feedback, server.
+
+    python -m services.pricing.main [--port 50053] [--exploration-share 0.2] [--max-step-pct 10] ...
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from services.pricing.adapter import SIGNATURE, PricingService, check_manifest, check_outputs
+from services.pricing.servicer import PricingServicer, register
+from shared.domain import attach_feedback
+from shared.runtime.model import ModelLoader
+from shared.server import ServerApp, run_app
+from shared.serving import ServedModel
+from shared.settings import DomainSettings, setting
+
+
+@dataclasses.dataclass
+class PricingSettings(DomainSettings):
+    """Pricing service: quotes inside the caller's guardrails, with Thompson-sampling exploration."""
+
+    port: int = setting(50053, "gRPC port")
+    model_name: str = setting("pricing", "model name in the registry")
+    exploration_share: float = setting(0.2, "share of quotes priced by a Thompson sample instead of the mean model")
+    max_step_pct: float = setting(10.0, "step limit: an exploratory price is at most this % away from the greedy one")
+    grid_size: int = setting(21, "candidate prices per quote (evenly spaced over the guardrails, plus the reference)")
+    exploration_seed: int = setting(-1, "seed of the exploration draws; -1 = from the OS")
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if not 0.0 <= self.exploration_share <= 1.0:
+            p.append("exploration_share must be in [0, 1]")
+        if self.max_step_pct < 0:
+            p.append("max_step_pct must be >= 0")
+        if not 2 <= self.grid_size <= 1024:
+            p.append("grid_size must be in 2..1024")
+        return p
+
+
+def make_app(s: PricingSettings) -> ServerApp:
+    loader = ModelLoader(options=s.runtime_options(), expected=SIGNATURE, output_check=check_outputs,
+                         manifest_check=check_manifest)
+    served = ServedModel.from_settings(s.model_name, s, loader)
+    service = PricingService(served, exploration_share=s.exploration_share, max_step_pct=s.max_step_pct,
+                             grid_size=s.grid_size, seed=s.exploration_seed)
+    app = ServerApp("pricing", s, {s.model_name: served}, register(PricingServicer(service)))
+    service.feedback = attach_feedback(app, s, "pricing")
+    app.service = service  # for in-process callers (tests, benchmarks)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_app(make_app, PricingSettings.load(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

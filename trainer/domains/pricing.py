@@ -1,0 +1,420 @@
+"""Pricing domain, trainer side: a hierarchical Bayesian conversion model of price and context.
+
+Model. For a quote of product i (subclass c) at price p with reference price r, to a
+customer of segment s at hour h, with x = log(p / r):
+
+    logit P(sale) = a0 + a_c + a_i + u_s + v_h  -  softplus(b0 + b_c + b_i) * x
+
+a_* are conversion levels, b_* price sensitivities (softplus keeps demand decreasing in
+price: the slope is the elasticity of the odds). Product terms are offsets from their
+subclass, subclass terms offsets from the global ones, each with a Gaussian prior at 0
+(precisions PRIOR_PRECISION): a product with little data is priced like its subclass, a
+subclass with little data like the store. Unknown products (code 0: not in the vocabulary)
+and unknown subclasses use the shared terms only. Hours are learned online only (Ta Feng
+has no times; its rows carry NO_HOUR, whose term is 0).
+
+Uncertainty: a diagonal Laplace posterior, updated online (Chapelle & Li, "An empirical
+evaluation of Thompson sampling", 2011). Each parameter has a mean (the trained weight) and
+a precision (buffer). Absorbing new rows = minimizing their weighted log loss plus
+0.5 * sum(precision * (w - mean_before)^2) (the previous posterior as the prior), by a
+full-batch L-BFGS solve, then adding the rows' diagonal Fisher information to the
+precisions. Thompson samples: N_SAMPLES fixed standard-normal draws (buffers, same seed in
+every version) give sampled product and subclass terms mean + noise / sqrt(precision); the
+serving graph returns the conversion of every sample, so the service picks a sample per
+request at random, and one ONNX call evaluates every candidate price under the mean model
+and under every sample.
+
+The learner's replay (rows it already trained on, mixed into each round) would count old
+evidence twice in a posterior that already holds it: each row carries its event-log offset,
+the network remembers the highest offset it absorbed, and rows at or below it are skipped.
+(An outcome whose served prediction reached the log late, and so joins after a newer outcome
+was absorbed, is skipped the same way: rare, and the cost is one lost row.)
+
+Serving graph (ONNX), every axis 0 dynamic, the grid axis dynamic too:
+  inputs  product [B] INT64 (vocabulary code, 0 = unknown), segment [B] INT64 (code in
+          SEGMENTS), hour [B] INT64 (0..23), log_price_ratio [B, G] FP32 (log(price / reference)
+          of each candidate price);
+  outputs conversion [B, G] FP32 (posterior-mean model), sampled_conversion [B, N_SAMPLES, G]
+          FP32 (each Thompson sample).
+
+Training rows (Examples.X, width WIDTH): product, segment, hour, x, weight, offset_hi,
+offset_lo; y = converted share (0/1 for a quote, k/n for an aggregated Ta Feng row of weight n).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.domains.pricing_data import SEGMENTS, X_CLIP, Vocabulary
+from trainer.learner import DomainModel, Examples
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "pricing"
+PRODUCT_CAPACITY = 32768  # product codes the network holds (Ta Feng has 23,812; 0 = unknown)
+CATEGORY_CAPACITY = 4096  # subclass codes (Ta Feng has 2,010; 0 = unknown)
+N_SEGMENTS = len(SEGMENTS)
+NO_HOUR = 24  # hour code of rows without a time of day (Ta Feng); its term is fixed at 0
+N_SAMPLES = 16  # Thompson samples in the serving graph
+NOISE_SEED = 1234
+# Prior precisions (1 / variance) of the parameter groups: global terms are nearly free,
+# subclass offsets moderately shrunk, product offsets more (sd 0.7 for levels, 0.5 for slopes).
+PRIOR_PRECISION = {"a0": 1e-2, "b0": 1e-2, "a_cat": 1.0, "b_cat": 2.0, "a_prod": 2.0, "b_prod": 4.0,
+                   "a_seg": 1.0, "a_hour": 4.0}
+SAMPLED = ("a_cat", "b_cat", "a_prod", "b_prod")  # the groups Thompson samples vary
+OFFSET_SPLIT = float(1 << 20)  # offsets ride in two float32 columns, exact up to 2**44
+COL_PRODUCT, COL_SEGMENT, COL_HOUR, COL_X, COL_WEIGHT, COL_OFF_HI, COL_OFF_LO = range(7)
+WIDTH = 7
+B0_INIT = math.log(math.e - 1.0)  # softplus(B0_INIT) = 1: unit elasticity before any data
+
+
+def split_offsets(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    o = np.asarray(offsets, np.int64)
+    return (o // int(OFFSET_SPLIT)).astype(np.float32), (o % int(OFFSET_SPLIT)).astype(np.float32)
+
+
+def rows(product, segment, hour, x, weight, offsets) -> np.ndarray:
+    """Training rows in the WIDTH layout."""
+    n = len(product)
+    X = np.empty((n, WIDTH), np.float32)
+    X[:, COL_PRODUCT], X[:, COL_SEGMENT], X[:, COL_HOUR] = product, segment, hour
+    X[:, COL_X] = np.clip(x, -X_CLIP, X_CLIP)
+    X[:, COL_WEIGHT] = weight
+    X[:, COL_OFF_HI], X[:, COL_OFF_LO] = split_offsets(np.broadcast_to(offsets, (n,)))
+    return X
+
+
+class PricingNet(nn.Module):
+    """Means (parameters), precisions and prior means (buffers), fixed Thompson noise, the
+    product -> subclass table and the vocabulary (extra state: saved in checkpoints)."""
+
+    SHAPES = {"a0": (1,), "b0": (1,), "a_cat": (CATEGORY_CAPACITY,), "b_cat": (CATEGORY_CAPACITY,),
+              "a_prod": (PRODUCT_CAPACITY,), "b_prod": (PRODUCT_CAPACITY,), "a_seg": (N_SEGMENTS,),
+              "a_hour": (NO_HOUR + 1,)}
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name, shape in self.SHAPES.items():
+            init = torch.full(shape, B0_INIT) if name == "b0" else torch.zeros(shape)
+            setattr(self, name, nn.Parameter(init))
+            self.register_buffer(f"prec_{name}", torch.full(shape, PRIOR_PRECISION[name]))
+            self.register_buffer(f"prior_{name}", init.clone())
+            self.register_buffer(f"mask_{name}", self._mask(name, shape))
+        g = torch.Generator().manual_seed(NOISE_SEED)
+        for name in SAMPLED:
+            self.register_buffer(f"noise_{name}", torch.randn((N_SAMPLES, *self.SHAPES[name]), generator=g))
+        self.register_buffer("product_category", torch.zeros(PRODUCT_CAPACITY, dtype=torch.int64))
+        self.register_buffer("absorbed_offset", torch.tensor(-1, dtype=torch.int64))
+        self.vocab: Vocabulary | None = None
+
+    @staticmethod
+    def _mask(name: str, shape) -> torch.Tensor:
+        m = torch.ones(shape)
+        if name in ("a_cat", "b_cat", "a_prod", "b_prod"):
+            m[0] = 0.0  # unknown product / subclass: shared terms only
+        if name == "a_hour":
+            m[NO_HOUR] = 0.0
+        return m
+
+    # ---- vocabulary (checkpointed through extra state) ----
+    def set_vocabulary(self, vocab: Vocabulary) -> None:
+        if len(vocab.products) + 1 > PRODUCT_CAPACITY or len(vocab.categories) + 1 > CATEGORY_CAPACITY:
+            raise ValueError(f"vocabulary of {len(vocab.products)} products / {len(vocab.categories)} subclasses "
+                             f"exceeds capacity {PRODUCT_CAPACITY - 1} / {CATEGORY_CAPACITY - 1}")
+        self.vocab = vocab
+        table = torch.zeros(PRODUCT_CAPACITY, dtype=torch.int64)
+        table[: len(vocab.product_category)] = torch.from_numpy(vocab.product_category)
+        self.product_category.copy_(table)
+
+    def get_extra_state(self) -> Any:
+        if self.vocab is None:
+            return None
+        return {"products": self.vocab.products, "categories": self.vocab.categories}
+
+    def set_extra_state(self, state: Any) -> None:
+        if state:
+            n = len(state["products"]) + 1
+            self.vocab = Vocabulary(list(state["products"]), list(state["categories"]),
+                                    self.product_category[:n].numpy().copy())
+
+    # ---- the model ----
+    def terms(self, name: str) -> torch.Tensor:
+        return getattr(self, name) * getattr(self, f"mask_{name}")
+
+    def level_slope(self, product, segment, hour):
+        """Mean level and slope pre-activation per row, and the subclass code."""
+        cat = self.product_category[product]
+        level = (self.terms("a0") + self.terms("a_cat")[cat] + self.terms("a_prod")[product]
+                 + self.terms("a_seg")[segment] + self.terms("a_hour")[hour])
+        slope = self.terms("b0") + self.terms("b_cat")[cat] + self.terms("b_prod")[product]
+        return level, slope, cat
+
+    def logit(self, product, segment, hour, x):
+        level, slope, _ = self.level_slope(product, segment, hour)
+        return level - nn.functional.softplus(slope) * x
+
+    def sampled_noise(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """[B, N_SAMPLES] noise of a sampled group: fixed draw / sqrt(precision), masked."""
+        scale = getattr(self, f"mask_{name}") / torch.sqrt(getattr(self, f"prec_{name}"))
+        return (getattr(self, f"noise_{name}")[:, index] * scale[index]).transpose(0, 1)
+
+    def forward(self, product, segment, hour, log_price_ratio):
+        level, slope, cat = self.level_slope(product, segment, hour)
+        x = log_price_ratio.clamp(-X_CLIP, X_CLIP)
+        conversion = torch.sigmoid(level.unsqueeze(1) - nn.functional.softplus(slope).unsqueeze(1) * x)
+        s_level = level.unsqueeze(1) + self.sampled_noise("a_cat", cat) + self.sampled_noise("a_prod", product)
+        s_slope = slope.unsqueeze(1) + self.sampled_noise("b_cat", cat) + self.sampled_noise("b_prod", product)
+        sampled = torch.sigmoid(s_level.unsqueeze(2) - nn.functional.softplus(s_slope).unsqueeze(2) * x.unsqueeze(1))
+        return conversion, sampled
+
+
+def _columns(X: np.ndarray):
+    t = torch.from_numpy(np.ascontiguousarray(X, np.float32))
+    off = t[:, COL_OFF_HI].double() * OFFSET_SPLIT + t[:, COL_OFF_LO].double()
+    return (t[:, COL_PRODUCT].long(), t[:, COL_SEGMENT].long(), t[:, COL_HOUR].long(), t[:, COL_X],
+            t[:, COL_WEIGHT], off.long())
+
+
+def absorb(net: PricingNet, X: np.ndarray, y: np.ndarray, max_iter: int = 50, progress=None) -> int:
+    """Absorb the rows the posterior does not hold yet (offset > net.absorbed_offset): MAP under
+    the current posterior as the prior, then add their Fisher information. Returns rows absorbed."""
+    product, segment, hour, x, weight, offset = _columns(X)
+    fresh = offset > int(net.absorbed_offset)
+    if not bool(fresh.any()):
+        return 0
+    product, segment, hour, x, weight = product[fresh], segment[fresh], hour[fresh], x[fresh], weight[fresh]
+    target = torch.from_numpy(np.asarray(y, np.float32))[fresh]
+    names = list(PricingNet.SHAPES)
+    with torch.no_grad():
+        for name in names:
+            getattr(net, f"prior_{name}").copy_(getattr(net, name))
+    total_w = float(weight.sum())
+    opt = torch.optim.LBFGS([getattr(net, n) for n in names], lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+    calls = [0]
+
+    def closure():
+        opt.zero_grad()
+        z = net.logit(product, segment, hour, x)
+        nll = (weight * nn.functional.binary_cross_entropy_with_logits(z, target, reduction="none")).sum()
+        prior = sum(0.5 * (getattr(net, f"prec_{n}") * (getattr(net, n) - getattr(net, f"prior_{n}")) ** 2).sum()
+                    for n in names)
+        loss = (nll + prior) / max(total_w, 1.0)  # scaled for the line search; same minimizer
+        loss.backward()
+        calls[0] += 1
+        if progress is not None:
+            progress(min(calls[0], max_iter), max_iter)
+        return loss
+
+    net.train()
+    opt.step(closure)
+    net.eval()
+    with torch.no_grad():
+        _add_fisher(net, product, segment, hour, x, weight)
+        net.absorbed_offset.fill_(int(offset.max()))
+    if progress is not None:
+        progress(max_iter, max_iter)
+    return int(fresh.sum())
+
+
+def _add_fisher(net: PricingNet, product, segment, hour, x, weight) -> None:
+    """Diagonal Fisher information of the rows: sum of w p (1 - p) (d logit / d theta)^2."""
+    level, slope, cat = net.level_slope(product, segment, hour)
+    p = torch.sigmoid(level - nn.functional.softplus(slope) * x)
+    info = weight * p * (1 - p)
+    d_slope = torch.sigmoid(slope) * x  # |d logit / d b|
+    info_slope = info * d_slope ** 2
+    net.prec_a0 += info.sum()
+    net.prec_b0 += info_slope.sum()
+    net.prec_a_cat.index_add_(0, cat, info)
+    net.prec_b_cat.index_add_(0, cat, info_slope)
+    net.prec_a_prod.index_add_(0, product, info)
+    net.prec_b_prod.index_add_(0, product, info_slope)
+    net.prec_a_seg.index_add_(0, segment, info)
+    net.prec_a_hour.index_add_(0, hour, info)
+
+
+def predict_mean(net: PricingNet, X: np.ndarray) -> np.ndarray:
+    product, segment, hour, x, _, _ = _columns(X)
+    with torch.no_grad():
+        return torch.sigmoid(net.logit(product, segment, hour, x)).numpy()
+
+
+def weighted_log_loss(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> float:
+    pc = np.clip(p, 1e-6, 1 - 1e-6)
+    ll = -(y * np.log(pc) + (1 - y) * np.log(1 - pc))
+    return float(np.average(ll, weights=w)) if len(y) else float("nan")
+
+
+class PricingExport(nn.Module):
+    def __init__(self, net: PricingNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, product, segment, hour, log_price_ratio):
+        return self.net(product, segment, hour, log_price_ratio)
+
+
+INPUT_NAMES = ("product", "segment", "hour", "log_price_ratio")
+OUTPUT_NAMES = ("conversion", "sampled_conversion")
+
+
+def export_pricing(net: PricingNet, path: Path) -> Path:
+    """ONNX export with the batch axis and the grid axis dynamic."""
+    from trainer.export import export_onnx
+
+    module = PricingExport(net).eval()
+    example = (torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([3, 4]), torch.zeros(2, 3))
+    return export_onnx(module, dict(zip(INPUT_NAMES, [(2,), (2,), (2,), (2, 3)])), OUTPUT_NAMES, path,
+                       example=example, dynamic={"log_price_ratio": {1: "grid"}})
+
+
+class PricingModel(DomainModel):
+    """The learner's view of pricing. `epochs` scales the L-BFGS iterations of an absorption.
+    The optimizer the learner checkpoints is not used for steps: every absorption is its own
+    full-batch L-BFGS solve (its objective changes with the prior), built inside train()."""
+
+    name = MODEL_NAME
+    width = WIDTH
+
+    def __init__(self, iterations_per_epoch: int = 15, bootstrap_iterations: int = 60) -> None:
+        self.iterations_per_epoch = iterations_per_epoch
+        self.bootstrap_iterations = bootstrap_iterations
+        self.vocab: Vocabulary | None = None  # set by the bootstrap before new_network
+        self.progress = None  # optional callback(done, total) of a bootstrap solve
+
+    def new_network(self, bootstrap_X: np.ndarray) -> PricingNet:
+        net = PricingNet()
+        if self.vocab is not None:
+            net.set_vocabulary(self.vocab)
+        return net
+
+    def optimizer(self, net):
+        return torch.optim.SGD([net.a0], lr=0.0)  # checkpointed by the learner, never stepped
+
+    def train(self, net, opt, X, y, epochs, seed) -> None:
+        bootstrap = len(X) and float(np.max(X[:, COL_OFF_HI] * OFFSET_SPLIT + X[:, COL_OFF_LO])) == 0.0
+        iters = self.bootstrap_iterations if bootstrap else self.iterations_per_epoch * max(1, epochs)
+        absorb(net, X, y, max_iter=iters, progress=self.progress if bootstrap else None)
+
+    def predict(self, net, X) -> np.ndarray:
+        return predict_mean(net, X)
+
+    def gate_metric(self, y, p):
+        return "log_loss", weighted_log_loss(y, p), False
+
+    def report_metrics(self, y, p) -> dict[str, float]:
+        return {"log_loss": weighted_log_loss(y, p), "brier": float(np.mean((y - p) ** 2)) if len(y) else float("nan"),
+                "mean_conversion": float(np.mean(y)) if len(y) else float("nan"),
+                "mean_predicted": float(np.mean(p)) if len(y) else float("nan"), "rows": int(len(y))}
+
+    def export(self, net, path):
+        self.vocab = net.vocab or self.vocab  # a restored network carries the vocabulary
+        return export_pricing(net, path), PricingExport(net).eval()
+
+    def signature_inputs(self, X) -> dict[str, np.ndarray]:
+        X = np.asarray(X, np.float32)
+        grid = X[:, COL_X:COL_X + 1] + np.linspace(-0.3, 0.3, 5, dtype=np.float32)[None, :]
+        return {"product": X[:, COL_PRODUCT].astype(np.int64), "segment": X[:, COL_SEGMENT].astype(np.int64),
+                "hour": np.minimum(X[:, COL_HOUR], 23).astype(np.int64), "log_price_ratio": grid}
+
+    def manifest_extra(self, y, p) -> dict[str, Any]:
+        vocab = self.vocab
+        return {"products": vocab.products if vocab else [], "segments": list(SEGMENTS),
+                "samples": N_SAMPLES, "x_clip": X_CLIP}
+
+    def examples(self, joined: Sequence[Any]) -> Examples:
+        """Training rows from joined quotes: the served product/segment/hour codes, the quoted
+        price relative to the request's reference price, sold or not."""
+        from protos.pricing.v1 import pricing_pb2
+        from shared.feedback import tensor_to_numpy
+
+        out: list[tuple] = []
+        for j in joined:
+            if j.outcome.WhichOneof("outcome") != "pricing":
+                continue
+            tensors = {t.name: t for t in j.served.inputs}
+            if not {"product", "segment", "hour"} <= tensors.keys():
+                continue
+            req, resp = pricing_pb2.QuoteRequest(), pricing_pb2.QuoteResponse()
+            if not (j.served.request.Unpack(req) and j.served.response.Unpack(resp)):
+                continue
+            if not (req.reference_price > 0 and resp.price > 0):
+                continue
+            try:
+                codes = [int(tensor_to_numpy(tensors[n]).reshape(-1)[0]) for n in ("product", "segment", "hour")]
+            except (ValueError, IndexError):
+                continue
+            if not (0 <= codes[0] < PRODUCT_CAPACITY and 0 <= codes[1] < N_SEGMENTS and 0 <= codes[2] < NO_HOUR):
+                continue  # served by a model of another vocabulary shape: not this learner's input
+            x = math.log(resp.price / req.reference_price)
+            sold = 1.0 if j.outcome.pricing.sold else 0.0
+            out.append((*codes, x, sold, resp.expected_conversion, j.offset))
+        if not out:
+            return Examples.empty(WIDTH)
+        a = np.array(out, np.float64)
+        X = rows(a[:, 0], a[:, 1], a[:, 2], a[:, 3], 1.0, a[:, 6].astype(np.int64))
+        return Examples(X, a[:, 4].astype(np.float32), a[:, 5].astype(np.float32), a[:, 6].astype(np.int64))
+
+
+# ---- bootstrap from Ta Feng ----
+BOOTSTRAP_END = "2001-01-01"  # bootstrap learns from Nov-Dec 2000; the simulator is calibrated on Jan-Feb 2001
+HOLDOUT_DAYS = 7  # the last week before BOOTSTRAP_END is the bootstrap's holdout
+MIN_LINES = 30  # products with at least this many lines (and two prices) give training rows
+
+
+def bootstrap_data(limit: int | None = None, end: str = BOOTSTRAP_END, min_lines: int = MIN_LINES):
+    """(vocabulary, train rows, holdout rows) from Ta Feng before `end` (rows: (X, y))."""
+    import pandas as pd
+
+    from trainer.domains import pricing_data
+    from trainer.tafeng import load_tafeng
+
+    df = load_tafeng(limit)
+    vocab = pricing_data.vocabulary(df)
+    period = df[df["day"] < pd.Timestamp(end)]
+    products = pricing_data.priced_products(period, min_lines)
+    conv = pricing_data.conversion_rows(period, vocab, products)
+    cut = np.datetime64(pd.Timestamp(end) - pd.Timedelta(days=HOLDOUT_DAYS), "D")
+
+    def to_xy(r):
+        return rows(r.product, r.segment, NO_HOUR, r.x, r.n, 0), (r.k / r.n).astype(np.float32)
+
+    return vocab, to_xy(conv.take(conv.day < cut)), to_xy(conv.take(conv.day >= cut))
+
+
+def bootstrap_pricing(registry, workdir: Path, *, force: bool = False, model: PricingModel | None = None,
+                      show_progress: bool = True, limit: int | None = None, **_) -> dict | None:
+    """Train version 1 on Ta Feng (Nov-Dec 2000) and publish it."""
+    import time
+
+    from trainer.learner import Learner
+
+    if registry.current_version(MODEL_NAME) is not None and not force:
+        log.info("pricing: registry already has version %s; bootstrap skipped", registry.current_version(MODEL_NAME))
+        return None
+    t0 = time.time()
+    model = model or PricingModel()
+    vocab, (X, y), (hX, hy) = bootstrap_data(limit)
+    model.vocab = vocab
+    if show_progress:
+        from trainer.bootstrap import progress_bar
+
+        bar = progress_bar("pricing bootstrap (L-BFGS iterations)")
+        model.progress = bar
+    learner = Learner(model, registry, workdir)
+    entry = learner.bootstrap(X, y, hX, hy, epochs=1)
+    model.progress = None
+    p = predict_mean(learner.net, hX)
+    log.info("pricing: bootstrapped version %s from %d Ta Feng product-day-segment rows (%d exposures) of %d "
+             "products in %.1f s; holdout weighted log loss %.4f (constant rate: %.4f)", entry.get("version"),
+             len(y), int(X[:, COL_WEIGHT].sum()), len(np.unique(X[:, COL_PRODUCT])), time.time() - t0,
+             weighted_log_loss(hy, p, hX[:, COL_WEIGHT]),
+             weighted_log_loss(hy, np.full_like(hy, np.average(y, weights=X[:, COL_WEIGHT])), hX[:, COL_WEIGHT]))
+    return entry
