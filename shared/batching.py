@@ -10,6 +10,16 @@ more rows when the queue is short, for models where bigger batches pay off.
 - Queue full: ResourceExhausted at once (the caller sees RESOURCE_EXHAUSTED).
 - Deadline passed while queued: the request is dropped before running (DEADLINE_EXCEEDED).
 - Every request in a batch is answered by the same model version, which is returned.
+- Shared (unbatched) inputs: a request may carry `shared` inputs that have no batch axis,
+  e.g. a recommender's catalog matrix item_vectors [N, D]. They are fed once per session
+  run, never concatenated, and requests merge only when they carry the very same array
+  objects (their id() is part of the merge key: a catalog snapshot is one object, so every
+  request against the same snapshot can share a run). Such inputs are usually derived from
+  one model version (vectors computed by that version's item tower), so the request also
+  pins the LoadedModel it was prepared with (`model=`): it runs on that version even if a
+  hot swap happened meanwhile (the old version stays alive while a request references it).
+  Requests whose batched inputs differ in inner shape never merge either: a service that
+  wants them to should pad variable-length inputs to a few bucket sizes (powers of two).
 - Cheap models run on the event loop itself: when a request's rows are expected to run in
   under `inline_below_us` (a moving average of run time per row), the hand-off to a worker thread and back costs more than the
   run (the MLP of the peer benchmark runs in ~15 us), so it is skipped; and a request that
@@ -35,14 +45,28 @@ log = logging.getLogger(__name__)
 
 
 class _Pending:
-    __slots__ = ("feeds", "rows", "key", "deadline", "future")
+    __slots__ = ("feeds", "shared", "model", "rows", "key", "deadline", "future")
 
-    def __init__(self, feeds, rows, key, deadline, future):
+    def __init__(self, feeds, shared, model, rows, key, deadline, future):
         self.feeds = feeds
+        self.shared = shared  # unbatched inputs, fed once per run (None: none)
+        self.model = model  # the LoadedModel this request must run on (None: the live one)
         self.rows = rows
         self.key = key
         self.deadline = deadline
         self.future = future
+
+
+def merge_key(feeds: Mapping[str, np.ndarray], shared: Mapping[str, np.ndarray] | None,
+              model: LoadedModel | None) -> tuple:
+    """Requests with equal keys can run as one batch: same inner shapes of every batched input,
+    the very same shared array objects, and the same pinned model (or none)."""
+    key = tuple(a.shape[1:] for a in feeds.values())
+    if shared:
+        key += tuple((name, id(a)) for name, a in shared.items())
+    if model is not None:
+        key += (id(model),)
+    return key
 
 
 class MicroBatcher:
@@ -101,38 +125,40 @@ class MicroBatcher:
 
     # ---- request side ----
     async def infer(self, feeds: Mapping[str, np.ndarray], rows: int,
-                    deadline: float | None = None) -> tuple[list[np.ndarray], LoadedModel]:
+                    deadline: float | None = None, *, shared: Mapping[str, np.ndarray] | None = None,
+                    model: LoadedModel | None = None) -> tuple[list[np.ndarray], LoadedModel]:
         """Outputs for these rows (in signature order) and the model version that computed them.
 
-        feeds must already be validated against the model's signature; deadline is on the
-        time.monotonic() clock.
+        feeds (batch axis first) must already be validated against the model's signature;
+        deadline is on the time.monotonic() clock. shared: inputs without a batch axis, fed
+        once per run and never concatenated (see the module docstring). model: run on this
+        version rather than the live one (the version the shared inputs were made for).
         """
         if self._closed or not self._tasks:
             raise Unavailable("server is shutting down")
         if self._run_s_per_row * rows < self.inline_below_s and not self._queue:
-            return self._run_now(feeds, rows, deadline)
+            return self._run_now(feeds, shared, model, rows, deadline)
         if len(self._queue) >= self.max_queue_size:
             metrics.DROPPED.labels(self.handle.name, "queue_full").inc()
             raise ResourceExhausted(
                 f"model {self.handle.name!r}: batch queue is full ({self.max_queue_size} requests waiting); retry later"
             )
-        key = tuple(a.shape[1:] for a in feeds.values())
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(feeds, rows, key, deadline, fut))
+        self._queue.append(_Pending(feeds, shared, model, rows, merge_key(feeds, shared, model), deadline, fut))
         self._depth.set(len(self._queue))
         self._wakeup.set()
         return await fut
 
-    def _run_now(self, feeds: Mapping[str, np.ndarray], rows: int,
-                 deadline: float | None) -> tuple[list[np.ndarray], LoadedModel]:
-        model = self.handle.current
+    def _run_now(self, feeds: Mapping[str, np.ndarray], shared: Mapping[str, np.ndarray] | None,
+                 pinned: LoadedModel | None, rows: int, deadline: float | None) -> tuple[list[np.ndarray], LoadedModel]:
+        model = pinned or self.handle.current
         if model is None:
             raise Unavailable(f"model {self.handle.name!r} is not loaded yet")
         started = time.perf_counter()
         if deadline is not None and deadline <= time.monotonic():
             metrics.DROPPED.labels(self.handle.name, "deadline").inc()
             raise DeadlineExceeded("deadline passed before the model ran")
-        outputs = model.run(feeds)
+        outputs = model.run({**feeds, **shared} if shared else feeds)
         self._observe_run(time.perf_counter() - started, rows)
         self._batch_hist.observe(rows)
         return outputs, model
@@ -195,7 +221,7 @@ class MicroBatcher:
             batch = self._take_batch()
             if not batch:
                 continue
-            model = self.handle.current
+            model = batch[0].model or self.handle.current  # every request of a batch pins the same one
             if model is None:
                 for p in batch:
                     if not p.future.done():
@@ -228,10 +254,13 @@ class MicroBatcher:
 
 
 def _run_batch(model: LoadedModel, batch: Sequence[_Pending]) -> list[np.ndarray]:
+    shared = batch[0].shared  # the same objects for every request of the batch (merge key)
     if len(batch) == 1:
-        return model.run(batch[0].feeds)
+        return model.run({**batch[0].feeds, **shared} if shared else batch[0].feeds)
     names = batch[0].feeds.keys()
     feeds = {n: np.concatenate([p.feeds[n] for p in batch], axis=0) for n in names}
+    if shared:
+        feeds.update(shared)
     outputs = model.run(feeds)
     rows = sum(p.rows for p in batch)
     for name, y in zip(model.output_names, outputs):

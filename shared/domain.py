@@ -6,6 +6,12 @@ particular to it: `preprocess` (validate the request, build model inputs), `post
 outcomes the same). The template does the rest the same way everywhere: the deadline,
 the batcher, a prediction id unique across replicas and restarts, recording what was
 served and what happened for the trainer, and de-duplicating repeated outcomes.
+
+Two optional hooks for domains whose model inputs are not what the trainer should see:
+`served_record` picks what is recorded for the trainer (default: every model input and
+output; the recommender records ids instead of its catalog matrix), and
+`outcome_accepted` sees each new (non-duplicate) outcome (the recommender updates the
+user's recent history with it).
 """
 from __future__ import annotations
 
@@ -41,6 +47,9 @@ class Prepared:
     feeds: dict[str, np.ndarray]
     rows: int
     extra: Any = None
+    # Inputs without a batch axis, fed once per run (e.g. a catalog matrix). A request that has
+    # them runs on the model version preprocess saw (they are usually made for that version).
+    shared: dict[str, np.ndarray] | None = None
 
 
 class PredictionIds:
@@ -124,19 +133,31 @@ class DomainService(abc.ABC, Generic[Req, Resp]):
     def outcome_to_feedback(self, outcome: Message, now: float) -> tuple[Hashable, feedback_pb2.Outcome]:
         """Validate one outcome; return its identity (for duplicates) and the feedback record."""
 
+    def served_record(self, request: Req, prepared: Prepared, outputs: Mapping[str, np.ndarray],
+                      response: Resp) -> tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]:
+        """(inputs, outputs) recorded for the trainer with the request and response; what the
+        trainer learns from must be exactly what was served. Default: the batched model
+        inputs and every output (never the shared inputs)."""
+        return prepared.feeds, outputs
+
+    def outcome_accepted(self, outcome: Message, record: feedback_pb2.Outcome) -> None:
+        """Called once per new (non-duplicate) valid outcome, before it is queued for the trainer."""
+
     # ---- the template ----
     async def predict(self, request: Req, deadline: float | None) -> Resp:
         model = self.served.current
         if model is None:
             raise Unavailable(f"model {self.served.name!r} is not loaded yet")
         prepared = self.preprocess(request, model)
-        outputs, used = await self.served.infer(prepared.feeds, prepared.rows, deadline)
+        outputs, used = await self.served.infer(prepared.feeds, prepared.rows, deadline, shared=prepared.shared,
+                                                model=model if prepared.shared else None)
         named = dict(zip(used.output_names, outputs))
         prediction_id = self.ids.next()
         logs.model_version.set(used.version)
         response = self.postprocess(request, prepared, named, used, prediction_id)
         if self.feedback is not None:
-            self.feedback.record_served(prediction_id, used.name, used.version, prepared.feeds, named,
+            inputs, recorded = self.served_record(request, prepared, named, response)
+            self.feedback.record_served(prediction_id, used.name, used.version, inputs, recorded,
                                         request=request, response=response, served_at=time.time())
         return response
 
@@ -150,6 +171,7 @@ class DomainService(abc.ABC, Generic[Req, Resp]):
                 duplicates += 1
                 continue
             record.received_at = now
+            self.outcome_accepted(outcome, record)
             if self.feedback is not None and not self.feedback.record_outcome(record):
                 raise ResourceExhausted("outcome queue and disk spool are full; retry later")
             accepted += 1

@@ -91,14 +91,19 @@ class ServedModel:
         await self.batcher.stop()
 
     async def infer(self, feeds: Mapping[str, np.ndarray], rows: int, deadline: float | None = None,
-                    version: str = "") -> tuple[list[np.ndarray], LoadedModel]:
-        """Run validated inputs through the batcher. version, when given, must be the live one."""
-        model = self.handle.current
-        if model is None:
+                    version: str = "", *, shared: Mapping[str, np.ndarray] | None = None,
+                    model: LoadedModel | None = None) -> tuple[list[np.ndarray], LoadedModel]:
+        """Run validated inputs through the batcher. version, when given, must be the live one.
+
+        shared: inputs without a batch axis (fed once per run, e.g. a catalog matrix);
+        model: the version these inputs were prepared for, which then runs them even if a
+        newer one was swapped in meanwhile (see shared.batching)."""
+        live = self.handle.current
+        if live is None and model is None:
             raise Unavailable(f"model {self.name!r} is not loaded yet")
-        if version and version != model.version:
-            raise NotFound(f"model {self.name!r} version {version!r} is not served (serving {model.version})")
-        return await self.batcher.infer(feeds, rows, deadline)
+        if version and version != (model or live).version:
+            raise NotFound(f"model {self.name!r} version {version!r} is not served (serving {live.version})")
+        return await self.batcher.infer(feeds, rows, deadline, shared=shared, model=model)
 
     @staticmethod
     def deadline_of(context) -> float | None:

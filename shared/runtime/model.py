@@ -5,6 +5,12 @@ the signature the service declares, given a session, and warmed up on sample inp
 outputs must be finite (and pass the service's own range check) before the handle points
 at it. Requests hold a reference to the LoadedModel they started with, so a swap never
 disturbs one in flight; the old session is freed when its last request finishes.
+
+A service whose model needs more than its session can prepare per-version state at load
+time (`ModelLoader.prepare`, run in the loader thread before warm-up, its result kept on
+`LoadedModel.prepared`): e.g. the recommender computes its catalog's item vectors with the
+new version's own item tower, so a swap never pairs one version's scoring graph with
+another version's vectors. Its warm-up can then feed that state (`warmup_feeds`).
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -41,6 +47,8 @@ class LoadedModel:
     created: CreatedSession
     manifest: Manifest | None = None
     loaded_at: float = dataclasses.field(default_factory=time.time)
+    path: Path | None = None  # the model file; its folder holds the version's extra files
+    prepared: Any = None  # what ModelLoader.prepare returned for this version (None without one)
 
     def __post_init__(self) -> None:
         self.input_names = [t.name for t in self.signature.inputs]
@@ -71,9 +79,10 @@ def sample_inputs(signature: Signature, batch: int, seed: int = 0) -> dict[str, 
 
 
 def warm_up(model: LoadedModel, batches: tuple[int, ...], check: OutputCheck | None,
-            inputs_for: Callable[[Signature, int], Arrays] = sample_inputs) -> None:
+            inputs_for: Callable[[Signature, int], Arrays] = sample_inputs,
+            warmup_feeds: "Callable[[LoadedModel, int], Arrays] | None" = None) -> None:
     for batch in batches:
-        feeds = inputs_for(model.signature, batch)
+        feeds = warmup_feeds(model, batch) if warmup_feeds is not None else inputs_for(model.signature, batch)
         outputs = model.run(feeds)
         named = dict(zip(model.output_names, outputs))
         for name, y in named.items():
@@ -96,6 +105,11 @@ class ModelLoader:
     manifest_check: Callable[[Manifest], "str | None"] | None = None
     warmup_batches: tuple[int, ...] = (1, 8)
     inputs_for: Callable[[Signature, int], Arrays] = sample_inputs
+    # Per-version state built in the loader thread before warm-up (kept on LoadedModel.prepared);
+    # raising refuses the version (ModelRejected keeps its message, anything else is wrapped).
+    prepare: Callable[[LoadedModel], Any] | None = None
+    # Warm-up feeds built from the loaded version itself (its prepared state); overrides inputs_for.
+    warmup_feeds: Callable[[LoadedModel, int], Arrays] | None = None
 
     def _load(self, name: str, version: str, path: Path, manifest: Manifest | None,
               engine_dir: Path | None) -> LoadedModel:
@@ -121,9 +135,17 @@ class ModelLoader:
             diffs = self.expected.differences(signature)
             if diffs:
                 raise ModelRejected("signature differs from what the service declares: " + "; ".join(diffs))
-        model = LoadedModel(name, version, signature, created, manifest)
+        model = LoadedModel(name, version, signature, created, manifest, path=path)
+        if self.prepare is not None:
+            try:
+                model.prepared = self.prepare(model)
+            except ModelRejected:
+                raise
+            except Exception as e:
+                log.exception("%s/%s: preparation failed", name, version)
+                raise ModelRejected(f"preparation failed: {e}") from e
         try:
-            warm_up(model, self.warmup_batches, self.output_check, self.inputs_for)
+            warm_up(model, self.warmup_batches, self.output_check, self.inputs_for, self.warmup_feeds)
         except ModelRejected:
             raise
         except Exception as e:
