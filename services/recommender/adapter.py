@@ -1,0 +1,457 @@
+"""Recommender domain rules: request -> model inputs over the catalog, outputs -> ranked items.
+
+The model contract (docs in the trainer's recommender domain and notes/reco_contract.md):
+a version holds the scoring graph (model.onnx: user tower + scoring over the catalog matrix
++ TopK inside the graph), an item tower (item_tower.onnx: item id, title embedding,
+category, price -> one vector per item), vocab.json, catalog.jsonl and users.npz.
+
+Per version, at load time (ModelLoader.prepare, in the loader thread, before the version
+serves), VersionItems computes the whole catalog's item vectors with that version's own
+item tower: a hot swap never pairs one version's user tower with another's item vectors.
+The catalog matrix is a shared (unbatched) input of the batcher: every request against the
+same catalog snapshot and version shares one session run.
+
+Variable-length inputs (restrict = candidate rows, exclude = purchased rows) are padded
+with -1 to power-of-two buckets, so that requests of different lengths still land in a
+few shapes and can be batched together.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+
+from protos.common.v1 import common_pb2
+from protos.feedback.v1 import feedback_pb2
+from protos.recommender.v1 import recommender_pb2 as pb
+from services.recommender.catalog import Catalog, CatalogSnapshot, ItemRecord
+from services.recommender.history import UserHistory
+from shared.domain import DomainService, Prepared, check_id, event_time, finite
+from shared.errors import InvalidArgument, Unavailable
+from shared.registry import Manifest
+from shared.runtime.model import LoadedModel, ModelRejected
+from shared.runtime.session import RuntimeOptions, create_session
+
+log = logging.getLogger(__name__)
+
+INPUTS = {"user": "INT64", "history": "INT64", "context": "INT64", "k": "INT64", "restrict": "INT64",
+          "exclude": "INT64", "item_vectors": "FP32"}
+OUTPUTS = {"items": "INT64", "score": "FP32", "click": "FP32", "purchase": "FP32"}
+ITEM_TOWER_INPUTS = {"item": "INT64", "text": "FP32", "category": "INT64", "price": "FP32"}
+MAX_K = 200
+MAX_CANDIDATES = 10_000
+MAX_UPSERT = 10_000
+MIN_BUCKET = 16  # smallest padded width of a non-empty restrict/exclude list
+TOWER_CHUNK = 4096  # catalog rows per item tower run
+EVENTS = {pb.EVENT_IMPRESSION, pb.EVENT_CLICK, pb.EVENT_ADD_TO_CART, pb.EVENT_PURCHASE}
+INTERACTIONS = {pb.EVENT_CLICK, pb.EVENT_ADD_TO_CART, pb.EVENT_PURCHASE}  # what feeds the user's history
+
+
+def bucket(n: int) -> int:
+    """Padded width for n ids: 1 for none (a single -1), else a power of two >= MIN_BUCKET."""
+    if n <= 0:
+        return 1
+    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+
+
+def padded(rows: Sequence[int]) -> np.ndarray:
+    out = np.full((1, bucket(len(rows))), -1, np.int64)
+    out[0, : len(rows)] = rows
+    return out
+
+
+def check_manifest(manifest: Manifest) -> str | None:
+    e = manifest.extra
+    for key in ("history_len", "item_vector_dim"):
+        if not isinstance(e.get(key), int) or e[key] < 1:
+            return f"extra.{key} must be a positive integer"
+    for key in ("pages", "devices"):
+        if not isinstance(e.get(key), list) or not all(isinstance(x, str) for x in e[key]):
+            return f"extra.{key} must be a list of strings"
+    return None
+
+
+def check_outputs(outputs: Mapping[str, np.ndarray]) -> str | None:
+    for name in ("click", "purchase"):
+        p = outputs[name]
+        if (p < 0).any() or (p > 1).any():
+            return f"{name} probability outside [0, 1]"
+    return None
+
+
+def _check_graph(session, expected: Mapping[str, str], what: str) -> None:
+    types = {"tensor(int64)": "INT64", "tensor(float)": "FP32"}
+    got = {a.name: types.get(a.type, a.type) for a in session.get_inputs()}
+    if got != dict(expected):
+        raise ModelRejected(f"{what} inputs are {got}, the contract says {dict(expected)}")
+
+
+@dataclasses.dataclass(eq=False)
+class ItemIndex:
+    """One version's item vectors for one catalog snapshot (rows [0, size))."""
+
+    generation: int
+    size: int
+    buffer: np.ndarray  # [capacity, Dv]; rows >= size are free for a later append
+    vectors: np.ndarray  # buffer[:size]: the shared model input (one object per index)
+    revisions: np.ndarray  # the catalog row revisions these vectors were computed from
+    appended: bool = False  # a later index already appended into this buffer (the next one copies)
+
+
+class VersionItems:
+    """What one model version needs beyond its scoring graph: its item tower, vocabularies,
+    manifest parameters, and the catalog's item vectors computed by it (kept in sync)."""
+
+    def __init__(self, model: LoadedModel, options: RuntimeOptions) -> None:
+        folder = model.path.parent
+        self.version = model.version
+        extra = model.manifest.extra if model.manifest is not None else json.loads(
+            (folder / "manifest.json").read_text())["extra"]
+        self.history_len = int(extra["history_len"])
+        self.dim = int(extra["item_vector_dim"])
+        self.pages = {p.lower(): i + 1 for i, p in enumerate(extra["pages"])}
+        self.devices = {d.lower(): i + 1 for i, d in enumerate(extra["devices"])}
+        for name in ("item_tower.onnx", "vocab.json"):
+            if not (folder / name).is_file():
+                raise ModelRejected(f"version {model.version} has no {name}")
+        vocab = json.loads((folder / "vocab.json").read_text())
+        self.user_code = {u: i + 1 for i, u in enumerate(vocab["users"])}
+        self.item_code = {it: i + 1 for i, it in enumerate(vocab["items"])}
+        self.category_code = {c: i + 1 for i, c in enumerate(vocab["categories"])}
+        _check_graph(model.created.session, INPUTS, "model.onnx")
+        outs = {o.name for o in model.created.session.get_outputs()}
+        if outs != set(OUTPUTS):
+            raise ModelRejected(f"model.onnx outputs are {sorted(outs)}, the contract says {sorted(OUTPUTS)}")
+        self.tower = create_session(folder / "item_tower.onnx", options).session
+        _check_graph(self.tower, ITEM_TOWER_INPUTS, "item_tower.onnx")
+        self._lock = threading.Lock()
+        self.index: ItemIndex | None = None
+
+    # ---- item vectors ----
+    def tower_vectors(self, snap: CatalogSnapshot, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.dim), np.float32)
+        ids, cats = snap.ids, snap.categories
+        for s in range(0, len(rows), TOWER_CHUNK):
+            r = rows[s:s + TOWER_CHUNK]
+            feeds = {
+                "item": np.array([self.item_code.get(ids[i], 0) for i in r], np.int64).reshape(-1, 1),
+                "text": snap.text_vectors(r),
+                "category": np.array([self.category_code.get(cats[c], 0) for c in snap.category[r]],
+                                     np.int64).reshape(-1, 1),
+                "price": snap.price[r].astype(np.float32).reshape(-1, 1),
+            }
+            y = self.tower.run(["item_vector"], feeds)[0]
+            if y.shape != (len(r), self.dim):
+                raise ModelRejected(f"item tower returned {y.shape}, expected {(len(r), self.dim)}")
+            out[s:s + len(r)] = y
+        if not np.isfinite(out).all():
+            raise ModelRejected("item tower returned non-finite vectors")
+        return out
+
+    def build(self, snap: CatalogSnapshot) -> ItemIndex:
+        """Item vectors for `snap`, computing only rows added or rewritten since the newest
+        index this version has (the whole catalog the first time). Thread-safe; does not
+        publish the result (see publish)."""
+        with self._lock:
+            base = self.index
+            if base is not None and base.generation == snap.generation:
+                return base
+            if base is None or base.generation > snap.generation or base.size > snap.size:
+                rows = np.arange(snap.size)
+                buffer = np.zeros((max(snap.size, 1), self.dim), np.float32)
+            else:
+                changed = np.flatnonzero(snap.revision[: base.size] != base.revisions)
+                rows = np.concatenate([changed, np.arange(base.size, snap.size)])
+                buffer = base.buffer
+                if len(changed) or base.appended or snap.size > len(buffer):
+                    # copy-on-write: runs in flight read the old buffer
+                    fresh = np.zeros((max(snap.size, 2 * base.size, 1024), self.dim), np.float32)
+                    fresh[: base.size] = base.vectors
+                    buffer = fresh
+                else:
+                    base.appended = True  # rows beyond base.size are invisible to base's view
+            if len(rows):
+                buffer[rows] = self.tower_vectors(snap, rows)
+            return ItemIndex(snap.generation, snap.size, buffer, buffer[: snap.size], snap.revision.copy())
+
+    def publish(self, index: ItemIndex) -> None:
+        with self._lock:
+            if self.index is None or index.generation > self.index.generation:
+                self.index = index
+
+    def index_for(self, snap: CatalogSnapshot) -> ItemIndex:
+        idx = self.index
+        if idx is not None and idx.generation == snap.generation:
+            return idx
+        # this version was loaded while the catalog moved on: catch up (a few rows, usually)
+        idx = self.build(snap)
+        self.publish(idx)
+        return idx
+
+
+@dataclasses.dataclass
+class RecoRequest:
+    """What postprocess and the trainer's record need from preprocess."""
+
+    snapshot: CatalogSnapshot
+    k: int
+    user_id: str
+    history_ids: list[str]
+    fallback: bool
+    restrict: frozenset[int] | None
+    exclude: frozenset[int]
+
+
+class RecentPredictions:
+    """prediction_id -> user_id of recent predictions (bounded), so an outcome can update
+    the right user's history."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._users: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def add(self, prediction_id: str, user_id: str) -> None:
+        self._users[prediction_id] = user_id
+        if len(self._users) > self.capacity:
+            self._users.popitem(last=False)
+
+    def get(self, prediction_id: str) -> str | None:
+        return self._users.get(prediction_id)
+
+
+class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse]):
+    domain = feedback_pb2.DOMAIN_RECOMMENDER
+
+    def __init__(self, served, catalog: Catalog, history: UserHistory, feedback=None, *,
+                 options: RuntimeOptions | None = None, max_k: int = MAX_K, prediction_memory: int = 200_000,
+                 text_cache_size: int = 200_000) -> None:
+        super().__init__(served, feedback)
+        self.catalog = catalog
+        self.history = history
+        self.options = options or RuntimeOptions()
+        self.max_k = max_k
+        self.predictions = RecentPredictions(prediction_memory)
+        self.text_cache_size = text_cache_size
+        self.encoder = None  # shared.text.TextEncoder, loaded with the first model version
+        self._encoder_lock = threading.Lock()
+        self._upsert_lock = asyncio.Lock()
+
+    # ---- per-version preparation (loader thread) ----
+    def text_encoder(self):
+        with self._encoder_lock:
+            if self.encoder is None:
+                from shared.registry import RegistryError
+                from shared.text import TextEncoder
+
+                if self.served.registry is None:
+                    raise ModelRejected("the recommender needs a registry (for the text-encoder model)")
+                try:
+                    self.encoder = TextEncoder.from_registry(self.served.registry, self.options,
+                                                             cache_size=self.text_cache_size)
+                except RegistryError as e:
+                    raise ModelRejected(str(e)) from e
+                self.catalog.embed = self.encoder.encode
+            return self.encoder
+
+    def prepare(self, model: LoadedModel) -> VersionItems:
+        """ModelLoader.prepare: the catalog (loaded once), the history seeded from this
+        version's users, and the catalog's item vectors computed by this version."""
+        folder = model.path.parent
+        self.text_encoder()
+        state = VersionItems(model, self.options)
+        self.catalog.ensure_loaded(seed=folder / "catalog.jsonl")
+        if (folder / "users.npz").is_file():
+            added = self.history.seed_npz(folder / "users.npz")
+            log.info("recommender %s: history seeded with %d users", model.version, added)
+        snap = self.catalog.current
+        started = time.perf_counter()
+        state.publish(state.build(snap))
+        log.info("recommender %s: item vectors for %d items in %.2f s", model.version, snap.size,
+                 time.perf_counter() - started)
+        return state
+
+    def warmup_feeds(self, model: LoadedModel, batch: int) -> dict[str, np.ndarray]:
+        """Realistic warm-up: known users, real history rows, the whole catalog matrix."""
+        state: VersionItems = model.prepared
+        idx = state.index
+        if idx.size == 0:
+            raise ModelRejected("the catalog is empty")
+        rng = np.random.default_rng(0)
+        users = np.arange(1, batch + 1) % (len(state.user_code) + 1)
+        history = np.full((batch, state.history_len), -1, np.int64)
+        history[:, : min(3, state.history_len)] = rng.integers(0, idx.size, (batch, min(3, state.history_len)))
+        return {"user": users.reshape(-1, 1).astype(np.int64), "history": history,
+                "context": np.zeros((batch, 3), np.int64),
+                "k": np.full((batch, 1), min(10, idx.size), np.int64),
+                "restrict": np.full((batch, 1), -1, np.int64), "exclude": np.full((batch, 1), -1, np.int64),
+                "item_vectors": idx.vectors}
+
+    # ---- Recommend ----
+    def preprocess(self, request: pb.RecommendRequest, model: LoadedModel) -> Prepared:
+        user_id = check_id(request.user_id, "user_id", 128, required=False)
+        ctx = request.context
+        check_id(ctx.page, "context.page", 64, required=False)
+        check_id(ctx.device, "context.device", 64, required=False)
+        if ctx.HasField("hour_of_day"):
+            if ctx.hour_of_day > 23:
+                raise InvalidArgument(f"context.hour_of_day must be 0..23, got {ctx.hour_of_day}")
+            hour = ctx.hour_of_day
+        else:
+            hour = time.gmtime().tm_hour
+        if not 1 <= request.k <= self.max_k:
+            raise InvalidArgument(f"k must be 1..{self.max_k}, got {request.k}")
+        if len(request.candidate_item_ids) > MAX_CANDIDATES:
+            raise InvalidArgument(f"candidate_item_ids has {len(request.candidate_item_ids)} ids; at most {MAX_CANDIDATES}")
+        state: VersionItems = model.prepared
+        snap = self.catalog.current
+        if snap.size == 0:
+            raise Unavailable("the catalog is empty")
+        restrict: list[int] = []
+        if request.candidate_item_ids:
+            unknown = []
+            for item_id in dict.fromkeys(request.candidate_item_ids):
+                row = snap.row(item_id)
+                if row is None:
+                    unknown.append(item_id)
+                else:
+                    restrict.append(row)
+            if unknown:
+                shown = ", ".join(repr(u[:128]) for u in unknown[:5])
+                raise InvalidArgument(f"candidate_item_ids: {len(unknown)} id(s) not in the catalog: {shown}"
+                                      + (" ..." if len(unknown) > 5 else ""))
+        index = state.index_for(snap)
+        user_code = state.user_code.get(user_id, 0) if user_id else 0
+        history_ids, history_rows = [], []
+        if user_id:
+            for item_id in self.history.recent(user_id):
+                row = snap.row(item_id)
+                if row is not None:
+                    history_ids.append(item_id)
+                    history_rows.append(row)
+                    if len(history_rows) == state.history_len:
+                        break
+        exclude: list[int] = []
+        if request.exclude_purchased and user_id:
+            exclude = [r for r in (snap.row(i) for i in self.history.purchased(user_id)) if r is not None]
+        history = np.full((1, state.history_len), -1, np.int64)
+        history[0, : len(history_rows)] = history_rows
+        context = np.array([[state.pages.get(ctx.page.lower(), 0), state.devices.get(ctx.device.lower(), 0), hour]],
+                           np.int64)
+        feeds = {"user": np.array([[user_code]], np.int64), "history": history, "context": context,
+                 "k": np.array([[request.k]], np.int64), "restrict": padded(restrict), "exclude": padded(exclude)}
+        extra = RecoRequest(snap, request.k, user_id, history_ids,
+                            fallback=user_code == 0 and not history_rows,
+                            restrict=frozenset(restrict) if restrict else None, exclude=frozenset(exclude))
+        return Prepared(feeds, 1, extra, shared={"item_vectors": index.vectors})
+
+    def postprocess(self, request, prepared: Prepared, outputs, model: LoadedModel,
+                    prediction_id: str) -> pb.RecommendResponse:
+        r: RecoRequest = prepared.extra
+        resp = pb.RecommendResponse(prediction_id=prediction_id, fallback=r.fallback,
+                                    model=common_pb2.ModelRef(name=model.name, version=model.version))
+        rows, score = outputs["items"][0], outputs["score"][0]
+        click, purchase = outputs["click"][0], outputs["purchase"][0]
+        seen: set[int] = set()
+        for j in range(len(rows)):
+            row, s = int(rows[j]), float(score[j])
+            # the graph marks filtered entries with -inf; the rules are checked again here
+            if not math.isfinite(s) or not 0 <= row < r.snapshot.size or row in seen or row in r.exclude \
+                    or (r.restrict is not None and row not in r.restrict):
+                continue
+            seen.add(row)
+            resp.items.add(item_id=r.snapshot.ids[row], score=s,
+                           click_probability=min(1.0, max(0.0, float(click[j]))),
+                           purchase_probability=min(1.0, max(0.0, float(purchase[j]))))
+            if len(resp.items) == r.k:
+                break
+        if r.user_id:
+            self.predictions.add(prediction_id, r.user_id)
+        return resp
+
+    def served_record(self, request, prepared: Prepared, outputs, response):
+        """What the trainer learns from: the user code, the history as item ids (catalog rows
+        mean nothing outside this process), the context, and the items served with their
+        probabilities. Never the catalog matrix."""
+        r: RecoRequest = prepared.extra
+        ids = [it.item_id for it in response.items]
+        inputs = {"user": prepared.feeds["user"],
+                  "history_ids": np.array(r.history_ids, dtype=object).reshape(1, -1),
+                  "context": prepared.feeds["context"]}
+        recorded = {"item_ids": np.array(ids, dtype=object).reshape(1, -1),
+                    "click": np.array([[it.click_probability for it in response.items]], np.float32).reshape(1, -1),
+                    "purchase": np.array([[it.purchase_probability for it in response.items]],
+                                         np.float32).reshape(1, -1)}
+        return inputs, recorded
+
+    # ---- outcomes ----
+    def outcome_to_feedback(self, outcome: pb.RecommendationOutcome, now: float) -> tuple[Hashable, feedback_pb2.Outcome]:
+        check_id(outcome.prediction_id, "prediction_id", 64)
+        check_id(outcome.item_id, "item_id", 128)
+        if outcome.event not in EVENTS:
+            raise InvalidArgument(f"event must be EVENT_IMPRESSION, EVENT_CLICK, EVENT_ADD_TO_CART or "
+                                  f"EVENT_PURCHASE, got {outcome.event}")
+        occurred = event_time(outcome.occurred_at, "occurred_at", now)
+        record = feedback_pb2.Outcome(prediction_id=outcome.prediction_id, occurred_at=occurred)
+        record.recommendation.CopyFrom(outcome)
+        record.recommendation.occurred_at = occurred
+        return (outcome.prediction_id, outcome.item_id, int(outcome.event)), record
+
+    def outcome_accepted(self, outcome: pb.RecommendationOutcome, record) -> None:
+        if outcome.event not in INTERACTIONS:
+            return
+        user_id = self.predictions.get(outcome.prediction_id)
+        if user_id:  # unknown prediction (another replica, or forgotten): the trainer still learns it
+            self.history.record(user_id, outcome.item_id, purchase=outcome.event == pb.EVENT_PURCHASE)
+
+    # ---- catalog updates ----
+    def validate_items(self, request: pb.UpsertItemsRequest) -> list[ItemRecord]:
+        n = len(request.items)
+        if not 1 <= n <= MAX_UPSERT:
+            raise InvalidArgument(f"items must hold 1..{MAX_UPSERT} items, got {n}")
+        out, seen = [], set()
+        for i, it in enumerate(request.items):
+            check_id(it.item_id, f"items[{i}].item_id", 128)
+            check_id(it.title, f"items[{i}].title", 1000)
+            if not it.title.strip():
+                raise InvalidArgument(f"items[{i}].title is blank")
+            check_id(it.category, f"items[{i}].category", 128, required=False)
+            price = finite(it.price, f"items[{i}].price")
+            if price < 0:
+                raise InvalidArgument(f"items[{i}].price must be >= 0, got {price}")
+            if it.item_id in seen:
+                raise InvalidArgument(f"items[{i}].item_id {it.item_id!r} appears twice")
+            seen.add(it.item_id)
+            out.append(ItemRecord(it.item_id, it.title, it.category, float(price)))
+        return out
+
+    async def upsert(self, request: pb.UpsertItemsRequest) -> pb.UpsertItemsResponse:
+        """Journal (fsync), embed, compute the item vectors of every loaded version, then
+        publish catalog and vectors together: a Recommend that starts after the answer sees them."""
+        items = self.validate_items(request)
+        if self.served.current is None or not self.catalog.loaded:
+            raise Unavailable(f"model {self.served.name!r} is not loaded yet")
+        async with self._upsert_lock:
+            inserted, updated, titles = self.catalog.plan(items)
+            vectors = {}
+            if titles:
+                encoder = self.text_encoder()
+                vectors = dict(zip(titles, await asyncio.to_thread(encoder.encode, titles)))
+            snap = await asyncio.to_thread(self.catalog.upsert, items, vectors)
+            states = []
+            for m in (self.served.handle.current, self.served.handle.previous):
+                if m is not None and isinstance(m.prepared, VersionItems) and m.prepared not in states:
+                    states.append(m.prepared)
+            built = [(st, await asyncio.to_thread(st.build, snap)) for st in states]
+            for st, idx in built:  # no await from here: readers see catalog and vectors change together
+                st.publish(idx)
+            self.catalog.publish(snap)
+        return pb.UpsertItemsResponse(inserted=inserted, updated=updated, catalog_size=snap.size)

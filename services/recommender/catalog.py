@@ -1,0 +1,282 @@
+"""The recommender's catalog: stable rows, immutable snapshots, a durable JSONL journal.
+
+Every item gets a row the first time it is seen and keeps it for the life of the process
+(items are added or replaced, never removed), so catalog row indices fed to the model
+(history, candidates, exclusions) and returned by it stay meaningful across updates.
+
+Readers (Recommend) take `Catalog.current`, an immutable CatalogSnapshot, once per request:
+a concurrent UpsertItems builds a *new* snapshot and publishes it with one assignment.
+Per-row arrays live in buffers with spare capacity: appending rows writes beyond the size
+older snapshots can see (their views end before it), so an append costs O(new rows); a
+replaced item copies the arrays first (copy-on-write), so nothing a reader holds changes
+under it. The id list and the id -> row dict are shared and append-only for the same
+reason (a row is valid in a snapshot when it is < its size).
+
+Titles are embedded once per distinct title (the frozen sentence encoder does not depend
+on the model version) into an append-only text table; rows point into it. The per-version
+item vectors (item tower output) are not here: see services.recommender.adapter.ItemIndex.
+
+Durability: every upsert is appended to the journal (one JSON object per line: item_id,
+title, category, price) and fsync'd before it is applied, so an answered UpsertItems
+survives a crash. At start the journal is replayed (the last line of an item wins); when
+there is none, it is seeded from the model version's catalog.jsonl. The trainer reads the
+same file to learn items it has not seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TEXT_DIM = 384
+Embed = Callable[[Sequence[str]], np.ndarray]  # titles -> float32 [n, TEXT_DIM]
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemRecord:
+    item_id: str
+    title: str
+    category: str
+    price: float
+
+    def to_json(self) -> str:
+        return json.dumps({"item_id": self.item_id, "title": self.title, "category": self.category,
+                           "price": self.price}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ItemRecord":
+        price = float(d.get("price", 0.0))
+        if not math.isfinite(price) or price < 0:
+            raise ValueError(f"price must be finite and >= 0, got {price}")
+        item_id, title = str(d["item_id"]), str(d["title"])
+        if not item_id or not title:
+            raise ValueError("item_id and title are required")
+        return cls(item_id, title, str(d.get("category") or ""), price)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CatalogSnapshot:
+    """The catalog as one request sees it. Rows [0, size) are valid; nothing here changes."""
+
+    generation: int  # bumped by every applied upsert
+    size: int
+    ids: list[str]  # shared, append-only: read only [:size]
+    row_of: dict[str, int]  # shared, append-only: a row >= size is not in this snapshot
+    categories: list[str]  # shared, append-only category names
+    category: np.ndarray  # int32 [size]: index into categories
+    price: np.ndarray  # float32 [size]
+    text_row: np.ndarray  # int32 [size]: row of the title's embedding in `texts`
+    texts: np.ndarray  # float32 [T, TEXT_DIM]
+    revision: np.ndarray  # int64 [size]: generation that last wrote each row
+
+    def row(self, item_id: str) -> int | None:
+        r = self.row_of.get(item_id)
+        return r if r is not None and r < self.size else None
+
+    def item_id(self, row: int) -> str:
+        return self.ids[row]
+
+    def category_of(self, row: int) -> str:
+        return self.categories[self.category[row]]
+
+    def text_vectors(self, rows: np.ndarray) -> np.ndarray:
+        return self.texts[self.text_row[rows]]
+
+
+def _grow(buf: np.ndarray, needed: int) -> np.ndarray:
+    if needed <= len(buf):
+        return buf
+    cap = max(needed, 2 * len(buf), 1024)
+    out = np.zeros((cap, *buf.shape[1:]), buf.dtype)
+    out[: len(buf)] = buf
+    return out
+
+
+class Catalog:
+    """Writer side of the catalog; `current` is the published snapshot readers use."""
+
+    def __init__(self, journal_path: str | os.PathLike[str], embed: Embed | None = None) -> None:
+        self.path = Path(journal_path)
+        self.embed = embed  # set before load/upsert (the text encoder comes from the registry)
+        self._lock = threading.Lock()  # one writer at a time (upserts, the loader thread's seeding)
+        self.loaded = False
+        self._ids: list[str] = []
+        self._row_of: dict[str, int] = {}
+        self._titles: list[str] = []  # per row; writer-side only (detects changed titles)
+        self._categories: list[str] = []
+        self._category_index: dict[str, int] = {}
+        self._text_row_of: dict[str, int] = {}  # title -> row in the text table
+        self._category = np.zeros(0, np.int32)
+        self._price = np.zeros(0, np.float32)
+        self._text_row = np.zeros(0, np.int32)
+        self._revision = np.zeros(0, np.int64)
+        self._texts = np.zeros((0, TEXT_DIM), np.float32)
+        self._n_texts = 0
+        self.latest = self._snapshot(0, 0)
+        self.current = self.latest
+
+    # ---- reading ----
+    def _snapshot(self, generation: int, size: int) -> CatalogSnapshot:
+        return CatalogSnapshot(generation, size, self._ids, self._row_of, self._categories,
+                               self._category[:size], self._price[:size], self._text_row[:size],
+                               self._texts[: self._n_texts], self._revision[:size])
+
+    def __len__(self) -> int:
+        return self.current.size
+
+    def title(self, item_id: str) -> str | None:
+        r = self._row_of.get(item_id)
+        return None if r is None else self._titles[r]
+
+    # ---- loading ----
+    def ensure_loaded(self, seed: str | os.PathLike[str] | None = None) -> CatalogSnapshot:
+        """Replay the journal (seeding it first from `seed`, a catalog.jsonl, when there is no
+        journal yet) and publish the result. Idempotent; thread-safe."""
+        with self._lock:
+            if self.loaded:
+                return self.current
+            if not self.path.exists():
+                if seed is None or not Path(seed).is_file():
+                    raise FileNotFoundError(f"no catalog journal at {self.path} and no catalog.jsonl to seed it from")
+                self._seed_journal(Path(seed))
+            items = read_jsonl(self.path)
+            if items:
+                self._apply(items, generation=1)
+            self.current = self.latest
+            self.loaded = True
+            log.info("catalog: %d items from %s (%d distinct titles)", self.latest.size, self.path, self._n_texts)
+            return self.current
+
+    def _seed_journal(self, seed: Path) -> None:
+        items = read_jsonl(seed)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for item in items:
+                f.write(item.to_json() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+        log.info("catalog: seeded %s with %d items from %s", self.path, len(items), seed)
+
+    # ---- writing ----
+    def plan(self, items: Sequence[ItemRecord]) -> tuple[int, int, list[str]]:
+        """(new items, replaced items, titles that need an embedding) for an upsert."""
+        new = sum(1 for it in items if it.item_id not in self._row_of)
+        titles = sorted({it.title for it in items if it.title not in self._text_row_of})
+        return new, len(items) - new, titles
+
+    def upsert(self, items: Sequence[ItemRecord], title_vectors: dict[str, np.ndarray] | None = None) -> CatalogSnapshot:
+        """Journal (fsync) then apply; returns the new snapshot WITHOUT publishing it (the
+        caller publishes it together with the item vectors made for it). title_vectors:
+        embeddings of titles not yet in the text table (else self.embed computes them)."""
+        with self._lock:
+            if not self.loaded:
+                raise RuntimeError("catalog not loaded yet")
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("".join(it.to_json() + "\n" for it in items))
+                f.flush()
+                os.fsync(f.fileno())
+            return self._apply(items, self.latest.generation + 1, title_vectors)
+
+    def publish(self, snapshot: CatalogSnapshot) -> None:
+        if snapshot.generation > self.current.generation:
+            self.current = snapshot
+
+    def _apply(self, items: Sequence[ItemRecord], generation: int,
+               title_vectors: dict[str, np.ndarray] | None = None) -> CatalogSnapshot:
+        last: dict[str, ItemRecord] = {}
+        for it in items:  # a later line of the same item wins
+            last[it.item_id] = it
+        items = list(last.values())
+        missing = sorted({it.title for it in items if it.title not in self._text_row_of
+                          and not (title_vectors and it.title in title_vectors)})
+        vectors = dict(title_vectors or {})
+        if missing:
+            if self.embed is None:
+                raise RuntimeError("catalog has no text encoder")
+            for t, v in zip(missing, self.embed(missing)):
+                vectors[t] = v
+        old_size = self.latest.size
+        replaced = [it for it in items if it.item_id in self._row_of]
+        if replaced:  # copy-on-write: snapshots already handed out keep their arrays
+            self._category = self._category.copy()
+            self._price = self._price.copy()
+            self._text_row = self._text_row.copy()
+            self._revision = self._revision.copy()
+        size = old_size + sum(1 for it in items if it.item_id not in self._row_of)
+        self._category = _grow(self._category, size)
+        self._price = _grow(self._price, size)
+        self._text_row = _grow(self._text_row, size)
+        self._revision = _grow(self._revision, size)
+        new_titles = [t for t in dict.fromkeys(it.title for it in items) if t not in self._text_row_of]
+        if new_titles:
+            self._texts = _grow(self._texts, self._n_texts + len(new_titles))
+            for t in new_titles:
+                self._texts[self._n_texts] = vectors[t]
+                self._text_row_of[t] = self._n_texts
+                self._n_texts += 1
+        for it in items:
+            row = self._row_of.get(it.item_id)
+            if row is None:
+                row = len(self._ids)
+                self._ids.append(it.item_id)
+                self._titles.append(it.title)
+                self._row_of[it.item_id] = row
+            else:
+                self._titles[row] = it.title
+            c = self._category_index.get(it.category)
+            if c is None:
+                c = self._category_index[it.category] = len(self._categories)
+                self._categories.append(it.category)
+            self._category[row] = c
+            self._price[row] = it.price
+            self._text_row[row] = self._text_row_of[it.title]
+            self._revision[row] = generation
+        self.latest = self._snapshot(generation, size)
+        return self.latest
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[ItemRecord]:
+    """Items of a catalog JSONL file; a torn last line (crash mid-append) is skipped with a
+    warning, any other bad line is an error naming the line."""
+    out: list[ItemRecord] = []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(ItemRecord.from_json(json.loads(line)))
+        except (ValueError, KeyError, TypeError) as e:
+            if i == len(lines) - 1:
+                log.warning("catalog %s: skipping a torn last line: %s", path, e)
+                continue
+            raise ValueError(f"{path}:{i + 1}: bad catalog line: {e}") from e
+    return out
+
+
+def write_jsonl(path: str | os.PathLike[str], items: Iterable[ItemRecord]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for it in items:
+            f.write(it.to_json() + "\n")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,136 @@
+"""Per-user recent interactions and purchased items, kept in process and bounded.
+
+What the user tower reads (`recent`: the most recent distinct items a user clicked, put in
+the cart or bought, most recent first) and what exclude_purchased leaves out
+(`purchased`). Seeded from a model version's users.npz (the interactions the model was
+trained on: Ta Feng purchase lines, so every seeded interaction counts as a purchase) and
+updated from reported outcomes while serving.
+
+Bounded three ways: at most `max_users` users (least recently active evicted first), at
+most `max_recent` recent items and `max_purchased` purchased items per user (oldest
+dropped first). Thread-safe (the loader thread seeds while the event loop serves).
+
+This is the embedded default: one process, lost on restart except what the next model
+version's users.npz carries. Several replicas would share it through Redis (see DESIGN.md).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+
+class _User:
+    __slots__ = ("recent", "purchased")
+
+    def __init__(self) -> None:
+        self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()  # last = most recent
+        self.purchased: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+
+class UserHistory:
+    def __init__(self, max_users: int = 200_000, max_recent: int = 50, max_purchased: int = 1000) -> None:
+        if max_users < 1 or max_recent < 1 or max_purchased < 0:
+            raise ValueError("max_users and max_recent must be >= 1, max_purchased >= 0")
+        self.max_users, self.max_recent, self.max_purchased = max_users, max_recent, max_purchased
+        self._users: collections.OrderedDict[str, _User] = collections.OrderedDict()  # last = most recently active
+        self._lock = threading.Lock()
+        self.seeded_from: set[str] = set()  # users.npz files already read (one per model version)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._users)
+
+    def __contains__(self, user_id: str) -> bool:
+        with self._lock:
+            return user_id in self._users
+
+    def recent(self, user_id: str, n: int | None = None) -> list[str]:
+        """The user's most recent distinct interactions, most recent first (at most n)."""
+        with self._lock:
+            u = self._users.get(user_id)
+            if u is None:
+                return []
+            items = reversed(u.recent)
+            if n is None:
+                return list(items)
+            out = []
+            for it in items:
+                if len(out) >= n:
+                    break
+                out.append(it)
+            return out
+
+    def purchased(self, user_id: str) -> list[str]:
+        with self._lock:
+            u = self._users.get(user_id)
+            return [] if u is None else list(u.purchased)
+
+    def record(self, user_id: str, item_id: str, purchase: bool) -> None:
+        """One interaction (click, add to cart, or purchase when `purchase`) just now."""
+        with self._lock:
+            u = self._user(user_id)
+            self._push(u.recent, item_id, self.max_recent)
+            if purchase and self.max_purchased:
+                self._push(u.purchased, item_id, self.max_purchased)
+
+    def _user(self, user_id: str) -> _User:
+        u = self._users.get(user_id)
+        if u is None:
+            u = self._users[user_id] = _User()
+            if len(self._users) > self.max_users:
+                self._users.popitem(last=False)
+        else:
+            self._users.move_to_end(user_id)
+        return u
+
+    @staticmethod
+    def _push(d: collections.OrderedDict, item_id: str, bound: int) -> None:
+        d[item_id] = None
+        d.move_to_end(item_id)
+        if len(d) > bound:
+            d.popitem(last=False)
+
+    def seed_npz(self, path: str | os.PathLike[str]) -> int:
+        """Add the users of a users.npz (user_ids, indptr CSR, item_ids oldest first) that this
+        history does not know yet; users it knows keep what the service saw (newer). Each file
+        is read once. Returns the number of users added."""
+        key = os.fspath(Path(path).resolve())
+        if key in self.seeded_from:
+            return 0
+        with np.load(path, allow_pickle=False) as z:
+            user_ids, indptr, item_ids = z["user_ids"], z["indptr"], z["item_ids"]
+        if len(indptr) != len(user_ids) + 1 or (len(indptr) and indptr[-1] != len(item_ids)):
+            raise ValueError(f"{path}: indptr does not match user_ids/item_ids")
+        users = user_ids.astype(str).tolist()
+        items = item_ids.astype(str).tolist()
+        added = 0
+        with self._lock:
+            room = self.max_users - len(self._users)
+            for i, user in enumerate(users):
+                if room <= 0:
+                    break
+                if user in self._users:
+                    continue
+                u = _User()
+                seq = items[indptr[i]:indptr[i + 1]]
+                newest_first: dict[str, None] = {}
+                for it in reversed(seq):  # the most recent distinct items
+                    if len(newest_first) >= self.max_recent:
+                        break
+                    newest_first.setdefault(it, None)
+                for it in reversed(newest_first):
+                    u.recent[it] = None
+                if self.max_purchased:
+                    for it in seq:
+                        self._push(u.purchased, it, self.max_purchased)
+                # seeded users go to the least recently active end: live users outrank them
+                self._users[user] = u
+                self._users.move_to_end(user, last=False)
+                room -= 1
+                added += 1
+        self.seeded_from.add(key)
+        return added

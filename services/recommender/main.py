@@ -1,0 +1,77 @@
+"""Composition root of the recommender service: settings -> registry, model, catalog, history, server.
+
+    python -m services.recommender.main [--port 50052] [--registry-dir var/registry] \
+        [--catalog-path var/catalog/items.jsonl] ...
+
+Needs the registry's `recommender` and `text-encoder` models (`python -m trainer bootstrap`).
+The KServe V2 API is not exposed here: the scoring graph takes the catalog matrix, which
+only this service has; Recommend is the way in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from services.recommender.adapter import MAX_K, RecommenderService, check_manifest, check_outputs
+from services.recommender.catalog import Catalog
+from services.recommender.history import UserHistory
+from services.recommender.servicer import RecommenderServicer, register
+from shared.domain import attach_feedback
+from shared.runtime.model import ModelLoader
+from shared.server import ServerApp, run_app
+from shared.serving import ServedModel
+from shared.settings import DomainSettings, setting
+
+
+@dataclasses.dataclass
+class RecommenderSettings(DomainSettings):
+    """Recommender service."""
+
+    port: int = setting(50052, "gRPC port")
+    model_name: str = setting("recommender", "model name in the registry")
+    catalog_path: str = setting("var/catalog/items.jsonl",
+                                "catalog journal (JSONL, fsync'd per upsert; seeded from the model's catalog.jsonl)")
+    max_k: int = setting(MAX_K, "largest k a Recommend may ask for (1..200)")
+    history_max_users: int = setting(200_000, "users whose recent interactions are kept in memory")
+    history_max_recent: int = setting(50, "recent distinct items kept per user (the model reads its history_len)")
+    history_max_purchased: int = setting(1000, "purchased items kept per user (for exclude_purchased)")
+    prediction_memory: int = setting(200_000, "recent predictions whose user is remembered, so outcomes update history")
+    text_cache_size: int = setting(200_000, "title embeddings cached in memory (LRU)")
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if not 1 <= self.max_k <= MAX_K:
+            p.append(f"max_k must be in 1..{MAX_K}")
+        for name in ("history_max_users", "history_max_recent", "prediction_memory"):
+            if getattr(self, name) < 1:
+                p.append(f"{name} must be >= 1")
+        for name in ("history_max_purchased", "text_cache_size"):
+            if getattr(self, name) < 0:
+                p.append(f"{name} must be >= 0")
+        if not self.catalog_path:
+            p.append("catalog_path is required")
+        return p
+
+
+def make_app(s: RecommenderSettings) -> ServerApp:
+    loader = ModelLoader(options=s.runtime_options(), output_check=check_outputs, manifest_check=check_manifest)
+    served = ServedModel.from_settings(s.model_name, s, loader)
+    history = UserHistory(s.history_max_users, s.history_max_recent, s.history_max_purchased)
+    service = RecommenderService(served, Catalog(s.catalog_path), history, options=s.runtime_options(),
+                                 max_k=s.max_k, prediction_memory=s.prediction_memory,
+                                 text_cache_size=s.text_cache_size)
+    # per-version state (catalog item vectors from the version's own item tower), built
+    # in the loader thread before the version serves; warm-up runs on the real catalog
+    loader.prepare = service.prepare
+    loader.warmup_feeds = service.warmup_feeds
+    app = ServerApp("recommender", s, {s.model_name: served}, register(RecommenderServicer(service)), v2=False)
+    service.feedback = attach_feedback(app, s, "recommender")
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_app(make_app, RecommenderSettings.load(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

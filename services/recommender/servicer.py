@@ -1,0 +1,31 @@
+"""gRPC adapter of the recommender service: messages in, RecommenderService, messages out."""
+from __future__ import annotations
+
+from protos.recommender.v1 import recommender_pb2, recommender_pb2_grpc
+from services.recommender.adapter import RecommenderService
+from shared.serving import ServedModel
+
+
+class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
+    def __init__(self, service: RecommenderService) -> None:
+        self.service = service
+
+    async def Recommend(self, request, context):
+        return await self.service.predict(request, ServedModel.deadline_of(context))
+
+    async def ReportOutcome(self, request, context):
+        return self.service.accept_outcomes([request])
+
+    async def StreamOutcomes(self, request_iterator, context):
+        return await self.service.accept_outcome_stream(request_iterator)
+
+    async def UpsertItems(self, request, context):
+        return await self.service.upsert(request)
+
+
+def register(servicer: RecommenderServicer):
+    def add(server) -> list[str]:
+        recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, server)
+        return [recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name]
+
+    return add
