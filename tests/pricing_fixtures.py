@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +57,22 @@ def quote(product: str, ref: float, pct: float | None = 20.0, **kw) -> pricing_p
         else:
             setattr(req, k, v)
     return req
+
+
+@functools.lru_cache(maxsize=1)
+def _built_once() -> tuple[Path, list[str], dict[str, float]]:
+    root = Path(tempfile.mkdtemp(prefix="pricing-fixture-"))
+    world = bootstrap_small_pricing(root)
+    return root, world.products, world.references
+
+
+def small_world(root: Path, config: LearnerConfig | None = None) -> PricingWorld:
+    """A copy under root of one bootstrap made once per test process (registry and trainer
+    workdir), with a restored learner: tests may publish and learn without rebuilding it."""
+    built, products, references = _built_once()
+    for name in ("registry", "trainer"):
+        shutil.copytree(built / name, root / name)
+    registry = ModelRegistry(root / "registry")
+    learner = Learner(pricing.PricingModel(), registry, root / "trainer", config)
+    assert learner.restore()
+    return PricingWorld(registry, learner, products, references)
