@@ -12,8 +12,8 @@ The catalog matrix is a shared (unbatched) input of the batcher: every request a
 same catalog snapshot and version shares one session run.
 
 Variable-length inputs (restrict = candidate rows, exclude = purchased rows) are padded
-with -1 to power-of-two buckets, so that requests of different lengths still land in a
-few shapes and can be batched together.
+with -1 to a few bucket widths (64 x powers of 4), so that requests of different lengths
+land in a few shapes and can be batched together.
 """
 from __future__ import annotations
 
@@ -50,21 +50,26 @@ ITEM_TOWER_INPUTS = {"item": "INT64", "text": "FP32", "category": "INT64", "pric
 MAX_K = 200
 MAX_CANDIDATES = 10_000
 MAX_UPSERT = 10_000
-MIN_BUCKET = 16  # smallest padded width of a non-empty restrict/exclude list
+MIN_BUCKET = 64  # smallest padded width of a non-empty restrict/exclude list
 TOWER_CHUNK = 4096  # catalog rows per item tower run
 EVENTS = {pb.EVENT_IMPRESSION, pb.EVENT_CLICK, pb.EVENT_ADD_TO_CART, pb.EVENT_PURCHASE}
 INTERACTIONS = {pb.EVENT_CLICK, pb.EVENT_ADD_TO_CART, pb.EVENT_PURCHASE}  # what feeds the user's history
 
 
-def bucket(n: int) -> int:
-    """Padded width for n ids: 1 for none (a single -1), else a power of two >= MIN_BUCKET."""
+def bucket(n: int, empty: int = 1) -> int:
+    """Padded width for n ids: `empty` for none, else MIN_BUCKET x a power of 4 (64, 256,
+    1024, ...). Few widths -> requests batch together; padding costs the graph O(width) per
+    row, nothing next to scoring the catalog."""
     if n <= 0:
-        return 1
-    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+        return empty
+    width = MIN_BUCKET
+    while width < n:
+        width *= 4
+    return width
 
 
-def padded(rows: Sequence[int]) -> np.ndarray:
-    out = np.full((1, bucket(len(rows))), -1, np.int64)
+def padded(rows: Sequence[int], empty: int = 1) -> np.ndarray:
+    out = np.full((1, bucket(len(rows), empty)), -1, np.int64)
     out[0, : len(rows)] = rows
     return out
 
@@ -347,7 +352,9 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
         context = np.array([[state.pages.get(ctx.page.lower(), 0), state.devices.get(ctx.device.lower(), 0), hour]],
                            np.int64)
         feeds = {"user": np.array([[user_code]], np.int64), "history": history, "context": context,
-                 "k": np.array([[request.k]], np.int64), "restrict": padded(restrict), "exclude": padded(exclude)}
+                 "k": np.array([[request.k]], np.int64), "restrict": padded(restrict),
+                 # no exclusions pads like a few: the common cases (none, a short purchase list) batch together
+                 "exclude": padded(exclude, empty=MIN_BUCKET)}
         extra = RecoRequest(snap, request.k, user_id, history_ids,
                             fallback=user_code == 0 and not history_rows,
                             restrict=frozenset(restrict) if restrict else None, exclude=frozenset(exclude))
