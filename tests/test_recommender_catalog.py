@@ -81,12 +81,14 @@ def test_no_journal_and_no_seed_is_an_error(tmp_path, encoder):
         Catalog(tmp_path / "nothing.jsonl", encoder.encode).ensure_loaded(seed=tmp_path / "missing.jsonl")
 
 
-def test_history_is_most_recent_first_distinct_and_bounded():
+def test_history_is_most_recent_first_and_bounded():
     h = UserHistory(max_users=2, max_recent=3, max_purchased=2)
     for item, bought in (("a", False), ("b", True), ("c", False), ("a", True), ("d", True)):
         h.record("u1", item, purchase=bought)
-    assert h.recent("u1") == ["d", "a", "c"]  # 'a' again moved to the front; 'b' fell off
+    assert h.recent("u1") == ["d", "a", "c"]  # a repeat counts again (as in training rows); older ones fall off
     assert h.recent("u1", 2) == ["d", "a"]
+    h.record("u1", "d", purchase=False)
+    assert h.recent("u1") == ["d", "d", "a"]
     assert h.purchased("u1") == ["a", "d"]  # bounded to the 2 most recent purchases
     h.record("u2", "x", purchase=False)
     h.record("u1", "e", purchase=False)  # u1 is now the most recently active
@@ -102,7 +104,7 @@ def test_history_seeds_from_users_npz_without_overwriting_live_users(tmp_path):
     h = UserHistory(max_users=10, max_recent=2, max_purchased=10)
     h.record("u2", "live", purchase=True)
     assert h.seed_npz(path) == 1
-    assert h.recent("u1") == ["c", "a"]  # most recent first, distinct
+    assert h.recent("u1") == ["c", "a"]  # the 2 most recent, most recent first
     assert sorted(h.purchased("u1")) == ["a", "b", "c"]
     assert h.recent("u2") == ["live"]  # what the service saw wins over training data
     assert h.seed_npz(path) == 0  # each file once

@@ -273,6 +273,9 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
         folder = model.path.parent
         self.text_encoder()
         state = VersionItems(model, self.options)
+        if self.history.max_recent < state.history_len:
+            log.warning("recommender %s reads %d history items but history_max_recent is %d: raise it",
+                        model.version, state.history_len, self.history.max_recent)
         self.catalog.ensure_loaded(seed=folder / "catalog.jsonl")
         if (folder / "users.npz").is_file():
             added = self.history.seed_npz(folder / "users.npz")

@@ -1,7 +1,8 @@
 """Per-user recent interactions and purchased items, kept in process and bounded.
 
-What the user tower reads (`recent`: the most recent distinct items a user clicked, put in
-the cart or bought, most recent first) and what exclude_purchased leaves out
+What the user tower reads (`recent`: the items a user most recently clicked, put in the
+cart or bought, most recent first; a repeat counts again, as in the trainer's training rows,
+so serving sees the history shape the model learned from) and what exclude_purchased leaves out
 (`purchased`). Seeded from a model version's users.npz (the interactions the model was
 trained on: Ta Feng purchase lines, so every seeded interaction counts as a purchase) and
 updated from reported outcomes while serving.
@@ -27,12 +28,12 @@ class _User:
     __slots__ = ("recent", "purchased")
 
     def __init__(self) -> None:
-        self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()  # last = most recent
+        self.recent: collections.deque[str] = collections.deque()  # last = most recent
         self.purchased: collections.OrderedDict[str, None] = collections.OrderedDict()
 
 
 class UserHistory:
-    def __init__(self, max_users: int = 200_000, max_recent: int = 50, max_purchased: int = 1000) -> None:
+    def __init__(self, max_users: int = 200_000, max_recent: int = 64, max_purchased: int = 1000) -> None:
         if max_users < 1 or max_recent < 1 or max_purchased < 0:
             raise ValueError("max_users and max_recent must be >= 1, max_purchased >= 0")
         self.max_users, self.max_recent, self.max_purchased = max_users, max_recent, max_purchased
@@ -49,7 +50,7 @@ class UserHistory:
             return user_id in self._users
 
     def recent(self, user_id: str, n: int | None = None) -> list[str]:
-        """The user's most recent distinct interactions, most recent first (at most n)."""
+        """The user's most recent interactions, most recent first (at most n)."""
         with self._lock:
             u = self._users.get(user_id)
             if u is None:
@@ -73,7 +74,9 @@ class UserHistory:
         """One interaction (click, add to cart, or purchase when `purchase`) just now."""
         with self._lock:
             u = self._user(user_id)
-            self._push(u.recent, item_id, self.max_recent)
+            u.recent.append(item_id)
+            if len(u.recent) > self.max_recent:
+                u.recent.popleft()
             if purchase and self.max_purchased:
                 self._push(u.purchased, item_id, self.max_purchased)
 
@@ -117,13 +120,7 @@ class UserHistory:
                     continue
                 u = _User()
                 seq = items[indptr[i]:indptr[i + 1]]
-                newest_first: dict[str, None] = {}
-                for it in reversed(seq):  # the most recent distinct items
-                    if len(newest_first) >= self.max_recent:
-                        break
-                    newest_first.setdefault(it, None)
-                for it in reversed(newest_first):
-                    u.recent[it] = None
+                u.recent.extend(seq[-self.max_recent:])
                 if self.max_purchased:
                     for it in seq:
                         self._push(u.purchased, it, self.max_purchased)

@@ -33,7 +33,7 @@ class RecommenderSettings(DomainSettings):
                                 "catalog journal (JSONL, fsync'd per upsert; seeded from the model's catalog.jsonl)")
     max_k: int = setting(MAX_K, "largest k a Recommend may ask for (1..200)")
     history_max_users: int = setting(200_000, "users whose recent interactions are kept in memory")
-    history_max_recent: int = setting(50, "recent distinct items kept per user (the model reads its history_len)")
+    history_max_recent: int = setting(64, "recent interactions kept per user (the model reads its manifest history_len of them)")
     history_max_purchased: int = setting(1000, "purchased items kept per user (for exclude_purchased)")
     prediction_memory: int = setting(200_000, "recent predictions whose user is remembered, so outcomes update history")
     text_cache_size: int = setting(200_000, "title embeddings cached in memory (LRU)")
