@@ -324,7 +324,7 @@ async def test_outcomes_are_validated_deduplicated_and_reach_the_trainer_with_wh
         np.testing.assert_allclose(tensor_to_numpy(outputs["click"])[0], [i.click_probability for i in resp.items], rtol=1e-6)
         later = served[again.prediction_id]
         hist = {t.name: t for t in later.inputs}["history_ids"]
-        assert list(hist.shape) == [1, 2] or list(hist.shape) == [1, 3]
+        assert list(hist.shape) == [1, 4]  # the click and the purchase of `item`, then the training history
         assert hist.raw_data[4:4 + len(item)] == item.encode()  # the clicked/bought item is now the most recent
         got = sorted((r.outcome.recommendation.item_id, r.outcome.recommendation.event)
                      for r in trainer.stored.values() if r.WhichOneof("payload") == "outcome")
