@@ -109,17 +109,19 @@ class UserHistory:
         if len(indptr) != len(user_ids) + 1 or (len(indptr) and indptr[-1] != len(item_ids)):
             raise ValueError(f"{path}: indptr does not match user_ids/item_ids")
         users = user_ids.astype(str).tolist()
-        items = item_ids.astype(str).tolist()
+        with self._lock:
+            fresh = [i for i, user in enumerate(users) if user not in self._users]
+        fresh = fresh[: max(0, self.max_users - len(self))]
+        # only the new users' items become Python strings: a new version mostly repeats known
+        # users, and converting every line would hold the GIL (and stall serving) for long
         added = 0
         with self._lock:
-            room = self.max_users - len(self._users)
-            for i, user in enumerate(users):
-                if room <= 0:
-                    break
-                if user in self._users:
+            for i in fresh:
+                user = users[i]
+                if user in self._users or len(self._users) >= self.max_users:
                     continue
                 u = _User()
-                seq = items[indptr[i]:indptr[i + 1]]
+                seq = item_ids[indptr[i]:indptr[i + 1]].astype(str).tolist()
                 u.recent.extend(seq[-self.max_recent:])
                 if self.max_purchased:
                     for it in seq:
@@ -127,7 +129,6 @@ class UserHistory:
                 # seeded users go to the least recently active end: live users outrank them
                 self._users[user] = u
                 self._users.move_to_end(user, last=False)
-                room -= 1
                 added += 1
         self.seeded_from.add(key)
         return added
