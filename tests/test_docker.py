@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile", "gpu": DOCKER / "Dockerfile.gpu"}
 VOLUME = "/var/lib/storefront"
+DOMAIN_SERVICES = ("fraud", "recommender", "pricing")
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -517,13 +518,24 @@ def test_dockerignore_keeps_local_state_out():
 
 def test_compose_services():
     c = compose()
-    assert set(c["services"]) == {"trainer", "fraud", "prometheus", "grafana"}
+    assert set(c["services"]) == {"trainer", "fraud", "recommender", "pricing", "prometheus", "grafana"}
     for name, s in storefront_services(c).items():
         assert (DOCKER / s["build"]["context"] / s["build"]["dockerfile"]).resolve() == DOCKERFILES["cpu"], name
         assert s["image"] == c["services"]["trainer"]["image"], "one image for every process"
-    assert c["services"]["fraud"]["depends_on"] == {"trainer": {"condition": "service_healthy"}}
-    text = (DOCKER / "compose.yaml").read_text()
-    assert "recommender" in text and "50052" in text and "pricing" in text and "50053" in text
+    for name in DOMAIN_SERVICES:
+        assert c["services"][name]["depends_on"] == {"trainer": {"condition": "service_healthy"}}, name
+    assert set(load_settings(c["services"]["trainer"]["command"], service_env("trainer")).domain_list) == set(DOMAIN_SERVICES)
+
+
+def test_the_recommender_catalog_journal_is_shared_with_the_trainer():
+    """Items upserted while serving are journaled by the recommender and read by the trainer."""
+    c = compose()
+    trainer = load_settings(c["services"]["trainer"]["command"], service_env("trainer"))
+    reco = load_settings(c["services"]["recommender"]["command"], service_env("recommender"))
+    assert trainer.catalog_path == reco.catalog_path
+    folder = str(Path(reco.catalog_path).parent)
+    t_mount, r_mount = mount_of(c["services"]["trainer"], folder), mount_of(c["services"]["recommender"], folder)
+    assert t_mount and r_mount and t_mount[0] == r_mount[0] and not r_mount[2]
 
 
 def test_compose_commands_accept_their_settings():
@@ -559,22 +571,23 @@ def test_compose_commands_accept_their_settings():
                 assert m is not None and not m[2] and m[0] != reg[0], f"{name}: {path} needs its own writable volume"
 
 
-def test_gpu_override_runs_fraud_on_the_gpu_image():
+@pytest.mark.parametrize("name", DOMAIN_SERVICES)
+def test_gpu_override_runs_the_domain_services_on_the_gpu_image(name):
     base = compose()
     with open(DOCKER / "compose.gpu.yaml") as f:
         over = yaml.safe_load(f)
-    assert set(over["services"]) == {"fraud"}
-    fraud = over["services"]["fraud"]
-    assert (DOCKER / fraud["build"]["context"] / fraud["build"]["dockerfile"]).resolve() == DOCKERFILES["gpu"]
-    assert fraud["image"] != base["services"]["fraud"]["image"]
-    (device,) = fraud["deploy"]["resources"]["reservations"]["devices"]
+    assert set(over["services"]) == set(DOMAIN_SERVICES)
+    svc = over["services"][name]
+    assert (DOCKER / svc["build"]["context"] / svc["build"]["dockerfile"]).resolve() == DOCKERFILES["gpu"]
+    assert svc["image"] != base["services"][name]["image"]
+    (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     env = env_of(DOCKERFILES["gpu"])
-    env.update({k: str(v) for k, v in base["services"]["fraud"]["environment"].items()})
-    env.update({k: str(v) for k, v in fraud["environment"].items()})
-    settings = load_settings(base["services"]["fraud"]["command"], env)
+    env.update({k: str(v) for k, v in base["services"][name]["environment"].items()})
+    env.update({k: str(v) for k, v in svc["environment"].items()})
+    settings = load_settings(base["services"][name]["command"], env)
     assert settings.providers == "auto" and settings.trt_fp16 is False
-    m = mount_of(base["services"]["fraud"], settings.trt_cache_dir)
+    m = mount_of(base["services"][name], settings.trt_cache_dir)
     assert m is not None and not m[2], "TensorRT engines persist on the service's writable volume"
 
 
@@ -592,6 +605,8 @@ def test_compose_healthchecks_ask_the_right_server():
 
             from protos.feedback.v1 import feedback_pb2  # noqa: F401
             from protos.fraud.v1 import fraud_pb2  # noqa: F401
+            from protos.pricing.v1 import pricing_pb2  # noqa: F401
+            from protos.recommender.v1 import recommender_pb2  # noqa: F401
 
             descriptor_pool.Default().FindServiceByName(args.service)
         for cmd in cmds:
@@ -649,7 +664,7 @@ def exported_metrics() -> dict[str, tuple[str, set[str]]]:
     from shared.metrics import RequestStats
 
     for m in ("shared.metrics", "shared.feedback", "trainer.collector", "trainer.joiner", "trainer.service",
-              "services.fraud.main"):
+              "services.fraud.main", "services.recommender.main", "services.pricing.main"):
         importlib.import_module(m)
     out: dict[str, tuple[str, set[str]]] = {}
     for collector in list(REGISTRY._collector_to_names):
