@@ -367,10 +367,18 @@ class PricingModel(DomainModel):
 BOOTSTRAP_END = "2001-01-01"  # bootstrap learns from Nov-Dec 2000; the simulator is calibrated on Jan-Feb 2001
 HOLDOUT_DAYS = 7  # the last week before BOOTSTRAP_END is the bootstrap's holdout
 MIN_LINES = 30  # products with at least this many lines (and two prices) give training rows
+# Power prior: one Ta Feng exposure counts as this share of an observed quote. The shelf of a
+# Taiwanese grocery in 2000 is not this storefront: at full weight its thousands of exposures per
+# product would make the posterior so sure that the storefront's own sales could hardly move it
+# (and Thompson sampling would hardly explore). At 0.1 a product's history weighs like a few
+# hundred quotes; measured on the market simulator (bench.eval_pricing), see the README.
+HISTORY_WEIGHT = 0.1
 
 
-def bootstrap_data(limit: int | None = None, end: str = BOOTSTRAP_END, min_lines: int = MIN_LINES):
-    """(vocabulary, train rows, holdout rows) from Ta Feng before `end` (rows: (X, y))."""
+def bootstrap_data(limit: int | None = None, end: str = BOOTSTRAP_END, min_lines: int = MIN_LINES,
+                   history_weight: float = HISTORY_WEIGHT):
+    """(vocabulary, train rows, holdout rows) from Ta Feng before `end` (rows: (X, y)); each
+    row's weight is its exposures x history_weight."""
     import pandas as pd
 
     from trainer.domains import pricing_data
@@ -384,7 +392,7 @@ def bootstrap_data(limit: int | None = None, end: str = BOOTSTRAP_END, min_lines
     cut = np.datetime64(pd.Timestamp(end) - pd.Timedelta(days=HOLDOUT_DAYS), "D")
 
     def to_xy(r):
-        return rows(r.product, r.segment, NO_HOUR, r.x, r.n, 0), (r.k / r.n).astype(np.float32)
+        return rows(r.product, r.segment, NO_HOUR, r.x, r.n * history_weight, 0), (r.k / r.n).astype(np.float32)
 
     return vocab, to_xy(conv.take(conv.day < cut)), to_xy(conv.take(conv.day >= cut))
 
@@ -412,9 +420,10 @@ def bootstrap_pricing(registry, workdir: Path, *, force: bool = False, model: Pr
     entry = learner.bootstrap(X, y, hX, hy, epochs=1)
     model.progress = None
     p = predict_mean(learner.net, hX)
-    log.info("pricing: bootstrapped version %s from %d Ta Feng product-day-segment rows (%d exposures) of %d "
+    log.info("pricing: bootstrapped version %s from %d Ta Feng product-day-segment rows (%d exposures x %g) of %d "
              "products in %.1f s; holdout weighted log loss %.4f (constant rate: %.4f)", entry.get("version"),
-             len(y), int(X[:, COL_WEIGHT].sum()), len(np.unique(X[:, COL_PRODUCT])), time.time() - t0,
+             len(y), int(X[:, COL_WEIGHT].sum() / HISTORY_WEIGHT), HISTORY_WEIGHT, len(np.unique(X[:, COL_PRODUCT])),
+             time.time() - t0,
              weighted_log_loss(hy, p, hX[:, COL_WEIGHT]),
              weighted_log_loss(hy, np.full_like(hy, np.average(y, weights=X[:, COL_WEIGHT])), hX[:, COL_WEIGHT]))
     return entry
