@@ -11,7 +11,10 @@ uniform draw per customer, so differences are the policies'):
   joins it to the served quote, learns, gates, publishes, and the service hot-reloads;
 - reference: the reference price, unchanged;
 - epsilon-greedy: per product, on the service's candidate grid (ε = 0.1), learning each
-  outcome at once.
+  outcome at once;
+- bootstrap-frozen (for reference, not a baseline): the greedy price of the bootstrap version
+  (v1, never updated, no exploration), to show what learning through the loop adds to what the
+  model knew from Ta Feng.
 Regret = the oracle's expected value minus the policy's, per arrival, summed (expected values
 under the true demand curves, given the arrival's segment and units; the realized values are
 reported too). The oracle quotes each product's best fixed price (pricing_sim.Market.oracle_prices).
@@ -37,7 +40,7 @@ from bench.pricing_sim import Arrivals, EpsilonGreedy, Market, arrivals, calibra
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_DIR = Path(__file__).resolve().parent.parent / "var" / "eval-pricing-quick"
-POLICIES = ("service", "reference", "epsilon_greedy")
+POLICIES = ("service", "reference", "epsilon_greedy", "bootstrap_frozen")
 
 
 def progress(msg: str) -> None:
@@ -191,6 +194,30 @@ def baselines(market: Market, arr: Arrivals, grid_size: int, epsilon: float, see
     return {"reference": market.reference[arr.product].copy(), "epsilon_greedy": eps_price}
 
 
+def frozen_greedy_prices(registry_dir: Path, market: Market, arr: Arrivals, grid_size: int) -> np.ndarray:
+    """The greedy price of the registry's version 1 for every arrival (one ORT run per 4096)."""
+    import onnxruntime as ort
+
+    from services.pricing.adapter import PricingService, Vocab
+    from shared.registry import ModelRegistry
+
+    registry = ModelRegistry(registry_dir)
+    vocab = Vocab(registry.manifest("pricing", "1").extra)
+    session = ort.InferenceSession(str(registry.model_path("pricing", "1")), providers=["CPUExecutionProvider"])
+    service = PricingService(None, exploration_share=0.0, grid_size=grid_size)
+    prepared = [service.prepare(quote_request(market, arr, i), vocab) for i in range(len(arr))]
+    out = np.empty(len(arr))
+    for start in range(0, len(arr), 4096):
+        chunk = prepared[start:start + 4096]
+        feeds = {name: np.concatenate([p.feeds[name] for p in chunk]) for name in chunk[0].feeds}
+        conversion = session.run(["conversion"], feeds)[0]
+        for j, p in enumerate(chunk):
+            grid, _, _, _, cost = p.extra
+            unit = grid - cost if cost is not None else grid
+            out[start + j] = grid[int(np.argmax(unit * conversion[j]))]
+    return out
+
+
 def values(market: Market, arr: Arrivals, price: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per arrival: expected value, realized value, realized revenue (nan prices count 0)."""
     ok = ~np.isnan(price)
@@ -238,7 +265,8 @@ def plot(market: Market, arr: Arrivals, prices: dict[str, np.ndarray], path: Pat
         x = np.arange(1, int(mask.sum()) + 1)
         for name, price in prices.items():
             e = values(market, arr, price)[0]
-            ax.plot(x, np.cumsum(o_exp[mask] - e[mask]) / np.cumsum(o_exp[mask]) * 100, label=name.replace("_", "-"))
+            ax.plot(x, np.cumsum(o_exp[mask] - e[mask]) / np.cumsum(o_exp[mask]) * 100, label=name.replace("_", "-"),
+                    ls="--" if name == "bootstrap_frozen" else "-")
         ax.axhline(10, color="gray", ls=":", lw=1)
         ax.set_title(f"{objective} products: cumulative regret")
         ax.set_xlabel("quotes")
@@ -288,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         startup_s = time.time() - t_start
         progress(f"live loop serving after {startup_s:.0f} s; driving {len(arr)} quotes at {args.rate:g}/s")
         try:
+            prices["bootstrap_frozen"] = frozen_greedy_prices(loop.registry, market, arr, args.grid_size)
             served = asyncio.run(drive_service(f"127.0.0.1:{loop.port}", market, arr, args.rate, args.delay_s,
                                                args.in_flight, args.seed + 3))
             time.sleep(3)
@@ -295,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             codes = loop.stop()
         decisions = loop.decisions()
         trainer_tail = loop.trainer.tail(3000) if codes[1] else ""
-    prices = {"service": served["price"], **prices}
+    prices = {"service": served["price"], "reference": prices["reference"],
+              "epsilon_greedy": prices["epsilon_greedy"], "bootstrap_frozen": prices["bootstrap_frozen"]}
     summary = summarize(market, arr, prices)
     plot(market, arr, prices, out_dir / "pricing_regret.png")
     rounds = [d for d in decisions if d["decision"] != "bootstrap"]

@@ -16,24 +16,19 @@ import asyncio
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 
-from ops.loadtest import Recorder, closed_loop, summary
+from bench.api_vs_v2 import V2, alternate, compare
 from ops.procs import FraudLoop
 from bench.storefront import score_request
 from protos.fraud.v1 import fraud_pb2_grpc
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
-
-async def _measure_one(call, concurrency: int, duration: float, warmup: float) -> dict:
-    rec = Recorder(time.perf_counter() + warmup)
-    await closed_loop(call, concurrency, duration, warmup, rec)
-    return summary(rec, duration)
+TARGET_RATIO = 1.2  # ScoreTransaction p99 / ModelInfer p99 (issue 4)
 
 
 async def measure(address: str, rows: np.ndarray, requests, concurrency: int, duration: float, warmup: float):
@@ -47,14 +42,9 @@ async def measure(address: str, rows: np.ndarray, requests, concurrency: int, du
         req.raw_input_contents.append(np.ascontiguousarray(r[None, :], np.float32).tobytes())
         v2_requests.append(req)
     n = len(rows)
-    out = []
-    for round_ in range(2):
-        for api, call in (("ModelInfer", lambda i: v2.ModelInfer(v2_requests[i % n], timeout=10)),
-                          ("ScoreTransaction", lambda i: fraud.ScoreTransaction(requests[i % n], timeout=10))):
-            r = await _measure_one(call, concurrency, duration, warmup)
-            r.update(api=api, round=round_ + 1, concurrency=concurrency)
-            print(f"[fraud-serving] {api} round {round_ + 1}: {r}", file=sys.stderr)
-            out.append(r)
+    out = await alternate({V2: lambda i: v2.ModelInfer(v2_requests[i % n], timeout=10),
+                           "ScoreTransaction": lambda i: fraud.ScoreTransaction(requests[i % n], timeout=10)},
+                          concurrency, duration, warmup, label="fraud-serving")
     await channel.close()
     return out
 
@@ -81,19 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                                           args.duration, args.warmup))
         finally:
             loop.stop()
-    p99 = {api: float(np.median([r["p99_ms"] for r in results if r["api"] == api]))
-           for api in ("ModelInfer", "ScoreTransaction")}
-    rps = {api: float(np.median([r["rps"] for r in results if r["api"] == api])) for api in p99}
-    ratio = round(p99["ScoreTransaction"] / p99["ModelInfer"], 3)
-    print(f"| API (c={args.concurrency}) | req/s (median of 2) | p99 ms (median of 2) |")
-    print("|---|---|---|")
-    for api in p99:
-        print(f"| {api} | {rps[api]:,.0f} | {p99[api]:.2f} |")
-    print(f"\nScoreTransaction p99 / ModelInfer p99 = {ratio} (target <= 1.2)")
+    report = compare(results, "ScoreTransaction", args.concurrency, TARGET_RATIO)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                          "results": results, "p99_ratio": ratio, "median_p99_ms": p99,
-                                          "median_rps": rps}, indent=2))
+    Path(args.out).write_text(json.dumps(report, indent=2))
     return 0
 
 

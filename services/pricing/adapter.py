@@ -71,10 +71,9 @@ def check_outputs(outputs: Mapping[str, np.ndarray]) -> str | None:
 
 
 class Vocab:
-    """Product id -> code and segment -> code of one model version."""
+    """Product id -> code and segment -> code of one model version (from its manifest's extra)."""
 
-    def __init__(self, model: LoadedModel) -> None:
-        extra = model.manifest.extra if model.manifest is not None else {}
+    def __init__(self, extra: Mapping) -> None:
         self.products = {p: i + 1 for i, p in enumerate(extra.get("products", []))}
         self.segments = {s: i for i, s in enumerate(extra.get("segments", ["other"]))}
 
@@ -109,11 +108,15 @@ class PricingService(DomainService[pricing_pb2.QuoteRequest, pricing_pb2.QuoteRe
     def vocab(self, model: LoadedModel) -> Vocab:
         cached = self._vocab
         if cached is None or cached[0] != model.version:
-            cached = self._vocab = (model.version, Vocab(model))
+            cached = self._vocab = (model.version, Vocab(model.manifest.extra if model.manifest else {}))
         return cached[1]
 
     # ---- request -> model inputs ----
     def preprocess(self, request: pricing_pb2.QuoteRequest, model: LoadedModel) -> Prepared:
+        return self.prepare(request, self.vocab(model))
+
+    def prepare(self, request: pricing_pb2.QuoteRequest, vocab: Vocab) -> Prepared:
+        """Validate the request and build the model inputs with this vocabulary."""
         check_id(request.product_id, "product_id", 128)
         ref = finite(request.reference_price, "reference_price")
         if not ref > 0:
@@ -161,7 +164,6 @@ class PricingService(DomainService[pricing_pb2.QuoteRequest, pricing_pb2.QuoteRe
         grid = candidate_grid(ref, lo, hi, self.grid_size)
         with np.errstate(divide="ignore", over="ignore"):
             x = np.clip(np.log(grid / ref), -X_CLIP, X_CLIP).astype(np.float32)
-        vocab = self.vocab(model)
         feeds = {"product": np.array([vocab.products.get(request.product_id, 0)], np.int64),
                  "segment": np.array([vocab.segments.get(ctx.segment, 0)], np.int64),
                  "hour": np.array([hour], np.int64),

@@ -1,0 +1,82 @@
+"""Load-test scenario for pricing: quotes for real Ta Feng products, sales reported as they happen.
+
+    python -m ops.loadtest quote --target 127.0.0.1:50053 -c 32 -d 30
+
+The products, their reference prices, costs and demand come from the market simulator
+(bench.pricing_sim, calibrated on Ta Feng Jan-Feb 2001): the --rows most sold products with
+price variation (at most 300). Each call quotes one arrival: a product in proportion to its
+real exposures, a Ta Feng age group as the segment, an hour drawn like storefront traffic,
+the merchant's guardrails (min_price = the unit cost for margin quotes, half the reference
+for revenue ones; max_price = 1.5 x reference; max_change_pct 10, 20 or 30), and the
+product's objective (margin for those the simulator prices for margin, revenue otherwise).
+The customer then buys iff their uniform draw is under the simulator's true conversion at the
+quoted price, with real Ta Feng line amounts as units; the outcome (sold or not) is reported
+through ReportOutcome after --label-delay-s (jittered 0.5x-1.5x), for a share --outcome-rate
+of the quotes.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+from typing import Awaitable, Callable
+
+import grpc
+import numpy as np
+
+MAX_PRODUCTS = 300
+CHANGE_PCTS = (10.0, 20.0, 30.0)
+
+
+def quotes(rows: int, n: int, seed: int = 0):
+    """The market and `n` arrivals with their QuoteRequests (guardrail pct varied per arrival)."""
+    from bench.eval_pricing import quote_request
+    from bench.pricing_sim import arrivals, calibrate
+
+    market = calibrate(max(1, min(rows, MAX_PRODUCTS)), seed=seed)
+    arr = arrivals(market, n, seed=seed + 1)
+    rng = np.random.default_rng(seed + 2)
+    requests = []
+    for i in range(n):
+        req = quote_request(market, arr, i)
+        req.guardrails.max_change_pct = float(rng.choice(CHANGE_PCTS))
+        requests.append(req)
+    return market, arr, requests
+
+
+async def scenario(channel: grpc.aio.Channel, args) -> tuple[Callable[[int], Awaitable[object]], Callable[[], Awaitable[None]]]:
+    from protos.pricing.v1 import pricing_pb2, pricing_pb2_grpc
+
+    seed = getattr(args, "seed", 0)
+    delay = getattr(args, "label_delay_s", 2.0)
+    outcome_rate = getattr(args, "outcome_rate", 1.0)
+    timeout = getattr(args, "timeout", 10.0)
+    market, arr, requests = await asyncio.to_thread(quotes, getattr(args, "rows", 5000), 20_000, seed)
+    stub = pricing_pb2_grpc.PricingStub(channel)
+    rng = random.Random(seed)
+    pending: set[asyncio.Task] = set()
+
+    async def report(pid: str, sold: bool, units: int, price: float) -> None:
+        await asyncio.sleep(delay * rng.uniform(0.5, 1.5))
+        try:
+            await stub.ReportOutcome(pricing_pb2.PricingOutcome(prediction_id=pid, sold=sold, units=units if sold else 0,
+                                                                price=price if sold else 0.0), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            print(f"[loadtest] ReportOutcome failed: {e.code().name}: {e.details()}", file=sys.stderr)
+
+    async def call(i: int):
+        k = i % len(requests)
+        resp = await stub.Quote(requests[k], timeout=timeout)
+        if rng.random() < outcome_rate:
+            p = int(arr.product[k])
+            sold = bool(arr.u[k] < market.conversion(np.array([p]), arr.segment[k:k + 1], np.array([resp.price]))[0])
+            t = asyncio.ensure_future(report(resp.prediction_id, sold, int(arr.units[k]), resp.price))
+            pending.add(t)
+            t.add_done_callback(pending.discard)
+        return resp
+
+    async def drain() -> None:
+        if pending:
+            await asyncio.gather(*pending)
+
+    return call, drain
