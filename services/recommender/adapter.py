@@ -11,9 +11,10 @@ item tower: a hot swap never pairs one version's user tower with another's item 
 The catalog matrix is a shared (unbatched) input of the batcher: every request against the
 same catalog snapshot and version shares one session run.
 
-Variable-length inputs (restrict = candidate rows, exclude = purchased rows) are padded
-with -1 to a few bucket widths (64 x powers of 4), so that requests of different lengths
-land in a few shapes and can be batched together.
+Variable-length inputs are padded with -1 so that requests of different lengths land in
+a few shapes and can be batched together: restrict (candidate rows) to 1 (none) or a
+bucket width (64 x a power of 4), exclude (purchased rows, bounded by
+history_max_purchased) always to the one width that holds the largest purchased set.
 """
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ def bucket(n: int, empty: int = 1) -> int:
     return width
 
 
-def padded(rows: Sequence[int], empty: int = 1) -> np.ndarray:
-    out = np.full((1, bucket(len(rows), empty)), -1, np.int64)
+def padded(rows: Sequence[int], empty: int = 1, at_least: int = 1) -> np.ndarray:
+    out = np.full((1, max(at_least, bucket(len(rows), empty))), -1, np.int64)
     out[0, : len(rows)] = rows
     return out
 
@@ -245,6 +246,7 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
         self.options = options or RuntimeOptions()
         self.max_k = max_k
         self.predictions = RecentPredictions(prediction_memory)
+        self.exclude_width = bucket(max(1, history.max_purchased))
         self.text_cache_size = text_cache_size
         self.encoder = None  # shared.text.TextEncoder, loaded with the first model version
         self._encoder_lock = threading.Lock()
@@ -356,8 +358,9 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
                            np.int64)
         feeds = {"user": np.array([[user_code]], np.int64), "history": history, "context": context,
                  "k": np.array([[request.k]], np.int64), "restrict": padded(restrict),
-                 # no exclusions pads like a few: the common cases (none, a short purchase list) batch together
-                 "exclude": padded(exclude, empty=MIN_BUCKET)}
+                 # one width for every request (the purchased set is bounded): exclusions never split a
+                 # batch, and scattering a few hundred -1s costs nothing next to scoring the catalog
+                 "exclude": padded(exclude, empty=self.exclude_width, at_least=self.exclude_width)}
         extra = RecoRequest(snap, request.k, user_id, history_ids,
                             fallback=user_code == 0 and not history_rows,
                             restrict=frozenset(restrict) if restrict else None, exclude=frozenset(exclude))
