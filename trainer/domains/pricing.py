@@ -30,6 +30,15 @@ the network remembers the highest offset it absorbed, and rows at or below it ar
 (An outcome whose served prediction reached the log late, and so joins after a newer outcome
 was absorbed, is skipped the same way: rare, and the cost is one lost row.)
 
+Bootstrap (bootstrap_pricing, `python -m trainer bootstrap --domains pricing`, ~20 s): Ta Feng
+Nov-Dec 2000 turned into conversion rows by the exposure assumption of
+trainer.domains.pricing_data (an exposure = a basket holding the product's subclass, a
+conversion = one holding the product; binomial rows per product-day-segment with the day's
+price), weighted by HISTORY_WEIGHT (a power prior: the grocery shelf is not the storefront),
+absorbed from the prior in one L-BFGS solve; the last week is the holdout. The vocabulary is
+every Ta Feng product (23,812) with its subclass; it travels in the checkpoint (extra state)
+and in each manifest (extra.products, in code order), which the service maps ids with.
+
 Serving graph (ONNX), every axis 0 dynamic, the grid axis dynamic too:
   inputs  product [B] INT64 (vocabulary code, 0 = unknown), segment [B] INT64 (code in
           SEGMENTS), hour [B] INT64 (0..23), log_price_ratio [B, G] FP32 (log(price / reference)
