@@ -18,3 +18,26 @@ def exported_text_encoder() -> tuple[Path, float]:
     folder = Path(tempfile.mkdtemp(prefix="text-encoder-"))
     atexit.register(shutil.rmtree, folder, True)
     return export_text_encoder(folder / "model.onnx")
+
+
+SMALL_LINES = 40_000  # the first ~6 days of Ta Feng: ~6k customers, ~9k products
+
+
+def bootstrap_small_recommender(root: Path, config=None, limit: int = SMALL_LINES, epochs: int = 1):
+    """Train a real `recommender` on the first `limit` Ta Feng lines (a few seconds) with the
+    real learner and publish it, and the real `text-encoder`, into root/registry.
+    Returns (registry, learner, purchase lines used)."""
+    from shared.registry import ModelRegistry
+    from trainer.domains.recommender import RecommenderModel
+    from trainer.domains.recommender_bootstrap import bootstrap_recommender
+    from trainer.tafeng import load_tafeng
+
+    registry = ModelRegistry(root / "registry")
+    model = RecommenderModel(registry_dir=registry.root, latency_catalog=20_000)
+    from trainer.learner import Learner
+
+    bootstrap_recommender(registry, root / "trainer", epochs=epochs, limit=limit, force=True, show_progress=False,
+                          model=model, holdout_days=1, text_encoder=exported_text_encoder(), config=config)
+    learner = Learner(model, registry, root / "trainer", config)
+    assert learner.restore()
+    return registry, learner, load_tafeng(limit)

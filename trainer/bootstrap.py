@@ -67,7 +67,7 @@ def bootstrap_fraud(registry: ModelRegistry, workdir: Path, *, epochs: int = 4, 
     return entry
 
 
-DOMAINS = {"pricing": lambda *a, **kw: __import__("trainer.domains.pricing", fromlist=["x"]).bootstrap_pricing(*a, **kw), "fraud": bootstrap_fraud}
+DOMAINS = {"recommender": lambda *a, **kw: __import__("trainer.domains.recommender_bootstrap", fromlist=["x"]).bootstrap_recommender(*a, **kw), "pricing": lambda *a, **kw: __import__("trainer.domains.pricing", fromlist=["x"]).bootstrap_pricing(*a, **kw), "fraud": bootstrap_fraud}
 
 
 def bootstrap(registry: ModelRegistry, workdir: Path, domains: list[str], force: bool = False,

@@ -101,6 +101,31 @@ class DomainModel(abc.ABC):
     def optimizer(self, net: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.Adam(net.parameters(), lr=1e-3)
 
+    # ---- optional hooks (defaults fit a model with one probability output per row) ----
+    def prequential_loss(self, y: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """Per-example loss of what was served (the drift detector's input): log loss."""
+        p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+        return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+    def parity(self, module: torch.nn.Module, path: Path, feeds: dict[str, np.ndarray]) -> float:
+        """Largest difference between the ONNX file's and the module's outputs on feeds."""
+        return parity(module, path, feeds)
+
+    def latency_ms(self, path: Path, feeds: dict[str, np.ndarray]) -> float:
+        """The gate's latency figure (default: median batch-1 latency on one thread)."""
+        return batch1_latency_ms(path, feeds)
+
+    def extra_files(self, net: torch.nn.Module, folder: Path) -> list[Path]:
+        """Files published beside model.onnx (written under folder, a temporary directory)."""
+        return []
+
+    def domain_state(self) -> dict[str, Any]:
+        """What the model keeps besides the weights (vocabularies...), saved in the checkpoint."""
+        return {}
+
+    def load_domain_state(self, state: dict[str, Any]) -> None:
+        """Restore domain_state() (called before new_network on restore)."""
+
     def prequential_metrics(self, y: np.ndarray, served_p: np.ndarray) -> dict[str, float]:
         """Metrics of what was served (scored before its label was learned) over the learner's
         recent window: the learning report's curve. Default: report_metrics on those rows,
@@ -205,6 +230,7 @@ class Learner:
         if not self.checkpoint.exists():
             return False
         state = self.checkpoint.load()
+        self.model.load_domain_state(state.get("domain", {}))
         self.net = self.model.new_network(np.zeros((1, self.model.width), np.float32))
         self.net.load_state_dict(state["net"])
         self.opt = self.model.optimizer(self.net)
@@ -221,7 +247,8 @@ class Learner:
     def _save(self) -> None:
         self.checkpoint.save({"net": self.net.state_dict(), "opt": self.opt.state_dict(), "replay": self.replay,
                               "holdout": self.holdout, "offset": self.offset, "progress": self.progress, "trained_rows": self.trained_rows,
-                              "labels_seen": self.labels_seen, "rounds": self.rounds})
+                              "labels_seen": self.labels_seen, "rounds": self.rounds,
+                              "domain": self.model.domain_state()})
 
     # ---- bootstrap ----
     def bootstrap(self, X: np.ndarray, y: np.ndarray, holdout_X: np.ndarray, holdout_y: np.ndarray,
@@ -245,10 +272,10 @@ class Learner:
             return
         self.pending = self.pending.concat(examples)
         # prequential error of what was served, for the drift detector
-        served = np.clip(examples.served_p[~np.isnan(examples.served_p)], 1e-6, 1 - 1e-6)
-        labels = examples.y[~np.isnan(examples.served_p)]
-        for p, y in zip(served, labels):
-            self.drift.update(-(y * math.log(p) + (1 - y) * math.log(1 - p)))
+        known = ~np.isnan(examples.served_p)
+        if known.any():
+            for loss in self.model.prequential_loss(examples.y[known], examples.served_p[known]):
+                self.drift.update(float(loss))
 
     def due(self) -> bool:
         need = self.config.min_events
@@ -362,8 +389,8 @@ class Learner:
             path, module = self.model.export(net, Path(tmp) / "model.onnx")
             feeds = self.model.signature_inputs(self.replay.X[:64] if len(self.replay) else
                                                 np.zeros((4, self.model.width), np.float32))
-            diff = parity(module, path, feeds)
-            latency = batch1_latency_ms(path, feeds)
+            diff = self.model.parity(module, path, feeds)
+            latency = self.model.latency_ms(path, feeds)
             figures.update({"onnx_parity_max_abs": diff, "batch1_latency_ms": latency})
             if not diff <= self.config.parity_tol:
                 reasons.append(f"ONNX differs from PyTorch by {diff:.2e} > {self.config.parity_tol}")
@@ -377,11 +404,12 @@ class Learner:
             figures["metrics"] = metrics
             engine = build_tensorrt_engine(path)
             extra = self.model.manifest_extra(y, p)
+            files = list(self.model.extra_files(net, Path(tmp))) + ([engine] if engine else [])
             self.net, self.opt = net, opt
             self._save()
             manifest = self.registry.publish(self.model.name, path, self._signature(path), metrics=metrics,
                                              learned_up_to=self.offset, extra={**extra, "gate": figures},
-                                             extra_files=[engine] if engine else ())
+                                             extra_files=files)
         figures["version"] = manifest.version
         return self._decide(decision, figures, [])
 

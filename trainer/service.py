@@ -54,6 +54,7 @@ class TrainerSettings(ServerSettings):
     bootstrap: bool = setting(True, "bootstrap a domain from its real dataset when it has no checkpoint")
     poll_interval_s: float = setting(0.5, "how often a domain loop looks for new joined labels")
     report_interval_s: float = setting(10.0, "refresh each domain's learning report (workdir/reports) at most this often; 0 = off")
+    catalog_path: str = setting("var/catalog/items.jsonl", "recommender: the service's catalog journal (JSONL), read for the features of new items")
     adv_epsilon: float = setting(ADV_EPSILON, "fraud adversarial training: L-inf radius in standardized units (0 = off)")
     adv_share: float = setting(ADV_SHARE, "fraud adversarial training: share of each mini-batch given an adversarial copy")
     adv_method: str = setting(ADV_METHOD, "fraud adversarial training: attack, 'pgd' or 'fgsm'")
@@ -97,7 +98,7 @@ def _fraud_model(s: TrainerSettings | None = None):
                       adv_steps=s.adv_steps)
 
 
-DOMAIN_MODELS = {"pricing": lambda s=None: __import__("trainer.domains.pricing", fromlist=["x"]).PricingModel(), "fraud": _fraud_model}  # domain -> factory(settings or None) of its DomainModel
+DOMAIN_MODELS = {"recommender": lambda s=None: __import__("trainer.domains.recommender", fromlist=["x"]).model_from_settings(s), "pricing": lambda s=None: __import__("trainer.domains.pricing", fromlist=["x"]).PricingModel(), "fraud": _fraud_model}  # domain -> factory(settings or None) of its DomainModel
 
 
 class DomainLoop:
