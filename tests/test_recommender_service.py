@@ -12,6 +12,7 @@ import asyncio
 import collections
 import json
 import math
+import time
 
 import grpc
 import numpy as np
@@ -330,5 +331,38 @@ async def test_outcomes_are_validated_deduplicated_and_reach_the_trainer_with_wh
                      for r in trainer.stored.values() if r.WhichOneof("payload") == "outcome")
         assert got == sorted([(item, pb.EVENT_CLICK), (item, pb.EVENT_PURCHASE), ("sku-1", pb.EVENT_IMPRESSION),
                               ("sku-2", pb.EVENT_ADD_TO_CART)])
+    finally:
+        await trainer.stop()
+
+
+async def test_the_load_test_scenario_recommends_for_real_customers_and_reports_clicks(world):
+    import argparse
+
+    from ops.loadtest import Recorder, closed_loop, summary
+    from ops.scenario_recommend import scenario
+
+    root, registry = world
+    trainer = FakeTrainer(free_port())
+    await trainer.start()
+    try:
+        async with Running(settings(root, registry, "scenario", trainer_target=trainer.address)) as (app, stub):
+            args = argparse.Namespace(rows=50, seed=0, k=3, timeout=10.0, outcome_rate=1.0, click_rate=1.0,
+                                      click_delay_s=0.01, label_delay_s=0.01)
+            async with grpc.aio.insecure_channel(app.address) as channel:
+                call, drain = await scenario(channel, args)
+                rec = Recorder(time.perf_counter())
+                await closed_loop(call, 4, 1.0, 0.0, rec)
+                await drain()
+            out = summary(rec, 1.0)
+            assert out["ok"] > 10 and out["errors"] == {}
+            for _ in range(100):
+                clicks = [r for r in trainer.stored.values() if r.WhichOneof("payload") == "outcome"]
+                if len(clicks) >= 3 * out["ok"]:
+                    break
+                await asyncio.sleep(0.05)
+            # these customers are unknown to this small model (fallback answers) and its items are not
+            # Ta Feng products: every shown item gets a window-shopping click (click_rate 1.0), no purchase
+            assert len(clicks) >= 3 * out["ok"]
+            assert {r.outcome.recommendation.event for r in clicks} == {pb.EVENT_CLICK}
     finally:
         await trainer.stop()
