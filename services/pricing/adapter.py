@@ -84,10 +84,22 @@ def effective_range(ref: float, min_price: float, max_price: float, max_change_p
     return max(min_price, ref * (1.0 - max_change_pct / 100.0)), min(max_price, ref * (1.0 + max_change_pct / 100.0))
 
 
+_STEPS: dict[int, np.ndarray] = {}
+
+
 def candidate_grid(ref: float, lo: float, hi: float, size: int) -> np.ndarray:
-    """size - 1 evenly spaced prices over [lo, hi], plus ref; sorted, inside [lo, hi]."""
-    grid = np.append(np.linspace(lo, hi, max(size - 1, 1)), ref)
-    return np.clip(np.sort(grid), lo, hi)
+    """size - 1 evenly spaced prices over [lo, hi] (both ends exactly), plus ref; sorted, inside [lo, hi]."""
+    steps = _STEPS.get(size)
+    if steps is None:
+        steps = _STEPS[size] = np.linspace(0.0, 1.0, max(size - 1, 1))
+    grid = np.empty(len(steps) + 1)
+    grid[:-1] = lo + (hi - lo) * steps
+    if len(steps) > 1:
+        grid[-2] = hi  # lo + (hi - lo) * 1.0 may miss hi by an ulp
+    grid[-1] = ref
+    grid.sort()
+    np.clip(grid, lo, hi, out=grid)
+    return grid
 
 
 class PricingService(DomainService[pricing_pb2.QuoteRequest, pricing_pb2.QuoteResponse]):

@@ -169,9 +169,10 @@ class PricingNet(nn.Module):
         return level - nn.functional.softplus(slope) * x
 
     def sampled_noise(self, name: str, index: torch.Tensor) -> torch.Tensor:
-        """[B, N_SAMPLES] noise of a sampled group: fixed draw / sqrt(precision), masked."""
-        scale = getattr(self, f"mask_{name}") / torch.sqrt(getattr(self, f"prec_{name}"))
-        return (getattr(self, f"noise_{name}")[:, index] * scale[index]).transpose(0, 1)
+        """[B, N_SAMPLES] noise of a sampled group: fixed draw / sqrt(precision), masked
+        (gathered first: a run touches the rows of its batch, not the whole table)."""
+        scale = getattr(self, f"mask_{name}")[index] / torch.sqrt(getattr(self, f"prec_{name}")[index])
+        return (getattr(self, f"noise_{name}")[:, index] * scale).transpose(0, 1)
 
     def forward(self, product, segment, hour, log_price_ratio):
         level, slope, cat = self.level_slope(product, segment, hour)
