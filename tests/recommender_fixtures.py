@@ -33,7 +33,7 @@ def bootstrap_small_recommender(root: Path, config=None, limit: int = SMALL_LINE
     from trainer.tafeng import load_tafeng
 
     registry = ModelRegistry(root / "registry")
-    model = RecommenderModel(registry_dir=registry.root, latency_catalog=20_000)
+    model = RecommenderModel(registry_dir=registry.root)
     from trainer.learner import Learner
 
     bootstrap_recommender(registry, root / "trainer", epochs=epochs, limit=limit, force=True, show_progress=False,
