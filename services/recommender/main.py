@@ -54,6 +54,11 @@ class RecommenderSettings(DomainSettings):
 
 
 def make_app(s: RecommenderSettings) -> ServerApp:
+    return build(s)[0]
+
+
+def build(s: RecommenderSettings) -> tuple[ServerApp, RecommenderService]:
+    """The server app and its domain core (tests and tools reach the catalog and history through it)."""
     loader = ModelLoader(options=s.runtime_options(), output_check=check_outputs, manifest_check=check_manifest)
     served = ServedModel.from_settings(s.model_name, s, loader)
     history = UserHistory(s.history_max_users, s.history_max_recent, s.history_max_purchased)
@@ -66,7 +71,7 @@ def make_app(s: RecommenderSettings) -> ServerApp:
     loader.warmup_feeds = service.warmup_feeds
     app = ServerApp("recommender", s, {s.model_name: served}, register(RecommenderServicer(service)), v2=False)
     service.feedback = attach_feedback(app, s, "recommender")
-    return app
+    return app, service
 
 
 def main(argv: list[str] | None = None) -> int:
