@@ -201,6 +201,9 @@ async def test_upserted_items_are_validated_journaled_and_recommendable_at_once(
         resp = await stub.UpsertItems(pb.UpsertItemsRequest(items=[new, pb.Item(item_id="sku-4", title="Cordless drill 18V",
                                                                                category="tools", price=79.0)]))
         assert (resp.inserted, resp.updated, resp.catalog_size) == (1, 1, len(CATALOG) + 1)
+        from prometheus_client import REGISTRY
+
+        assert REGISTRY.get_sample_value("storefront_recommender_catalog_items") == len(CATALOG) + 1
         # recommendable by the very next request, with an item vector from its title
         first = await stub.Recommend(pb.RecommendRequest(user_id="alice", k=1, candidate_item_ids=["sku-new"]))
         assert ids(first) == ["sku-new"]

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
+from prometheus_client import Counter, Gauge
 
 from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2
@@ -55,6 +56,13 @@ MIN_BUCKET = 64  # smallest padded width of a non-empty restrict/exclude list
 TOWER_CHUNK = 4096  # catalog rows per item tower run
 EVENTS = {pb.EVENT_IMPRESSION, pb.EVENT_CLICK, pb.EVENT_ADD_TO_CART, pb.EVENT_PURCHASE}
 INTERACTIONS = {pb.EVENT_CLICK, pb.EVENT_ADD_TO_CART, pb.EVENT_PURCHASE}  # what feeds the user's history
+
+
+CATALOG_ITEMS = Gauge("storefront_recommender_catalog_items", "Items in the recommender's catalog")
+UPSERTED = Counter("storefront_recommender_upserted_items_total", "Items upserted, by kind (inserted, updated)",
+                   ["kind"])
+FALLBACKS = Counter("storefront_recommender_fallback_total",
+                    "Recommend answers that used the popularity fallback (user unknown to the model, no history)")
 
 
 def bucket(n: int, empty: int = 1) -> int:
@@ -283,6 +291,7 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
             added = self.history.seed_npz(folder / "users.npz")
             log.info("recommender %s: history seeded with %d users", model.version, added)
         snap = self.catalog.current
+        CATALOG_ITEMS.set(snap.size)
         started = time.perf_counter()
         state.publish(state.build(snap))
         log.info("recommender %s: item vectors for %d items in %.2f s", model.version, snap.size,
@@ -388,6 +397,8 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
                 break
         if r.user_id:
             self.predictions.add(prediction_id, r.user_id)
+        if r.fallback:
+            FALLBACKS.inc()
         return resp
 
     def served_record(self, request, prepared: Prepared, outputs, response):
@@ -467,4 +478,7 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
             for st, idx in built:  # no await from here: readers see catalog and vectors change together
                 st.publish(idx)
             self.catalog.publish(snap)
+        CATALOG_ITEMS.set(snap.size)
+        UPSERTED.labels("inserted").inc(inserted)
+        UPSERTED.labels("updated").inc(updated)
         return pb.UpsertItemsResponse(inserted=inserted, updated=updated, catalog_size=snap.size)
