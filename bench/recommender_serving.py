@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import tempfile
@@ -69,14 +70,33 @@ async def upsert_all(address: str, items: list[pb.Item]) -> dict:
             "catalog_size": size}
 
 
-async def measure(address: str, concurrency: int, duration: float, warmup: float, scenario_args) -> dict:
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(address: str, pid: int, concurrency: int, duration: float, warmup: float, scenario_args) -> dict:
+    """Closed loop (ops.loadtest's) on Recommend; also the server's CPU per request over the
+    measured window (robust to a busy machine, unlike req/s: what one request costs the server)."""
     async with grpc.aio.insecure_channel(address) as ch:
         call, drain = await scenario(ch, scenario_args)
         await call(0)
         rec = Recorder(time.perf_counter() + warmup)
-        await closed_loop(call, concurrency, duration, warmup, rec)
+        cpu = {}
+
+        async def window() -> None:
+            await asyncio.sleep(max(0.0, rec.start - time.perf_counter()))
+            cpu["a"] = process_cpu_s(pid)
+            await asyncio.sleep(max(0.0, rec.start + duration - time.perf_counter()))
+            cpu["b"] = process_cpu_s(pid)
+
+        await asyncio.gather(closed_loop(call, concurrency, duration, warmup, rec), window())
         await drain()
-        return summary(rec, duration)
+        out = summary(rec, duration)
+        out["server_cpu_us_per_req"] = round((cpu["b"] - cpu["a"]) / out["ok"] * 1e6, 1) if out["ok"] else None
+        out["server_cpu_cores"] = round((cpu["b"] - cpu["a"]) / duration, 2)
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             for rnd in range(args.rounds):
                 for c in levels:
                     for name in (CONFIGS if rnd % 2 == 0 else reversed(CONFIGS)):
-                        r = asyncio.run(measure(addresses[name], c, args.duration, args.warmup, scenario_args))
+                        r = asyncio.run(measure(addresses[name], procs[name].pid, c, args.duration, args.warmup,
+                                                scenario_args))
                         r.update(config=name, max_batch_size=CONFIGS[name], concurrency=c, round=rnd + 1)
                         print(f"[reco-serving] round {rnd + 1} {name} c={c}: {r['rps']} req/s p50 {r['p50_ms']} "
-                              f"p99 {r['p99_ms']} errors {r['errors'] or 0}", file=sys.stderr)
+                              f"p99 {r['p99_ms']} server CPU {r['server_cpu_us_per_req']} us/req "
+                              f"errors {r['errors'] or 0}", file=sys.stderr)
                         results.append(r)
         finally:
             for proc in procs.values():
@@ -138,24 +160,28 @@ def main(argv: list[str] | None = None) -> int:
         vals = [r[key] for r in results if r["config"] == name and r["concurrency"] == c and r[key] is not None]
         return float(np.median(vals)) if vals else None
 
-    table = {name: {c: {k: med(name, c, k) for k in ("rps", "p50_ms", "p99_ms")} for c in levels} for name in CONFIGS}
+    table = {name: {c: {k: med(name, c, k) for k in ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_req")}
+                    for c in levels} for name in CONFIGS}
     top = max(levels)
     speedup = (table["batched"][top]["rps"] / table["unbatched"][top]["rps"]) if table["unbatched"][top]["rps"] else None
     print(f"Recommend over a {upserts['batched']['catalog_size']:,}-item catalog (medians of {args.rounds} rounds)")
-    print("| config | c | req/s | p50 ms | p99 ms |")
-    print("|---|---|---|---|---|")
+    print("| config | c | req/s | p50 ms | p99 ms | server CPU us/req |")
+    print("|---|---|---|---|---|---|")
     for name in CONFIGS:
         for c in levels:
             t = table[name][c]
-            print(f"| {name} (max batch {CONFIGS[name]}) | {c} | {t['rps']:,.0f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} |")
+            print(f"| {name} (max batch {CONFIGS[name]}) | {c} | {t['rps']:,.0f} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} "
+                  f"| {t['server_cpu_us_per_req']:,.0f} |")
     p99_top = table["batched"][top]["p99_ms"]
+    cpu_ratio = table["unbatched"][top]["server_cpu_us_per_req"] / table["batched"][top]["server_cpu_us_per_req"]
     print(f"\nbatched / unbatched throughput at c={top}: {speedup:.2f}x (target >= 3x); batched p99 {p99_top:.2f} ms "
-          f"(target <= 10 ms)")
+          f"(target <= 10 ms); server CPU per request unbatched / batched at c={top}: {cpu_ratio:.2f}x")
     out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": "python -m bench.recommender_serving "
            + " ".join(argv if argv is not None else sys.argv[1:]), "model_version": version,
            "catalog_size": upserts["batched"]["catalog_size"], "upserts": upserts,
            "medians": {n: {str(c): v for c, v in t.items()} for n, t in table.items()},
-           "speedup_at_max_concurrency": round(speedup, 3) if speedup else None, "results": results,
+           "speedup_at_max_concurrency": round(speedup, 3) if speedup else None,
+           "server_cpu_ratio_at_max_concurrency": round(cpu_ratio, 3), "results": results,
            "machine": machine_info()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
