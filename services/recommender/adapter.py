@@ -349,18 +349,20 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
                                       + (" ..." if len(unknown) > 5 else ""))
         index = state.index_for(snap)
         user_code = state.user_code.get(user_id, 0) if user_id else 0
+        # ids -> rows of this snapshot (rows >= size were added after it): hot path, inlined lookups
+        row_of, size = snap.row_of, snap.size
         history_ids, history_rows = [], []
         if user_id:
-            for item_id in self.history.recent(user_id):
-                row = snap.row(item_id)
-                if row is not None:
+            for item_id, row in zip(recent := self.history.recent(user_id, 2 * state.history_len),
+                                    map(row_of.get, recent)):
+                if row is not None and row < size:
                     history_ids.append(item_id)
                     history_rows.append(row)
                     if len(history_rows) == state.history_len:
                         break
         exclude: list[int] = []
         if request.exclude_purchased and user_id:
-            exclude = [r for r in (snap.row(i) for i in self.history.purchased(user_id)) if r is not None]
+            exclude = [r for r in map(row_of.get, self.history.purchased(user_id)) if r is not None and r < size]
         history = np.full((1, state.history_len), -1, np.int64)
         history[0, : len(history_rows)] = history_rows
         context = np.array([[state.pages.get(ctx.page.lower(), 0), state.devices.get(ctx.device.lower(), 0), hour]],
