@@ -311,7 +311,8 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
         return {"user": users.reshape(-1, 1).astype(np.int64), "history": history,
                 "context": np.zeros((batch, 3), np.int64),
                 "k": np.full((batch, 1), min(10, idx.size), np.int64),
-                "restrict": np.full((batch, 1), -1, np.int64), "exclude": np.full((batch, 1), -1, np.int64),
+                "restrict": np.full((batch, 1), -1, np.int64),
+                "exclude": np.full((batch, self.exclude_width), -1, np.int64),  # the width requests have
                 "item_vectors": idx.vectors}
 
     # ---- Recommend ----
