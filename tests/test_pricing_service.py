@@ -343,3 +343,16 @@ def test_grid_holds_the_reference_and_spans_the_range():
     grid = candidate_grid(100.0, lo, hi, 21)
     assert len(grid) == 21 and grid[0] == 80.0 and grid[-1] == 120.0 and 100.0 in grid
     assert (np.diff(grid) >= 0).all()
+
+
+def test_small_grid_keeps_both_ends_and_the_reference():
+    assert candidate_grid(100.0, 80.0, 120.0, 2).tolist() == [80.0, 100.0]  # one spaced point: the low end
+    assert candidate_grid(100.0, 80.0, 120.0, 3).tolist() == [80.0, 100.0, 120.0]
+
+
+@pytest.mark.parametrize("flag,value", [("--exploration-share", "1.5"), ("--max-step-pct", "-1"), ("--grid-size", "1")])
+def test_settings_refuse_bad_exploration_values(flag, value):
+    with pytest.raises(SystemExit):
+        PricingSettings.load([flag, value], env={})
+    s = PricingSettings.load([], env={"STOREFRONT_EXPLORATION_SHARE": "0.05"})
+    assert (s.port, s.model_name, s.exploration_share, s.max_step_pct, s.grid_size) == (50053, "pricing", 0.05, 10.0, 21)
