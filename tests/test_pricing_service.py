@@ -345,7 +345,7 @@ def test_grid_holds_the_reference_and_spans_the_range():
     assert (np.diff(grid) >= 0).all()
 
 
-def test_small_grid_keeps_both_ends_and_the_reference():
+def test_small_grids():
     assert candidate_grid(100.0, 80.0, 120.0, 2).tolist() == [80.0, 100.0]  # one spaced point: the low end
     assert candidate_grid(100.0, 80.0, 120.0, 3).tolist() == [80.0, 100.0, 120.0]
 
