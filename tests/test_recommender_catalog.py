@@ -68,12 +68,24 @@ def test_the_journal_is_replayed_after_a_restart_and_a_torn_line_is_skipped(tmp_
     snap = again.ensure_loaded(seed=None)
     assert [snap.ids[r] for r in range(snap.size)] == ["a", "b"]
     assert float(snap.price[snap.row("a")]) == 11.0 and again.title("a") == "Claw hammer, fibreglass"
-    lines = [json.loads(x) for x in cat.path.read_text().splitlines()[:3]]
-    assert [x["item_id"] for x in lines] == ["a", "b", "a"]
+    lines = [json.loads(x) for x in cat.path.read_text().splitlines()]
+    assert [x["item_id"] for x in lines] == ["a", "b", "a"]  # the torn fragment was cut off
+    again.publish(again.upsert(items(("d", "Green tea", "drinks", 2.5))))  # appends on a line of its own
+    third = Catalog(tmp_path / "items.jsonl", encoder.encode).ensure_loaded()
+    assert [third.ids[r] for r in range(third.size)] == ["a", "b", "d"]
     # a bad line in the middle is an error naming the line, not silently lost data
     cat.path.write_text('{"item_id": "a", "title": "t", "price": -1}\n' + lines[1].__repr__() + "\n")
     with pytest.raises(ValueError, match=":1: bad catalog line"):
         read_jsonl(cat.path)
+
+
+def test_a_journal_of_mostly_replaced_items_is_compacted_at_load(tmp_path, encoder):
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(ItemRecord(f"i{n % 100}", f"Green tea, pack of {n % 7}", "drinks", float(n)).to_json() + "\n"
+                            for n in range(12_000)))
+    snap = Catalog(path, encoder.encode).ensure_loaded()
+    assert snap.size == 100 and len(path.read_text().splitlines()) == 100
+    assert float(snap.price[snap.row("i99")]) == 11_999.0  # the last line of each item won
 
 
 def test_no_journal_and_no_seed_is_an_error(tmp_path, encoder):

@@ -18,9 +18,10 @@ item vectors (item tower output) are not here: see services.recommender.adapter.
 
 Durability: every upsert is appended to the journal (one JSON object per line: item_id,
 title, category, price) and fsync'd before it is applied, so an answered UpsertItems
-survives a crash. At start the journal is replayed (the last line of an item wins); when
-there is none, it is seeded from the model version's catalog.jsonl. The trainer reads the
-same file to learn items it has not seen.
+survives a crash. At start the journal is replayed (the last line of an item wins; a line
+torn by a crash mid-append is cut off first); when there is none, it is seeded from the
+model version's catalog.jsonl; when replaced items make up most of it, it is compacted
+(atomic rename). The trainer reads the same file to learn items it has not seen.
 """
 from __future__ import annotations
 
@@ -148,13 +149,50 @@ class Catalog:
                 if seed is None or not Path(seed).is_file():
                     raise FileNotFoundError(f"no catalog journal at {self.path} and no catalog.jsonl to seed it from")
                 self._seed_journal(Path(seed))
+            self._repair_tail()
             items = read_jsonl(self.path)
+            if len(items) > 10_000 and len(items) > 2 * len({it.item_id for it in items}):
+                self._compact(items)
             if items:
                 self._apply(items, generation=1)
             self.current = self.latest
             self.loaded = True
             log.info("catalog: %d items from %s (%d distinct titles)", self.latest.size, self.path, self._n_texts)
             return self.current
+
+    def _repair_tail(self) -> None:
+        """Cut a torn last line (a crash mid-append) off the journal, so the next append starts
+        on a line of its own instead of gluing onto the fragment."""
+        size = self.path.stat().st_size
+        if size == 0:
+            return
+        with open(self.path, "rb+") as f:
+            keep = size
+            while keep > 0:  # find the last newline, reading backwards in blocks
+                start = max(0, keep - 65536)
+                f.seek(start)
+                block = f.read(keep - start)
+                nl = block.rfind(b"\n")
+                if nl >= 0:
+                    keep = start + nl + 1
+                    break
+                keep = start
+            if keep < size:
+                log.warning("catalog %s: cutting a torn last line (%d bytes)", self.path, size - keep)
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def _compact(self, items: list[ItemRecord]) -> None:
+        """Rewrite the journal with one line per item (the last one) when replaced items make up
+        most of it. Atomic (write beside, fsync, rename): readers see the old or the new file;
+        the trainer's reader re-reads a replaced file from the start."""
+        last = list({it.item_id: it for it in items}.values())
+        tmp = self.path.with_name(self.path.name + ".compact")
+        write_jsonl(tmp, last, fsync=True)
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+        log.info("catalog %s: compacted %d lines to %d items", self.path, len(items), len(last))
 
     def _seed_journal(self, seed: Path) -> None:
         items = read_jsonl(seed)
@@ -265,10 +303,13 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[ItemRecord]:
     return out
 
 
-def write_jsonl(path: str | os.PathLike[str], items: Iterable[ItemRecord]) -> None:
+def write_jsonl(path: str | os.PathLike[str], items: Iterable[ItemRecord], fsync: bool = False) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for it in items:
             f.write(it.to_json() + "\n")
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
