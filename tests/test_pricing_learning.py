@@ -177,3 +177,18 @@ def test_live_trainer_and_service_learn_from_reported_sales(tmp_path):
     finally:
         codes = loop.stop()
     assert codes == (0, 0), (loop.service.tail(), loop.trainer.tail())
+
+
+def test_the_latest_outcome_of_a_quote_counts(world):
+    joined, _ = served_quotes(world, world.products[2], 3, buy_rate=0.0)
+    first = joined[0]
+    corrected = feedback_pb2.Outcome()
+    corrected.CopyFrom(first.outcome)
+    corrected.pricing.sold, corrected.pricing.units, corrected.pricing.price = True, 1, 9.99
+    corrected.pricing.occurred_at = first.outcome.pricing.occurred_at + 60
+    later = JoinedExample(domain="pricing", prediction_id=first.prediction_id, offset=joined[-1].offset + 2,
+                          served_offset=first.served_offset, served=first.served, outcome=corrected,
+                          model_name=first.model_name, model_version=first.model_version, label_delay_s=65.0)
+    ex = world.learner.model.examples(joined + [later])
+    assert len(ex) == 3 and ex.y.tolist() == [0.0, 0.0, 1.0]
+    assert ex.offsets.tolist() == [joined[1].offset, joined[2].offset, later.offset]

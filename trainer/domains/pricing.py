@@ -341,11 +341,14 @@ class PricingModel(DomainModel):
 
     def examples(self, joined: Sequence[Any]) -> Examples:
         """Training rows from joined quotes: the served product/segment/hour codes, the quoted
-        price relative to the request's reference price, sold or not."""
+        price relative to the request's reference price, sold or not. When one poll holds
+        several outcomes of the same quote, the one with the latest occurred_at counts (the
+        proto's rule; an outcome corrected in a later poll adds a row instead: the posterior
+        cannot take a row back)."""
         from protos.pricing.v1 import pricing_pb2
         from shared.feedback import tensor_to_numpy
 
-        out: list[tuple] = []
+        latest: dict[str, tuple[float, tuple]] = {}
         for j in joined:
             if j.outcome.WhichOneof("outcome") != "pricing":
                 continue
@@ -365,7 +368,11 @@ class PricingModel(DomainModel):
                 continue  # served by a model of another vocabulary shape: not this learner's input
             x = math.log(resp.price / req.reference_price)
             sold = 1.0 if j.outcome.pricing.sold else 0.0
-            out.append((*codes, x, sold, resp.expected_conversion, j.offset))
+            row = (*codes, x, sold, resp.expected_conversion, j.offset)
+            seen = latest.get(j.prediction_id)
+            if seen is None or j.outcome.pricing.occurred_at >= seen[0]:
+                latest[j.prediction_id] = (j.outcome.pricing.occurred_at, row)
+        out = sorted((row for _, row in latest.values()), key=lambda r: r[-1])
         if not out:
             return Examples.empty(WIDTH)
         a = np.array(out, np.float64)
