@@ -113,6 +113,7 @@ def test_a_round_from_joined_outcomes_publishes_a_model_that_learned_them(world)
     assert entry["decision"] == "published" and entry["version"] == "2", entry
     m = world.registry.manifest("pricing", "2")
     assert m.learned_up_to == joined[-1].offset and len(m.extra["products"]) == len(learner.net.vocab.products)
+    assert m.extra["vocabulary_id"] == world.registry.manifest("pricing", "1").extra["vocabulary_id"]
     # customers bought 95 % of these quotes: at the prices quoted, the product now converts far
     # better than the bootstrap believed (the holdout fifth was not trained on yet)
     after = float(learner.model.predict(learner.net, examples.X).mean())

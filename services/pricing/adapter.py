@@ -118,9 +118,13 @@ class PricingService(DomainService[pricing_pb2.QuoteRequest, pricing_pb2.QuoteRe
         self._counters: dict[tuple[str, int, bool], object] = {}
 
     def vocab(self, model: LoadedModel) -> Vocab:
+        """The maps of this version, built once per vocabulary (versions that share one, which
+        the trainer marks with the same extra.vocabulary_id, share the maps)."""
+        extra = model.manifest.extra if model.manifest else {}
+        key = extra.get("vocabulary_id") or f"version-{model.version}"
         cached = self._vocab
-        if cached is None or cached[0] != model.version:
-            cached = self._vocab = (model.version, Vocab(model.manifest.extra if model.manifest else {}))
+        if cached is None or cached[0] != key:
+            cached = self._vocab = (key, Vocab(extra))
         return cached[1]
 
     # ---- request -> model inputs ----

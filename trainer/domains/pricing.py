@@ -335,8 +335,12 @@ class PricingModel(DomainModel):
                 "hour": np.minimum(X[:, COL_HOUR], 23).astype(np.int64), "log_price_ratio": grid}
 
     def manifest_extra(self, y, p) -> dict[str, Any]:
-        vocab = self.vocab
-        return {"products": vocab.products if vocab else [], "segments": list(SEGMENTS),
+        import hashlib
+
+        products = self.vocab.products if self.vocab else []
+        # the same vocabulary in every version: the service keeps its id -> code map across reloads
+        digest = hashlib.sha256("\n".join([*products, "|", *SEGMENTS]).encode()).hexdigest()
+        return {"products": products, "segments": list(SEGMENTS), "vocabulary_id": digest,
                 "samples": N_SAMPLES, "x_clip": X_CLIP}
 
     def examples(self, joined: Sequence[Any]) -> Examples:
