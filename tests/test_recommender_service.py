@@ -20,7 +20,7 @@ import pytest
 
 from protos.recommender.v1 import recommender_pb2 as pb
 from protos.recommender.v1 import recommender_pb2_grpc as pb_grpc
-from services.recommender.main import RecommenderSettings, make_app
+from services.recommender.main import RecommenderSettings, build
 from shared.feedback import tensor_to_numpy
 from shared.registry import ModelRegistry
 from tests.conftest import free_port
@@ -60,7 +60,7 @@ class Running:
         self.s = s
 
     async def __aenter__(self):
-        self.app = make_app(self.s)
+        self.app, self.service = build(self.s)
         await self.app.start()
         self.channel = grpc.aio.insecure_channel(self.app.address)
         return self.app, pb_grpc.RecommenderStub(self.channel)
@@ -369,3 +369,38 @@ async def test_the_load_test_scenario_recommends_for_real_customers_and_reports_
             assert {r.outcome.recommendation.event for r in clicks} == {pb.EVENT_CLICK}
     finally:
         await trainer.stop()
+
+
+async def test_workers_sharing_a_journal_and_a_catalog_feed_converge(world):
+    root, registry = world
+    s = settings(root, registry, "shared-journal", catalog_poll_s=0.05)
+    a, b = Running(s), Running(s)  # two workers of one service: one journal
+    async with a as (app_a, stub_a), b as (app_b, stub_b):
+        await stub_a.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id="w-1", title="Oat milk 1 litre",
+                                                                       category="dairy", price=2.2)]))
+
+        async def visible(stub, item_id):
+            for _ in range(100):
+                try:
+                    return await stub.Recommend(pb.RecommendRequest(user_id="alice", k=1, candidate_item_ids=[item_id]))
+                except grpc.aio.AioRpcError as e:
+                    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT  # not there yet
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"{item_id} never became visible")
+
+        on_a, on_b = await visible(stub_a, "w-1"), await visible(stub_b, "w-1")
+        assert on_a.items[0].score == pytest.approx(on_b.items[0].score, abs=1e-5)  # same vectors on both
+        # a catalog feed appending a line (a new item, and a new price for an old one)
+        with open(root / "shared-journal" / "items.jsonl", "a") as f:
+            f.write(json.dumps({"item_id": "feed-1", "title": "Whole bean espresso 1 kg", "category": "drinks",
+                                "price": 14.0}) + "\n")
+            f.write(json.dumps({"item_id": "sku-1", "title": TITLES[1][0], "category": "dairy", "price": 0.5}) + "\n")
+        await visible(stub_a, "feed-1")
+        await visible(stub_b, "feed-1")
+        for _ in range(100):
+            snaps = [svc.catalog.current for svc in (a.service, b.service)]
+            if all(float(sn.price[sn.row("sku-1")]) == 0.5 for sn in snaps):
+                break
+            await asyncio.sleep(0.05)
+        assert all(float(sn.price[sn.row("sku-1")]) == 0.5 for sn in snaps)
+        assert a.service.catalog.current.size == b.service.catalog.current.size == len(CATALOG) + 2

@@ -466,13 +466,17 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
         items = self.validate_items(request)
         if self.served.current is None or not self.catalog.loaded:
             raise Unavailable(f"model {self.served.name!r} is not loaded yet")
+        inserted, updated, size = await self._apply_items(items, journal=True)
+        return pb.UpsertItemsResponse(inserted=inserted, updated=updated, catalog_size=size)
+
+    async def _apply_items(self, items: list[ItemRecord], journal: bool) -> tuple[int, int, int]:
         async with self._upsert_lock:
             inserted, updated, titles = self.catalog.plan(items)
             vectors = {}
             if titles:
                 encoder = self.text_encoder()
                 vectors = dict(zip(titles, await asyncio.to_thread(encoder.encode, titles)))
-            snap = await asyncio.to_thread(self.catalog.upsert, items, vectors)
+            snap = await asyncio.to_thread(self.catalog.upsert, items, vectors, journal)
             states = []
             for m in (self.served.handle.current, self.served.handle.previous):
                 if m is not None and isinstance(m.prepared, VersionItems) and m.prepared not in states:
@@ -484,4 +488,23 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
         CATALOG_ITEMS.set(snap.size)
         UPSERTED.labels("inserted").inc(inserted)
         UPSERTED.labels("updated").inc(updated)
-        return pb.UpsertItemsResponse(inserted=inserted, updated=updated, catalog_size=snap.size)
+        return inserted, updated, snap.size
+
+    async def follow_journal(self, interval_s: float) -> None:
+        """Apply what other writers append to the catalog journal (the other workers of a
+        `--workers N` service, a catalog feed writing JSONL lines), every interval_s. This
+        process's own appends read back unchanged and cost nothing."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                if self.served.current is None:
+                    continue
+                items = await asyncio.to_thread(self.catalog.read_appended)
+                if items:
+                    await self._apply_items(items, journal=False)
+                    log.info("catalog: applied %d items written to %s by another writer", len(items),
+                             self.catalog.path)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bad feed must not stop serving; the next round retries
+                log.exception("catalog: following %s failed", self.catalog.path)

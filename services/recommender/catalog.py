@@ -122,6 +122,8 @@ class Catalog:
         self._revision = np.zeros(0, np.int64)
         self._texts = np.zeros((0, TEXT_DIM), np.float32)
         self._n_texts = 0
+        self._pos = 0  # journal bytes read so far (see read_appended)
+        self._inode: int | None = None
         self.latest = self._snapshot(0, 0)
         self.current = self.latest
 
@@ -150,7 +152,7 @@ class Catalog:
                     raise FileNotFoundError(f"no catalog journal at {self.path} and no catalog.jsonl to seed it from")
                 self._seed_journal(Path(seed))
             self._repair_tail()
-            items = read_jsonl(self.path)
+            items = self._read_from(0)
             if len(items) > 10_000 and len(items) > 2 * len({it.item_id for it in items}):
                 self._compact(items)
             if items:
@@ -192,6 +194,8 @@ class Catalog:
         write_jsonl(tmp, last, fsync=True)
         os.replace(tmp, self.path)
         _fsync_dir(self.path.parent)
+        st = self.path.stat()
+        self._inode, self._pos = st.st_ino, st.st_size
         log.info("catalog %s: compacted %d lines to %d items", self.path, len(items), len(last))
 
     def _seed_journal(self, seed: Path) -> None:
@@ -207,6 +211,50 @@ class Catalog:
         _fsync_dir(self.path.parent)
         log.info("catalog: seeded %s with %d items from %s", self.path, len(items), seed)
 
+    # ---- following the journal (other writers: service workers, a catalog feed) ----
+    def _read_from(self, pos: int) -> list[ItemRecord]:
+        """Whole lines from byte `pos` on; advances the position past them (a line still being
+        written is left for the next read; a malformed line is skipped with a warning)."""
+        with open(self.path, "rb") as f:
+            self._inode = os.fstat(f.fileno()).st_ino
+            f.seek(pos)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        out = []
+        for n, line in enumerate(data[:end].decode("utf-8", errors="replace").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                out.append(ItemRecord.from_json(json.loads(line)))
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("catalog %s: skipping a bad line (%d after byte %d): %s", self.path, n + 1, pos, e)
+        self._pos = pos + end
+        return out
+
+    def read_appended(self) -> list[ItemRecord]:
+        """Items appended to the journal since it was last read, that differ from what this
+        catalog holds (its own appends read back equal and are dropped). A replaced file
+        (compacted by another process) is read again from the start."""
+        with self._lock:
+            if not self.loaded:
+                return []
+            try:
+                st = self.path.stat()
+            except FileNotFoundError:
+                return []
+            pos = 0 if st.st_ino != self._inode or st.st_size < self._pos else self._pos
+            if st.st_size == pos and pos:
+                return []
+            items = list({it.item_id: it for it in self._read_from(pos)}.values())
+            return [it for it in items if self._differs(it)]
+
+    def _differs(self, it: ItemRecord) -> bool:
+        row = self._row_of.get(it.item_id)
+        if row is None:
+            return True
+        return (self._titles[row] != it.title or self._categories[self._category[row]] != it.category
+                or float(self._price[row]) != np.float32(it.price))
+
     # ---- writing ----
     def plan(self, items: Sequence[ItemRecord]) -> tuple[int, int, list[str]]:
         """(new items, replaced items, titles that need an embedding) for an upsert."""
@@ -214,17 +262,27 @@ class Catalog:
         titles = sorted({it.title for it in items if it.title not in self._text_row_of})
         return new, len(items) - new, titles
 
-    def upsert(self, items: Sequence[ItemRecord], title_vectors: dict[str, np.ndarray] | None = None) -> CatalogSnapshot:
+    def upsert(self, items: Sequence[ItemRecord], title_vectors: dict[str, np.ndarray] | None = None,
+               journal: bool = True) -> CatalogSnapshot:
         """Journal (fsync) then apply; returns the new snapshot WITHOUT publishing it (the
         caller publishes it together with the item vectors made for it). title_vectors:
-        embeddings of titles not yet in the text table (else self.embed computes them)."""
+        embeddings of titles not yet in the text table (else self.embed computes them).
+        journal=False: items read from the journal (another writer's), applied only."""
         with self._lock:
             if not self.loaded:
                 raise RuntimeError("catalog not loaded yet")
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write("".join(it.to_json() + "\n" for it in items))
-                f.flush()
-                os.fsync(f.fileno())
+            if journal:
+                # one write() on an O_APPEND descriptor: lines of concurrent writers (other
+                # service workers) never interleave (a buffered file would split large writes)
+                data = "".join(it.to_json() + "\n" for it in items).encode("utf-8")
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             return self._apply(items, self.latest.generation + 1, title_vectors)
 
     def publish(self, snapshot: CatalogSnapshot) -> None:

@@ -4,11 +4,14 @@
         [--catalog-path var/catalog/items.jsonl] ...
 
 Needs the registry's `recommender` and `text-encoder` models (`python -m trainer bootstrap`).
+Catalog updates: UpsertItems, or JSONL lines appended to the catalog journal by another
+writer (the other workers of `--workers N`, a catalog feed), applied every catalog_poll_s.
 The KServe V2 API is not exposed here: the scoring graph takes the catalog matrix, which
 only this service has; Recommend is the way in.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sys
 
@@ -37,6 +40,7 @@ class RecommenderSettings(DomainSettings):
     history_max_purchased: int = setting(1000, "purchased items kept per user (for exclude_purchased)")
     prediction_memory: int = setting(200_000, "recent predictions whose user is remembered, so outcomes update history")
     text_cache_size: int = setting(200_000, "title embeddings cached in memory (LRU)")
+    catalog_poll_s: float = setting(1.0, "how often to apply catalog journal lines other writers appended; 0 = never")
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -50,6 +54,8 @@ class RecommenderSettings(DomainSettings):
                 p.append(f"{name} must be >= 0")
         if not self.catalog_path:
             p.append("catalog_path is required")
+        if self.catalog_poll_s < 0:
+            p.append("catalog_poll_s must be >= 0")
         return p
 
 
@@ -71,6 +77,19 @@ def build(s: RecommenderSettings) -> tuple[ServerApp, RecommenderService]:
     loader.warmup_feeds = service.warmup_feeds
     app = ServerApp("recommender", s, {s.model_name: served}, register(RecommenderServicer(service)), v2=False)
     service.feedback = attach_feedback(app, s, "recommender")
+    if s.catalog_poll_s > 0:
+        follower: list[asyncio.Task] = []
+
+        async def start_following() -> None:
+            follower.append(asyncio.get_running_loop().create_task(service.follow_journal(s.catalog_poll_s)))
+
+        async def stop_following() -> None:
+            for task in follower:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+        app.on_start.append(start_following)
+        app.on_stop.append(stop_following)
     return app, service
 
 
