@@ -19,7 +19,7 @@ from shared.text import TextEncoder
 from tests.recommender_fixtures import bootstrap_small_recommender, exported_text_encoder
 from trainer.domains.recommender import (ITEM_TOWER_FILE, ItemTowerExport, RecommenderModel, ScoringExport,
                                          scoring_parity)
-from trainer.domains.recommender_data import HISTORY_LEN, LEVEL_CLICK, LEVEL_PURCHASE, WIDTH
+from trainer.domains.recommender_data import COL_HIST, COL_ITEM, COL_USER, HISTORY_LEN, LEVEL_CLICK, LEVEL_PURCHASE, WIDTH
 from trainer.joiner import JoinedExample
 from trainer.learner import Learner, LearnerConfig
 
@@ -193,9 +193,9 @@ def test_a_new_item_ranks_by_its_title_alone():
         bought = [model.state.item_code(f"{g}-{i}") for i in rng.permutation(8)]
         for n in range(1, 8):  # each purchase with the earlier ones as history, most recent first
             row = np.full(WIDTH, -1, np.float32)
-            row[:5] = [u, 0, 0, 12, bought[n]]
+            row[:COL_HIST] = [u, 0, 0, 12, bought[n], 11_000]
             hist = bought[:n][::-1]
-            row[5:5 + len(hist)] = hist
+            row[COL_HIST:COL_HIST + len(hist)] = hist
             X.append(row)
             y.append(LEVEL_PURCHASE)
     X, y = np.stack(X), np.asarray(y, np.float32)
@@ -278,7 +278,7 @@ def test_an_incremental_round_on_joined_examples_publishes(world, tmp_path):
     new_item = model.state.item_code("new-oat-milk")
     new_user = model.state.user_code("brand-new-customer")
     assert new_item > len(items) and new_user > len(users)
-    assert (ex.X[:, 4] == new_item).sum() == 30 and (ex.X[:, 0] == new_user).sum() > 0
+    assert (ex.X[:, COL_ITEM] == new_item).sum() == 30 and (ex.X[:, COL_USER] == new_user).sum() > 0
     learner.add(ex)
     assert learner.due()
     entry = learner.round({"offset": offset - 1, "pending": []})

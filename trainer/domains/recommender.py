@@ -46,9 +46,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainer.domains.recommender_data import (COL_DEVICE, COL_HIST, COL_HOUR, COL_ITEM, COL_PAGE, COL_USER, DEVICES,
-                                              HISTORY_LEN, LEVEL_CLICK, LEVEL_IMPRESSION, LEVEL_PURCHASE, PAGES,
-                                              TEXT_DIM, WIDTH, CatalogJournal, RecoState, device_code, page_code)
+from trainer.domains.recommender_data import (COL_DAY, COL_DEVICE, COL_HIST, COL_HOUR, COL_ITEM, COL_PAGE, COL_USER,
+                                              DEVICES, HISTORY_LEN, LEVEL_CLICK, LEVEL_IMPRESSION, LEVEL_PURCHASE,
+                                              PAGES, POPULARITY_TAU_DAYS, TEXT_DIM, WIDTH, CatalogJournal, RecoState,
+                                              device_code, page_code)
 from trainer.learner import DomainModel, Examples
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,14 @@ class RecoDims:
     price: int = 8
 
     @property
-    def item_dim(self) -> int:
+    def base_dim(self) -> int:
+        """The learned part of an item vector: click (d), cvr (d), two biases, repeat propensity."""
         return 2 * self.d + 3
+
+    @property
+    def item_dim(self) -> int:
+        """Dv: the learned part, then log1p of the item's recent sales per popularity timescale."""
+        return self.base_dim + len(POPULARITY_TAU_DAYS)
 
 
 def _pos_weight(raw: torch.Tensor) -> torch.Tensor:
@@ -86,7 +93,7 @@ class RecoNet(nn.Module):
         dv, h = dims.item_dim, dims.hidden
         # item tower
         # sparse gradients: a step touches the rows of its batch, not the whole (capacity-sized) table
-        self.item_id = nn.Embedding(items + 1, dv, padding_idx=0, sparse=True)
+        self.item_id = nn.Embedding(items + 1, dims.base_dim, padding_idx=0, sparse=True)
         nn.init.normal_(self.item_id.weight, std=0.01)
         with torch.no_grad():
             self.item_id.weight[0].zero_()
@@ -97,7 +104,12 @@ class RecoNet(nn.Module):
         self.register_buffer("log_price_mean", torch.tensor(4.5))
         self.register_buffer("log_price_std", torch.tensor(1.0))
         self.item_mlp = nn.Sequential(nn.Linear(dims.text_proj + dims.category + dims.price + 1, h), nn.ReLU(),
-                                      nn.Linear(h, dv))
+                                      nn.Linear(h, dims.base_dim))
+        # recent sales per item code, as of the export (the trainer refreshes it at every
+        # export; training passes each row's own as-of-that-day figures instead)
+        self.register_buffer("popularity", torch.zeros(items + 1, len(POPULARITY_TAU_DAYS)))
+        self.pop_click = nn.Parameter(torch.full((len(POPULARITY_TAU_DAYS),), 0.25))
+        self.pop_cvr = nn.Parameter(torch.full((len(POPULARITY_TAU_DAYS),), 0.25))
         # user tower
         self.user_id = nn.Embedding(users + 1, h, sparse=True)
         nn.init.normal_(self.user_id.weight, std=0.05)
@@ -117,13 +129,18 @@ class RecoNet(nn.Module):
     def init_popularity(self, item_codes: np.ndarray, n_items: int) -> None:
         """Start the item biases at log popularity in the bootstrap data (the sampled softmax
         would get there, slowly) and the repeat term at the lift a bought-before item has."""
-        counts = np.bincount(item_codes[(item_codes > 0) & (item_codes <= n_items)], minlength=n_items + 1)
-        logpop = np.log1p(counts[1:].astype(np.float64))
-        logpop -= logpop.mean()
+        counts = np.bincount(item_codes[(item_codes > 0) & (item_codes <= n_items)], minlength=n_items + 1)[1:]
+        seen = counts > 0
+        if not seen.any():
+            return
+        logpop = np.log(counts[seen].astype(np.float64))
+        # items never sold keep a zero id bias: their popularity comes from the content path
+        bias = np.zeros(n_items, np.float32)
+        bias[seen] = logpop - logpop.mean()
         d = self.dims.d
         with torch.no_grad():
-            self.item_id.weight[1:n_items + 1, 2 * d] = torch.as_tensor(logpop, dtype=torch.float32)
-            self.item_id.weight[1:n_items + 1, 2 * d + 1] = torch.as_tensor(logpop, dtype=torch.float32)
+            self.item_id.weight[1:n_items + 1, 2 * d] = torch.as_tensor(bias)
+            self.item_id.weight[1:n_items + 1, 2 * d + 1] = torch.as_tensor(bias)
             self.repeat_bias.fill_(3.0)
 
     # ---- item tower ----
@@ -154,14 +171,27 @@ class RecoNet(nn.Module):
                        ((lp - self.log_price_mean) / self.log_price_std).unsqueeze(-1)], dim=-1)
         return self.item_mlp(x)
 
-    def item_vectors(self, item: torch.Tensor, text: torch.Tensor | None, category: torch.Tensor,
-                     price: torch.Tensor, id_keep: torch.Tensor | None = None,
-                     projected: torch.Tensor | None = None) -> torch.Tensor:
+    def item_base(self, item: torch.Tensor, text: torch.Tensor | None, category: torch.Tensor,
+                  price: torch.Tensor, id_keep: torch.Tensor | None = None,
+                  projected: torch.Tensor | None = None) -> torch.Tensor:
+        """The learned part of the item vectors [n, base_dim]."""
         item = torch.where((item < 0) | (item > self.item_capacity), 0, item)
         ids = self.item_id(item)
         if id_keep is not None:
             ids = ids * id_keep.unsqueeze(-1)
         return self.content(text, category, price, projected) + ids
+
+    @staticmethod
+    def with_popularity(base: torch.Tensor, sales: torch.Tensor) -> torch.Tensor:
+        return torch.cat([base, torch.log1p(sales.clamp(min=0.0))], dim=-1)
+
+    def item_vectors(self, item: torch.Tensor, text: torch.Tensor | None, category: torch.Tensor,
+                     price: torch.Tensor, id_keep: torch.Tensor | None = None,
+                     projected: torch.Tensor | None = None, sales: torch.Tensor | None = None) -> torch.Tensor:
+        """Item vectors [n, Dv]; sales: recent sales [n, 2] (default: the exported snapshot)."""
+        if sales is None:
+            sales = self.popularity[torch.where((item < 0) | (item > self.item_capacity), 0, item)]
+        return self.with_popularity(self.item_base(item, text, category, price, id_keep, projected), sales)
 
     # ---- user tower ----
     def user_vectors(self, user: torch.Tensor, context: torch.Tensor, hist_vectors: torch.Tensor,
@@ -191,18 +221,21 @@ class RecoNet(nn.Module):
         value = value * first.to(beta.dtype)
         return (value, first) if with_first else value
 
-    @staticmethod
-    def augmented_users(u: torch.Tensor, d: int) -> torch.Tensor:
-        """[u_click, u_cvr, 1, 1, 0]: one MatMul with item vectors gives c (without repeat) + r."""
+    def augmented_users(self, u: torch.Tensor) -> torch.Tensor:
+        """[u_click, u_cvr, 1, 1, 0, w_pop]: one MatMul with item vectors gives c (without the
+        repeat term) + r."""
+        d = self.dims.d
         ones = torch.ones_like(u[:, :2])
-        return torch.cat([u[:, :2 * d], ones, torch.zeros_like(u[:, :1])], dim=1)
+        pop = (self.pop_click + self.pop_cvr).unsqueeze(0).expand(u.shape[0], -1)
+        return torch.cat([u[:, :2 * d], ones, torch.zeros_like(u[:, :1]), pop], dim=1)
 
     def heads(self, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Click and conversion logits (without the repeat term) of users u [..., 2d+1] and
         items v [..., Dv] (broadcast)."""
-        d = self.dims.d
-        c = (u[..., :d] * v[..., :d]).sum(-1) + v[..., 2 * d]
-        r = (u[..., d:2 * d] * v[..., d:2 * d]).sum(-1) + v[..., 2 * d + 1]
+        d, p = self.dims.d, self.dims.base_dim
+        pop = v[..., p:]
+        c = (u[..., :d] * v[..., :d]).sum(-1) + v[..., 2 * d] + (pop * self.pop_click).sum(-1)
+        r = (u[..., d:2 * d] * v[..., d:2 * d]).sum(-1) + v[..., 2 * d + 1] + (pop * self.pop_cvr).sum(-1)
         return c, r
 
 
@@ -232,7 +265,7 @@ class ScoringExport(nn.Module):
         rows = torch.where(valid, history, 0)
         hv = item_vectors[rows]  # [B, H, Dv]
         u = net.user_vectors(user[:, 0], context, hv, valid)
-        scores = net.augmented_users(u, d) @ item_vectors.t()  # [B, N]: c + r without repeat
+        scores = net.augmented_users(u) @ item_vectors.t()  # [B, N]: c + r without repeat
         rep = net.repeat_values(rows, valid, hv[..., 2 * d + 2], u[:, 2 * d])
         scores = scores.scatter_add(1, rows, rep)
         # exclude: -inf at listed rows (padding adds 0 to row 0)
@@ -329,11 +362,12 @@ class RecommenderModel(DomainModel):
     width = WIDTH
 
     def __init__(self, dims: RecoDims = RecoDims(), *, batch_size: int = 1024, lr: float = 5e-3,
+                 sparse_lr: float = 5e-3,
                  negatives: int = 256, user_dropout: float = 0.1, id_dropout: float = 0.25,
                  esmm_weight: float = 0.3, encoder: Callable[[Sequence[str]], np.ndarray] | None = None,
                  registry_dir: str | Path | None = None, catalog_path: str | Path | None = None,
                  latency_catalog: int = LATENCY_CATALOG, seed: int = 0, threads: int = 1) -> None:
-        self.dims, self.batch_size, self.lr, self.negatives = dims, batch_size, lr, negatives
+        self.dims, self.batch_size, self.lr, self.sparse_lr, self.negatives = dims, batch_size, lr, sparse_lr, negatives
         self.user_dropout, self.id_dropout, self.esmm_weight = user_dropout, id_dropout, esmm_weight
         self.state = RecoState()
         self._encoder = encoder
@@ -395,27 +429,36 @@ class RecommenderModel(DomainModel):
     def optimizer(self, net):
         sparse = [net.item_id.weight, net.user_id.weight]
         dense = [p for p in net.parameters() if all(p is not q for q in sparse)]
-        return JointOptimizer({"sparse": torch.optim.SparseAdam(sparse, lr=self.lr),
+        return JointOptimizer({"sparse": torch.optim.SparseAdam(sparse, lr=self.sparse_lr),
                                "dense": torch.optim.Adam(dense, lr=self.lr)})
 
-    def _item_vectors(self, net: RecoNet, codes: torch.Tensor, id_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Item vectors of item codes from the state's features (training and evaluation)."""
+    def _item_base(self, net: RecoNet, codes: torch.Tensor, id_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The learned part of the item vectors of item codes, from the state's features."""
         f = self._feature_tensors()
         codes = codes.clamp(0, self.state.n_items)
         uniq_text, inv = torch.unique(f["text"][codes], return_inverse=True)
         projected = net.text_proj(f["text_emb"][uniq_text])[inv]  # each distinct title projected once
-        return net.item_vectors(codes, None, f["category"][codes], f["price"][codes], id_keep, projected)
+        return net.item_base(codes, None, f["category"][codes], f["price"][codes], id_keep, projected)
 
-    def all_item_vectors(self, net: RecoNet, text_on: bool = True, ids_on: bool = True) -> torch.Tensor:
-        """[n_items, Dv], row = item code - 1 (the catalog order of the export)."""
-        f = self._feature_tensors()
+    def sales_tables(self, days) -> tuple[dict[int, int], torch.Tensor]:
+        """Recent sales of every item code as of each day: (day -> index, [days, n_items+1, 2])."""
+        days = sorted({int(x) for x in np.asarray(days).reshape(-1)})
+        tables = self.state.popularity(days)
+        return {d: n for n, d in enumerate(days)}, torch.from_numpy(np.stack([tables[d] for d in days]))
+
+    def export_day(self) -> int:
+        """The day the exported popularity is as of: the day after the latest known sale."""
+        latest = self.state.latest_day()
+        return latest + 1 if latest is not None else 0
+
+    def all_item_vectors(self, net: RecoNet, day: int | None = None) -> torch.Tensor:
+        """[n_items, Dv], row = item code - 1 (the catalog order of the export), with the
+        popularity as of `day` (default: as exported, export_day())."""
+        day = self.export_day() if day is None else int(day)
         codes = torch.arange(1, self.state.n_items + 1)
-        text = f["text_emb"][f["text"][codes]]
-        if not text_on:
-            text = torch.zeros_like(text)
         with torch.no_grad():
-            return net.item_vectors(codes if ids_on else torch.zeros_like(codes), text, f["category"][codes],
-                                    f["price"][codes])
+            sales = torch.from_numpy(self.state.popularity([day])[day][1:])
+            return net.with_popularity(self._item_base(net, codes), sales)
 
     @staticmethod
     def _split(X: np.ndarray) -> tuple[torch.Tensor, ...]:
@@ -461,32 +504,47 @@ class RecommenderModel(DomainModel):
         g = torch.Generator().manual_seed(int(seed) + self.seed)
         user_all, ctx_all, item_all, hist_all = self._split(X)
         level_all = torch.from_numpy(np.asarray(y, np.float32)).round().to(torch.int64)
+        days_col = np.asarray(X, np.float32)[:, COL_DAY].astype(np.int64) if len(X) else np.zeros(1, np.int64)
+        day_index, sales = self.sales_tables(days_col)
+        day_all = torch.from_numpy(np.asarray([day_index[int(x)] for x in days_col[:len(X)]], np.int64))
         n_items = max(1, self.state.n_items)
+        sales = sales[:, :n_items + 1]
         d = net.dims.d
         m = min(self.negatives, n_items)
-        log_nm = math.log(max(1.0, n_items / m))
+        # in-batch negatives are drawn like the rows: by each item's share of the rows
+        item_share = torch.from_numpy(np.bincount(np.asarray(X, np.float32)[:, COL_ITEM].astype(np.int64).clip(0, n_items),
+                                                  minlength=n_items + 1)[:n_items + 1] / max(1, len(X)))
         for _ in range(epochs):
             for ctx_rows, rows, local in self.batches(X, g):
                 ctx_rows, rows, local = (torch.from_numpy(a) for a in (ctx_rows, rows, local))
                 user, ctx, hist = user_all[ctx_rows], ctx_all[ctx_rows], hist_all[ctx_rows]  # per context
                 item, level = item_all[rows], level_all[rows]  # per row
+                day = day_all[ctx_rows]  # per context (a context is one user on one day)
                 n_ctx, n_rows = len(ctx_rows), len(rows)
                 user = torch.where(torch.rand(n_ctx, generator=g) < self.user_dropout, 0, user)
                 valid = hist > 0
-                negs = torch.randperm(n_items, generator=g)[:m] + 1  # without replacement: q = M/N exactly
+                # negatives: M uniform draws (without replacement) and the batch's own items (a
+                # popularity-shaped sample, which teaches the order among best sellers); q = the
+                # probability that an item is among them, for the logQ correction
+                negs = torch.unique(torch.cat([torch.randperm(n_items, generator=g)[:m] + 1, item[item > 0]]))
+                q = 1.0 - (1.0 - m / n_items) * (1.0 - item_share.to(torch.float64)) ** n_rows
+                log_q = torch.log(q.clamp(min=1e-12)).to(torch.float32)  # [n_items + 1]
+                mm = len(negs)
                 codes = torch.cat([item, hist[valid], negs])
                 uniq, inv = torch.unique(codes, return_inverse=True)
                 keep = (torch.rand(len(uniq), generator=g) >= self.id_dropout).to(torch.float32)
-                vu = self._item_vectors(net, uniq, keep)
-                v_pos = vu[inv[:n_rows]]
-                hv = vu.new_zeros(n_ctx, hist.shape[1], vu.shape[1])
-                hv[valid] = vu[inv[n_rows:n_rows + int(valid.sum())]]
-                v_neg = vu[inv[-m:]]
+                vu = self._item_base(net, uniq, keep)
+                v_pos = net.with_popularity(vu[inv[:n_rows]], sales[day[local], item.clamp(0, n_items)])
+                hb = vu.new_zeros(n_ctx, hist.shape[1], vu.shape[1])
+                hb[valid] = vu[inv[n_rows:n_rows + int(valid.sum())]]
+                hv = net.with_popularity(hb, sales[day.unsqueeze(1), hist.clamp(0, n_items)])
+                vb_neg = vu[inv[-mm:]]
+                pop_neg = torch.log1p(sales[day.unsqueeze(1), negs.unsqueeze(0)])  # [C, M, 2]
                 u = net.user_vectors(user, ctx, hv, valid)  # [C, 2d+1]
                 rep, first = net.repeat_values(hist, valid, hv[..., 2 * d + 2], u[:, 2 * d], with_first=True)
-                s_hist = torch.einsum("cd,chd->ch", RecoNet.augmented_users(u, d), hv) + rep  # [C, H]
-                c_neg = u[:, :d] @ v_neg[:, :d].t() + v_neg[:, 2 * d]  # [C, M]
-                r_neg = u[:, d:2 * d] @ v_neg[:, d:2 * d].t() + v_neg[:, 2 * d + 1]
+                s_hist = torch.einsum("cd,chd->ch", net.augmented_users(u), hv) + rep  # [C, H]
+                c_neg = u[:, :d] @ vb_neg[:, :d].t() + vb_neg[:, 2 * d] + (pop_neg * net.pop_click).sum(-1)  # [C, M]
+                r_neg = u[:, d:2 * d] @ vb_neg[:, d:2 * d].t() + vb_neg[:, 2 * d + 1] + (pop_neg * net.pop_cvr).sum(-1)
                 # per row
                 u_row, hist_row = u[local], hist[local]
                 in_hist = (hist_row == item.unsqueeze(1)) & valid[local]  # [R, H]
@@ -495,17 +553,17 @@ class RecommenderModel(DomainModel):
                 positive = level >= LEVEL_CLICK
                 # items the same context also clicked/bought are not negatives of each other
                 taken = torch.zeros(n_ctx, hist.shape[1]).index_add_(0, local, (in_hist & positive.unsqueeze(1)).float())
-                slot = torch.full((n_items + 1,), m, dtype=torch.int64)
-                slot[negs] = torch.arange(m)
-                clash_ctx = torch.zeros(n_ctx, m + 1, dtype=torch.bool)
-                clash_ctx.scatter_(1, torch.where(valid, slot[hist.clamp(min=0)], m), True)
-                clash = clash_ctx[local]
-                clash.scatter_(1, slot[item.clamp(0, n_items)].unsqueeze(1), True)
-                clash = clash[:, :m]
-                # sampled softmax with logQ correction over positive, history, uniform draws
-                s_pos = c_pos + r_pos + torch.where(in_hist.any(1), 0.0, log_nm)
+                slot = torch.full((n_items + 1,), mm, dtype=torch.int64)
+                slot[negs] = torch.arange(mm)
+                # a draw is no negative for a context that has it in its history or clicked/bought it
+                clash_ctx = torch.zeros(n_ctx, mm + 1, dtype=torch.bool)
+                clash_ctx.scatter_(1, torch.where(valid, slot[hist.clamp(min=0)], mm), True)
+                clash_ctx[local, slot[item.clamp(0, n_items)]] = True
+                clash = clash_ctx[local][:, :mm]
+                # sampled softmax with logQ correction over positive, history, drawn negatives
+                s_pos = c_pos + r_pos - torch.where(in_hist.any(1), 0.0, log_q[item.clamp(0, n_items)])
                 s_histc = torch.where(first[local] & ~in_hist & (taken[local] == 0), s_hist[local], float("-inf"))
-                s_negc = torch.where(clash, float("-inf"), (c_neg + r_neg)[local] + log_nm)
+                s_negc = torch.where(clash, float("-inf"), (c_neg + r_neg)[local] - log_q[negs])
                 logits = torch.cat([s_pos.unsqueeze(1), s_histc, s_negc], dim=1)
                 ce = -(torch.log_softmax(logits, dim=1)[:, 0] * positive).sum() / positive.sum().clamp(min=1)
                 # ESMM: pCTR on the row's item and the uniform draws; pCTCVR = pCTR x pCVR
@@ -514,9 +572,9 @@ class RecommenderModel(DomainModel):
                 lp_buy = F.logsigmoid(c_pos) + F.logsigmoid(r_pos)
                 l_click = F.binary_cross_entropy_with_logits(c_pos, click, reduction="sum")
                 l_buy = -(bought * lp_buy + (1 - bought) * torch.log1p(-torch.exp(lp_buy).clamp(max=1 - 1e-6))).sum()
-                neg_weight = (~clash_ctx[:, :m]).float() * torch.zeros(n_ctx).index_add_(0, local, click).unsqueeze(1)
+                neg_weight = (~clash_ctx[:, :mm]).float() * torch.zeros(n_ctx).index_add_(0, local, click).unsqueeze(1)
                 lp_buy_neg = F.logsigmoid(c_neg) + F.logsigmoid(r_neg)
-                l_neg = ((F.softplus(c_neg) - torch.log1p(-torch.exp(lp_buy_neg).clamp(max=1 - 1e-6))) * neg_weight).sum() / m
+                l_neg = ((F.softplus(c_neg) - torch.log1p(-torch.exp(lp_buy_neg).clamp(max=1 - 1e-6))) * neg_weight).sum() / mm
                 esmm = (l_click + l_buy + l_neg) / n_rows
                 loss = ce + self.esmm_weight * esmm
                 opt.zero_grad()
@@ -537,7 +595,7 @@ class RecommenderModel(DomainModel):
         hv = catalog[rows]
         u = net.user_vectors(user, ctx, hv, valid)
         rep = net.repeat_values(rows, valid, hv[..., 2 * d + 2], u[:, 2 * d])
-        scores = (RecoNet.augmented_users(u, d) @ catalog.t()).scatter_add(1, rows, rep)
+        scores = (net.augmented_users(u) @ catalog.t()).scatter_add(1, rows, rep)
         return scores, u, rep
 
     def predict(self, net, X) -> np.ndarray:
@@ -552,22 +610,24 @@ class RecommenderModel(DomainModel):
         if len(X) == 0:
             return out
         user, ctx, item, hist = self._split(X)
+        days = np.asarray(X, np.float32)[:, COL_DAY].astype(np.int64)
         with torch.no_grad():
-            catalog = self.all_item_vectors(net)
-            d = net.dims.d
-            for a in range(0, len(X), 512):
-                sl = slice(a, a + 512)
-                h = torch.where(hist[sl] > 0, hist[sl] - 1, -1)
-                scores, u, rep = self.score_all(net, user[sl], ctx[sl], h, catalog)
-                rows = (item[sl] - 1).clamp(min=0)
-                target = scores.gather(1, rows.unsqueeze(1))
-                rank = (scores > target).sum(1)
-                c, r = net.heads(u, catalog[rows])
-                c = c + (rep * (h == rows.unsqueeze(1))).sum(1)
-                known = item[sl] > 0
-                out[sl, 0] = torch.sigmoid(c).numpy()
-                out[sl, 1] = (torch.sigmoid(c) * torch.sigmoid(r)).numpy()
-                out[sl, 2] = torch.where(known, rank, self.state.n_items).numpy()
+            for day in np.unique(days):
+                catalog = self.all_item_vectors(net, int(day))  # popularity as of the row's day
+                on_day = np.flatnonzero(days == day)
+                for a in range(0, len(on_day), 512):
+                    sl = torch.from_numpy(on_day[a:a + 512])
+                    h = torch.where(hist[sl] > 0, hist[sl] - 1, -1)
+                    scores, u, rep = self.score_all(net, user[sl], ctx[sl], h, catalog)
+                    rows = (item[sl] - 1).clamp(min=0)
+                    target = scores.gather(1, rows.unsqueeze(1))
+                    rank = (scores > target).sum(1)
+                    c, r = net.heads(u, catalog[rows])
+                    c = c + (rep * (h == rows.unsqueeze(1))).sum(1)
+                    known = item[sl] > 0
+                    out[sl.numpy(), 0] = torch.sigmoid(c).numpy()
+                    out[sl.numpy(), 1] = (torch.sigmoid(c) * torch.sigmoid(r)).numpy()
+                    out[sl.numpy(), 2] = torch.where(known, rank, self.state.n_items).numpy()
         return out
 
     def prequential_loss(self, y: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -600,6 +660,14 @@ class RecommenderModel(DomainModel):
 
         path = Path(path)
         net.eval()
+        # the popularity the served item vectors carry: recent sales as of the day after the
+        # latest known sale (a fresh version every round keeps it current)
+        day = self.export_day()
+        with torch.no_grad():
+            table = torch.from_numpy(self.state.popularity([day])[day])
+            net.popularity.zero_()
+            net.popularity[:len(table)] = table[:len(net.popularity)]
+        self._exported = {"popularity_day": day}
         tower_path = path.parent / ITEM_TOWER_FILE
         tower = ItemTowerExport(net).eval()
         f = self._feature_tensors()
@@ -619,8 +687,8 @@ class RecommenderModel(DomainModel):
                 {"user": {0: "batch"}, "history": {0: "batch"}, "context": {0: "batch"}, "k": {0: "batch"},
                  "restrict": {0: "batch", 1: "restrict"}, "exclude": {0: "batch", 1: "exclude"},
                  "item_vectors": {0: "catalog"}})
-        self._exported = {"catalog": catalog, "tower_parity": tower_diff, "folder": path.parent,
-                          "signature": signature_of_onnx(path)}
+        self._exported.update({"catalog": catalog, "tower_parity": tower_diff, "folder": path.parent,
+                               "signature": signature_of_onnx(path)})
         return path, scoring
 
     def signature_inputs(self, X) -> dict[str, np.ndarray]:
@@ -675,7 +743,10 @@ class RecommenderModel(DomainModel):
                 "score": "click logit + conversion logit (log-odds of pCTCVR), repeat term included",
                 "item_vector_layout": {"click": [0, self.dims.d], "cvr": [self.dims.d, 2 * self.dims.d],
                                        "click_bias": 2 * self.dims.d, "cvr_bias": 2 * self.dims.d + 1,
-                                       "repeat_propensity": 2 * self.dims.d + 2},
+                                       "repeat_propensity": 2 * self.dims.d + 2,
+                                       "log1p_recent_sales": [self.dims.base_dim, self.dims.item_dim]},
+                "popularity_tau_days": list(POPULARITY_TAU_DAYS),
+                "popularity_as_of_day": self._exported.get("popularity_day"),
                 "latency_catalog_rows": self.latency_catalog}
 
     # ---- joined examples (what the service records) ----
@@ -709,7 +780,7 @@ class RecommenderModel(DomainModel):
         if not best:
             return Examples.empty(WIDTH)
         self._learn_catalog()
-        rows, levels, served, offsets, pos_users, pos_items = [], [], [], [], [], []
+        rows, levels, served, offsets, pos_users, pos_items, pos_days = [], [], [], [], [], [], []
         for (_, item_id), (level, j) in sorted(best.items(), key=lambda kv: kv[1][1].offset):
             inputs = {t.name: t for t in j.served.inputs}
             outputs = {t.name: t for t in j.served.outputs}
@@ -732,6 +803,8 @@ class RecommenderModel(DomainModel):
                     row[COL_DEVICE] = ctx[1] if 0 <= ctx[1] <= len(DEVICES) else 0
                     row[COL_HOUR] = min(max(int(ctx[2]), 0), 23)
             row[COL_ITEM] = item
+            day = int((j.outcome.occurred_at or j.served.served_at) // 86400)
+            row[COL_DAY] = day
             hist = [self.state.item_code(h) for h in decode_bytes_tensor(inputs["history_ids"])] \
                 if "history_ids" in inputs else []
             hist = [h for h in hist if h > 0][:HISTORY_LEN]
@@ -750,7 +823,8 @@ class RecommenderModel(DomainModel):
             if level >= LEVEL_CLICK:
                 pos_users.append(user)
                 pos_items.append(item)
-        self.state.record_interactions(pos_users, pos_items)
+                pos_days.append(day)
+        self.state.record_interactions(pos_users, pos_items, pos_days)
         if self.skipped_unknown_items:
             log.warning("recommender: %d outcome rows so far name items with no known features (not in the catalog "
                         "journal): skipped", self.skipped_unknown_items)

@@ -38,10 +38,16 @@ DEVICES = ("desktop", "mobile", "tablet", "app")
 TEXT_DIM = 384
 # Event levels (the label y of a row): shown and not clicked, clicked (or put in the cart), bought.
 LEVEL_IMPRESSION, LEVEL_CLICK, LEVEL_PURCHASE = 0, 1, 2
-# Columns of a training row X (float32; codes are small integers, exact in float32).
-COL_USER, COL_PAGE, COL_DEVICE, COL_HOUR, COL_ITEM = range(5)
-COL_HIST = 5
+# Columns of a training row X (float32; codes and day numbers are integers < 2^24, exact).
+COL_USER, COL_PAGE, COL_DEVICE, COL_HOUR, COL_ITEM, COL_DAY = range(6)  # COL_DAY: days since 1970-01-01 (UTC)
+COL_HIST = 6
 WIDTH = COL_HIST + HISTORY_LEN
+# Recent popularity: per item, sales (clicks and purchases) decayed with these time constants
+# (days), counted strictly before the day in question. Grocery sales follow promotions and
+# seasons: on Ta Feng the last 3 days' best sellers beat the all-time ones by 80 % on items a
+# customer never bought (HR@10 0.27 vs 0.15).
+POPULARITY_TAU_DAYS = (2.0, 14.0)
+POPULARITY_HORIZON_DAYS = 90  # sales older than this no longer count (weight < e^-6)
 
 
 def tafeng_title(subclass) -> str:
@@ -80,6 +86,9 @@ class RecoState:
         self.text_index: dict[str, int] = {"": 0}
         self.text_emb = np.zeros((1, TEXT_DIM), np.float32)
         self.interactions: dict[int, list[int]] = collections.defaultdict(list)
+        self.sales: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)  # day -> item -> n
+        self.sales_revision = 0
+        self._popularity_cache: tuple[int, dict[int, np.ndarray]] | None = None
         self.user_capacity = 0  # table sizes of the network (0 = not built yet)
         self.item_capacity = 0
         self.category_capacity = 0
@@ -161,10 +170,51 @@ class RecoState:
         self.revision += 1
         return added
 
-    def record_interactions(self, user_codes: Sequence[int], item_codes: Sequence[int]) -> None:
-        for u, i in zip(user_codes, item_codes):
-            if u > 0 and i > 0:
+    def record_interactions(self, user_codes: Sequence[int], item_codes: Sequence[int],
+                            days: Sequence[int] | int | None = None) -> None:
+        """Clicks/purchases: into the users' histories and (with their day) the item sales."""
+        if days is not None and np.ndim(days) == 0:
+            days = [int(days)] * len(item_codes)
+        for n, (u, i) in enumerate(zip(user_codes, item_codes)):
+            if i <= 0:
+                continue
+            if u > 0:
                 self.interactions[int(u)].append(int(i))
+            if days is not None:
+                self.sales[int(days[n])][int(i)] += 1
+        if days is not None:
+            self.sales_revision += 1
+
+    def latest_day(self) -> int | None:
+        return max(self.sales) if self.sales else None
+
+    def popularity(self, days: Sequence[int]) -> dict[int, np.ndarray]:
+        """day -> float32 [n_items + 1, len(POPULARITY_TAU_DAYS)]: each item's sales before that
+        day, decayed by exp(-age / tau) (row 0, the unknown item: 0). Cached per sales revision."""
+        if self._popularity_cache is None or self._popularity_cache[0] != self.sales_revision:
+            self._popularity_cache = (self.sales_revision, {})
+        cache = self._popularity_cache[1]
+        wanted = sorted({int(d) for d in days} - cache.keys())
+        if wanted:
+            n = self.n_items + 1
+            taus = np.asarray(POPULARITY_TAU_DAYS, np.float64)
+            sale_days = sorted(d for d in self.sales if wanted[0] - POPULARITY_HORIZON_DAYS <= d < wanted[-1])
+            acc = np.zeros((n, len(taus)), np.float64)
+            at = wanted[0] - POPULARITY_HORIZON_DAYS
+            k = 0
+            for day in wanted:
+                while k < len(sale_days) and sale_days[k] < day:
+                    s = sale_days[k]
+                    acc *= np.exp(-(s - at) / taus)
+                    at = s
+                    c = self.sales[s]
+                    items = np.fromiter(c.keys(), np.int64, len(c))
+                    counts = np.fromiter(c.values(), np.float64, len(c))
+                    ok = items < n
+                    acc[items[ok]] += counts[ok, None]  # items are distinct keys: no repeated index
+                    k += 1
+                cache[day] = (acc * np.exp(-(day - at) / taus)).astype(np.float32)
+        return {int(d): cache[int(d)] for d in days}
 
     def history(self, user_code: int, length: int = HISTORY_LEN) -> np.ndarray:
         """The user's most recent item codes, most recent first, padded with -1."""
@@ -221,6 +271,8 @@ class RecoState:
                 "texts": self.texts, "text_emb": self.text_emb,
                 "interaction_users": np.asarray(codes, np.int32), "interaction_lengths": lengths,
                 "interaction_items": flat,
+                "sales": np.asarray([(d, i, c) for d, cnt in self.sales.items() for i, c in cnt.items()],
+                                    np.int64).reshape(-1, 3),
                 "capacity": [self.user_capacity, self.item_capacity, self.category_capacity]}
 
     @classmethod
@@ -242,6 +294,8 @@ class RecoState:
         for u, end, n in zip(np.asarray(d["interaction_users"]).tolist(), ends.tolist(),
                              np.asarray(d["interaction_lengths"]).tolist()):
             s.interactions[u] = flat[end - n:end]
+        for day, item, count in np.asarray(d.get("sales", np.zeros((0, 3), np.int64))).tolist():
+            s.sales[day][item] += count
         s.set_capacity(*d["capacity"])
         return s
 
@@ -306,6 +360,7 @@ class TafengRows:
         self.day_of_row = df["day"].to_numpy()
         self.users = np.asarray([state.user_code(str(c), add=True) for c in df["customer_id"].to_numpy()], np.int64)
         self.items = np.asarray([state.item_code(str(p)) for p in df["product_id"].to_numpy()], np.int64)
+        self.day_numbers = (self.days.astype("datetime64[D]").astype(np.int64))  # days since 1970-01-01
         self.rng = np.random.default_rng(seed)
         self._recent: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=HISTORY_LEN))
         self._day_pos = 0
@@ -333,6 +388,7 @@ class TafengRows:
         X = np.zeros((len(users), WIDTH), np.float32)
         X[:, COL_USER] = users
         X[:, COL_ITEM] = items
+        X[:, COL_DAY] = self.day_numbers[day_index]
         basket: dict[int, tuple[np.ndarray, int]] = {}  # one history and one hour per customer and day
         for n, u in enumerate(users.tolist()):
             b = basket.get(u)
@@ -346,7 +402,7 @@ class TafengRows:
         sl = self.day_rows(day_index)
         for u, i in zip(self.users[sl].tolist(), self.items[sl].tolist()):
             self._recent[u].append(i)
-        self.state.record_interactions(self.users[sl], self.items[sl])
+        self.state.record_interactions(self.users[sl], self.items[sl], int(self.day_numbers[day_index]))
 
     def rows(self, first_day: int, stop_day: int, progress: Callable[[int], None] | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
