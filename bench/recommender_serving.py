@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--customers", type=int, default=5000, help="distinct real customers the requests cycle through")
     ap.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime threads per run (both configs)")
     ap.add_argument("--batch-workers", type=int, default=1, help="session runs in flight at once (both configs)")
+    ap.add_argument("--max-queue-delay-us", type=int, default=0,
+                    help="batched config: how long a short queue waits for more rows (unbatched never waits)")
     ap.add_argument("--out", default="bench/results/recommender_serving.json")
     args = ap.parse_args(argv)
     from shared.registry import ModelRegistry
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "--catalog-path", f"{tmp}/{name}/items.jsonl", "--max-batch-size", str(max_batch),
                                           "--intra-op-threads", str(args.intra_op_threads),
                                           "--batch-workers", str(args.batch_workers),
+                                          "--max-queue-delay-us", str(args.max_queue_delay_us),
                                           "--log-format", "text", "--log-level", "WARNING"],
                                    Path(tmp) / f"{name}.log").start()
                 addresses[name] = f"127.0.0.1:{port}"
