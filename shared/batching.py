@@ -19,7 +19,7 @@ more rows when the queue is short, for models where bigger batches pay off.
   pins the LoadedModel it was prepared with (`model=`): it runs on that version even if a
   hot swap happened meanwhile (the old version stays alive while a request references it).
   Requests whose batched inputs differ in inner shape never merge either: a service that
-  wants them to should pad variable-length inputs to a few bucket sizes (powers of two).
+  wants them to should pad variable-length inputs to a few bucket widths.
 - Cheap models run on the event loop itself: when a request's rows are expected to run in
   under `inline_below_us` (a moving average of run time per row), the hand-off to a worker thread and back costs more than the
   run (the MLP of the peer benchmark runs in ~15 us), so it is skipped; and a request that
