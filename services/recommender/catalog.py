@@ -201,13 +201,19 @@ class Catalog:
     def _seed_journal(self, seed: Path) -> None:
         items = read_jsonl(seed)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self.path.with_name(f"{self.path.name}.seed-{os.getpid()}")  # workers may seed at once
         with open(tmp, "w", encoding="utf-8") as f:
             for item in items:
                 f.write(item.to_json() + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:  # create-if-absent: a worker that seeded first (and may have appended since) wins
+            os.link(tmp, self.path)
+        except FileExistsError:
+            log.info("catalog: %s was seeded by another process", self.path)
+            return
+        finally:
+            os.unlink(tmp)
         _fsync_dir(self.path.parent)
         log.info("catalog: seeded %s with %d items from %s", self.path, len(items), seed)
 
