@@ -43,13 +43,19 @@ def scenario_args(**overrides) -> argparse.Namespace:
     return argparse.Namespace(**base)
 
 
-async def _drive(t: DomainTraffic, duration_s: float, stop: asyncio.Event) -> None:
-    import random
-
+async def _prepare(t: DomainTraffic):
+    """The domain's load-test scenario (built from its real dataset: seconds for some)."""
     from ops.loadtest import SCENARIOS
 
     channel = grpc.aio.insecure_channel(t.target)
     call, drain = await SCENARIOS[t.scenario](channel, scenario_args())
+    return channel, call, drain
+
+
+async def _drive(t: DomainTraffic, prepared, duration_s: float, stop: asyncio.Event) -> None:
+    import random
+
+    channel, call, drain = prepared
     rng = random.Random(hash(t.domain) & 0xFFFF)
     in_flight: set[asyncio.Task] = set()
 
@@ -94,9 +100,11 @@ async def run_demo(traffic: list[DomainTraffic], registry_dir: Path, duration_s:
     stop = stop or asyncio.Event()
     registry = ModelRegistry(registry_dir)
     start_versions = {t.domain: registry.current_version(t.domain) for t in traffic}
-    print(f"demo: {duration_s:.0f} s of traffic and outcomes from the real datasets to "
-          f"{', '.join(t.domain for t in traffic)}", flush=True)
-    drivers = asyncio.gather(*(_drive(t, duration_s, stop) for t in traffic))
+    print(f"demo: building request streams from the real datasets for {', '.join(t.domain for t in traffic)}",
+          flush=True)
+    prepared = await asyncio.gather(*(_prepare(t) for t in traffic))
+    print(f"demo: {duration_s:.0f} s of traffic and outcomes", flush=True)
+    drivers = asyncio.gather(*(_drive(t, p, duration_s, stop) for t, p in zip(traffic, prepared)))
     t0 = time.monotonic()
     while not drivers.done():
         await asyncio.wait([drivers], timeout=every_s)

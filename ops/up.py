@@ -35,9 +35,13 @@ class Component:
 
 
 TRAINER = Component("trainer", ["trainer", "serve"], 50050)
-# Each domain service: its composition root and default port. Recommender (50052) and
-# pricing (50053) join this list when they exist.
-SERVICES = [Component("fraud", ["services.fraud.main"], 50051, domain="fraud", scenario="fraud", demo_rate=40.0)]
+# Each domain service: its composition root, default port, load-test scenario and demo rate.
+SERVICES = [
+    Component("fraud", ["services.fraud.main"], 50051, domain="fraud", scenario="fraud", demo_rate=40.0),
+    Component("recommender", ["services.recommender.main"], 50052, domain="recommender", scenario="recommend",
+              demo_rate=30.0),
+    Component("pricing", ["services.pricing.main"], 50053, domain="pricing", scenario="quote", demo_rate=30.0),
+]
 
 
 def _pump(name: str, stream, out) -> None:
@@ -51,6 +55,11 @@ class Suite:
         self.var, self.host, self.port_offset, self.log_format = var, host, port_offset, log_format
         self.procs: dict[str, subprocess.Popen] = {}
 
+    @property
+    def catalog_path(self) -> Path:
+        """The recommender's catalog journal, read by the trainer too."""
+        return self.var / "catalog" / "items.jsonl"
+
     def port(self, c: Component) -> int:
         return c.port + self.port_offset
 
@@ -58,10 +67,11 @@ class Suite:
         common = ["--host", self.host, "--port", str(self.port(c)), "--registry-dir", str(self.var / "registry"),
                   "--log-format", self.log_format]
         if c is TRAINER:
-            return [*common, "--workdir", str(self.var / "trainer"),
+            return [*common, "--workdir", str(self.var / "trainer"), "--catalog-path", str(self.catalog_path),
                     "--domains", ",".join(s.domain for s in SERVICES if s.domain)]
+        extra = ["--catalog-path", str(self.catalog_path)] if c.name == "recommender" else []
         return [*common, "--trainer-target", f"127.0.0.1:{self.port(TRAINER)}",
-                "--spool-dir", str(self.var / "spool" / c.name)]
+                "--spool-dir", str(self.var / "spool" / c.name), *extra]
 
     def start(self, c: Component) -> None:
         p = subprocess.Popen([sys.executable, "-m", *c.module, *self.args(c)], cwd=ROOT, stdout=subprocess.PIPE,

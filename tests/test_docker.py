@@ -303,27 +303,28 @@ async def test_mutual_tls(published, certs):
 @pytest.fixture(scope="module")
 def volume_root(tmp_path_factory) -> Path:
     """A folder laid out like the images' /var/lib/storefront after the trainer's first start:
-    registry/ with a real fraud model, trainer/ with its checkpoint."""
-    from tests.fraud_fixtures import bootstrap_small_fraud
+    registry/ with a real first model of every domain, trainer/ with their checkpoints."""
+    from tests.suite_fixtures import bootstrap_small_suite
 
     root = tmp_path_factory.mktemp("storefront")
-    bootstrap_small_fraud(root)
+    bootstrap_small_suite(root)
     return root
 
 
 async def test_compose_healthchecks_pass_against_the_real_processes(volume_root):
-    """The trainer and fraud healthchecks, exactly as compose runs them, against in-process apps
-    built from the settings compose gives them (paths moved from the volume to a tmp folder)."""
+    """The trainer's and every service's healthchecks, exactly as compose runs them, against
+    in-process apps built from the settings compose gives them (paths moved from the volume to
+    a tmp folder)."""
     c = compose()
     apps = {}
     try:
-        for name in ("trainer", "fraud"):
+        for name in ("trainer", *DOMAIN_SERVICES):
             s = c["services"][name]
             env = service_env(name)
             env = {k: v.replace(VOLUME, str(volume_root)) for k, v in env.items()}
             env.update(STOREFRONT_PORT="0", STOREFRONT_METRICS_PORT="0", STOREFRONT_HOST="127.0.0.1",
                        STOREFRONT_LOG_FORMAT="text")
-            if name == "fraud":  # no trainer at trainer:50050 here; the feedback client is tested elsewhere
+            if name != "trainer":  # no trainer at trainer:50050 here; the feedback client is tested elsewhere
                 env["STOREFRONT_TRAINER_TARGET"] = ""
             settings = load_settings(s["command"], env)
             module = "trainer.service" if s["command"][0] == "trainer" else s["command"][0]

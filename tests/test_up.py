@@ -11,7 +11,7 @@ import grpc
 
 from ops.up import SERVICES, TRAINER
 from protos.fraud.v1 import fraud_pb2_grpc
-from tests.fraud_fixtures import bootstrap_small_fraud
+from tests.suite_fixtures import bootstrap_small_suite
 from tests.loop_harness import score_request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_up_serves_everything_and_stops_on_ctrl_c(tmp_path):
     var = tmp_path / "var"
     var.mkdir()
-    _, _, data = bootstrap_small_fraud(var)  # registry + trainer checkpoint, as a first start would make
+    _, _, data = bootstrap_small_suite(var)["fraud"]  # registry + checkpoints, as a first start would make
     offset = 2000 + os.getpid() % 10000  # keeps gRPC and metrics ports under 65536
     proc = subprocess.Popen([sys.executable, "-m", "ops.up", "--var", str(var), "--port-offset", str(offset)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -57,7 +57,7 @@ def test_demo_shows_new_versions_learned_from_its_traffic_being_served(tmp_path)
     trainer publishes versions learned from them and the services answer with them."""
     var = tmp_path / "var"
     var.mkdir()
-    bootstrap_small_fraud(var)
+    bootstrap_small_suite(var)
     offset = 4000 + os.getpid() % 10000
     proc = subprocess.run([sys.executable, "-m", "ops.up", "--var", str(var), "--port-offset", str(offset),
                            "--demo", "25"], cwd=ROOT, capture_output=True, text=True, timeout=300)

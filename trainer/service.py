@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def _fraud_model(s: TrainerSettings | None = None):
                       adv_steps=s.adv_steps)
 
 
+ROUND_LOCK = threading.Lock()  # see DomainLoop._round
+
 DOMAIN_MODELS = {"recommender": lambda s=None: __import__("trainer.domains.recommender", fromlist=["x"]).model_from_settings(s), "pricing": lambda s=None: __import__("trainer.domains.pricing", fromlist=["x"]).PricingModel(), "fraud": _fraud_model}  # domain -> factory(settings or None) of its DomainModel
 
 
@@ -118,6 +121,13 @@ class DomainLoop:
         self.reports_dir = Path(s.workdir) / "reports"
         self._reported = -math.inf
         TRAINED.labels(domain).set(self.learner.trained_rows)
+
+    def _round(self, progress):
+        # One domain's round at a time: torch.export (dynamo) is not thread-safe (concurrent
+        # exports fail with "SymInt ... is not tracked with proxy"), and rounds competing for
+        # the same cores only make each slower.
+        with ROUND_LOCK:
+            return self.learner.round(progress)
 
     def refresh_report(self, force: bool = False) -> None:
         """Re-render the learning report (in the calling thread) when it is due."""
@@ -141,7 +151,7 @@ class DomainLoop:
                 DRIFT.labels(self.domain).set(1 if self.learner.drift.in_drift else 0)
                 if self.learner.due():
                     progress = self.joiner.checkpoint()
-                    entry = await asyncio.to_thread(self.learner.round, progress)
+                    entry = await asyncio.to_thread(self._round, progress)
                     if entry is not None:
                         ROUNDS.labels(self.domain, entry["decision"]).inc()
                         TRAINED.labels(self.domain).set(self.learner.trained_rows)
