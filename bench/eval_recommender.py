@@ -44,6 +44,7 @@ import datetime
 import json
 import logging
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -135,15 +136,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from shared.registry import ModelRegistry
     from shared.text import TextEncoder
-    from tests.recommender_fixtures import exported_text_encoder
     from trainer.domains.recommender import RecommenderModel, torch_threads
     from trainer.domains.recommender_data import TafengRows, tafeng_catalog
     from trainer.learner import Examples, Learner, LearnerConfig
     from trainer.tafeng import load_tafeng
 
+    from trainer.text_encoder import export_text_encoder
+
     torch.set_num_threads(1)
     progress("exporting the text encoder")
-    encoder = TextEncoder(exported_text_encoder()[0])
+    tmp = Path(tempfile.mkdtemp(prefix="eval-reco-"))
+    encoder = TextEncoder(export_text_encoder(tmp / "text-encoder.onnx")[0])
     df = load_tafeng()
     model = RecommenderModel(encoder=encoder.encode, seed=args.seed)
     model.add_catalog(tafeng_catalog(df))
@@ -172,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
             break
     # warm-up
     X_warm, y_warm = np.concatenate(day_X[:w0]), np.concatenate(day_y[:w0])
-    tmp = Path(tempfile.mkdtemp(prefix="eval-reco-"))
     learner = Learner(model, ModelRegistry(tmp / "registry"), tmp / "work",
                       LearnerConfig(epochs=args.epochs, replay_size=args.replay_size))
     t = time.time()
@@ -359,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": table, "plot": str(png)}
     out.write_text(json.dumps(result, indent=2))
     plot(png, summary, rows, w0)
+    shutil.rmtree(tmp, ignore_errors=True)
     print(f"\nwrote {out} and {png} in {elapsed:.0f} s")
     return 0
 

@@ -1,13 +1,19 @@
 """Recommender domain, trainer side: two towers, ESMM heads, a learned repeat term, export.
 
 Item tower (exported alone as item_tower.onnx; the service runs it once per catalog item):
-  item vector v [Dv] = id embedding (0 for an unknown item) + MLP(learned projection of the
-  frozen sentence encoder's title embedding, category embedding, price-bucket embedding, log
-  price). Layout of v: [v_click (d) | v_cvr (d) | b_click | b_cvr | beta], Dv = 2d + 3:
-  the click and conversion parts, the two item biases (popularity) and beta, the item's
-  repeat propensity (milk is bought again, a kettle is not). During training the id
-  embedding is dropped for a share of the items of each batch, so the content path alone
-  ranks well: that is what serves an item before anyone interacted with it.
+  item vector v [Dv] = [learned part | log1p(recent sales)]. Learned part = id embedding (0
+  for an unknown item) + MLP(learned projection of the frozen sentence encoder's title
+  embedding, category embedding, price-bucket embedding, log price), laid out as
+  [v_click (d) | v_cvr (d) | b_click | b_cvr | beta]: the click and conversion parts, the two
+  item biases (long-run popularity) and beta, the item's repeat propensity (milk is bought
+  again, a kettle is not). Recent sales: the item's clicks and purchases decayed over 2 and 14
+  days (trainer.domains.recommender_data.POPULARITY_TAU_DAYS), a snapshot taken at export
+  (a buffer of the graph, by item code; 0 for an unknown item), weighted by learned weights in
+  both heads: grocery demand follows promotions and seasons, which a daily update of the item
+  biases follows too slowly. Dv = 2d + 5. During training the id embedding is dropped for a
+  share of the items of each batch, so the content path alone ranks well: that is what serves
+  an item before anyone interacted with it; training rows carry their day, and each row's
+  items get the sales as of that day (no look-ahead).
 
 User tower: user id embedding (code 0 = unknown user, trained by dropping ids, so the
   fallback is context + popularity) + projection of the recency-weighted mean of the item
@@ -25,10 +31,14 @@ Repeat term (inside the graph): for each distinct item of the history,
   what beats "buy again" on grocery data.
 
 Training: every clicked or bought row is one sampled-softmax example over {the item, the
-distinct items of its history, M items drawn uniformly from the catalog}, with the logQ
-correction (log N/M for uniform draws), so scores rank the whole catalog; plus the ESMM
-log losses (click on shown rows and the uniform negatives, click x conversion for the
-purchase) which keep the probabilities meaningful.
+distinct items of its history, M items drawn uniformly from the catalog and the other items
+of the mini-batch (a popularity-shaped sample that teaches the order among best sellers)},
+with the logQ correction (minus the log probability that the sampler includes the item), so
+scores rank the whole catalog; items the same user clicked or bought the same day are not
+negatives of each other. Plus the ESMM log losses (click on shown rows and the drawn
+negatives, click x conversion for the purchase) which keep the probabilities meaningful.
+Mini-batches are made of whole contexts (one user, one day, one history: a basket), so the
+user tower runs once per basket.
 """
 from __future__ import annotations
 
