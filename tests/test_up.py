@@ -1,6 +1,7 @@
 """`python -m ops.up` (what `make up` runs) brings the trainer and the services up, says
 `all services serving` once every health service says SERVING, and stops cleanly on Ctrl-C."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from ops.up import SERVICES, TRAINER
 from protos.fraud.v1 import fraud_pb2_grpc
@@ -17,10 +19,23 @@ from tests.loop_harness import score_request
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_up_serves_everything_and_stops_on_ctrl_c(tmp_path):
+@pytest.fixture(scope="module")
+def bootstrapped(tmp_path_factory):
+    """registry + checkpoints of every domain, as a first start would make (built once)."""
+    var = tmp_path_factory.mktemp("bootstrapped")
+    worlds = bootstrap_small_suite(var)
+    return var, worlds
+
+
+def fresh_var(bootstrapped, tmp_path) -> Path:
     var = tmp_path / "var"
-    var.mkdir()
-    _, _, data = bootstrap_small_suite(var)["fraud"]  # registry + checkpoints, as a first start would make
+    shutil.copytree(bootstrapped[0], var)
+    return var
+
+
+def test_up_serves_everything_and_stops_on_ctrl_c(bootstrapped, tmp_path):
+    var = fresh_var(bootstrapped, tmp_path)
+    _, _, data = bootstrapped[1]["fraud"]
     offset = 2000 + os.getpid() % 10000  # keeps gRPC and metrics ports under 65536
     proc = subprocess.Popen([sys.executable, "-m", "ops.up", "--var", str(var), "--port-offset", str(offset)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -52,15 +67,13 @@ def test_up_serves_everything_and_stops_on_ctrl_c(tmp_path):
     assert "[fraud]" in rest and "[trainer]" in rest  # each child's lines, prefixed, until it drained
 
 
-def test_demo_shows_new_versions_learned_from_its_traffic_being_served(tmp_path):
+def test_demo_shows_new_versions_learned_from_its_traffic_being_served(bootstrapped, tmp_path):
     """`make demo`: real traffic and outcomes from the datasets through the live suite; the
     trainer publishes versions learned from them and the services answer with them."""
-    var = tmp_path / "var"
-    var.mkdir()
-    bootstrap_small_suite(var)
+    var = fresh_var(bootstrapped, tmp_path)
     offset = 4000 + os.getpid() % 10000
     proc = subprocess.run([sys.executable, "-m", "ops.up", "--var", str(var), "--port-offset", str(offset),
-                           "--demo", "25"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--demo", "40"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:]
     assert "all services serving" in out and "[demo" in out and out.rstrip().endswith("stopped")
