@@ -102,6 +102,7 @@ async def measure(address: str, pid: int, concurrency: int, duration: float, war
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--registry-dir", default="var/registry")
+    ap.add_argument("--workdir", default="var/trainer", help="trainer workdir for the bootstrap when the registry has none")
     ap.add_argument("--catalog-size", type=int, default=100_000)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--duration", type=float, default=8.0)
@@ -119,9 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     registry = ModelRegistry(args.registry_dir)
     version = registry.current_version("recommender")
     if version is None or registry.current_version("text-encoder") is None:
-        print(f"{args.registry_dir} has no recommender/text-encoder: run `python -m trainer bootstrap` first",
+        # what `make up` would do on a first start (about 2 minutes, progress bar on stderr)
+        from trainer.bootstrap import bootstrap
+
+        print(f"{args.registry_dir} has no recommender yet: bootstrapping it from Ta Feng into {args.workdir}",
               file=sys.stderr)
-        return 2
+        bootstrap(registry, Path(args.workdir), ["recommender"])
+        version = registry.current_version("recommender")
     levels = [int(c) for c in args.concurrency.split(",")]
     items = synthetic_items(registry.version_dir("recommender", version) / "catalog.jsonl", args.catalog_size)
     scenario_args = argparse.Namespace(rows=args.customers, seed=0, k=10, outcome_rate=0.0, timeout=10.0)
