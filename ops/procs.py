@@ -84,7 +84,7 @@ class FraudLoop:
         self.trainer_port, self.fraud_port = free_port(), free_port()
         self.trainer = Proc("trainer", ["-m", "trainer", "serve", "--port", str(self.trainer_port), "--metrics-port", "0",
                                         "--workdir", str(self.workdir), "--registry-dir", str(self.registry),
-                                        "--log-format", "text", *trainer_args], self.root / "trainer.log")
+                                        "--log-format", "text", "--domains", "fraud", *trainer_args], self.root / "trainer.log")
         self.fraud = Proc("fraud", ["-m", "services.fraud.main", "--port", str(self.fraud_port), "--metrics-port", "0",
                                     "--registry-dir", str(self.registry), "--trainer-target",
                                     f"127.0.0.1:{self.trainer_port}", "--spool-dir", str(self.spool),

@@ -1,10 +1,12 @@
 """Train the first version of each domain from its bundled real dataset and publish it.
 
-    python -m trainer bootstrap [--domains fraud] [--force]
+    python -m trainer bootstrap [--domains fraud,recommender,pricing] [--force]
 
 Fraud: the real creditcard transactions in time order; the first `train_share` trains
 the model, the next `holdout_share` calibrates the decision thresholds and reports the
-metrics; the rest of the stream is left for replay through the live loop.
+metrics; the rest of the stream is left for replay through the live loop. Recommender:
+the Ta Feng purchases (trainer/domains/recommender_bootstrap.py). Pricing: Ta Feng sales
+at their unit prices (trainer/domains/pricing.py bootstrap_pricing).
 """
 from __future__ import annotations
 
@@ -67,7 +69,21 @@ def bootstrap_fraud(registry: ModelRegistry, workdir: Path, *, epochs: int = 4, 
     return entry
 
 
-DOMAINS = {"recommender": lambda *a, **kw: __import__("trainer.domains.recommender_bootstrap", fromlist=["x"]).bootstrap_recommender(*a, **kw), "pricing": lambda *a, **kw: __import__("trainer.domains.pricing", fromlist=["x"]).bootstrap_pricing(*a, **kw), "fraud": bootstrap_fraud}
+def bootstrap_recommender(registry: ModelRegistry, workdir: Path, **kw) -> dict | None:
+    """Ta Feng purchases in time order; the item titles through the frozen MiniLM encoder."""
+    from trainer.domains.recommender_bootstrap import bootstrap_recommender as run
+
+    return run(registry, workdir, **kw)
+
+
+def bootstrap_pricing(registry: ModelRegistry, workdir: Path, **kw) -> dict | None:
+    """Ta Feng sales at their unit prices (Nov-Dec 2000) as conversion data."""
+    from trainer.domains.pricing import bootstrap_pricing as run
+
+    return run(registry, workdir, **kw)
+
+
+DOMAINS = {"fraud": bootstrap_fraud, "recommender": bootstrap_recommender, "pricing": bootstrap_pricing}
 
 
 def bootstrap(registry: ModelRegistry, workdir: Path, domains: list[str], force: bool = False,
@@ -92,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m trainer bootstrap", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--domains", default="fraud", help=f"comma list of {sorted(DOMAINS)}")
+    ap.add_argument("--domains", default=",".join(DOMAINS), help=f"comma list of {list(DOMAINS)}")
     ap.add_argument("--registry-dir", default="var/registry")
     ap.add_argument("--workdir", default="var/trainer")
     ap.add_argument("--force", action="store_true", help="publish a new first version even if one exists")

@@ -43,7 +43,7 @@ class TrainerSettings(ServerSettings):
 
     port: int = setting(50050, "gRPC port of the feedback collector")
     workdir: str = setting("var/trainer", "event log, checkpoints, decision logs")
-    domains: str = setting("fraud", "comma list of domains to learn")
+    domains: str = setting("fraud,recommender,pricing", "comma list of domains to learn")
     windows: str = setting("", "label windows, e.g. 'fraud=1209600,recommender=3600' (seconds)")
     join_grace_s: float = setting(60.0, "how long an outcome waits for its served prediction")
     min_events: int = setting(200, "a round starts after this many new labels ...")
@@ -101,7 +101,21 @@ def _fraud_model(s: TrainerSettings | None = None):
 
 ROUND_LOCK = threading.Lock()  # see DomainLoop._round
 
-DOMAIN_MODELS = {"recommender": lambda s=None: __import__("trainer.domains.recommender", fromlist=["x"]).model_from_settings(s), "pricing": lambda s=None: __import__("trainer.domains.pricing", fromlist=["x"]).PricingModel(), "fraud": _fraud_model}  # domain -> factory(settings or None) of its DomainModel
+def _recommender_model(s: TrainerSettings | None = None):
+    from trainer.domains.recommender import model_from_settings
+
+    return model_from_settings(s)
+
+
+def _pricing_model(s: TrainerSettings | None = None):
+    from trainer.domains.pricing import PricingModel
+
+    return PricingModel()
+
+
+# domain -> factory(settings or None) of its DomainModel (imported lazily: each pulls in torch
+# code of its own, and a trainer learns only the domains it is given)
+DOMAIN_MODELS = {"fraud": _fraud_model, "recommender": _recommender_model, "pricing": _pricing_model}
 
 
 class DomainLoop:
