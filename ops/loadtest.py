@@ -2,12 +2,18 @@
 
     python -m ops.loadtest fraud --target 127.0.0.1:50051 -c 32 -d 30          # closed loop
     python -m ops.loadtest fraud --target 127.0.0.1:50051 --rate 500 -d 30     # open loop, Poisson arrivals
+    python -m ops.loadtest recommend -c 32 -d 30                                # the recommender on :50052
+    python -m ops.loadtest quote --rate 200 -d 30                               # pricing on :50053
     python -m ops.loadtest v2 --target 127.0.0.1:18111 --model mlp -c 32 -d 10  # any KServe V2 endpoint
 
 Scenarios are built from the real datasets: `fraud` scores transactions from the part of the
 creditcard stream the bootstrap did not train on and reports each label through
 ReportOutcome after --label-delay-s (a share --outcome-rate of them), as a checkout backend
-would. `v2` sends ModelInfer with inputs shaped from the model's ModelMetadata.
+would. `recommend` asks for k items for real Ta Feng customers and reports the clicks and
+purchases their real later baskets imply (ops/scenario_recommend.py). `quote` prices real Ta
+Feng products inside merchant guardrails and reports the sales a demand curve calibrated on
+Ta Feng produces (ops/scenario_quote.py). `v2` sends ModelInfer with inputs shaped from the
+model's ModelMetadata.
 
 Closed loop (-c N): N workers, each sends, awaits the answer, sends again. Open loop
 (--rate R): requests start at Poisson arrival times whatever the answers do (at most
@@ -219,6 +225,7 @@ async def quote_scenario(channel: grpc.aio.Channel, args):
     return await scenario(channel, args)
 
 
+DEFAULT_TARGETS = {"fraud": "127.0.0.1:50051", "recommend": "127.0.0.1:50052", "quote": "127.0.0.1:50053"}
 SCENARIOS = {"fraud": fraud_scenario, "recommend": recommend_scenario, "quote": quote_scenario, "v2": v2_scenario}
 
 
@@ -262,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ops.loadtest", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("scenario", choices=sorted(SCENARIOS))
-    ap.add_argument("--target", required=True, help="HOST:PORT (loopback or your own test hosts)")
+    ap.add_argument("--target", default="", help="HOST:PORT (loopback or your own test hosts); default: the "
+                    "scenario's service on 127.0.0.1 (fraud :50051, recommend :50052, quote :50053)")
     ap.add_argument("-c", "--concurrency", type=int, default=32, help="closed loop: workers")
     ap.add_argument("--rate", type=float, default=0.0, help="open loop: mean arrivals per second (Poisson)")
     ap.add_argument("--max-in-flight", type=int, default=10_000, help="open loop: outstanding requests at most")
@@ -270,12 +278,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--timeout", type=float, default=10.0, help="gRPC deadline per call, seconds")
     ap.add_argument("--model", default="fraud", help="v2: the model name")
-    ap.add_argument("--rows", type=int, default=5000, help="fraud: distinct real transactions to cycle through")
-    ap.add_argument("--outcome-rate", type=float, default=1.0, help="fraud: share of predictions whose label is reported")
-    ap.add_argument("--label-delay-s", type=float, default=2.0, help="fraud: seconds before a label is reported")
+    ap.add_argument("--rows", type=int, default=5000,
+                    help="distinct real transactions / customers / products to cycle through")
+    ap.add_argument("--outcome-rate", type=float, default=1.0, help="share of predictions whose outcome is reported")
+    ap.add_argument("--label-delay-s", type=float, default=2.0,
+                    help="seconds before the outcome is reported (fraud label, recommend purchase after the click, "
+                         "quote sale)")
+    ap.add_argument("-k", type=int, default=10, help="recommend: items per Recommend")
+    ap.add_argument("--click-rate", type=float, default=0.03,
+                    help="recommend: chance a shown item the customer did not buy is clicked")
+    ap.add_argument("--click-delay-s", type=float, default=1.0, help="recommend: seconds before a click is reported")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("var/loadtest"), help="folder for the JSON and the PNG")
     args = ap.parse_args(argv)
+    if not args.target:
+        if args.scenario not in DEFAULT_TARGETS:
+            ap.error(f"{args.scenario} needs --target")
+        args.target = DEFAULT_TARGETS[args.scenario]
     if args.duration <= 0 or args.warmup < 0 or args.concurrency < 1 or args.rate < 0 or not 0 <= args.outcome_rate <= 1:
         ap.error("need duration > 0, warmup >= 0, concurrency >= 1, rate >= 0, 0 <= outcome-rate <= 1")
     result = asyncio.run(run(args))
