@@ -152,6 +152,22 @@ def chart(rows: list[dict], title: str, path: Path) -> None:
 
 
 # ---- scenarios ----
+class Later:
+    """Outcome reports a scenario schedules after a response (a label delay), awaited at the end."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+
+    def __call__(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks)
+
+
 async def fraud_scenario(channel: grpc.aio.Channel, args) -> tuple[Call, Callable[[], Awaitable[None]]]:
     from ops.storefront_data import fraud_requests
     from protos.fraud.v1 import fraud_pb2, fraud_pb2_grpc
@@ -159,7 +175,7 @@ async def fraud_scenario(channel: grpc.aio.Channel, args) -> tuple[Call, Callabl
     requests, labels = fraud_requests(args.rows)
     stub = fraud_pb2_grpc.FraudStub(channel)
     rng = random.Random(args.seed)
-    pending: set[asyncio.Task] = set()
+    later = Later()
 
     async def report_later(pid: str, is_fraud: bool) -> None:
         await asyncio.sleep(args.label_delay_s)
@@ -173,16 +189,10 @@ async def fraud_scenario(channel: grpc.aio.Channel, args) -> tuple[Call, Callabl
         k = i % len(requests)
         resp = await stub.ScoreTransaction(requests[k], timeout=args.timeout)
         if rng.random() < args.outcome_rate:
-            t = asyncio.ensure_future(report_later(resp.prediction_id, labels[k]))
-            pending.add(t)
-            t.add_done_callback(pending.discard)
+            later(report_later(resp.prediction_id, labels[k]))
         return resp
 
-    async def drain() -> None:
-        if pending:
-            await asyncio.gather(*pending)
-
-    return call, drain
+    return call, later.drain
 
 
 async def v2_scenario(channel: grpc.aio.Channel, args) -> tuple[Call, Callable[[], Awaitable[None]]]:

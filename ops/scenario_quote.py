@@ -24,6 +24,8 @@ from typing import Awaitable, Callable
 import grpc
 import numpy as np
 
+from ops.loadtest import Later
+
 MAX_PRODUCTS = 300
 CHANGE_PCTS = (10.0, 20.0, 30.0)
 
@@ -54,7 +56,7 @@ async def scenario(channel: grpc.aio.Channel, args) -> tuple[Callable[[int], Awa
     market, arr, requests = await asyncio.to_thread(quotes, getattr(args, "rows", 5000), 20_000, seed)
     stub = pricing_pb2_grpc.PricingStub(channel)
     rng = random.Random(seed)
-    pending: set[asyncio.Task] = set()
+    later = Later()
 
     async def report(pid: str, sold: bool, units: int, price: float) -> None:
         await asyncio.sleep(delay * rng.uniform(0.5, 1.5))
@@ -70,13 +72,7 @@ async def scenario(channel: grpc.aio.Channel, args) -> tuple[Callable[[int], Awa
         if rng.random() < outcome_rate:
             p = int(arr.product[k])
             sold = bool(arr.u[k] < market.conversion(np.array([p]), arr.segment[k:k + 1], np.array([resp.price]))[0])
-            t = asyncio.ensure_future(report(resp.prediction_id, sold, int(arr.units[k]), resp.price))
-            pending.add(t)
-            t.add_done_callback(pending.discard)
+            later(report(resp.prediction_id, sold, int(arr.units[k]), resp.price))
         return resp
 
-    async def drain() -> None:
-        if pending:
-            await asyncio.gather(*pending)
-
-    return call, drain
+    return call, later.drain

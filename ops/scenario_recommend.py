@@ -23,6 +23,8 @@ from typing import Awaitable, Callable
 import grpc
 import numpy as np
 
+from ops.loadtest import Later
+
 PAGES = (("home", 0.45), ("product", 0.25), ("category", 0.2), ("cart", 0.1))
 DEVICES = (("mobile", 0.55), ("desktop", 0.3), ("tablet", 0.05), ("app", 0.1))
 # Storefront traffic by hour of day (relative): quiet at night, peaks at lunch and evening.
@@ -70,7 +72,7 @@ async def scenario(channel: grpc.aio.Channel, args) -> tuple[Callable[[int], Awa
         ctx = pb.Context(page=rng.choices(pages, page_w)[0], device=rng.choices(devices, device_w)[0],
                          hour_of_day=rng.choices(hours, hour_w)[0])
         requests.append(pb.RecommendRequest(user_id=c, context=ctx, k=k, exclude_purchased=i % 4 == 0))
-    pending: set[asyncio.Task] = set()
+    later = Later()
 
     async def report(pid: str, item_id: str, bought: bool) -> None:
         try:
@@ -83,11 +85,6 @@ async def scenario(channel: grpc.aio.Channel, args) -> tuple[Callable[[int], Awa
                                                                   event=pb.EVENT_PURCHASE), timeout=timeout)
         except grpc.aio.AioRpcError as e:
             print(f"[loadtest] ReportOutcome failed: {e.code().name}: {e.details()}", file=sys.stderr)
-
-    def later(coro) -> None:
-        t = asyncio.ensure_future(coro)
-        pending.add(t)
-        t.add_done_callback(pending.discard)
 
     async def call(i: int):
         n = i % len(requests)
@@ -102,8 +99,4 @@ async def scenario(channel: grpc.aio.Channel, args) -> tuple[Callable[[int], Awa
                     later(report(resp.prediction_id, item.item_id, False))
         return resp
 
-    async def drain() -> None:
-        if pending:
-            await asyncio.gather(*pending)
-
-    return call, drain
+    return call, later.drain

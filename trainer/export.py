@@ -60,12 +60,15 @@ def parity(module: torch.nn.Module, path: str | os.PathLike[str], feeds: Mapping
     return max(float(np.max(np.abs(g - w.numpy()))) if g.size else 0.0 for g, w in zip(got, want))
 
 
-def batch1_latency_ms(path: str | os.PathLike[str], feeds: Mapping[str, np.ndarray], runs: int = 200) -> float:
-    """Median batch-1 latency of one ORT CPU thread, in milliseconds."""
+def batch1_latency_ms(path: str | os.PathLike[str], feeds: Mapping[str, np.ndarray], runs: int = 200,
+                      unbatched: Sequence[str] = ()) -> float:
+    """Median batch-1 latency of one ORT CPU thread, in milliseconds. `unbatched`: inputs fed
+    whole (no batch axis, e.g. the recommender's catalog matrix)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    one = {k: np.asarray(v)[:1] for k, v in feeds.items()}
+    one = {k: (np.asarray(v) if k in unbatched else np.asarray(v)[:1]) for k, v in feeds.items()}
     for _ in range(10):
         session.run(None, one)
     times = []

@@ -21,7 +21,6 @@ a quote outside the caller's guardrails).
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Hashable, Mapping
 

@@ -26,7 +26,6 @@ import logging
 import math
 import threading
 import time
-from pathlib import Path
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np

@@ -47,7 +47,6 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -58,8 +57,8 @@ from torch.nn import functional as F
 
 from trainer.domains.recommender_data import (COL_DAY, COL_DEVICE, COL_HIST, COL_HOUR, COL_ITEM, COL_PAGE, COL_USER,
                                               DEVICES, HISTORY_LEN, LEVEL_CLICK, LEVEL_IMPRESSION, LEVEL_PURCHASE,
-                                              PAGES, POPULARITY_TAU_DAYS, TEXT_DIM, WIDTH, CatalogJournal, RecoState,
-                                              device_code, page_code)
+                                              PAGES, POPULARITY_TAU_DAYS, TEXT_DIM, WIDTH, CatalogJournal, RecoState)
+from trainer.export import batch1_latency_ms
 from trainer.learner import DomainModel, Examples
 
 log = logging.getLogger(__name__)
@@ -737,7 +736,7 @@ class RecommenderModel(DomainModel):
         return max(scoring_parity(got, want), float(self._exported.get("tower_parity", 0.0)))
 
     def latency_ms(self, path, feeds) -> float:
-        return batch1_latency_with_catalog(path, feeds)
+        return batch1_latency_ms(path, feeds, runs=100, unbatched=("item_vectors",))
 
     def extra_files(self, net, folder) -> list[Path]:
         folder = Path(folder)
@@ -930,20 +929,6 @@ def scoring_parity(got: Sequence[np.ndarray], want: Sequence[np.ndarray], tie_to
     diffs = [_max_abs(score_a[fin_a], score_b[fin_a])]
     diffs += [_max_abs(x[same], y[same]) for x, y in ((click_a, click_b), (buy_a, buy_b))]
     return max(diffs)
-
-
-def batch1_latency_with_catalog(path, feeds: dict[str, np.ndarray], runs: int = 100) -> float:
-    """Median latency (ms) of one request (batch 1, one ORT thread) against the whole catalog."""
-    session = _ort_session(path)
-    one = {k: (v if k == "item_vectors" else np.asarray(v)[:1]) for k, v in feeds.items()}
-    for _ in range(5):
-        session.run(None, one)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        session.run(None, one)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
 
 
 def catalog_vocab_json(path: Path) -> dict[str, list[str]]:
