@@ -645,6 +645,20 @@ class RecommenderModel(DomainModel):
         p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
         return -(clicked * np.log(p) + (1 - clicked) * np.log(1 - p))
 
+    def prequential_metrics(self, y: np.ndarray, served_p: np.ndarray) -> dict[str, float]:
+        """What was served, judged by what happened: the served click probability of each item
+        an outcome was reported for, against whether it was clicked or bought (the learning
+        report's curve; report_metrics needs the candidate's full score rows instead)."""
+        clicked = (np.asarray(y) >= LEVEL_CLICK).astype(np.float64)
+        p = np.asarray(served_p, np.float64)
+        out = {"click_rate": float(clicked.mean()), "mean_served_click_p": float(p.mean()),
+               "click_log_loss": _log_loss(clicked, p)}
+        if 0 < clicked.sum() < len(clicked):
+            from sklearn.metrics import roc_auc_score
+
+            out["served_click_auc"] = float(roc_auc_score(clicked, p))
+        return out
+
     def gate_metric(self, y, p):
         pos = np.asarray(y) >= LEVEL_CLICK
         if pos.sum() >= 50:
