@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.fraud_fixtures import bootstrap_small_fraud
-from tests.loop_harness import Loop, Storefront, wait_serving
+from tests.loop_harness import Loop, Storefront, wait_serving, wait_until
 from trainer.eventlog import SqliteEventLog
 
 FAST = ["--min-events", "150", "--max-interval-s", "2", "--epochs", "1"]
@@ -32,15 +32,6 @@ def loop(tmp_path):
     finally:
         codes = (lp.fraud.stop(), lp.trainer.stop())
         assert codes == (0, 0), (lp.fraud.tail(), lp.trainer.tail())
-
-
-def wait_until(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def log_counts(lp) -> tuple[int, int]:

@@ -1,7 +1,6 @@
 """Pricing learns from outcomes: the Ta Feng bootstrap, examples from joined quotes, an
 incremental round that publishes, replay not counted twice, and end to end a real trainer
 and a real pricing service (processes) learning from reported sales."""
-import time
 
 import grpc
 import numpy as np
@@ -13,6 +12,7 @@ from protos.pricing.v1 import pricing_pb2, pricing_pb2_grpc
 from services.pricing.adapter import PricingService
 from shared.feedback import fill_tensor
 from shared.runtime.model import ModelLoader
+from tests.loop_harness import wait_until
 from tests.pricing_fixtures import quote, small_world
 from trainer.bootstrap import DOMAINS
 from trainer.domains import pricing
@@ -126,15 +126,6 @@ def test_a_round_from_joined_outcomes_publishes_a_model_that_learned_them(world)
 
 
 # ---------------------------------------------------------------- end to end, real processes
-def wait_until(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_live_trainer_and_service_learn_from_reported_sales(tmp_path):
     from bench.eval_pricing import PricingLoop
     from trainer.eventlog import SqliteEventLog

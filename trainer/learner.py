@@ -129,11 +129,10 @@ class DomainModel(abc.ABC):
     def prequential_metrics(self, y: np.ndarray, served_p: np.ndarray) -> dict[str, float]:
         """Metrics of what was served (scored before its label was learned) over the learner's
         recent window: the learning report's curve. Default: report_metrics on those rows,
-        plus the log loss when the labels are 0/1."""
+        plus the mean of prequential_loss (the drift detector's loss)."""
         out = dict(self.report_metrics(y, served_p))
-        if y.ndim == 1 and len(y) and np.isin(y, (0.0, 1.0)).all():
-            p = np.clip(served_p.astype(np.float64), 1e-7, 1 - 1e-7)
-            out["log_loss"] = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+        if len(y):
+            out["log_loss"] = float(np.mean(self.prequential_loss(y, served_p)))
         return out
 
 

@@ -39,27 +39,27 @@ def read_decisions(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _metric_series(entries: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    """Prequential metrics that are rates (all values in [0, 1]) as (time, value) series."""
+def _series(entries: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Every numeric prequential metric as a (time, value) series."""
     series: dict[str, list[tuple[float, float]]] = {}
     for e in entries:
         for k, v in (e.get("prequential") or {}).items():
             if k == "window_rows" or not isinstance(v, (int, float)) or v != v:
                 continue
             series.setdefault(k, []).append((e["time"], float(v)))
-    # rates only: counts (rows, frauds: whole numbers) and losses (own axis) are left out
+    return series
+
+
+def _metric_series(series: dict[str, list[tuple[float, float]]]) -> dict[str, list[tuple[float, float]]]:
+    """The rates (all values in [0, 1]): counts (rows, frauds: whole numbers) and losses (their
+    own axis) are left out."""
     rates = {k: s for k, s in series.items() if "loss" not in k and all(0.0 <= v <= 1.0 for _, v in s)
              and not all(v == int(v) for _, v in s)}
     return dict(list(rates.items())[:MAX_LINES])
 
 
-def _loss_series(entries: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    series: dict[str, list[tuple[float, float]]] = {}
-    for e in entries:
-        for k, v in (e.get("prequential") or {}).items():
-            if "loss" in k and isinstance(v, (int, float)) and v == v:
-                series.setdefault(k, []).append((e["time"], float(v)))
-    return series
+def _loss_series(series: dict[str, list[tuple[float, float]]]) -> dict[str, list[tuple[float, float]]]:
+    return {k: s for k, s in series.items() if "loss" in k}
 
 
 def render_png(model: str, entries: Sequence[dict[str, Any]]) -> bytes:
@@ -74,7 +74,8 @@ def render_png(model: str, entries: Sequence[dict[str, Any]]) -> bytes:
         return (t - t0) / 60.0
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True, height_ratios=(3, 2))
-    for name, points in _metric_series(entries).items():
+    series = _series(entries)
+    for name, points in _metric_series(series).items():
         top.plot([minutes(t) for t, _ in points], [v for _, v in points], marker=".", label=name)
     published = [e for e in entries if e.get("decision") in ("published", "bootstrap") and e.get("version")]
     for e in published:
@@ -87,7 +88,7 @@ def render_png(model: str, entries: Sequence[dict[str, Any]]) -> bytes:
     if refused:
         top.scatter([minutes(e["time"]) for e in refused], [0.02] * len(refused), marker="x", color="tab:red",
                     transform=top.get_xaxis_transform(), label="refused candidate", zorder=3)
-    losses = _loss_series(entries)
+    losses = _loss_series(series)
     if losses:
         right = top.twinx()
         for name, points in losses.items():
