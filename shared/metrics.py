@@ -70,6 +70,13 @@ MODEL_INFO = Gauge("storefront_model_info", "1 for the version being served, wit
                    ["model", "version", "provider"])
 RELOADS = Counter("storefront_model_reloads_total", "Hot-reload attempts by result (loaded, refused, rollback)",
                   ["model", "result"])
+REGISTRY_ERRORS = Counter("storefront_registry_errors_total",
+                          "Registry problems a service met, by reason (pointer_corrupt, pointer_unreadable, "
+                          "symlink, checksum, missing, unsafe_name, malformed...); an unreadable pointer "
+                          "counts once per distinct state, not per poll", ["model", "reason"])
+POINTER_UNREADABLE = Gauge("storefront_registry_pointer_unreadable",
+                           "1 while the model's CURRENT pointer cannot be read (the loaded version keeps serving)",
+                           ["model"])
 
 
 def set_model_info(model: str, version: str, provider: str) -> None:
