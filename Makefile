@@ -9,7 +9,7 @@ NAME ?= model
 PORT ?= 18111
 REGISTRY ?= var/registry
 
-.PHONY: setup up demo loadtest test proto proto-check serve-onnx bench bench-serving bench-loop eval-fraud eval-recommender eval-pricing report peers lock clean
+.PHONY: setup up demo loadtest test proto proto-check serve-onnx bench bench-serving bench-loop eval-fraud eval-recommender eval-pricing fuzz report peers lock clean
 
 setup: $(STAMP)
 
@@ -74,6 +74,10 @@ eval-recommender: setup
 # Market simulation against the best fixed price (bench/results/pricing.json).
 eval-pricing: setup
 	$(PY) -m bench.suite eval-pricing
+
+# >= 3,000 hostile requests per service against the whole suite (bench/results/fuzz.json).
+fuzz: setup
+	$(PY) -m bench.suite fuzz
 
 # Render each domain's learning report now (the trainer refreshes them while it runs).
 report: setup

@@ -57,6 +57,10 @@ STEPS = [
          "under PGD (about 11 minutes).", in_default=False),
     Step("eval-pricing", "Pricing: market simulation against the best fixed price", ("-m", "bench.eval_pricing"),
          "Revenue and regret of the live service vs the reference price and epsilon-greedy.", in_default=False),
+    Step("fuzz", "Hostile requests: status codes and memory", ("-m", "bench.fuzz"),
+         "At least 3,000 hostile requests per service (domain APIs, outcomes, KServe V2, unknown methods, "
+         "undecodable bytes) against the whole suite; targets: 0 INTERNAL, 0 UNKNOWN, 0 failed well-formed "
+         "requests among them; resident memory before and after.", in_default=False),
 ]
 BY_NAME = {s.name: s for s in STEPS}
 

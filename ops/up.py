@@ -73,11 +73,12 @@ class Suite:
         return [*common, "--trainer-target", f"127.0.0.1:{self.port(TRAINER)}",
                 "--spool-dir", str(self.var / "spool" / c.name), *extra]
 
-    def start(self, c: Component) -> None:
+    def start(self, c: Component, out=None) -> None:
+        """Start one component; its output lines go to `out` (default stdout), prefixed by its name."""
         p = subprocess.Popen([sys.executable, "-m", *c.module, *self.args(c)], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                              start_new_session=True)
-        threading.Thread(target=_pump, args=(c.name, p.stdout, sys.stdout), daemon=True).start()
+        threading.Thread(target=_pump, args=(c.name, p.stdout, out or sys.stdout), daemon=True).start()
         self.procs[c.name] = p
 
     def endpoints(self) -> list[str]:
