@@ -10,6 +10,12 @@ more rows when the queue is short, for models where bigger batches pay off.
 - Queue full: ResourceExhausted at once (the caller sees RESOURCE_EXHAUSTED).
 - Deadline passed while queued: the request is dropped before running (DEADLINE_EXCEEDED).
 - Every request in a batch is answered by the same model version, which is returned.
+- One bad request fails only itself: when a merged run of several requests raises (e.g. an
+  index outside an embedding table that validation did not catch), each of its requests is
+  re-run alone in the executor, so the others get their answers and only the ones that
+  fail alone get the error. Logged once per split and counted (storefront_batch_splits_total,
+  storefront_batch_isolated_failures_total). A failing run costs its requests one extra
+  run each; a model that fails on every input fails each request alone, as it would unbatched.
 - Shared (unbatched) inputs: a request may carry `shared` inputs that have no batch axis,
   e.g. a recommender's catalog matrix item_vectors [N, D]. They are fed once per session
   run, never concatenated, and requests merge only when they carry the very same array
@@ -235,11 +241,13 @@ class MicroBatcher:
                 else:
                     outputs = await loop.run_in_executor(self._executor, _run_batch, model, batch)
                 self._observe_run(time.perf_counter() - started, rows)
-            except Exception as e:  # a failing run answers every request of the batch
-                log.exception("model %s/%s: batch of %d failed", model.name, model.version, len(batch))
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(e)
+            except Exception as e:
+                if len(batch) > 1:  # find the culprit(s): re-run each request alone
+                    await self._run_alone(loop, model, batch, e)
+                    continue
+                log.exception("model %s/%s: run of 1 request failed", model.name, model.version)
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(e)
                 continue
             self._batch_hist.observe(rows)
             start = 0
@@ -251,6 +259,41 @@ class MicroBatcher:
                     else:
                         p.future.set_result(([y[start:end] for y in outputs], model))
                 start = end
+
+
+    async def _run_alone(self, loop: asyncio.AbstractEventLoop, model: LoadedModel, batch: list[_Pending],
+                         error: Exception) -> None:
+        """After a merged run of batch failed with error: run each request by itself (in the
+        executor, concurrently up to its workers) and answer each with its own result."""
+        metrics.BATCH_SPLITS.labels(self.handle.name).inc()
+        now = time.monotonic()
+        alive = []
+        for p in batch:
+            if p.future.done():
+                continue
+            if p.deadline is not None and p.deadline <= now:
+                metrics.DROPPED.labels(self.handle.name, "deadline").inc()
+                p.future.set_exception(DeadlineExceeded("deadline passed before the model ran"))
+                continue
+            alive.append(p)
+        results = await asyncio.gather(*(loop.run_in_executor(self._executor, _run_batch, model, [p]) for p in alive),
+                                       return_exceptions=True)
+        failed = 0
+        for p, result in zip(alive, results):
+            if isinstance(result, BaseException):
+                failed += 1
+                if not p.future.done():
+                    p.future.set_exception(result)
+            else:
+                self._batch_hist.observe(p.rows)
+                if not p.future.done():
+                    p.future.set_result((result, model))
+        if failed:
+            metrics.BATCH_ISOLATED_FAILURES.labels(self.handle.name).inc(failed)
+        # One line per split (not per request): the merged error says what failed.
+        log.warning("model %s/%s: a merged run of %d requests failed (%s: %s); re-ran them one by one: "
+                    "%d failed alone, %d answered", model.name, model.version, len(batch), type(error).__name__,
+                    str(error)[:500], failed, len(alive) - failed)
 
 
 def _run_batch(model: LoadedModel, batch: Sequence[_Pending]) -> list[np.ndarray]:

@@ -68,8 +68,23 @@ DROPPED = Counter("storefront_requests_dropped_total", "Requests dropped before 
                   ["model", "reason"])
 MODEL_INFO = Gauge("storefront_model_info", "1 for the version being served, with its provider",
                    ["model", "version", "provider"])
+BATCH_SPLITS = Counter("storefront_batch_splits_total",
+                       "Merged session runs that failed and were re-run one request at a time, so that "
+                       "only the failing request(s) fail", ["model"])
+BATCH_ISOLATED_FAILURES = Counter("storefront_batch_isolated_failures_total",
+                                  "Requests that failed when re-run alone after their merged batch failed",
+                                  ["model"])
+OUTPUT_ERRORS = Counter("storefront_model_output_errors_total",
+                        "Requests answered with an error because the model's output for their rows was "
+                        "not usable, by reason (nonfinite, out_of_range)", ["model", "reason"])
+SHED = Counter("storefront_requests_shed_total",
+               "RPCs refused RESOURCE_EXHAUSTED by admission control before running, by method and reason "
+               "(concurrency, queue_wait); also counted in storefront_requests_total", ["method", "reason"])
 RELOADS = Counter("storefront_model_reloads_total", "Hot-reload attempts by result (loaded, refused, rollback)",
                   ["model", "result"])
+JOURNAL_SKIPPED_LINES = Counter("storefront_catalog_journal_skipped_lines_total",
+                                "Catalog journal lines skipped as unreadable (logged), by reader",
+                                ["reader"])
 REGISTRY_ERRORS = Counter("storefront_registry_errors_total",
                           "Registry problems a service met, by reason (pointer_corrupt, pointer_unreadable, "
                           "symlink, checksum, missing, unsafe_name, malformed...); an unreadable pointer "
@@ -77,6 +92,9 @@ REGISTRY_ERRORS = Counter("storefront_registry_errors_total",
 POINTER_UNREADABLE = Gauge("storefront_registry_pointer_unreadable",
                            "1 while the model's CURRENT pointer cannot be read (the loaded version keeps serving)",
                            ["model"])
+OUTCOMES_REJECTED = Counter("storefront_outcomes_rejected_total",
+                            "Outcomes a service refused, by domain and reason (invalid, unknown_prediction, "
+                            "rate_limited, queue_full)", ["domain", "reason"])
 
 
 def set_model_info(model: str, version: str, provider: str) -> None:

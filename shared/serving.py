@@ -2,7 +2,18 @@
 
 The composition root of every service builds one per model it owns; the V2 servicer and
 the domain servicers both call `infer` on it, so both APIs share one queue, one batcher
-and one live version.
+and one live version. `infer` is therefore where the checks every request needs live,
+once for every API and domain:
+
+- before queuing: inputs against the value ranges the model declares (index inputs: an id
+  outside an embedding table fails the whole session run, i.e. every request merged with
+  it), INVALID_ARGUMENT naming the input and the range;
+- after the run: the outputs for this request's rows. NaN or +inf in a float output, or a
+  value the service's own output check refuses (the one warm-up applies, e.g. a probability
+  outside [0, 1]), is ModelOutputError (UNAVAILABLE), never an answer: a fraud score of NaN
+  compares false with every threshold and would read as ALLOW. -inf is allowed: graphs use
+  it on purpose as the mask value (the recommender's score of a filtered item); a -inf
+  where a service needs a real number fails its output check instead.
 """
 from __future__ import annotations
 
@@ -16,7 +27,7 @@ import numpy as np
 
 from shared import metrics
 from shared.batching import MicroBatcher
-from shared.errors import NotFound, Unavailable
+from shared.errors import ModelOutputError, NotFound, Unavailable, shorten
 from shared.registry import ModelRegistry, Signature
 from shared.reload import HotReloader
 from shared.runtime.model import LoadedModel, ModelHandle, ModelLoader
@@ -42,6 +53,9 @@ class ServedModel:
         self.model_file = Path(model_file) if model_file is not None else None
         self.max_request_rows = max_request_rows
         self.reloader = HotReloader(registry, self.handle, loader, poll_interval_s) if registry else None
+        self._nonfinite = metrics.OUTPUT_ERRORS.labels(name, "nonfinite")
+        self._out_of_range = metrics.OUTPUT_ERRORS.labels(name, "out_of_range")
+        self._last_output_log = -float("inf")
 
     @classmethod
     def from_settings(cls, name: str, settings: ServingSettings, loader: ModelLoader,
@@ -101,9 +115,47 @@ class ServedModel:
         live = self.handle.current
         if live is None and model is None:
             raise Unavailable(f"model {self.name!r} is not loaded yet")
-        if version and version != (model or live).version:
-            raise NotFound(f"model {self.name!r} version {version!r} is not served (serving {live.version})")
-        return await self.batcher.infer(feeds, rows, deadline, shared=shared, model=model)
+        target = model or live
+        if version and version != target.version:
+            raise NotFound(f"model {self.name!r} version {shorten(version, 32)!r} is not served "
+                           f"(serving {target.version})")
+        # Checked against the version in hand; a swap before the run may bring another one.
+        # Its ranges differ only if its vocabulary does, and the batcher re-runs a failed
+        # merged batch request by request, so even then only this request can fail.
+        if target.input_ranges:
+            target.check_input_ranges(feeds)
+            if shared:
+                target.check_input_ranges(shared)
+        outputs, used = await self.batcher.infer(feeds, rows, deadline, shared=shared, model=model)
+        self.check_outputs(outputs, used)
+        return outputs, used
+
+    def check_outputs(self, outputs: list[np.ndarray], model: LoadedModel) -> None:
+        """ModelOutputError unless this request's outputs are usable (see the module doc)."""
+        for name, y in zip(model.output_names, outputs):
+            # one pass per output: NaN < inf and inf < inf are both false; -inf passes
+            if y.dtype.kind == "f" and not (y < np.inf).all():
+                self._nonfinite.inc()
+                self._log_output_error(model, f"output {name!r} has NaN or +inf values")
+                raise ModelOutputError(f"model {self.name!r} version {model.version} produced a non-finite "
+                                       f"{name!r} for this request; no answer was made from it")
+        check = self.loader.output_check
+        if check is not None:
+            reason = check(dict(zip(model.output_names, outputs)))
+            if reason:
+                self._out_of_range.inc()
+                self._log_output_error(model, reason)
+                raise ModelOutputError(f"model {self.name!r} version {model.version} produced an output "
+                                       f"outside its valid range for this request ({reason})")
+
+    def _log_output_error(self, model: LoadedModel, what: str) -> None:
+        # At most one line per 10 s per model: a bad version under load fails every request,
+        # and the counter says how many; the log says that it happens and on which version.
+        now = time.monotonic()
+        if now - self._last_output_log >= 10.0:
+            self._last_output_log = now
+            log.warning("model %s/%s: %s; answered with an error (storefront_model_output_errors_total "
+                        "counts every one)", model.name, model.version, what)
 
     @staticmethod
     def deadline_of(context) -> float | None:

@@ -2,7 +2,14 @@
 
 Thin by design: turn a ModelInferRequest into validated numpy inputs, call the model's
 batcher, turn the outputs into a ModelInferResponse (always raw contents). Every check
-failure is an InvalidArgument/NotFound naming the tensor, never an INTERNAL.
+failure is an InvalidArgument/NotFound naming the tensor, never an INTERNAL. Names a client
+sent are echoed shortened (shared.errors.shorten): a status message travels in trailing
+metadata, which gRPC bounds.
+
+Float inputs are checked finite after conversion to the model's dtype (the declared
+datatype must match the model's, so FP32 inputs arrive as FP32 and FP64 as FP64: no value
+finite in the request can become inf on the way to the model). Value ranges and the output
+checks are done by ServedModel.infer, for this API and the domain APIs alike.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ import numpy as np
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import InvalidArgument, NotFound, echo_names, shorten
 from shared.registry import Signature
 from shared.runtime.dtypes import CONTENTS_FIELD_OF_V2, FLOAT_V2, NUMPY_OF_V2, V2_OF_NUMPY
 from shared.serving import ServedModel
@@ -42,14 +49,17 @@ def decode_inputs(request: pb.ModelInferRequest, signature: Signature,
     for i, t in enumerate(tensors):
         spec = specs.get(t.name)
         if spec is None:
-            raise InvalidArgument(f"unknown input {t.name!r}; the model takes " + ", ".join(repr(n) for n in specs))
+            raise InvalidArgument(f"unknown input {shorten(t.name, 64)!r}; the model takes "
+                                  + ", ".join(repr(n) for n in specs))
         if t.name in feeds:
             raise InvalidArgument(f"input {t.name!r} appears twice")
         if t.datatype != spec.datatype:
-            raise InvalidArgument(f"input {t.name!r} has datatype {t.datatype!r}, expected {spec.datatype}")
+            raise InvalidArgument(f"input {t.name!r} has datatype {shorten(t.datatype, 32)!r}, "
+                                  f"expected {spec.datatype}")
         shape = list(t.shape)
         if len(shape) != len(spec.shape):
-            raise InvalidArgument(f"input {t.name!r} has shape {shape}, expected {list(spec.shape)} (-1 = any)")
+            raise InvalidArgument(f"input {t.name!r} has shape {shorten(shape, 100)}, "
+                                  f"expected {list(spec.shape)} (-1 = any)")
         for got, want in zip(shape, spec.shape):
             if got < 1 or (want != -1 and got != want):
                 raise InvalidArgument(f"input {t.name!r} has shape {shape}, expected {list(spec.shape)} (-1 = any, >= 1)")
@@ -78,7 +88,8 @@ def decode_inputs(request: pb.ModelInferRequest, signature: Signature,
             try:
                 x = np.asarray(values, dtype=dtype).reshape(shape)
             except OverflowError as e:
-                raise InvalidArgument(f"input {t.name!r}: value out of range for {spec.datatype}: {e}") from None
+                raise InvalidArgument(f"input {t.name!r}: value out of range for {spec.datatype}: "
+                                      f"{shorten(e, 100)}") from None
         if spec.datatype in FLOAT_V2 and not np.isfinite(x).all():
             raise InvalidArgument(f"input {t.name!r} contains NaN or infinite values")
         feeds[t.name] = x
@@ -107,7 +118,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgument("model name is required")
         served = self.models.get(name)
         if served is None:
-            raise NotFound(f"unknown model {name!r}; this server serves " + ", ".join(repr(n) for n in self.models))
+            raise NotFound(f"unknown model {shorten(name, 64)!r}; this server serves "
+                           + ", ".join(repr(n) for n in self.models))
         return served
 
     async def ServerLive(self, request, context):
@@ -129,7 +141,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         served = self._model(request.name)
         model = served.current
         if request.version and (model is None or request.version != model.version):
-            raise NotFound(f"model {request.name!r} version {request.version!r} is not served")
+            raise NotFound(f"model {request.name!r} version {shorten(request.version, 32)!r} is not served")
         signature = served.signature()
         resp = pb.ModelMetadataResponse(name=request.name, platform=PLATFORM,
                                         versions=[model.version] if model else [])
@@ -148,7 +160,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             names = [o.name for o in request.outputs]
             unknown = [n for n in names if n not in all_names]
             if unknown:
-                raise InvalidArgument(f"unknown output(s) {unknown}; the model has {all_names}")
+                raise InvalidArgument(f"unknown output(s) {echo_names(unknown)}; the model has {all_names}")
         else:
             names = all_names
         outputs, model = await served.infer(feeds, rows, ServedModel.deadline_of(context), request.model_version)

@@ -7,6 +7,7 @@ engine cache), so the ONNX file is always the artifact that is published.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -25,13 +26,44 @@ OPSET = 18
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
+def declare_input_ranges(path: str | os.PathLike[str], ranges: Mapping[str, tuple[int, int]]) -> Path:
+    """Record in the ONNX file's metadata the inclusive [min, max] each index input accepts.
+
+    An id outside an embedding table makes ONNX Runtime's Gather fail (and a negative one
+    silently wraps around to the end of the table), so every exported model says which ids
+    its tables hold. shared.runtime.signature reads this back: the manifest's signature
+    carries it ("range"), and servers refuse out-of-range values with INVALID_ARGUMENT
+    before a request can join a batch. The file is rewritten in place (before it is
+    hashed and published)."""
+    from shared.runtime.signature import INPUT_RANGES_KEY
+
+    path = Path(path)
+    model = onnx.load(str(path))
+    names = {i.name for i in model.graph.input}
+    unknown = sorted(set(ranges) - names)
+    if unknown:
+        raise ValueError(f"ranges declared for inputs the graph lacks: {unknown}")
+    for name, (lo, hi) in ranges.items():
+        if not int(lo) <= int(hi):
+            raise ValueError(f"input {name!r}: empty range [{lo}, {hi}]")
+    value = json.dumps({name: [int(lo), int(hi)] for name, (lo, hi) in ranges.items()}, sort_keys=True)
+    kept = [p for p in model.metadata_props if p.key != INPUT_RANGES_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=INPUT_RANGES_KEY, value=value)
+    onnx.save(model, str(path))
+    return path
+
+
 def export_onnx(module: torch.nn.Module, inputs: Mapping[str, tuple[int, ...]], output_names: Sequence[str],
                 path: str | os.PathLike[str], *, example: Sequence[torch.Tensor] | None = None,
-                dynamic: Mapping[str, Mapping[int, str]] | None = None) -> Path:
+                dynamic: Mapping[str, Mapping[int, str]] | None = None,
+                ranges: Mapping[str, tuple[int, int]] | None = None) -> Path:
     """Export with axis 0 of every input and output dynamic; run the ONNX checker.
 
     example: the example inputs (default: standard normal FP32 of the given shapes; pass them
-    for integer inputs). dynamic: more dynamic axes, input name -> {axis: dimension name}."""
+    for integer inputs). dynamic: more dynamic axes, input name -> {axis: dimension name}.
+    ranges: the valid [min, max] of integer index inputs (see declare_input_ranges)."""
     path = Path(path)
     module = module.eval()
     if example is None:
@@ -45,6 +77,8 @@ def export_onnx(module: torch.nn.Module, inputs: Mapping[str, tuple[int, ...]], 
         torch.onnx.export(module, tuple(example), str(path), input_names=list(inputs), output_names=list(output_names),
                           dynamic_shapes=shapes, dynamo=True, opset_version=OPSET,
                           external_data=False, verbose=False)
+    if ranges:
+        declare_input_ranges(path, ranges)
     onnx.checker.check_model(str(path), full_check=True)
     return path
 

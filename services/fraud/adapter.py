@@ -19,12 +19,13 @@ from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2
 from protos.fraud.v1 import fraud_pb2
 from shared.domain import DomainService, Prepared, check_id, event_time, finite
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, echo_names
 from shared.registry import Manifest, Signature, TensorSpec
 from shared.runtime.model import LoadedModel
 
 DERIVED = {"amount"}  # features filled from request fields, not from request.features
 N_INPUTS = 29
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 SIGNATURE = Signature(
     inputs=(TensorSpec("features", "FP32", (-1, N_INPUTS)),),
     outputs=(TensorSpec("probability", "FP32", (-1, 1)), TensorSpec("contributions", "FP32", (-1, N_INPUTS))),
@@ -91,20 +92,33 @@ class FraudService(DomainService[fraud_pb2.ScoreTransactionRequest, fraud_pb2.Sc
         event_time(request.timestamp, "timestamp", time.time())
         names = self.feature_names(model)
         given = request.features
-        row = np.empty((1, len(names)), np.float32)
-        for i, name in enumerate(names):
-            if name == "amount":
-                row[0, i] = amount
-                continue
-            if name not in given:
-                raise InvalidArgument(f'features["{name}"] is required')
-            value = given[name]
-            if not math.isfinite(value):
-                raise InvalidArgument(f'features["{name}"] must be finite, got {value}')
-            row[0, i] = value
         if len(given) > len(names) - len(DERIVED):
+            # before reading any value: the message names a few of them, never all (a status
+            # message rides in trailing metadata, which gRPC bounds)
             unknown = sorted(k for k in given if k not in names or k in DERIVED)
-            raise InvalidArgument(f"unknown feature(s) {unknown}; the model takes {[n for n in names if n not in DERIVED]}")
+            raise InvalidArgument(f"unknown feature(s) {echo_names(unknown)}; the model takes "
+                                  f"{[n for n in names if n not in DERIVED]}")
+        row = np.empty((1, len(names)), np.float32)
+        # The model computes in float32: a double beyond float32's range (|x| > 3.4e38, e.g.
+        # 1e39) is finite here but becomes inf in the row, and the model would answer NaN.
+        # The cast's overflow is expected (not a warning); the row the model will see is
+        # checked once below, naming the first such feature.
+        with np.errstate(over="ignore"):
+            for i, name in enumerate(names):
+                if name == "amount":
+                    row[0, i] = amount
+                    continue
+                if name not in given:
+                    raise InvalidArgument(f'features["{name}"] is required')
+                value = given[name]
+                if not math.isfinite(value):
+                    raise InvalidArgument(f'features["{name}"] must be finite, got {value}')
+                row[0, i] = value
+        if not np.isfinite(row).all():
+            name = names[int(np.flatnonzero(~np.isfinite(row[0]))[0])]
+            field, value = ("amount", amount) if name == "amount" else (f'features["{name}"]', given[name])
+            raise InvalidArgument(f"{field} is outside the float32 range the model computes in "
+                                  f"(|x| <= {FLOAT32_MAX:.4g}), got {value}")
         return Prepared({"features": row}, 1, names)
 
     def postprocess(self, request, prepared: Prepared, outputs, model: LoadedModel, prediction_id: str):

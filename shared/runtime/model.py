@@ -23,7 +23,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from shared.errors import InvalidArgument
 from shared.registry import Manifest, ModelRegistry, RegistryError, Signature
+from shared.registry.registry import intersect_ranges
 from shared.runtime.dtypes import NUMPY_OF_V2
 from shared.runtime.session import CreatedSession, ProviderError, RuntimeOptions, create_session
 from shared.runtime.signature import signature_of_session
@@ -54,6 +56,37 @@ class LoadedModel:
         self.input_names = [t.name for t in self.signature.inputs]
         self.output_names = [t.name for t in self.signature.outputs]
         self._session = self.created.session
+        # What every request's inputs are checked against (check_input_ranges): the ranges
+        # the model file declares, narrowed by its manifest's (the loader also folds in what
+        # the service declares). Computed once per version: the check is on the hot path.
+        declared = self.signature.input_ranges()
+        if self.manifest is not None:
+            for name, r in self.manifest.signature.input_ranges().items():
+                if name in self.input_names:
+                    declared[name] = intersect_ranges(declared.get(name), r)
+        self.input_ranges: dict[str, tuple[int | float, int | float]] = declared
+
+    def check_input_ranges(self, feeds: Arrays) -> None:
+        """InvalidArgument naming the first input with a value outside its declared range.
+
+        One min and one max per ranged input, in the input's own dtype (no conversion of
+        the array): microseconds for the index inputs it is declared on. An id outside its
+        embedding table would make the session run fail for every request merged into the
+        same batch, so this runs before a request is queued."""
+        for name, (lo, hi) in self.input_ranges.items():
+            x = feeds.get(name)
+            if x is None or x.size == 0:
+                continue
+            # Python scalars: exact for int64/uint64 ids, whatever the bounds' type; one
+            # element (a domain request's id) skips the two reductions
+            if x.size == 1:
+                low = high = x.item()
+            else:
+                low, high = x.min().item(), x.max().item()
+            if low < lo or high > hi:
+                bad = low if low < lo else high
+                raise InvalidArgument(f"input {name!r} has value {bad} outside the model's valid range "
+                                      f"[{lo}, {hi}]")
 
     @property
     def provider(self) -> str:
@@ -74,7 +107,9 @@ def sample_inputs(signature: Signature, batch: int, seed: int = 0) -> dict[str, 
         if dtype.kind == "f":
             out[spec.name] = rng.standard_normal(shape).astype(dtype)
         else:
-            out[spec.name] = np.zeros(shape, dtype=dtype)  # ids/indices: 0 is always valid
+            # ids/indices: 0 is valid in any table, unless a declared range starts above it
+            low = 0 if spec.value_range is None else min(max(0, spec.value_range[0]), spec.value_range[1])
+            out[spec.name] = np.full(shape, low, dtype=dtype)
     return out
 
 
@@ -135,6 +170,7 @@ class ModelLoader:
             diffs = self.expected.differences(signature)
             if diffs:
                 raise ModelRejected("signature differs from what the service declares: " + "; ".join(diffs))
+        signature = self._ranged(signature, manifest)
         model = LoadedModel(name, version, signature, created, manifest, path=path)
         if self.prepare is not None:
             try:
@@ -151,6 +187,23 @@ class ModelLoader:
         except Exception as e:
             raise ModelRejected(f"warm-up failed: {e}") from e
         return model
+
+    def _ranged(self, signature: Signature, manifest: Manifest | None) -> Signature:
+        """The session's signature with every declared input range folded in: the model
+        file's, its manifest's and the service's own (each narrows the allowed values).
+        Declarations that leave nothing allowed refuse the version."""
+        ranges = {}
+        for spec in signature.inputs:
+            found = [spec.value_range]
+            for declared in (manifest.signature if manifest else None, self.expected):
+                if declared is not None:
+                    found += [t.value_range for t in declared.inputs if t.name == spec.name]
+            r = intersect_ranges(*found)
+            if r is not None:
+                if not r[0] <= r[1]:
+                    raise ModelRejected(f"input {spec.name!r}: the declared value ranges do not overlap")
+                ranges[spec.name] = r
+        return signature.with_input_ranges(ranges)
 
     def from_file(self, name: str, path: str | os.PathLike[str], version: str = "1") -> LoadedModel:
         path = Path(path)

@@ -1,12 +1,24 @@
-"""Read an ONNX file's input/output signature in registry terms (V2 datatypes, -1 = dynamic)."""
+"""Read an ONNX file's input/output signature in registry terms (V2 datatypes, -1 = dynamic).
+
+Value ranges of inputs (TensorSpec.value_range) are not part of ONNX's type system; the
+trainer writes them into the model's metadata (metadata_props, key INPUT_RANGES_KEY, a JSON
+object input name -> [min, max]) when it exports, so that the file itself says which ids
+its embedding tables hold. Both readers here pick them up, so a published manifest carries
+them and a model served straight from a file is range-checked too.
+"""
 from __future__ import annotations
 
+import json
 import os
+from typing import Mapping
 
 import onnx
 
-from shared.registry import Signature, TensorSpec
+from shared.registry import RegistryError, Signature, TensorSpec
+from shared.registry.registry import parse_range
 from shared.runtime.dtypes import V2_OF_ONNX
+
+INPUT_RANGES_KEY = "storefront.input_ranges"
 
 # onnxruntime's NodeArg.type strings -> V2 datatypes
 _V2_OF_ORT = {
@@ -24,11 +36,33 @@ def _spec(value_info: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(value_info.name, V2_OF_ONNX[ttype.elem_type], dims)
 
 
+def declared_ranges(metadata: Mapping[str, str]) -> dict[str, tuple[int | float, int | float]]:
+    """Input ranges from a model's metadata (empty without the key). Malformed metadata is a
+    ValueError: a model whose declared safety bounds cannot be read must not serve unchecked."""
+    text = metadata.get(INPUT_RANGES_KEY)
+    if text is None:
+        return {}
+    try:
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        return {str(name): parse_range(r, str(name)) for name, r in raw.items()}
+    except (ValueError, RegistryError) as e:
+        raise ValueError(f"model metadata {INPUT_RANGES_KEY!r} is malformed: {e}") from None
+
+
+def _with_ranges(signature: Signature, ranges: Mapping[str, tuple[int | float, int | float]]) -> Signature:
+    unknown = sorted(set(ranges) - {t.name for t in signature.inputs})
+    if unknown:
+        raise ValueError(f"model metadata {INPUT_RANGES_KEY!r} names inputs the graph lacks: {unknown}")
+    return signature.with_input_ranges(ranges)
+
+
 def signature_of_model(model: onnx.ModelProto) -> Signature:
     initializers = {i.name for i in model.graph.initializer}
     inputs = tuple(_spec(v) for v in model.graph.input if v.name not in initializers)
     outputs = tuple(_spec(v) for v in model.graph.output)
-    return Signature(inputs, outputs)
+    return _with_ranges(Signature(inputs, outputs), declared_ranges({p.key: p.value for p in model.metadata_props}))
 
 
 def signature_of_onnx(path: str | os.PathLike[str]) -> Signature:
@@ -45,5 +79,6 @@ def _session_spec(arg) -> TensorSpec:
 
 def signature_of_session(session) -> Signature:
     """The signature of a created onnxruntime.InferenceSession (cheap: no file parsing)."""
-    return Signature(tuple(_session_spec(a) for a in session.get_inputs()),
-                     tuple(_session_spec(a) for a in session.get_outputs()))
+    signature = Signature(tuple(_session_spec(a) for a in session.get_inputs()),
+                          tuple(_session_spec(a) for a in session.get_outputs()))
+    return _with_ranges(signature, declared_ranges(session.get_modelmeta().custom_metadata_map))

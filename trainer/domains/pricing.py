@@ -272,6 +272,10 @@ class PricingExport(nn.Module):
 
 
 INPUT_NAMES = ("product", "segment", "hour", "log_price_ratio")
+# The ids each index input may take: the rows of its parameter tables (product codes index
+# a_prod/b_prod and the product -> subclass table; hour NO_HOUR is "no time of day"). Declared
+# in the exported file, so servers refuse anything else before it reaches a Gather.
+INPUT_RANGES = {"product": (0, PRODUCT_CAPACITY - 1), "segment": (0, N_SEGMENTS - 1), "hour": (0, NO_HOUR)}
 OUTPUT_NAMES = ("conversion", "sampled_conversion")
 
 
@@ -282,7 +286,7 @@ def export_pricing(net: PricingNet, path: Path) -> Path:
     module = PricingExport(net).eval()
     example = (torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([3, 4]), torch.zeros(2, 3))
     return export_onnx(module, dict(zip(INPUT_NAMES, [(2,), (2,), (2,), (2, 3)])), OUTPUT_NAMES, path,
-                       example=example, dynamic={"log_price_ratio": {1: "grid"}})
+                       example=example, dynamic={"log_price_ratio": {1: "grid"}}, ranges=INPUT_RANGES)
 
 
 class PricingModel(DomainModel):

@@ -58,7 +58,7 @@ from torch.nn import functional as F
 from trainer.domains.recommender_data import (COL_DAY, COL_DEVICE, COL_HIST, COL_HOUR, COL_ITEM, COL_PAGE, COL_USER,
                                               DEVICES, HISTORY_LEN, LEVEL_CLICK, LEVEL_IMPRESSION, LEVEL_PURCHASE,
                                               PAGES, POPULARITY_TAU_DAYS, TEXT_DIM, WIDTH, CatalogJournal, RecoState)
-from trainer.export import batch1_latency_ms
+from trainer.export import batch1_latency_ms, declare_input_ranges
 from trainer.learner import DomainModel, Examples
 
 log = logging.getLogger(__name__)
@@ -710,6 +710,7 @@ class RecommenderModel(DomainModel):
                 {"user": {0: "batch"}, "history": {0: "batch"}, "context": {0: "batch"}, "k": {0: "batch"},
                  "restrict": {0: "batch", 1: "restrict"}, "exclude": {0: "batch", 1: "exclude"},
                  "item_vectors": {0: "catalog"}})
+        declare_input_ranges(path, scoring_input_ranges(net))
         self._exported.update({"catalog": catalog, "tower_parity": tower_diff, "folder": path.parent,
                                "signature": signature_of_onnx(path)})
         return path, scoring
@@ -887,6 +888,15 @@ def _export(module: nn.Module, example: dict[str, torch.Tensor], outputs: list[s
                           external_data=False, verbose=False)
     onnx.checker.check_model(str(path), full_check=True)
     return path
+
+
+def scoring_input_ranges(net: RecoNet) -> dict[str, tuple[int, int]]:
+    """The ids the scoring graph's index inputs may take (declared in model.onnx): user codes
+    up to the user table's capacity (0 = unknown), context codes (page, device, hour) up to the
+    largest of the three vocabularies. history/restrict/exclude hold rows of the catalog
+    matrix the request itself brings (its size is not known at export), and the graph masks
+    rows outside it, so they have no static range; k is clamped by the graph."""
+    return {"user": (0, net.user_capacity), "context": (0, max(len(PAGES), len(DEVICES), 23))}
 
 
 def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
