@@ -3,14 +3,30 @@
 Polling (default every 0.5 s) rather than inotify: it works the same on a local folder and
 on a shared network volume, and reading one small file is cheap. A new version is loaded
 beside the old one in a worker thread (the event loop keeps serving), validated by the
-ModelLoader, then swapped. A refused version is logged with its reason, counted, and not
-retried until the pointer moves again; the old version keeps serving. A pointer that
-moves back to the previous version (a rollback) swaps instantly: it is still loaded.
+ModelLoader, then swapped. A pointer that moves back to the previous version (a rollback)
+swaps instantly: it is still loaded.
+
+A refused version is logged with its reason, counted, and remembered with a fingerprint of
+its folder (lstat of the folder and its files: no hashing on the poll path); the old
+version keeps serving. It is tried again only when there is a reason to expect a different
+answer: its files changed (an operator repaired them), or the pointer moved away from it
+and back (an operator asked for it again, e.g. after fixing what the service depends on).
+Retries of one version are spaced by an exponential backoff (retry_min_s doubling up to
+retry_max_s), so a flapping pointer or a folder being rewritten cannot turn into a loop of
+expensive loads; the memory of refusals is bounded (max_refusals, oldest forgotten first).
+
+An unreadable CURRENT (corrupt JSON, a link, an I/O error) leaves the loaded version
+serving; it is logged and counted in storefront_registry_errors_total once per distinct
+state (the same broken file is not reported on every poll), and
+storefront_registry_pointer_unreadable is 1 until the pointer reads again.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
+from typing import Callable
 
 from shared import metrics
 from shared.registry import ModelRegistry, RegistryError
@@ -19,46 +35,117 @@ from shared.runtime.model import LoadedModel, ModelHandle, ModelLoader, ModelRej
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass
+class Refusal:
+    """Why a version was refused, what its folder looked like then, and when it may be retried."""
+
+    reason: str
+    fingerprint: tuple
+    attempts: int
+    retry_at: float  # clock() before which it is not loaded again, whatever changed
+    rearmed: bool = False  # the files changed or the pointer came back since the last attempt
+
+
 class HotReloader:
     def __init__(self, registry: ModelRegistry, handle: ModelHandle, loader: ModelLoader,
-                 poll_interval_s: float = 0.5) -> None:
+                 poll_interval_s: float = 0.5, *, retry_min_s: float = 2.0, retry_max_s: float = 300.0,
+                 max_refusals: int = 64, clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
         self.handle = handle
         self.loader = loader
         self.poll_interval_s = poll_interval_s
-        self.refused: dict[str, str] = {}  # version -> reason, so a bad version is not retried
+        self.retry_min_s = retry_min_s
+        self.retry_max_s = retry_max_s
+        self.max_refusals = max_refusals
+        self.clock = clock
+        self.refusals: dict[str, Refusal] = {}  # version -> refusal, oldest first
+        self._pointer_seen: str | None = None  # the version CURRENT named at the last readable poll
+        self._pointer_error: str | None = None  # the last pointer problem reported (None: readable)
         self._task: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
         return self.handle.name
 
+    @property
+    def refused(self) -> dict[str, str]:
+        """version -> reason, for the versions refused and not (yet) loaded since."""
+        return {v: r.reason for v, r in self.refusals.items()}
+
     async def check_once(self) -> LoadedModel | None:
         """Load and swap in the version CURRENT names, if it is new. Returns the new model."""
-        try:
-            version = self.registry.current_version(self.name)
-        except RegistryError as e:
-            log.error("model %s: cannot read the registry pointer: %s", self.name, e)
+        version = self._read_pointer()
+        if version is None:
             return None
-        if version is None or version in self.refused:
-            return None
+        arrived = version != self._pointer_seen
+        self._pointer_seen = version
         current = self.handle.current
         if current is not None and current.version == version:
             return None
         kept = self.handle.loaded(version)
         if kept is not None:
+            self.refusals.pop(version, None)
             self._swap(kept, "rollback")
             return kept
+        refusal = self.refusals.get(version)
+        if refusal is not None and not self._may_retry(version, refusal, arrived):
+            return None
+        # Taken before loading: a change made while the load runs is then seen as a change.
+        fingerprint = self.registry.fingerprint(self.name, version)
         try:
             model = await asyncio.to_thread(self.loader.from_registry, self.registry, self.name, version)
         except ModelRejected as e:
-            self.refused[version] = str(e)
-            metrics.RELOADS.labels(self.name, "refused").inc()
-            log.error("model %s: refused version %s, still serving %s: %s", self.name, version,
-                      current.version if current else "nothing", e)
+            self._refuse(version, fingerprint, e, refusal)
             return None
+        self.refusals.pop(version, None)
         self._swap(model, "loaded")
         return model
+
+    def _read_pointer(self) -> str | None:
+        try:
+            version = self.registry.current_version(self.name)
+        except RegistryError as e:
+            state = str(e)
+            if state != self._pointer_error:  # once per distinct state: the poll would repeat it forever
+                self._pointer_error = state
+                metrics.REGISTRY_ERRORS.labels(self.name, e.reason).inc()
+                metrics.POINTER_UNREADABLE.labels(self.name).set(1)
+                current = self.handle.current
+                log.error("model %s: cannot read the registry pointer (%s), still serving %s: %s", self.name,
+                          e.reason, current.version if current else "nothing", e)
+            return None
+        if self._pointer_error is not None:
+            self._pointer_error = None
+            metrics.POINTER_UNREADABLE.labels(self.name).set(0)
+            log.info("model %s: the registry pointer reads again (version %s)", self.name, version)
+        return version
+
+    def _may_retry(self, version: str, refusal: Refusal, arrived: bool) -> bool:
+        if not refusal.rearmed:
+            if arrived:
+                refusal.rearmed = True
+            elif self.registry.fingerprint(self.name, version) != refusal.fingerprint:
+                refusal.rearmed = True
+            else:
+                return False  # same files, same request: the same answer
+        # Rearmed stays set while the backoff runs, so the retry happens once it has passed.
+        return self.clock() >= refusal.retry_at
+
+    def _refuse(self, version: str, fingerprint: tuple, e: ModelRejected, previous: Refusal | None) -> None:
+        attempts = previous.attempts + 1 if previous is not None else 1
+        backoff = min(self.retry_max_s, self.retry_min_s * 2 ** (attempts - 1))
+        self.refusals.pop(version, None)  # re-inserted last: the bound below forgets the oldest
+        self.refusals[version] = Refusal(str(e), fingerprint, attempts, self.clock() + backoff)
+        while len(self.refusals) > self.max_refusals:
+            del self.refusals[next(iter(self.refusals))]
+        metrics.RELOADS.labels(self.name, "refused").inc()
+        cause = e.__cause__
+        if isinstance(cause, RegistryError):  # the registry's own problems (links, checksums) by reason
+            metrics.REGISTRY_ERRORS.labels(self.name, cause.reason).inc()
+        current = self.handle.current
+        log.error("model %s: refused version %s (attempt %d, next retry only if its files change or the "
+                  "pointer moves back, not before %.0f s), still serving %s: %s", self.name, version, attempts,
+                  backoff, current.version if current else "nothing", e)
 
     def _swap(self, model: LoadedModel, result: str) -> None:
         old = self.handle.swap(model)
