@@ -41,7 +41,7 @@ from protos.recommender.v1 import recommender_pb2 as pb
 from protos.recommender.v1 import recommender_pb2_grpc as pb_grpc
 
 CONFIGS = {"batched": 64, "unbatched": 1}  # max_batch_size
-UPSERT_CHUNK = 10_000  # the API's largest UpsertItems
+UPSERT_CHUNK = 1_000  # the service's default upsert_max_items
 
 
 def synthetic_items(catalog_jsonl: Path, total: int, seed: int = 0) -> list[pb.Item]:

@@ -37,7 +37,7 @@ from protos.recommender.v1 import recommender_pb2 as pb
 from services.recommender.catalog import Catalog, CatalogSnapshot, ItemRecord
 from services.recommender.history import UserHistory
 from shared.domain import DomainService, Prepared, check_id, event_time, finite
-from shared.errors import InvalidArgument, Unavailable
+from shared.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from shared.registry import Manifest
 from shared.runtime.model import LoadedModel, ModelRejected
 from shared.runtime.session import RuntimeOptions, create_session
@@ -50,7 +50,12 @@ OUTPUTS = {"items": "INT64", "score": "FP32", "click": "FP32", "purchase": "FP32
 ITEM_TOWER_INPUTS = {"item": "INT64", "text": "FP32", "category": "INT64", "price": "FP32"}
 MAX_K = 200
 MAX_CANDIDATES = 10_000
-MAX_UPSERT = 10_000
+MAX_UPSERT = 1_000  # default items per UpsertItems (setting upsert_max_items)
+MAX_TITLE_CHARS = 300  # default title bound (setting title_max_chars): ~60 tokens, ~20 ms of encoder CPU
+MAX_CATEGORY_CHARS = 128
+MAX_ITEM_ID_CHARS = 128
+EMBED_CHUNK_CHARS = 4096  # title characters per encoder call: deadline/cancellation is checked between calls
+EMBED_CHUNK_TITLES = 64
 MIN_BUCKET = 64  # smallest padded width of a non-empty restrict/exclude list
 TOWER_CHUNK = 4096  # catalog rows per item tower run
 EVENTS = {pb.EVENT_IMPRESSION, pb.EVENT_CLICK, pb.EVENT_ADD_TO_CART, pb.EVENT_PURCHASE}
@@ -62,6 +67,28 @@ UPSERTED = Counter("storefront_recommender_upserted_items_total", "Items upserte
                    ["kind"])
 FALLBACKS = Counter("storefront_recommender_fallback_total",
                     "Recommend answers that used the popularity fallback (user unknown to the model, no history)")
+UPSERTS_ABANDONED = Counter("storefront_recommender_upserts_abandoned_total",
+                            "UpsertItems (or journal catch-ups) stopped before anything was written, by reason "
+                            "(deadline, cancelled)", ["reason"])
+
+
+def embed_chunks(titles: Sequence[str], max_chars: int = EMBED_CHUNK_CHARS,
+                 max_titles: int = EMBED_CHUNK_TITLES) -> list[list[str]]:
+    """Titles in groups of about max_chars characters (at least one title each): each group
+    is one encoder call, short enough (~0.5 s of CPU at most) that a deadline or a
+    cancellation is noticed soon after it passes."""
+    out: list[list[str]] = []
+    chunk: list[str] = []
+    chars = 0
+    for t in titles:
+        if chunk and (chars + len(t) > max_chars or len(chunk) >= max_titles):
+            out.append(chunk)
+            chunk, chars = [], 0
+        chunk.append(t)
+        chars += len(t)
+    if chunk:
+        out.append(chunk)
+    return out
 
 
 def bucket(n: int, empty: int = 1) -> int:
@@ -246,7 +273,8 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
 
     def __init__(self, served, catalog: Catalog, history: UserHistory, feedback=None, *,
                  options: RuntimeOptions | None = None, max_k: int = MAX_K, prediction_memory: int = 200_000,
-                 text_cache_size: int = 200_000) -> None:
+                 text_cache_size: int = 200_000, upsert_max_items: int = MAX_UPSERT,
+                 title_max_chars: int = MAX_TITLE_CHARS, category_max_chars: int = MAX_CATEGORY_CHARS) -> None:
         super().__init__(served, feedback)
         self.catalog = catalog
         self.history = history
@@ -258,6 +286,10 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
         self.encoder = None  # shared.text.TextEncoder, loaded with the first model version
         self._encoder_lock = threading.Lock()
         self._upsert_lock = asyncio.Lock()
+        self.upsert_max_items = upsert_max_items
+        self.title_max_chars = title_max_chars
+        self.category_max_chars = category_max_chars
+        self.titles_embedded = 0  # titles the upsert path has sent to the encoder (tests, logs)
 
     # ---- per-version preparation (loader thread) ----
     def text_encoder(self):
@@ -440,16 +472,18 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
 
     # ---- catalog updates ----
     def validate_items(self, request: pb.UpsertItemsRequest) -> list[ItemRecord]:
+        """Bounded: items per call, and title/category lengths (a title's encoder cost grows
+        with its length up to 128 tokens: ~60 ms of CPU at 1,000 characters)."""
         n = len(request.items)
-        if not 1 <= n <= MAX_UPSERT:
-            raise InvalidArgument(f"items must hold 1..{MAX_UPSERT} items, got {n}")
+        if not 1 <= n <= self.upsert_max_items:
+            raise InvalidArgument(f"items must hold 1..{self.upsert_max_items} items, got {n}")
         out, seen = [], set()
         for i, it in enumerate(request.items):
-            check_id(it.item_id, f"items[{i}].item_id", 128)
-            check_id(it.title, f"items[{i}].title", 1000)
+            check_id(it.item_id, f"items[{i}].item_id", MAX_ITEM_ID_CHARS)
+            check_id(it.title, f"items[{i}].title", self.title_max_chars)
             if not it.title.strip():
                 raise InvalidArgument(f"items[{i}].title is blank")
-            check_id(it.category, f"items[{i}].category", 128, required=False)
+            check_id(it.category, f"items[{i}].category", self.category_max_chars, required=False)
             price = finite(it.price, f"items[{i}].price")
             if price < 0:
                 raise InvalidArgument(f"items[{i}].price must be >= 0, got {price}")
@@ -459,35 +493,78 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
             out.append(ItemRecord(it.item_id, it.title, it.category, float(price)))
         return out
 
-    async def upsert(self, request: pb.UpsertItemsRequest) -> pb.UpsertItemsResponse:
-        """Journal (fsync), embed, compute the item vectors of every loaded version, then
-        publish catalog and vectors together: a Recommend that starts after the answer sees them."""
+    async def upsert(self, request: pb.UpsertItemsRequest, deadline: float | None = None) -> pb.UpsertItemsResponse:
+        """Embed the new titles, then journal (fsync), compute the item vectors of every loaded
+        version, and publish catalog and vectors together: a Recommend that starts after the
+        answer sees them. deadline: time.monotonic() by which the caller stops waiting."""
         items = self.validate_items(request)
         if self.served.current is None or not self.catalog.loaded:
             raise Unavailable(f"model {self.served.name!r} is not loaded yet")
-        inserted, updated, size = await self._apply_items(items, journal=True)
+        inserted, updated, size = await self._apply_items(items, journal=True, deadline=deadline)
         return pb.UpsertItemsResponse(inserted=inserted, updated=updated, catalog_size=size)
 
-    async def _apply_items(self, items: list[ItemRecord], journal: bool) -> tuple[int, int, int]:
+    async def _apply_items(self, items: list[ItemRecord], journal: bool,
+                           deadline: float | None = None) -> tuple[int, int, int]:
+        """Two phases. Embedding (the expensive part: the sentence encoder) runs in chunks and
+        stops at the deadline (DEADLINE_EXCEEDED) or when the call is cancelled (the client
+        went away, or the server is stopping past its grace), having written nothing: the
+        encoder's cache is all it leaves. The commit (journal, apply, item vectors, publish)
+        is cheap by comparison and runs to its end even if cancelled meanwhile: once a line is
+        in the journal it will be applied at the next start anyway, so memory must match it."""
         async with self._upsert_lock:
             inserted, updated, titles = self.catalog.plan(items)
-            vectors = {}
-            if titles:
-                encoder = self.text_encoder()
-                vectors = dict(zip(titles, await asyncio.to_thread(encoder.encode, titles)))
-            snap = await asyncio.to_thread(self.catalog.upsert, items, vectors, journal)
-            states = []
-            for m in (self.served.handle.current, self.served.handle.previous):
-                if m is not None and isinstance(m.prepared, VersionItems) and m.prepared not in states:
-                    states.append(m.prepared)
-            built = [(st, await asyncio.to_thread(st.build, snap)) for st in states]
-            for st, idx in built:  # no await from here: readers see catalog and vectors change together
-                st.publish(idx)
-            self.catalog.publish(snap)
+            try:
+                vectors = await self._embed(titles, deadline)
+            except asyncio.CancelledError:
+                UPSERTS_ABANDONED.labels("cancelled").inc()
+                log.info("catalog: upsert of %d items cancelled while embedding; nothing written", len(items))
+                raise
+            commit = asyncio.ensure_future(self._commit(items, vectors, journal))
+            try:
+                snap = await asyncio.shield(commit)
+            except asyncio.CancelledError:
+                while not commit.done():  # keep the lock until the commit is published
+                    try:
+                        await asyncio.wait({commit})
+                    except asyncio.CancelledError:
+                        continue
+                raise
         CATALOG_ITEMS.set(snap.size)
         UPSERTED.labels("inserted").inc(inserted)
         UPSERTED.labels("updated").inc(updated)
         return inserted, updated, snap.size
+
+    async def _embed(self, titles: list[str], deadline: float | None) -> dict[str, np.ndarray]:
+        vectors: dict[str, np.ndarray] = {}
+        if not titles:
+            return vectors
+        encoder = self.text_encoder()
+        for chunk in embed_chunks(titles):
+            if deadline is not None and time.monotonic() >= deadline:
+                UPSERTS_ABANDONED.labels("deadline").inc()
+                log.info("catalog: upsert deadline passed after %d of %d titles embedded; nothing written",
+                         len(vectors), len(titles))
+                raise DeadlineExceeded(f"deadline exceeded after embedding {len(vectors)} of {len(titles)} "
+                                       "new titles; nothing was written")
+            self.titles_embedded += len(chunk)
+            vectors.update(zip(chunk, await asyncio.to_thread(encoder.encode, chunk)))
+        if deadline is not None and time.monotonic() >= deadline:
+            UPSERTS_ABANDONED.labels("deadline").inc()
+            raise DeadlineExceeded("deadline exceeded before the items were written; nothing was written")
+        return vectors
+
+    async def _commit(self, items: list[ItemRecord], vectors: dict[str, np.ndarray],
+                      journal: bool) -> CatalogSnapshot:
+        snap = await asyncio.to_thread(self.catalog.upsert, items, vectors, journal)
+        states = []
+        for m in (self.served.handle.current, self.served.handle.previous):
+            if m is not None and isinstance(m.prepared, VersionItems) and m.prepared not in states:
+                states.append(m.prepared)
+        built = [(st, await asyncio.to_thread(st.build, snap)) for st in states]
+        for st, idx in built:  # no await from here: readers see catalog and vectors change together
+            st.publish(idx)
+        self.catalog.publish(snap)
+        return snap
 
     async def follow_journal(self, interval_s: float) -> None:
         """Apply what other writers append to the catalog journal (the other workers of a

@@ -13,15 +13,21 @@ under it. The id list and the id -> row dict are shared and append-only for the 
 reason (a row is valid in a snapshot when it is < its size).
 
 Titles are embedded once per distinct title (the frozen sentence encoder does not depend
-on the model version) into an append-only text table; rows point into it. The per-version
-item vectors (item tower output) are not here: see services.recommender.adapter.ItemIndex.
+on the model version) into a text table; rows point into it. A replaced title leaves its
+embedding behind (older snapshots may still read it), so the table (and the category list)
+is compacted once dead entries outnumber live ones: new arrays, rows remapped, memory bounded
+by the live items however often the same ids are replaced. The per-version item vectors
+(item tower output) are not here: see services.recommender.adapter.ItemIndex.
 
 Durability: every upsert is appended to the journal (one JSON object per line: item_id,
 title, category, price) and fsync'd before it is applied, so an answered UpsertItems
-survives a crash. At start the journal is replayed (the last line of an item wins; a line
-torn by a crash mid-append is cut off first); when there is none, it is seeded from the
-model version's catalog.jsonl; when replaced items make up most of it, it is compacted
-(atomic rename). The trainer reads the same file to learn items it has not seen.
+survives a crash. Lines are written and read line-safe (shared.jsonl: ASCII-escaped,
+split on b"\n" only), and an unreadable line is skipped, logged and counted, never fatal:
+one bad append (ours or a feed's) must not stop the follower or a restart. At start the
+journal is replayed (the last line of an item wins; a line torn by a crash mid-append is
+cut off first); when there is none, it is seeded from the model version's catalog.jsonl;
+when replaced items make up most of it, it is compacted (atomic rename). The trainer reads
+the same file (with the same shared.jsonl reader) to learn items it has not seen.
 """
 from __future__ import annotations
 
@@ -32,13 +38,19 @@ import math
 import os
 import threading
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+
+from shared.jsonl import dumps_line, read_records
 
 log = logging.getLogger(__name__)
 
 TEXT_DIM = 384
+# Compact the text table / category list when dead entries exceed both the live ones and
+# this (so a small catalog is not rebuilt on every replacement). Compaction copies the live
+# entries: amortised O(1) per replaced title.
+COMPACT_MIN_DEAD = 256
 Embed = Callable[[Sequence[str]], np.ndarray]  # titles -> float32 [n, TEXT_DIM]
 
 
@@ -50,18 +62,34 @@ class ItemRecord:
     price: float
 
     def to_json(self) -> str:
-        return json.dumps({"item_id": self.item_id, "title": self.title, "category": self.category,
-                           "price": self.price}, ensure_ascii=False)
+        """One journal line without its newline (ASCII-escaped: see shared.jsonl)."""
+        return dumps_line({"item_id": self.item_id, "title": self.title, "category": self.category,
+                           "price": self.price})[:-1]
 
     @classmethod
-    def from_json(cls, d: dict) -> "ItemRecord":
-        price = float(d.get("price", 0.0))
-        if not math.isfinite(price) or price < 0:
-            raise ValueError(f"price must be finite and >= 0, got {price}")
-        item_id, title = str(d["item_id"]), str(d["title"])
+    def from_json(cls, d: Any) -> "ItemRecord":
+        """A record from a parsed line; ValueError/TypeError for anything that is not an item
+        (a JSON fragment such as `5`, a title that is not a string, ...), so the reader skips
+        the line instead of failing on it."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a catalog line must be a JSON object, got {type(d).__name__}")
+        item_id, title, category = d.get("item_id"), d.get("title"), d.get("category") or ""
+        if isinstance(item_id, int) and not isinstance(item_id, bool):
+            item_id = str(item_id)  # numeric ids from a feed: the id is their decimal form
+        if not isinstance(item_id, str) or not isinstance(title, str) or not isinstance(category, str):
+            raise TypeError("item_id, title and category must be strings")
         if not item_id or not title:
             raise ValueError("item_id and title are required")
-        return cls(item_id, title, str(d.get("category") or ""), price)
+        price = d.get("price", 0.0)
+        if isinstance(price, bool) or not isinstance(price, (int, float)):
+            raise TypeError(f"price must be a number, got {type(price).__name__}")
+        try:
+            price = float(price)
+        except OverflowError:  # a huge JSON integer
+            raise ValueError("price is out of range") from None
+        if not math.isfinite(price) or price < 0:
+            raise ValueError(f"price must be finite and >= 0, got {price}")
+        return cls(item_id, title, category, price)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -116,6 +144,11 @@ class Catalog:
         self._categories: list[str] = []
         self._category_index: dict[str, int] = {}
         self._text_row_of: dict[str, int] = {}  # title -> row in the text table
+        self._text_refs: list[int] = []  # per text-table row: catalog rows using it (0 = dead)
+        self._live_texts = 0
+        self._category_refs: list[int] = []  # per category: catalog rows in it
+        self._live_categories = 0
+        self.compactions = 0  # text-table/category compactions (tests, logs)
         self._category = np.zeros(0, np.int32)
         self._price = np.zeros(0, np.float32)
         self._text_row = np.zeros(0, np.int32)
@@ -202,7 +235,7 @@ class Catalog:
         items = read_jsonl(seed)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.name}.seed-{os.getpid()}")  # workers may seed at once
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="ascii") as f:
             for item in items:
                 f.write(item.to_json() + "\n")
             f.flush()
@@ -220,20 +253,13 @@ class Catalog:
     # ---- following the journal (other writers: service workers, a catalog feed) ----
     def _read_from(self, pos: int) -> list[ItemRecord]:
         """Whole lines from byte `pos` on; advances the position past them (a line still being
-        written is left for the next read; a malformed line is skipped with a warning)."""
+        written is left for the next read; an unreadable line is skipped, logged and counted:
+        the position moves past it, so it is never retried and never blocks what follows)."""
         with open(self.path, "rb") as f:
             self._inode = os.fstat(f.fileno()).st_ino
             f.seek(pos)
             data = f.read()
-        end = data.rfind(b"\n") + 1
-        out = []
-        for n, line in enumerate(data[:end].decode("utf-8", errors="replace").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                out.append(ItemRecord.from_json(json.loads(line)))
-            except (ValueError, KeyError, TypeError) as e:
-                log.warning("catalog %s: skipping a bad line (%d after byte %d): %s", self.path, n + 1, pos, e)
+        out, end = read_records(data, f"catalog {self.path} (from byte {pos})", "recommender", ItemRecord.from_json)
         self._pos = pos + end
         return out
 
@@ -280,7 +306,7 @@ class Catalog:
             if journal:
                 # one write() on an O_APPEND descriptor: lines of concurrent writers (other
                 # service workers) never interleave (a buffered file would split large writes)
-                data = "".join(it.to_json() + "\n" for it in items).encode("utf-8")
+                data = "".join(it.to_json() + "\n" for it in items).encode("ascii")
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
                 try:
                     view = memoryview(data)
@@ -327,6 +353,7 @@ class Catalog:
             for t in new_titles:
                 self._texts[self._n_texts] = vectors[t]
                 self._text_row_of[t] = self._n_texts
+                self._text_refs.append(0)
                 self._n_texts += 1
         for it in items:
             row = self._row_of.get(it.item_id)
@@ -337,28 +364,83 @@ class Catalog:
                 self._row_of[it.item_id] = row
             else:
                 self._titles[row] = it.title
+                self._unref(int(self._text_row[row]), int(self._category[row]))
             c = self._category_index.get(it.category)
             if c is None:
                 c = self._category_index[it.category] = len(self._categories)
                 self._categories.append(it.category)
+                self._category_refs.append(0)
+            t = self._text_row_of[it.title]
+            self._ref(t, c)
             self._category[row] = c
             self._price[row] = it.price
-            self._text_row[row] = self._text_row_of[it.title]
+            self._text_row[row] = t
             self._revision[row] = generation
+        self._compact_tables(size)
         self.latest = self._snapshot(generation, size)
         return self.latest
 
+    # ---- reclaiming replaced titles and categories ----
+    def _ref(self, text: int, category: int) -> None:
+        self._live_texts += self._text_refs[text] == 0
+        self._text_refs[text] += 1
+        self._live_categories += self._category_refs[category] == 0
+        self._category_refs[category] += 1
+
+    def _unref(self, text: int, category: int) -> None:
+        self._text_refs[text] -= 1
+        self._live_texts -= self._text_refs[text] == 0
+        self._category_refs[category] -= 1
+        self._live_categories -= self._category_refs[category] == 0
+
+    def _compact_tables(self, size: int) -> None:
+        """Drop text-table rows and categories no item uses any more, once they outnumber the
+        live ones. Without this, replacing the same ids with new titles grew the table (and
+        memory) by one embedding per new title, forever. Everything is rebuilt into NEW
+        arrays and lists: snapshots already handed out keep reading the old ones."""
+        dead_texts = self._n_texts - self._live_texts
+        if dead_texts > max(self._live_texts, COMPACT_MIN_DEAD):
+            keep = [t for t in range(self._n_texts) if self._text_refs[t] > 0]
+            remap = np.full(max(self._n_texts, 1), -1, np.int32)
+            remap[keep] = np.arange(len(keep), dtype=np.int32)
+            texts = np.zeros((max(1024, 2 * len(keep)), TEXT_DIM), np.float32)
+            texts[: len(keep)] = self._texts[keep]
+            self._text_row_of = {title: int(remap[t]) for title, t in self._text_row_of.items() if remap[t] >= 0}
+            self._text_refs = [self._text_refs[t] for t in keep]
+            text_row = self._text_row.copy()
+            text_row[:size] = remap[self._text_row[:size]]
+            self._texts, self._n_texts, self._text_row = texts, len(keep), text_row
+            self.compactions += 1
+            log.info("catalog: compacted the text table: %d live titles, %d replaced ones dropped", len(keep),
+                     dead_texts)
+        dead_categories = len(self._categories) - self._live_categories
+        if dead_categories > max(self._live_categories, COMPACT_MIN_DEAD):
+            keep = [c for c in range(len(self._categories)) if self._category_refs[c] > 0]
+            remap = np.full(len(self._categories), -1, np.int32)
+            remap[keep] = np.arange(len(keep), dtype=np.int32)
+            self._categories = [self._categories[c] for c in keep]
+            self._category_index = {name: i for i, name in enumerate(self._categories)}
+            self._category_refs = [self._category_refs[c] for c in keep]
+            category = self._category.copy()
+            category[:size] = remap[self._category[:size]]
+            self._category = category
+            self.compactions += 1
+            log.info("catalog: compacted the category list: %d live, %d unused dropped", len(keep), dead_categories)
+
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[ItemRecord]:
-    """Items of a catalog JSONL file; a torn last line (crash mid-append) is skipped with a
-    warning, any other bad line is an error naming the line."""
+    """Items of a catalog JSONL file (a model version's catalog.jsonl: an artifact, so strict);
+    a torn last line (crash mid-append) is skipped with a warning, any other bad line is an
+    error naming the line. Split on b"\n" only, as shared.jsonl does (see there why)."""
     out: list[ItemRecord] = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = Path(path).read_bytes().split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            out.append(ItemRecord.from_json(json.loads(line)))
+            out.append(ItemRecord.from_json(json.loads(line.decode("utf-8"))))
         except (ValueError, KeyError, TypeError) as e:
             if i == len(lines) - 1:
                 log.warning("catalog %s: skipping a torn last line: %s", path, e)
@@ -368,7 +450,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[ItemRecord]:
 
 
 def write_jsonl(path: str | os.PathLike[str], items: Iterable[ItemRecord], fsync: bool = False) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="ascii") as f:
         for it in items:
             f.write(it.to_json() + "\n")
         if fsync:

@@ -15,7 +15,8 @@ import asyncio
 import dataclasses
 import sys
 
-from services.recommender.adapter import MAX_K, RecommenderService, check_manifest, check_outputs
+from services.recommender.adapter import (MAX_CATEGORY_CHARS, MAX_K, MAX_TITLE_CHARS, MAX_UPSERT, RecommenderService,
+                                          check_manifest, check_outputs)
 from services.recommender.catalog import Catalog
 from services.recommender.history import UserHistory
 from services.recommender.servicer import RecommenderServicer, register
@@ -41,6 +42,9 @@ class RecommenderSettings(DomainSettings):
     prediction_memory: int = setting(200_000, "recent predictions whose user is remembered, so outcomes update history")
     text_cache_size: int = setting(200_000, "title embeddings cached in memory (LRU)")
     catalog_poll_s: float = setting(1.0, "how often to apply catalog journal lines other writers appended; 0 = never")
+    upsert_max_items: int = setting(MAX_UPSERT, "most items one UpsertItems may carry (larger loads: several calls)")
+    title_max_chars: int = setting(MAX_TITLE_CHARS, "longest item title UpsertItems accepts (encoder CPU grows with it, up to 128 tokens)")
+    category_max_chars: int = setting(MAX_CATEGORY_CHARS, "longest item category UpsertItems accepts")
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -56,6 +60,9 @@ class RecommenderSettings(DomainSettings):
             p.append("catalog_path is required")
         if self.catalog_poll_s < 0:
             p.append("catalog_poll_s must be >= 0")
+        for name in ("upsert_max_items", "title_max_chars", "category_max_chars"):
+            if getattr(self, name) < 1:
+                p.append(f"{name} must be >= 1")
         return p
 
 
@@ -70,7 +77,8 @@ def build(s: RecommenderSettings) -> tuple[ServerApp, RecommenderService]:
     history = UserHistory(s.history_max_users, s.history_max_recent, s.history_max_purchased)
     service = RecommenderService(served, Catalog(s.catalog_path), history, options=s.runtime_options(),
                                  max_k=s.max_k, prediction_memory=s.prediction_memory,
-                                 text_cache_size=s.text_cache_size)
+                                 text_cache_size=s.text_cache_size, upsert_max_items=s.upsert_max_items,
+                                 title_max_chars=s.title_max_chars, category_max_chars=s.category_max_chars)
     # per-version state (catalog item vectors from the version's own item tower), built
     # in the loader thread before the version serves; warm-up runs on the real catalog
     loader.prepare = service.prepare

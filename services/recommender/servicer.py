@@ -20,7 +20,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         return await self.service.accept_outcome_stream(request_iterator)
 
     async def UpsertItems(self, request, context):
-        return await self.service.upsert(request)
+        # the deadline bounds the embedding; cancellation (client gone, server stopping) stops it too
+        return await self.service.upsert(request, ServedModel.deadline_of(context))
 
 
 def register(servicer: RecommenderServicer):

@@ -24,11 +24,14 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from shared.jsonl import read_records
 
 log = logging.getLogger(__name__)
 
@@ -318,22 +321,28 @@ class CatalogJournal:
             return []
         if st.st_ino != self._inode or st.st_size < self._pos:
             self._pos, self._inode = 0, st.st_ino
-        out = []
         with open(self.path, "rb") as f:
             f.seek(self._pos)
             data = f.read()
-        end = data.rfind(b"\n") + 1
-        for line in data[:end].splitlines():
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                if isinstance(r, dict) and r.get("item_id"):
-                    out.append(r)
-            except ValueError:
-                log.warning("catalog journal %s: skipping a malformed line", self.path)
+        # the service's own reader (shared.jsonl): split on b"\n" only, an unreadable line
+        # skipped, logged and counted, so both sides see exactly the same items
+        out, end = read_records(data, f"catalog journal {self.path} (from byte {self._pos})", "trainer",
+                                _journal_record)
         self._pos += end
         return out
+
+
+def _journal_record(r: dict[str, Any]) -> dict[str, Any]:
+    """The service's rules for a journal line (services.recommender.catalog.ItemRecord), so a
+    line it skips is skipped here too, and a bad price never reaches the item tables."""
+    if not r.get("item_id") or not isinstance(r.get("title", ""), str) \
+            or not isinstance(r.get("category") or "", str):
+        raise ValueError("a catalog line needs an item_id, a string title and a string category")
+    price = r.get("price", 0.0)
+    if isinstance(price, bool) or not isinstance(price, (int, float)) or not math.isfinite(float(price)) \
+            or price < 0:
+        raise ValueError(f"price must be a finite number >= 0, got {price!r}")
+    return r
 
 
 def tafeng_catalog(df) -> list[dict[str, Any]]:
