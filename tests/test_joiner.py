@@ -122,13 +122,13 @@ def test_duplicates_are_emitted_once(log):
     append(log, fraud_served("s1", "p1", T), rec_served("s2", "q1", T))
     append(log, fraud_outcome("o1", "p1", T + 5, is_fraud=True),
            fraud_outcome("o1-resent", "p1", T + 5, is_fraud=True),          # same label, new record id
-           fraud_outcome("o1-reversed", "p1", T + 9, is_fraud=False),       # the other label: accepted
+           fraud_outcome("o1-reversed", "p1", T + 9, is_fraud=False),       # the other label: the latest wins
            rec_outcome("c1", "q1", T + 1), rec_outcome("c2", "q1", T + 2),  # same (pid, item, event)
            rec_outcome("c3", "q1", T + 3, event=recommender_pb2.EVENT_PURCHASE))
     j = Joiner(log)
     out = j.poll()
-    assert [log.get([x.offset])[0].record_id for x in out] == ["o1", "o1-reversed", "c1", "c3"]
-    assert j.duplicates == 2
+    assert [log.get([x.offset])[0].record_id for x in out] == ["o1-reversed", "c1", "c3"]
+    assert j.duplicates == 2 and j.superseded == 1
     # Resent again much later, after a restart from the committed checkpoint: still a duplicate.
     j.commit()
     append(log, fraud_outcome("o1-third", "p1", T + 5, is_fraud=True))
@@ -209,7 +209,10 @@ def test_domain_filter_and_pricing(log):
     assert [x.prediction_id for x in only.poll()] == ["q1"]
     pricing = Joiner(log, domain="pricing")
     out = pricing.poll()
-    assert [log.get([x.offset])[0].record_id for x in out] == ["o3", "o5"] and pricing.duplicates == 1
+    # pricing.proto: another outcome of the same quote is accepted and the latest wins (same
+    # occurred_at: the one stored last)
+    assert [log.get([x.offset])[0].record_id for x in out] == ["o5"]
+    assert pricing.duplicates == 1 and pricing.superseded == 1
 
 
 def test_prediction_ids_are_per_domain(log):
@@ -227,3 +230,43 @@ def test_parse_windows():
     for bad in ("fraud", "shoes=1", "fraud=0", "fraud=x"):
         with pytest.raises(ValueError):
             parse_windows(bad)
+
+
+def test_fraud_two_labels_of_one_prediction_only_the_latest_is_joined(log):
+    """fraud.proto: a chargeback later reversed; the trainer uses the label with the latest occurred_at,
+    whatever order the two arrive in."""
+    append(log, fraud_served("s1", "p1", T), fraud_served("s2", "p2", T))
+    append(log, fraud_outcome("p1-fraud", "p1", T + 5, is_fraud=True),
+           fraud_outcome("p1-reversed", "p1", T + 9, is_fraud=False),
+           fraud_outcome("p2-legit-late", "p2", T + 9, is_fraud=False),   # stored first, happened last
+           fraud_outcome("p2-fraud-early", "p2", T + 5, is_fraud=True))
+    j = Joiner(log)
+    out = j.poll()
+    assert [(x.prediction_id, x.outcome.fraud.is_fraud) for x in out] == [("p1", False), ("p2", False)]
+    assert j.superseded == 2 and j.matched == 2
+
+
+def test_a_late_correction_is_emitted_and_names_what_it_supersedes(log):
+    append(log, fraud_served("s1", "p1", T), fraud_outcome("o1", "p1", T + 5, is_fraud=True))
+    j = Joiner(log)
+    first = j.poll()
+    assert [x.outcome.fraud.is_fraud for x in first] == [True] and first[0].supersedes == ()
+    append(log, fraud_outcome("o2", "p1", T + 9, is_fraud=False))
+    second = j.poll()
+    assert [x.outcome.fraud.is_fraud for x in second] == [False]
+    assert second[0].supersedes == (first[0].offset,)
+    # An older label that arrives after a newer one was handled is dropped.
+    append(log, fraud_outcome("o0", "p1", T + 1, is_fraud=True))  # same identity as o1: a duplicate anyway
+    assert j.poll() == []
+
+
+def test_a_pending_label_superseded_before_its_prediction_arrives_is_dropped(log):
+    clock = Clock(T)
+    j = Joiner(log, clock=clock)
+    append(log, fraud_outcome("o1", "p1", T + 5, is_fraud=True))
+    clock.now = log.read(0, 1)[0].received_at
+    assert j.poll() == [] and j.pending_offsets == [1]
+    append(log, fraud_outcome("o2", "p1", T + 9, is_fraud=False))
+    assert j.poll() == [] and j.pending_offsets == [2] and j.superseded == 1
+    append(log, fraud_served("s1", "p1", T))
+    assert [x.outcome.fraud.is_fraud for x in j.poll()] == [False]

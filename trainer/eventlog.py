@@ -19,6 +19,11 @@ Model
   domain contracts: fraud (prediction_id, is_fraud); recommender (prediction_id, item_id,
   event); pricing every field). The joiner emits only the first occurrence (lowest offset) of
   each key, which is a pure function of the log: stable across restarts and replays.
+- Outcome slot (`outcome_slot`): what one label is about, where the domain contract says the
+  latest outcome wins: fraud and pricing one slot per prediction (a chargeback later reversed,
+  a sale later refunded: "the trainer uses the one with the latest occurred_at"); recommender
+  (prediction_id, item_id, event), the same as its identity. `outcomes_for` returns every
+  outcome of some predictions so the joiner can keep the latest of each slot.
 - Consumer offsets: a named consumer stores the offset it has processed up to, with a small
   JSON document (`commit_offset` / `committed`).
 
@@ -142,6 +147,10 @@ class EventLog(Protocol):
         """For each outcome identity key that is stored, the lowest offset it is stored at."""
         ...
 
+    def outcomes_for(self, prediction_ids: Iterable[str], domain: str, upto: int | None = None) -> list[LogEntry]:
+        """Every outcome of these predictions in `domain` (at offsets <= upto when given), oldest first."""
+        ...
+
     def commit_offset(self, consumer: str, offset: int, meta: dict[str, Any] | None = None) -> None:
         """Durably record that `consumer` has processed everything up to `offset`."""
         ...
@@ -206,6 +215,15 @@ def outcome_key(domain: int, outcome: fb.Outcome) -> str:
         return f"recommender\x1f{pid}\x1f{r.item_id}\x1f{int(r.event)}"
     p = outcome.pricing
     return f"pricing\x1f{pid}\x1f{int(p.sold)}\x1f{p.units}\x1f{p.price!r}\x1f{p.occurred_at!r}"
+
+
+def outcome_slot(domain: int, outcome: fb.Outcome) -> str:
+    """What one label is about (the latest outcome of a slot wins; see the module docstring)."""
+    pid = outcome.prediction_id
+    if domain == fb.DOMAIN_RECOMMENDER:
+        r = outcome.recommendation
+        return f"recommender\x1f{pid}\x1f{r.item_id}\x1f{int(r.event)}"
+    return f"{DOMAIN_NAMES.get(domain, domain)}\x1f{pid}"
 
 
 # (record_id, domain, kind, prediction_id, event_time, outcome_key, payload)
@@ -538,6 +556,21 @@ class SqliteEventLog:
             out.update(conn.execute(
                 f"SELECT outcome_key, MIN(offset) FROM events WHERE outcome_key IN ({_marks(len(chunk))}) "
                 f"GROUP BY outcome_key", chunk))
+        return out
+
+    def outcomes_for(self, prediction_ids: Iterable[str], domain: str, upto: int | None = None) -> list[LogEntry]:
+        wanted = list(dict.fromkeys(prediction_ids))
+        out: list[LogEntry] = []
+        conn = self._reader()
+        for chunk in _chunks(wanted):
+            sql = (f"SELECT {_COLUMNS} FROM events WHERE prediction_id IN ({_marks(len(chunk))}) "
+                   f"AND kind = 'outcome' AND domain = ?")
+            args: list[Any] = [*chunk, domain]
+            if upto is not None:
+                sql += " AND offset <= ?"
+                args.append(int(upto))
+            out += self._entries(conn.execute(sql, args))
+        out.sort(key=lambda e: e.offset)
         return out
 
     def committed(self, consumer: str) -> tuple[int, dict[str, Any] | None]:

@@ -12,6 +12,13 @@ prediction by prediction_id through the log's index, and returns JoinedExamples.
   lower offset -> counted and dropped. The first occurrence in log order is the one emitted;
   that is a pure function of the log, so a resent outcome (new record_id, same label) is never
   emitted twice, not across restarts either, without the joiner keeping any state of its own;
+- superseded: the domain contract says the latest outcome wins (fraud: a chargeback later
+  reversed; pricing: a sale later corrected; `eventlog.outcome_slot`): an outcome is dropped when
+  its slot holds a non-duplicate outcome with a later occurred_at (ties: the higher offset) in the
+  log already. So when both labels of a prediction are in the log before the joiner gets to them,
+  only the latest is learned. A correction that arrives after the earlier label was emitted is
+  emitted too, with `supersedes` naming the earlier outcomes' offsets (a model cannot unlearn; a
+  learner may drop them from its replay);
 - pending: the served prediction is not in the log yet (another replica's feedback stream is
   behind, or spooled during an outage) -> kept and looked up again on later polls, until
   `grace_s` after the log received the outcome; then (or when more than `max_pending` are
@@ -36,7 +43,7 @@ from typing import Any, Callable, Iterable, Mapping
 from prometheus_client import Counter, Gauge, Histogram
 
 from protos.feedback.v1 import feedback_pb2 as fb
-from trainer.eventlog import DOMAINS, OUTCOME, EventLog, LogEntry, outcome_key
+from trainer.eventlog import DOMAINS, OUTCOME, EventLog, LogEntry, outcome_key, outcome_slot
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +55,8 @@ DEFAULT_WINDOWS: dict[str, float] = {
 }
 
 JOINED = Counter("storefront_trainer_joined_total",
-                 "Outcomes processed by the joiner, by domain and result (matched, late, unmatched, duplicate)",
+                 "Outcomes processed by the joiner, by domain and result (matched, late, unmatched, duplicate, "
+                 "superseded)",
                  ["domain", "result"])
 PENDING = Gauge("storefront_trainer_join_pending", "Outcomes waiting for their served prediction")
 LABEL_DELAY = Histogram("storefront_trainer_label_delay_seconds",
@@ -84,6 +92,7 @@ class JoinedExample:
     model_name: str
     model_version: str               # the version that served the prediction
     label_delay_s: float             # outcome.occurred_at - served.served_at (>= 0; clocks may skew)
+    supersedes: tuple[int, ...] = ()  # offsets of earlier labels of the same slot this one corrects
 
 
 @dataclasses.dataclass(slots=True)
@@ -123,6 +132,7 @@ class Joiner:
         self.late = 0
         self.unmatched = 0
         self.duplicates = 0
+        self.superseded = 0
         self._series: dict[tuple[str, str], Any] = {}
         self.restore_committed()
 
@@ -184,21 +194,31 @@ class Joiner:
         new = self.log.read(self._position, limit, domain=self.domain, kind=OUTCOME, upto=upto)
         next_position = new[-1].offset if len(new) >= limit else max(upto, self._position)
 
-        # Duplicates: an outcome whose identity is stored at a lower offset was (or will be) handled
-        # at that offset.
-        keys = {e.offset: outcome_key(e.record.domain, e.record.outcome) for e in new}
-        first = self.log.first_outcome_offsets(keys.values()) if keys else {}
-        fresh = []
-        for e in new:
-            if first.get(keys[e.offset], e.offset) < e.offset:
-                self.duplicates += 1
-                self._count(e.domain, "duplicate")
-            else:
-                fresh.append(e)
-
-        # Look the predictions up: the new outcomes', and the pending ones' when the log has grown.
         now = self.clock()
         waiting = list(self._pending.values()) if upto > self._pending_checked_upto else []
+        # Every outcome (up to `upto`) of the predictions concerned: for duplicates (an outcome whose
+        # identity is stored at a lower offset was, or will be, handled at that offset) and for
+        # "the latest outcome of a slot wins".
+        slots = self._slots(new + [p.entry for p in waiting], upto)
+        fresh = []
+        for e in new:
+            if slots.is_duplicate(e):
+                self.duplicates += 1
+                self._count(e.domain, "duplicate")
+            elif slots.superseded(e):
+                self._supersede(e)
+            else:
+                fresh.append(e)
+        still_waiting = []
+        for p in waiting:
+            if slots.superseded(p.entry):
+                del self._pending[p.entry.offset]
+                self._supersede(p.entry)
+            else:
+                still_waiting.append(p)
+        waiting = still_waiting
+
+        # Look the predictions up: the new outcomes', and the pending ones' when the log has grown.
         lookup = [e for e in fresh] + [p.entry for p in waiting]
         served = self._served(lookup)
         self._pending_checked_upto = upto
@@ -208,11 +228,11 @@ class Joiner:
             s = served.get((p.entry.domain, p.entry.prediction_id))
             if s is not None:
                 del self._pending[p.entry.offset]
-                self._judge(p.entry, s, out)
+                self._judge(p.entry, s, out, slots.earlier(p.entry))
         for e in fresh:
             s = served.get((e.domain, e.prediction_id))
             if s is not None:
-                self._judge(e, s, out)
+                self._judge(e, s, out, slots.earlier(e))
             else:
                 self._pending[e.offset] = _Pending(e, e.received_at + self.grace_s)
 
@@ -231,6 +251,19 @@ class Joiner:
         out.sort(key=lambda x: x.offset)
         return out
 
+    def _supersede(self, e: LogEntry) -> None:
+        self.superseded += 1
+        self._count(e.domain, "superseded")
+
+    def _slots(self, entries: list[LogEntry], upto: int) -> "_Slots":
+        by_domain: dict[str, list[str]] = collections.defaultdict(list)
+        for e in entries:
+            by_domain[e.domain].append(e.prediction_id)
+        everything: list[LogEntry] = []
+        for domain, pids in by_domain.items():
+            everything += self.log.outcomes_for(pids, domain, upto=upto)
+        return _Slots(everything)
+
     def _served(self, entries: list[LogEntry]) -> dict[tuple[str, str], LogEntry]:
         by_domain: dict[str, list[str]] = collections.defaultdict(list)
         for e in entries:
@@ -241,7 +274,7 @@ class Joiner:
                 out[(domain, pid)] = s
         return out
 
-    def _judge(self, e: LogEntry, s: LogEntry, out: list[JoinedExample]) -> None:
+    def _judge(self, e: LogEntry, s: LogEntry, out: list[JoinedExample], supersedes: tuple[int, ...] = ()) -> None:
         outcome = e.record.outcome
         served = s.record.served
         delay = outcome.occurred_at - served.served_at
@@ -256,8 +289,46 @@ class Joiner:
         out.append(JoinedExample(domain=e.domain, prediction_id=e.prediction_id, offset=e.offset,
                                  served_offset=s.offset, served=served, outcome=outcome,
                                  model_name=served.model.name, model_version=served.model.version,
-                                 label_delay_s=delay))
+                                 label_delay_s=delay, supersedes=supersedes))
 
     def stats(self) -> dict[str, int]:
         return {"position": self._position, "matched": self.matched, "late": self.late,
-                "unmatched": self.unmatched, "duplicates": self.duplicates, "pending": len(self._pending)}
+                "unmatched": self.unmatched, "duplicates": self.duplicates, "superseded": self.superseded,
+                "pending": len(self._pending)}
+
+
+class _Slots:
+    """Identity and slot facts about a set of outcomes (all those of some predictions)."""
+
+    def __init__(self, entries: list[LogEntry]) -> None:
+        self._first: dict[str, int] = {}        # identity key -> lowest offset
+        self._key: dict[int, str] = {}          # offset -> identity key
+        self._slot: dict[int, str] = {}         # offset -> slot
+        self._members: dict[str, list[LogEntry]] = collections.defaultdict(list)  # slot -> non-duplicates
+        for e in sorted(entries, key=lambda x: x.offset):
+            rec = e.record
+            key = outcome_key(rec.domain, rec.outcome)
+            self._key[e.offset] = key
+            if key in self._first:
+                continue  # a duplicate never wins a slot
+            self._first[key] = e.offset
+            slot = outcome_slot(rec.domain, rec.outcome)
+            self._slot[e.offset] = slot
+            self._members[slot].append(e)
+        self._latest = {slot: max(m, key=lambda x: (x.event_time, x.offset)).offset
+                        for slot, m in self._members.items()}
+
+    def is_duplicate(self, e: LogEntry) -> bool:
+        key = self._key.get(e.offset)
+        return key is not None and self._first[key] < e.offset
+
+    def superseded(self, e: LogEntry) -> bool:
+        slot = self._slot.get(e.offset)
+        return slot is not None and self._latest[slot] != e.offset
+
+    def earlier(self, e: LogEntry) -> tuple[int, ...]:
+        """Offsets of the other (earlier-stored) labels of e's slot."""
+        slot = self._slot.get(e.offset)
+        if slot is None:
+            return ()
+        return tuple(m.offset for m in self._members[slot] if m.offset < e.offset)
