@@ -97,6 +97,12 @@ class ServerSettings(BaseSettings):
     keepalive_time_s: float = setting(30.0, "HTTP/2 keepalive ping interval")
     keepalive_timeout_s: float = setting(10.0, "close a connection whose ping is not answered in this time")
     grace_s: float = setting(5.0, "seconds in-flight RPCs get to finish on shutdown")
+    drain_s: float = setting(1.0, "on shutdown, keep serving this long with health NOT_SERVING so polling "
+                                  "load balancers move away (skipped if nothing ever health-checked us)")
+    max_concurrent_rpcs: int = setting(128, "RPCs in flight before new ones get RESOURCE_EXHAUSTED at once "
+                                            "(health and reflection exempt); 0 = no limit")
+    max_queue_wait_ms: float = setting(250.0, "refuse a call (RESOURCE_EXHAUSTED) while the oldest admitted call "
+                                              "of its method has waited longer than this; 0 = off")
     workers: int = setting(1, "server processes sharing the port (SO_REUSEPORT)")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = setting("json", "json (one object per line) or text")
@@ -119,6 +125,8 @@ class ServerSettings(BaseSettings):
             p.append("tls_client_ca (mTLS) needs tls_cert and tls_key")
         if self.log_format not in ("json", "text"):
             p.append("log_format must be json or text")
+        if self.drain_s < 0 or self.max_concurrent_rpcs < 0 or self.max_queue_wait_ms < 0:
+            p.append("drain_s, max_concurrent_rpcs and max_queue_wait_ms must be >= 0")
         return p
 
     @property

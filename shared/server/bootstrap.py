@@ -3,10 +3,12 @@
 A ServerApp is what a service's `main` wires: its settings, its ServedModels, and a
 function that adds its domain servicers. Every app gets, without asking:
 - the KServe V2 servicer over its models, next to its domain API;
-- the standard health service: NOT_SERVING until every model is loaded, SERVING after,
-  NOT_SERVING again while draining on shutdown;
-- server reflection; Prometheus metrics over HTTP; the ServingInterceptor;
-- optional TLS / mTLS; keepalive; graceful shutdown on SIGTERM/SIGINT;
+- the standard health service (with List): NOT_SERVING until every model is loaded (and
+  until `ready` says so), SERVING after, NOT_SERVING again while draining on shutdown;
+- server reflection, grpc.reflection.v1 and v1alpha; Prometheus metrics over HTTP;
+- the ServingInterceptor, with admission control (max_concurrent_rpcs, max_queue_wait_ms)
+  and grpc's own maximum_concurrent_rpcs as a hard backstop above it;
+- optional TLS / mTLS; keepalive; graceful shutdown on SIGTERM/SIGINT (see ServerApp.stop);
 - `--workers N`: N processes sharing the port through SO_REUSEPORT.
 """
 from __future__ import annotations
@@ -23,13 +25,14 @@ from typing import Awaitable, Callable, Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from shared import logs
 from shared.serving import ServedModel
+from shared.server.health import HealthServicer
 from shared.server.interceptors import ServingInterceptor
+from shared.server.reflection_v1 import SERVICE_NAME as REFLECTION_V1, add_reflection_v1
 from shared.settings import ServerSettings
 from shared.v2 import V2Servicer, add_to_server as add_v2
 
@@ -53,6 +56,17 @@ def server_options(s: ServerSettings) -> list[tuple[str, int]]:
     ]
 
 
+def hard_rpc_limit(s: ServerSettings) -> int | None:
+    """grpc's own bound on RPCs in flight, a backstop well above the interceptor's limit.
+
+    grpc counts what the interceptor does not: health checks and Watch streams, reflection,
+    feedback streams, and the calls being answered RESOURCE_EXHAUSTED by the interceptor
+    itself. It answers RESOURCE_EXHAUSTED too, but uncounted in our metrics, so it must only
+    act when shedding in the interceptor cannot keep up.
+    """
+    return 4 * s.max_concurrent_rpcs if s.max_concurrent_rpcs > 0 else None
+
+
 def server_credentials(s: ServerSettings) -> grpc.ServerCredentials | None:
     if not s.tls_cert:
         return None
@@ -69,6 +83,9 @@ class ServerApp:
     models: Mapping[str, ServedModel]
     register: Register | None = None
     v2: bool = True  # serve the models over KServe V2 too (the trainer serves none)
+    # Beyond the models being loaded, what health SERVING also needs (the trainer: a model
+    # version for every domain it learns); re-checked by refresh_health().
+    ready: Callable[[], bool] | None = None
     # Called after the models started / before they stop (e.g. the feedback client).
     on_start: list[Callable[[], Awaitable[None]]] = dataclasses.field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = dataclasses.field(default_factory=list)
@@ -76,6 +93,7 @@ class ServerApp:
     def __post_init__(self) -> None:
         self.server: grpc.aio.Server | None = None
         self.health = HealthServicer()
+        self.interceptor = ServingInterceptor(self.settings.max_concurrent_rpcs, self.settings.max_queue_wait_ms)
         self.port: int = 0
         self.metrics_port: int = 0
         self.service_names: list[str] = []
@@ -89,15 +107,20 @@ class ServerApp:
     async def _set_health(self) -> None:
         if self._stopping:
             return
-        ready = all(m.ready for m in self.models.values())
+        ready = all(m.ready for m in self.models.values()) and (self.ready is None or self.ready())
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
+    async def refresh_health(self) -> None:
+        """Re-read readiness (models and `ready`) into the health service."""
+        await self._set_health()
+
     async def start(self) -> int:
         """Bind, start serving (health NOT_SERVING), load the models, flip health. Returns the port."""
         s = self.settings
-        self.server = grpc.aio.server(interceptors=[ServingInterceptor()], options=server_options(s))
+        self.server = grpc.aio.server(interceptors=[self.interceptor], options=server_options(s),
+                                      maximum_concurrent_rpcs=hard_rpc_limit(s))
         names = []
         if self.v2:
             add_v2(V2Servicer(self.models), self.server)
@@ -106,9 +129,10 @@ class ServerApp:
             names += self.register(self.server)
         self.service_names = names
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.server)
+        reflected = [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME,
+                     REFLECTION_V1]
+        reflection.enable_server_reflection(reflected, self.server)
+        add_reflection_v1(reflected, self.server)
         address = f"{s.host}:{s.port}"
         creds = server_credentials(s)
         self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
@@ -132,13 +156,27 @@ class ServerApp:
         return self.port
 
     async def stop(self) -> None:
-        """Drain: health NOT_SERVING, refuse new RPCs, give in-flight ones grace_s, stop models."""
+        """Drain, then stop: in this order, so that no admitted call is lost.
+
+        1. health NOT_SERVING (Watch streams are told at once);
+        2. keep serving for drain_s, so load balancers that poll Check see it and move away
+           before we refuse anything (skipped when nothing ever health-checked us);
+        3. end the Watch streams: an open one would otherwise hold server.stop() for its
+           whole grace and then be cancelled;
+        4. server.stop(grace_s): new RPCs are refused, in-flight ones get grace_s to finish;
+        5. only then the on_stop hooks and the models, which in-flight calls still use.
+        """
         if self._stopping:
             return
         self._stopping = True
         await self.health.enter_graceful_shutdown()
         try:
             if self.server is not None:
+                if self.settings.drain_s > 0 and self.health.polled:
+                    log.info("%s: NOT_SERVING; draining for %.1f s before refusing new calls", self.name,
+                             self.settings.drain_s)
+                    await asyncio.sleep(self.settings.drain_s)
+                await self.health.close_watches()
                 await self.server.stop(self.settings.grace_s)
         finally:
             for hook in self.on_stop:
