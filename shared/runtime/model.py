@@ -57,8 +57,8 @@ class LoadedModel:
         self.output_names = [t.name for t in self.signature.outputs]
         self._session = self.created.session
         # What every request's inputs are checked against (check_input_ranges): the ranges
-        # the model file declares, narrowed by its manifest's (the loader also folds in what
-        # the service declares). Computed once per version: the check is on the hot path.
+        # the model file declares, narrowed by its manifest's. Computed once per version:
+        # the check is on the hot path.
         declared = self.signature.input_ranges()
         if self.manifest is not None:
             for name, r in self.manifest.signature.input_ranges().items():
@@ -188,17 +188,18 @@ class ModelLoader:
             raise ModelRejected(f"warm-up failed: {e}") from e
         return model
 
-    def _ranged(self, signature: Signature, manifest: Manifest | None) -> Signature:
-        """The session's signature with every declared input range folded in: the model
-        file's, its manifest's and the service's own (each narrows the allowed values).
-        Declarations that leave nothing allowed refuse the version."""
+    @staticmethod
+    def _ranged(signature: Signature, manifest: Manifest | None) -> Signature:
+        """The session's signature with its manifest's input ranges folded in (each narrows
+        the allowed values); declarations that leave nothing allowed refuse the version.
+        Ranges are per version (a new vocabulary may hold more ids), so the signature the
+        service expects (which a generic server pins from its first version) adds none."""
+        if manifest is None:
+            return signature
         ranges = {}
         for spec in signature.inputs:
-            found = [spec.value_range]
-            for declared in (manifest.signature if manifest else None, self.expected):
-                if declared is not None:
-                    found += [t.value_range for t in declared.inputs if t.name == spec.name]
-            r = intersect_ranges(*found)
+            r = intersect_ranges(spec.value_range,
+                                 *(t.value_range for t in manifest.signature.inputs if t.name == spec.name))
             if r is not None:
                 if not r[0] <= r[1]:
                     raise ModelRejected(f"input {spec.name!r}: the declared value ranges do not overlap")
