@@ -185,3 +185,21 @@ def test_cli_verify_reports_a_linked_file(tmp_path, model_files, capsys, outside
     capsys.readouterr()
     assert cli.main(["--root", str(root), "verify", "fraud"]) == 2
     assert "symbolic link" in capsys.readouterr().err
+
+
+def test_cli_list_shows_unreadable_entries_and_goes_on(tmp_path, model_files, linear_signature, capsys, outside):
+    reg = ModelRegistry(tmp_path / "reg")
+    for _ in range(3):
+        reg.publish("m", model_files["v_a"], linear_signature)
+    reg.publish("n", model_files["v_a"], linear_signature)
+    shutil.move(reg.version_dir("m", "2"), outside / "2")
+    reg.version_dir("m", "2").symlink_to(outside / "2", target_is_directory=True)
+    reg.pointer_path("n").write_text("{")
+    capsys.readouterr()
+    assert cli.main(["--root", str(reg.root), "list", "m"]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["  1", "  2", "* 3"]
+    assert "unreadable (symlink)" in lines[1]
+    assert cli.main(["--root", str(reg.root), "list"]) == 2
+    out = capsys.readouterr().out
+    assert "m\tcurrent=3\tversions=3" in out and "n\tcurrent=unreadable (pointer_corrupt)" in out

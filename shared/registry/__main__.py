@@ -42,15 +42,32 @@ def main(argv: list[str] | None = None) -> int:
     reg = ModelRegistry(args.root)
     try:
         if args.cmd == "list":
+            # One unreadable pointer or version (a link, a corrupt manifest) is shown as such and the
+            # listing goes on: it is what an operator runs to find out what is wrong.
+            failed = False
             if args.name is None:
                 for name in reg.models():
-                    print(f"{name}\tcurrent={reg.current_version(name)}\tversions={len(reg.versions(name))}")
+                    try:
+                        current = reg.current_version(name)
+                    except RegistryError as e:
+                        current, failed = f"unreadable ({e.reason})", True
+                    print(f"{name}\tcurrent={current}\tversions={len(reg.versions(name))}")
             else:
-                current = reg.current_version(args.name)
+                try:
+                    current = reg.current_version(args.name)
+                except RegistryError as e:
+                    current, failed = None, True
+                    print(f"error: {e}", file=sys.stderr)
                 for v in reg.versions(args.name):
-                    m = reg.manifest(args.name, v)
                     mark = "*" if v == current else " "
+                    try:
+                        m = reg.manifest(args.name, v)
+                    except RegistryError as e:
+                        failed = True
+                        print(f"{mark} {v}\tunreadable ({e.reason}): {e}")
+                        continue
                     print(f"{mark} {v}\tcreated={m.created}\tparent={m.parent}\tmetrics={json.dumps(m.metrics)}")
+            return 2 if failed else 0
         elif args.cmd in ("show", "verify"):
             version = args.version or reg.current_version(args.name)
             if version is None:
