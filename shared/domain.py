@@ -7,21 +7,46 @@ outcomes the same). The template does the rest the same way everywhere: the dead
 the batcher, a prediction id unique across replicas and restarts, recording what was
 served and what happened for the trainer, and de-duplicating repeated outcomes.
 
+Outcomes become training labels, so the template only takes them for predictions this
+deployment really served (see "Outcome admission" below), at most `outcome_rate_per_s` per
+caller, once per identity.
+
 Two optional hooks for domains whose model inputs are not what the trainer should see:
 `served_record` picks what is recorded for the trainer (default: every model input and
 output; the recommender records ids instead of its catalog matrix), and
 `outcome_accepted` sees each new (non-duplicate) outcome (the recommender updates the
 user's recent history with it).
+
+Outcome admission (ReportOutcome / StreamOutcomes of every domain), in this order:
+1. rate limit per caller (shared.ratelimit): RESOURCE_EXHAUSTED, nothing of it is kept;
+2. validation (`outcome_to_feedback`): INVALID_ARGUMENT naming the field;
+3. the prediction id must be one this deployment issued: NOT_FOUND otherwise. NOT_FOUND and not
+   INVALID_ARGUMENT because the outcome is well formed: what it names does not exist (a guessed,
+   mistyped or foreign id); retrying it does not help. A prediction id is
+   `<128 random bits>.<HMAC-SHA256 of domain and those bits, 128 bits>` (base64url, 45
+   characters), signed with a per-deployment key (`prediction_id_key_file`): any replica with
+   the key verifies an id without memory, after restarts and weeks later (chargebacks). Ids this
+   replica served recently are also remembered (bounded), which still admits them should the
+   key be rotated away meanwhile;
+4. duplicates (same identity, bounded memory) are counted, not queued again;
+5. queued for the trainer; with `outcome_ack_durable` the answer waits until the outcome is
+   fsync'd in the feedback spool (see shared.feedback.FeedbackClient).
+Each refusal is counted in storefront_outcomes_rejected_total{domain, reason}.
 """
 from __future__ import annotations
 
 import abc
+import base64
 import collections
 import dataclasses
-import itertools
+import hashlib
+import hmac
+import logging
 import math
+import os
+import secrets
 import time
-import uuid
+from pathlib import Path
 from typing import Any, AsyncIterator, Generic, Hashable, Iterable, Mapping, TypeVar
 
 import numpy as np
@@ -30,9 +55,13 @@ from google.protobuf.message import Message
 from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2
 from shared import logs
-from shared.errors import InvalidArgument, ResourceExhausted, Unavailable
+from shared.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
+from shared.metrics import OUTCOMES_REJECTED
+from shared.ratelimit import RateLimiter
 from shared.runtime.model import LoadedModel
 from shared.serving import ServedModel
+
+log = logging.getLogger(__name__)
 
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
@@ -52,15 +81,106 @@ class Prepared:
     shared: dict[str, np.ndarray] | None = None
 
 
-class PredictionIds:
-    """Opaque ids unique across replicas and restarts: a random instance id plus a counter."""
+_RANDOM_BYTES = 16  # 128 bits: nobody guesses another caller's id
+_MAC_BYTES = 16     # HMAC-SHA256 truncated to 128 bits
+PREDICTION_ID_LEN = 45  # 22 + 1 + 22 base64url characters; common.proto allows 64
 
-    def __init__(self) -> None:
-        self.instance = uuid.uuid4().hex[:16]
-        self._seq = itertools.count(1)
+
+def _b64(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+class PredictionIds:
+    """Unguessable, verifiable prediction ids: `<128 random bits>.<128-bit HMAC>` (base64url).
+
+    keys: the first signs new ids, all verify (list a new key first and keep the old one while
+    its ids may still get outcomes, to rotate). None: a random key held in memory only, so ids
+    verify only in this process (tests; a deployment passes its key file's keys). The domain is
+    part of the MAC, so a fraud id is no pricing id even under one key."""
+
+    def __init__(self, keys: list[bytes] | None = None, domain: int = 0) -> None:
+        self.keys = list(keys) if keys else [secrets.token_bytes(32)]
+        if any(len(k) < 16 for k in self.keys):
+            raise ValueError("prediction id keys must have at least 128 bits")
+        self._tag = b"storefront-prediction-id\x00%d\x00" % int(domain)
+
+    def _mac(self, key: bytes, nonce: bytes) -> bytes:
+        return hmac.new(key, self._tag + nonce, hashlib.sha256).digest()[:_MAC_BYTES]
 
     def next(self) -> str:
-        return f"{self.instance}-{next(self._seq):x}"
+        nonce = secrets.token_bytes(_RANDOM_BYTES)
+        return f"{_b64(nonce)}.{_b64(self._mac(self.keys[0], nonce))}"
+
+    def verify(self, prediction_id: str) -> bool:
+        """True when some key signed this id (constant time in the MAC comparison)."""
+        if len(prediction_id) != PREDICTION_ID_LEN or prediction_id[22:23] != ".":
+            return False
+        try:
+            nonce = base64.urlsafe_b64decode(prediction_id[:22] + "==")
+            mac = base64.urlsafe_b64decode(prediction_id[23:] + "==")
+        except (ValueError, TypeError):
+            return False
+        if len(nonce) != _RANDOM_BYTES or len(mac) != _MAC_BYTES:
+            return False
+        ok = False
+        for key in self.keys:  # every key, so the time taken does not tell which one matched
+            ok |= hmac.compare_digest(self._mac(key, nonce), mac)
+        return ok
+
+
+def load_prediction_id_keys(path: str | Path) -> list[bytes]:
+    """The keys in a key file (one hex key per line, the first signs; '#' comments), creating the
+    file with one random 256-bit key (mode 0600) when it does not exist. Creation is atomic
+    (write a temporary file, then link it into place), so replicas and workers starting together
+    on one host all end up with the same key."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, (secrets.token_hex(32) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # fails if another process created it first: then theirs is used
+            log.info("created prediction id key %s (share it with every replica of this deployment)", path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    keys = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            key = bytes.fromhex(line)
+        except ValueError:
+            raise ValueError(f"{path}:{n}: not a hex key") from None
+        if len(key) < 16:
+            raise ValueError(f"{path}:{n}: a key needs at least 128 bits (32 hex digits)")
+        keys.append(key)
+    if not keys:
+        raise ValueError(f"{path}: no key in it")
+    return keys
+
+
+class ServedIds:
+    """Bounded memory of the prediction ids this replica served recently (the oldest go first)."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def add(self, prediction_id: str) -> None:
+        self._ids[prediction_id] = None
+        if len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, prediction_id: str) -> bool:
+        return prediction_id in self._ids
 
 
 class SeenOutcomes:
@@ -80,6 +200,10 @@ class SeenOutcomes:
         if len(self._seen) > self.capacity:
             self._seen.popitem(last=False)
         return True
+
+    def discard(self, key: Hashable) -> None:
+        """Forget a key whose outcome could not be queued after all, so a retry is not a duplicate."""
+        self._seen.pop(key, None)
 
 
 def finite(value: float, field: str) -> float:
@@ -116,8 +240,13 @@ class DomainService(abc.ABC, Generic[Req, Resp]):
     def __init__(self, served: ServedModel, feedback=None) -> None:
         self.served = served
         self.feedback = feedback  # shared.feedback.FeedbackClient, or None when not learning
-        self.ids = PredictionIds()
+        self.ids = PredictionIds(domain=self.domain)  # configure_outcomes gives it the deployment's keys
+        self.served_ids = ServedIds()
         self.seen_outcomes = SeenOutcomes()
+        self.outcome_limiter = RateLimiter(0, 1)  # off until configure_outcomes
+        self.outcome_ack_durable = False
+        self._domain_label = feedback_pb2.Domain.Name(self.domain)[len("DOMAIN_"):].lower()
+        self._m_rejected: dict[str, Any] = {}
 
     # ---- what a domain writes ----
     @abc.abstractmethod
@@ -153,6 +282,7 @@ class DomainService(abc.ABC, Generic[Req, Resp]):
                                                 model=model if prepared.shared else None)
         named = dict(zip(used.output_names, outputs))
         prediction_id = self.ids.next()
+        self.served_ids.add(prediction_id)
         logs.model_version.set(used.version)
         response = self.postprocess(request, prepared, named, used, prediction_id)
         if self.feedback is not None:
@@ -161,51 +291,140 @@ class DomainService(abc.ABC, Generic[Req, Resp]):
                                         request=request, response=response, served_at=time.time())
         return response
 
+    def _rejected(self, reason: str, n: int = 1) -> None:
+        m = self._m_rejected.get(reason)
+        if m is None:
+            m = self._m_rejected[reason] = OUTCOMES_REJECTED.labels(self._domain_label, reason)
+        m.inc(n)
+
+    def known_prediction(self, prediction_id: str) -> bool:
+        """Whether this deployment issued the id: remembered by this replica, or signed by its key."""
+        return prediction_id in self.served_ids or self.ids.verify(prediction_id)
+
+    def _admit(self, outcome: Message, now: float) -> tuple[Hashable, feedback_pb2.Outcome] | None:
+        """Validate one outcome and check its prediction id; None for a duplicate (counted by the
+        caller). The key is marked seen: the caller discards it when queueing fails."""
+        try:
+            key, record = self.outcome_to_feedback(outcome, now)
+        except InvalidArgument:
+            self._rejected("invalid")
+            raise
+        if not self.known_prediction(record.prediction_id):
+            self._rejected("unknown_prediction")
+            raise NotFound(f"prediction_id {record.prediction_id[:64]!r} was not issued by this {self._domain_label} "
+                           "service (send back the prediction_id of a response, unchanged)")
+        if not self.seen_outcomes.add(key):
+            return None
+        record.received_at = now
+        return key, record
+
     def accept_outcomes(self, outcomes: Iterable[Message]) -> common_pb2.ReportOutcomeResponse:
-        """Queue outcomes for the trainer; the first invalid one stops the call (earlier ones stay)."""
+        """Queue outcomes for the trainer (in memory; see `report_outcomes` for the RPCs, which
+        add rate limiting and the durable ack); the first refused one stops the call (earlier
+        ones stay)."""
         accepted = duplicates = 0
         now = time.time()
         for outcome in outcomes:
-            key, record = self.outcome_to_feedback(outcome, now)
-            if not self.seen_outcomes.add(key):
+            admitted = self._admit(outcome, now)
+            if admitted is None:
                 duplicates += 1
                 continue
-            record.received_at = now
+            key, record = admitted
             self.outcome_accepted(outcome, record)
             if self.feedback is not None and not self.feedback.record_outcome(record):
+                self.seen_outcomes.discard(key)
+                self._rejected("queue_full")
                 raise ResourceExhausted("outcome queue and disk spool are full; retry later")
             accepted += 1
         return common_pb2.ReportOutcomeResponse(accepted=accepted, duplicates=duplicates)
 
-    async def accept_outcome_stream(self, outcomes: AsyncIterator[Message]) -> common_pb2.ReportOutcomeResponse:
+    async def _accept_one(self, outcome: Message, caller: str, total: common_pb2.ReportOutcomeResponse) -> None:
+        if not self.outcome_limiter.allow(caller):
+            self._rejected("rate_limited")
+            raise ResourceExhausted(f"outcome rate limit of {self.outcome_limiter.rate:g}/s for this caller "
+                                    "exceeded; retry with backoff")
+        if not (self.outcome_ack_durable and self.feedback is not None):
+            one = self.accept_outcomes([outcome])
+            total.accepted += one.accepted
+            total.duplicates += one.duplicates
+            return
+        admitted = self._admit(outcome, time.time())
+        if admitted is None:
+            total.duplicates += 1
+            return
+        key, record = admitted
+        # Durable: answer only once the outcome is fsync'd in the spool (survives kill -9).
+        if not await self.feedback.record_outcome_durable(record):
+            self.seen_outcomes.discard(key)
+            self._rejected("queue_full")
+            raise ResourceExhausted("the outcome could not be written to the feedback spool (full or failing); "
+                                    "retry later")
+        self.outcome_accepted(outcome, record)
+        total.accepted += 1
+
+    async def report_outcomes(self, outcomes: Iterable[Message], caller: str = "") -> common_pb2.ReportOutcomeResponse:
+        """ReportOutcome: rate limit (per caller), admission, queue (durably when configured)."""
+        total = common_pb2.ReportOutcomeResponse()
+        for outcome in outcomes:
+            await self._accept_one(outcome, caller, total)
+        return total
+
+    async def accept_outcome_stream(self, outcomes: AsyncIterator[Message],
+                                    caller: str = "") -> common_pb2.ReportOutcomeResponse:
+        """StreamOutcomes: like report_outcomes per message; a refusal names the outcome's 0-based
+        index and ends the call (earlier outcomes stay accepted)."""
         total = common_pb2.ReportOutcomeResponse()
         i = 0
         async for outcome in outcomes:
             try:
-                one = self.accept_outcomes([outcome])
-            except InvalidArgument as e:
-                raise InvalidArgument(f"outcome {i}: {e.message}") from None
-            total.accepted += one.accepted
-            total.duplicates += one.duplicates
+                await self._accept_one(outcome, caller, total)
+            except ServiceError as e:
+                raise type(e)(f"outcome {i}: {e.message}") from None
             i += 1
         return total
 
 
+def configure_outcomes(service: DomainService, settings) -> None:
+    """Give a domain service its deployment's prediction id keys, its outcome rate limit and its
+    outcome ack mode, from DomainSettings."""
+    path = settings.prediction_id_key_file or str(Path(settings.registry_dir).resolve().parent / "secrets"
+                                                  / "prediction-ids.key")
+    service.ids = PredictionIds(load_prediction_id_keys(path), domain=service.domain)
+    service.outcome_limiter = RateLimiter(settings.outcome_rate_per_s, settings.outcome_burst)
+    service.outcome_ack_durable = settings.outcome_ack_durable
+
+
 def attach_feedback(app, settings, domain: str):
     """The feedback client of a domain service, started and stopped with its server; None
-    when settings.trainer_target is empty (serving without learning)."""
+    when settings.trainer_target is empty (serving without learning). It presents the service's
+    identity to the trainer: `feedback_token` as gRPC metadata and/or a client certificate
+    (`trainer_tls_cert`/`trainer_tls_key`, whose CN names the domain) over TLS (`trainer_tls_ca`)."""
     if not settings.trainer_target:
         return None
-    import os
-
-    from shared.feedback import FeedbackClient
+    from shared.feedback import TOKEN_METADATA, FeedbackClient, client_credentials, read_secret
 
     spool = settings.spool_dir or f"var/spool/{domain}"
     worker = os.environ.get("STOREFRONT_WORKER_INDEX")
     if worker is not None:  # a spool folder is locked by one process: one per worker
         spool = os.path.join(spool, f"worker-{worker}")
+    credentials = None
+    options: list[tuple[str, object]] = []
+    if settings.trainer_tls_ca:  # TLS to the trainer; with a client certificate, mTLS
+        credentials = client_credentials(settings.trainer_tls_ca, settings.trainer_tls_cert, settings.trainer_tls_key)
+        if settings.trainer_tls_server_name:
+            options.append(("grpc.ssl_target_name_override", settings.trainer_tls_server_name))
+    metadata = []
+    token = read_secret(settings.feedback_token)
+    if token:
+        metadata.append((TOKEN_METADATA, token))
+        host = settings.trainer_target.rsplit(":", 1)[0].strip("[]")
+        if credentials is None and host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning(
+                "feedback: sending the feedback token to %s without TLS: anyone on the path can read it; "
+                "set trainer_tls_ca", settings.trainer_target)
     client = FeedbackClient(settings.trainer_target, domain=domain, spool_dir=spool,
-                            max_spool_bytes=settings.spool_max_mb << 20)
+                            max_spool_bytes=settings.spool_max_mb << 20, channel_credentials=credentials,
+                            channel_options=options, metadata=metadata)
 
     async def start() -> None:
         client.start()

@@ -48,6 +48,26 @@ every segment is scanned; a torn final frame (crash mid-write) or a corrupt one 
 that segment's readable part and is counted and logged; the frames before it are
 replayed.
 
+Identity: the trainer's collector accepts records only from a service it can name (trainer
+settings `feedback_tokens`, `tls_client_ca`): the client sends its service's token as gRPC
+metadata (`TOKEN_METADATA`, the `metadata` argument) and/or a client certificate whose CN is
+its domain (`channel_credentials`, see `client_credentials`). A refused client gets
+UNAUTHENTICATED / PERMISSION_DENIED, logs it at ERROR and keeps spooling until fixed.
+
+Delivery contract of an outcome (what a service's ReportOutcome answer promises):
+- default (`record_outcome`): the outcome is in this process's memory buffer when the RPC
+  answers; it reaches the spool's disk within ~`spool_interval_s` (20 ms) only while the
+  trainer is unreachable, and otherwise leaves over the stream and is forgotten once the
+  trainer acks it as stored. A kill -9 (or power loss) of the service loses what is buffered or
+  in flight and not yet acked: at most ~max_in_flight + max_buffer records, in practice the last
+  few milliseconds of outcomes. A clean stop (SIGTERM) loses nothing: `stop()` flushes or spools.
+- durable (`record_outcome_durable`, service setting `outcome_ack_durable`): the outcome is
+  appended to the spool and fsync'd before the RPC answers, so an answered outcome survives
+  kill -9 and power loss of the service (it is replayed at the next start on the same
+  spool_dir). Costs one fsync per outcome call (concurrent calls share none): use it when a
+  caller cannot resend (no outbox of its own).
+In both modes a resend after a crash is harmless: the trainer de-duplicates by outcome identity.
+
 Ordering: records reach the trainer in the order they were recorded, except that after
 a buffer overflow (trainer slower than the service) followed by a stream break, the
 records that were in flight at the break are resent after the ones that overflowed.
@@ -82,6 +102,28 @@ from protos.feedback.v1 import feedback_pb2
 log = logging.getLogger(__name__)
 
 STREAM_METHOD = "/storefront.feedback.v1.Feedback/Stream"
+# gRPC metadata key carrying a service's feedback token (the trainer's collector checks it).
+TOKEN_METADATA = "x-storefront-feedback-token"
+
+
+def read_secret(value: str) -> str:
+    """A secret setting: the value itself, or '@<path>' for the file's contents (stripped), which
+    keeps the secret out of process listings and environment dumps."""
+    value = value or ""
+    if value.startswith("@"):
+        return Path(value[1:]).read_text().strip()
+    return value.strip()
+
+
+def client_credentials(ca: str, cert: str = "", key: str = "") -> grpc.ChannelCredentials:
+    """TLS credentials to the trainer from PEM files: the CA that signed its certificate, and
+    this service's client certificate and key when the trainer requires mTLS (its CN names the
+    domain, e.g. CN=fraud)."""
+    if bool(cert) != bool(key):
+        raise ValueError("a client certificate and its key go together")
+    return grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes(),
+                                        private_key=Path(key).read_bytes() if key else None,
+                                        certificate_chain=Path(cert).read_bytes() if cert else None)
 
 # feedback.proto: a FeedbackBatch holds at most 1024 records and 4 MiB serialized.
 MAX_BATCH_RECORDS = 1024
@@ -380,8 +422,9 @@ class Spool:
     def dirty(self) -> bool:
         return bool(self._dirty) or self._dir_dirty
 
-    def sync(self) -> None:
-        """fsync every segment written since the last call (and the folder for new ones)."""
+    def sync(self) -> bool:
+        """fsync every segment written since the last call (and the folder for new ones); False
+        when an fsync failed (logged)."""
         with self._lock:
             fds = []
             for no in self._dirty:
@@ -390,10 +433,12 @@ class Spool:
                     fds.append(os.dup(seg.fd))
             self._dirty.clear()
             dir_dirty, self._dir_dirty = self._dir_dirty, False
+        ok = True
         for fd in fds:  # outside the lock: record_* may append meanwhile
             try:
                 os.fsync(fd)
             except OSError as e:
+                ok = False
                 log.error("feedback spool: fsync failed: %s", e)
             finally:
                 os.close(fd)
@@ -405,7 +450,9 @@ class Spool:
                 finally:
                     os.close(dfd)
             except OSError as e:
+                ok = False
                 log.error("feedback spool: fsync of %s failed: %s", self.dir, e)
+        return ok
 
     # ---- reading and acknowledging ----
     def first_cursor(self) -> list[int]:
@@ -587,7 +634,11 @@ class _StreamBroken(Exception):
 
 
 class FeedbackClient:
-    """Streams served predictions and outcomes to the trainer; see the module docstring."""
+    """Streams served predictions and outcomes to the trainer; see the module docstring, in
+    particular the delivery contract: `record_outcome` returns once the outcome is in memory
+    (lost on kill -9 until acked or spooled), `record_outcome_durable` once it is fsync'd in the
+    spool (survives kill -9). Identity towards the trainer: `metadata` carries the service's
+    token ((TOKEN_METADATA, token)) and `channel_credentials` its TLS client certificate."""
 
     def __init__(self, target: str, *, domain: int | str, spool_dir: str | Path, instance_id: str | None = None,
                  max_buffer: int = 10000, max_in_flight: int = 2000, max_spool_bytes: int = 256 << 20,
@@ -705,8 +756,7 @@ class FeedbackClient:
             return self._invalid("served prediction", prediction_id, e)
         return self._enqueue(rid, payload)
 
-    def record_outcome(self, outcome: feedback_pb2.Outcome) -> bool:
-        """Queue one outcome. Never blocks, never raises; False when it was dropped."""
+    def _outcome_record(self, outcome: feedback_pb2.Outcome) -> tuple[str, bytes] | None:
         try:
             rid = f"{self.instance_id}-{next(self._seq):012d}"
             payload = feedback_pb2.FeedbackRecord(record_id=rid, domain=self.domain,
@@ -714,8 +764,42 @@ class FeedbackClient:
             if len(payload) > self.max_record_bytes:
                 raise ValueError(f"record is {len(payload)} bytes, more than max_record_bytes={self.max_record_bytes}")
         except Exception as e:
-            return self._invalid("outcome", getattr(outcome, "prediction_id", "?"), e)
-        return self._enqueue(rid, payload)
+            self._invalid("outcome", getattr(outcome, "prediction_id", "?"), e)
+            return None
+        return rid, payload
+
+    def record_outcome(self, outcome: feedback_pb2.Outcome) -> bool:
+        """Queue one outcome in memory. Never blocks, never raises; False when it was dropped.
+        True means buffered, not yet durable (see the class docstring)."""
+        built = self._outcome_record(outcome)
+        return built is not None and self._enqueue(*built)
+
+    async def record_outcome_durable(self, outcome: feedback_pb2.Outcome) -> bool:
+        """Append one outcome to the spool and fsync it (in a thread), then let the sender take it
+        from there. True only once it is on disk: it then survives kill -9 of this process (the
+        next client on the spool_dir replays it). False when it could not be built, the spool is
+        full, or the write or fsync failed (the caller answers RESOURCE_EXHAUSTED)."""
+        if self._closed:
+            self._drop(1, "closed")
+            return False
+        built = self._outcome_record(outcome)
+        if built is None:
+            return False
+
+        def write() -> bool:
+            with self._overflow_lock:
+                written = self.spool.append([built])
+            return written == 1 and self.spool.sync()
+
+        if not await asyncio.to_thread(write):
+            if not self.spool.room(len(built[1]) + 64):
+                self._drop(1, "spool_full")
+            return False
+        self.n_recorded += 1
+        self.n_spooled += 1
+        self._m_spooled.inc()
+        self._set_wake()  # the sender reads new spool frames on its next turn
+        return True
 
     @property
     def accepting(self) -> bool:

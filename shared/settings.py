@@ -176,3 +176,28 @@ class DomainSettings(ServingSettings):
     trainer_target: str = setting("127.0.0.1:50050", "trainer's feedback endpoint; empty = no feedback")
     spool_dir: str = setting("", "where feedback waits while the trainer is unreachable (default var/spool/<domain>)")
     spool_max_mb: int = setting(256, "feedback spool size limit; beyond it records are dropped (and logged)")
+    feedback_token: str = setting("", "this service's token for the trainer's feedback stream (trainer: feedback_tokens); "
+                                  "'@<file>' reads it from a file; empty = none (a trainer without tokens "
+                                  "then accepts loopback peers only)")
+    trainer_tls_ca: str = setting("", "CA bundle (PEM) of the trainer's certificate; set = TLS to the trainer")
+    trainer_tls_cert: str = setting("", "client certificate (PEM) for an mTLS trainer; its CN names the domain")
+    trainer_tls_key: str = setting("", "private key (PEM) of trainer_tls_cert")
+    trainer_tls_server_name: str = setting("", "name expected in the trainer's certificate, when not the target host")
+    prediction_id_key_file: str = setting("", "HMAC keys signing prediction ids, one hex key per line (first "
+                                          "signs, all verify); shared by every replica; created if missing; "
+                                          "default <registry_dir>/../secrets/prediction-ids.key")
+    outcome_rate_per_s: float = setting(5000.0, "outcomes per second one caller (client certificate CN, else IP) "
+                                        "may report; beyond: RESOURCE_EXHAUSTED; 0 = no limit")
+    outcome_burst: int = setting(10000, "outcomes a caller may report at once above outcome_rate_per_s")
+    outcome_ack_durable: bool = setting(False, "answer ReportOutcome only once the outcome is fsync'd in the "
+                                        "feedback spool (survives kill -9; one fsync per call)")
+
+    def validate(self) -> list[str]:
+        p = super().validate()
+        if bool(self.trainer_tls_cert) != bool(self.trainer_tls_key):
+            p.append("trainer_tls_cert and trainer_tls_key go together")
+        if self.trainer_tls_cert and not self.trainer_tls_ca:
+            p.append("trainer_tls_cert (mTLS to the trainer) needs trainer_tls_ca")
+        if self.outcome_rate_per_s < 0 or self.outcome_burst < 1:
+            p.append("outcome_rate_per_s must be >= 0 (0 = no limit) and outcome_burst >= 1")
+        return p

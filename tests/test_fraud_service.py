@@ -143,9 +143,11 @@ async def test_outcomes_are_validated_deduplicated_and_streamed_to_the_trainer(f
             await stub.ReportOutcome(fraud_pb2.FraudOutcome(prediction_id=""))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prediction_id" in e.value.details()
 
+        pids = [(await stub.ScoreTransaction(request_for(data, 10 + i))).prediction_id for i in range(4)]
+
         async def outcomes():
             for i in range(4):
-                yield fraud_pb2.FraudOutcome(prediction_id=f"p-{i}", is_fraud=False,
+                yield fraud_pb2.FraudOutcome(prediction_id=pids[i], is_fraud=False,
                                              occurred_at=-1.0 if i == 2 else 0.0)
 
         with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -154,14 +156,14 @@ async def test_outcomes_are_validated_deduplicated_and_streamed_to_the_trainer(f
 
         for _ in range(100):  # the served record and the accepted outcomes reach the trainer
             kinds = [r.WhichOneof("payload") for r in trainer.stored.values()]
-            if kinds.count("outcome") >= 3 and kinds.count("served") >= 1:
+            if kinds.count("outcome") >= 3 and kinds.count("served") >= 5:
                 break
             await asyncio.sleep(0.05)
         served = [r.served for r in trainer.stored.values() if r.WhichOneof("payload") == "served"]
         assert served[0].prediction_id == resp.prediction_id and served[0].model.version == "1"
         assert list(served[0].inputs[0].shape) == [1, 29]
         got = sorted(r.outcome.prediction_id for r in trainer.stored.values() if r.WhichOneof("payload") == "outcome")
-        assert got == sorted([resp.prediction_id, "p-0", "p-1"])
+        assert got == sorted([resp.prediction_id, pids[0], pids[1]])
     finally:
         await channel.close()
         await app.stop()

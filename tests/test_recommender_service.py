@@ -300,10 +300,12 @@ async def test_outcomes_are_validated_deduplicated_and_reach_the_trainer_with_wh
                     await stub.ReportOutcome(outcome)
                 assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details(), words
 
+            other = (await stub.Recommend(pb.RecommendRequest(user_id="carol", k=3))).prediction_id
+
             async def stream():
-                yield pb.RecommendationOutcome(prediction_id="p-1", item_id="sku-1", event=pb.EVENT_IMPRESSION)
-                yield pb.RecommendationOutcome(prediction_id="p-1", item_id="sku-1", event=pb.EVENT_IMPRESSION)
-                yield pb.RecommendationOutcome(prediction_id="p-1", item_id="sku-2", event=pb.EVENT_ADD_TO_CART)
+                yield pb.RecommendationOutcome(prediction_id=other, item_id="sku-1", event=pb.EVENT_IMPRESSION)
+                yield pb.RecommendationOutcome(prediction_id=other, item_id="sku-1", event=pb.EVENT_IMPRESSION)
+                yield pb.RecommendationOutcome(prediction_id=other, item_id="sku-2", event=pb.EVENT_ADD_TO_CART)
 
             total = await stub.StreamOutcomes(stream())
             assert (total.accepted, total.duplicates) == (2, 1)

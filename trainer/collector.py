@@ -28,6 +28,23 @@ Backpressure: a stream holds at most `max_inflight_per_stream` records read but 
 (plus the rest of the batch that reached the bound); at that bound its reader stops reading,
 so HTTP/2 flow control slows the sender down.
 
+Identity: what enters training must come from a service the trainer can name. At the start of
+each stream the collector identifies the client, in this order:
+- tokens configured (`tokens`, trainer setting `feedback_tokens`: service domain -> shared
+  secret): the stream must carry one of them in the `x-storefront-feedback-token` metadata
+  (compared in constant time): missing -> UNAUTHENTICATED, unknown -> UNAUTHENTICATED. The
+  stream may then send records of the token's domain only. Under mTLS as well, a client
+  certificate whose CN is a domain name must name that same domain (else PERMISSION_DENIED);
+- no tokens, a client certificate (the server requires mTLS): its CN must be a domain name
+  ("fraud", "recommender", "pricing"), the one domain the stream may send; any other CN ->
+  PERMISSION_DENIED;
+- neither: only loopback peers (127.0.0.0/8, ::1, Unix sockets) are accepted, for every domain
+  (one machine, `make up` without configuration; the trainer logs a warning at start); any
+  other peer -> UNAUTHENTICATED.
+A record of a domain the stream may not send is REJECTED (ack message names the domain) and
+never stored; the stream goes on. Every refusal is counted in
+storefront_trainer_feedback_refused_total{reason}.
+
 Errors: when the log cannot be written (disk full, I/O error, database locked beyond the busy
 timeout) every stream whose records were in the failed group ends with UNAVAILABLE; nothing of
 that group was stored or acked, the clients resend it later. A malformed record only gets a
@@ -38,9 +55,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import hmac
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Mapping
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -48,7 +66,9 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram
 
 from protos.feedback.v1 import feedback_pb2 as fb
-from trainer.eventlog import REJECTED, AppendResult, EventLog
+from shared.feedback import TOKEN_METADATA
+from shared.ratelimit import is_loopback_peer
+from trainer.eventlog import DOMAIN_NAMES, DOMAINS, REJECTED, AppendResult, EventLog
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +100,9 @@ def split_batch(raw: bytes) -> list[bytes]:
     batch's framing is broken."""
     return list(_RawFeedbackBatch.FromString(raw).records)
 
+_DOMAIN_VALUE = {name: value for value, name in DOMAIN_NAMES.items()}
+_ALL_DOMAINS = frozenset(DOMAIN_NAMES)
+
 _STATUS_NAME = {fb.ACK_STATUS_STORED: "stored", fb.ACK_STATUS_DUPLICATE: "duplicate",
                 fb.ACK_STATUS_REJECTED: "rejected"}
 
@@ -99,6 +122,83 @@ APPEND_ERRORS = Counter("storefront_trainer_append_errors_total",
                         "Groups the event log could not store (their streams ended UNAVAILABLE)")
 STREAMS = Gauge("storefront_trainer_feedback_streams", "Feedback streams open now")
 INFLIGHT = Gauge("storefront_trainer_records_inflight", "Records read from streams and not yet acknowledged")
+REFUSED = Counter("storefront_trainer_feedback_refused_total",
+                  "Feedback refused for want of identity: streams (missing_token, bad_token, not_loopback, "
+                  "unknown_certificate, certificate_mismatch) and records (wrong_domain, unreadable_domain)",
+                  ["reason"])
+
+
+def record_head(raw: bytes) -> tuple[str, int] | None:
+    """(record_id, domain) of a serialized FeedbackRecord, read off the wire without decoding the
+    payload (a few top-level fields). Like protobuf parsing, the last occurrence of a field wins.
+    None when the top-level framing does not parse."""
+    rid, domain = "", 0
+    pos, n = 0, len(raw)
+    try:
+        while pos < n:
+            tag, pos = _varint(raw, pos)
+            field, wire = tag >> 3, tag & 7
+            if wire == 0:
+                value, pos = _varint(raw, pos)
+                if field == 2:
+                    domain = value if value < 1 << 31 else value - (1 << 64)  # int32 enum, sign-extended
+            elif wire == 2:
+                length, pos = _varint(raw, pos)
+                if pos + length > n:
+                    return None
+                if field == 1:
+                    rid = raw[pos:pos + length].decode()
+                pos += length
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            else:  # groups: a FeedbackRecord has none
+                return None
+            if field == 0 or pos > n:
+                return None
+    except (IndexError, UnicodeDecodeError):
+        return None
+    return rid, domain
+
+
+def _varint(b: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = b[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")
+
+
+class Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+
+def parse_tokens(spec: str) -> dict[str, str]:
+    """'fraud=<token>,pricing=<token>' (commas, spaces or newlines between) -> {domain: token}.
+    A token is at least 16 characters; one token per domain."""
+    out: dict[str, str] = {}
+    for part in spec.replace("\n", ",").replace(" ", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, token = part.partition("=")
+        name = name.strip()
+        if not sep or name not in DOMAINS:
+            raise ValueError(f"feedback token entry {name!r}: expected <domain>=<token> with domain one of {DOMAINS}")
+        if len(token) < 16:
+            raise ValueError(f"feedback token of {name}: at least 16 characters")
+        if name in out:
+            raise ValueError(f"feedback token of {name} given twice")
+        out[name] = token
+    return out
 
 
 class LogUnavailable(Exception):
@@ -107,9 +207,9 @@ class LogUnavailable(Exception):
 
 class _Stream:
     """One open Stream RPC: its buffer, its acks to write, its backpressure state."""
-    __slots__ = ("buf", "queued", "inflight", "space", "acks", "reader_done", "peer")
+    __slots__ = ("buf", "queued", "inflight", "space", "acks", "reader_done", "peer", "domains")
 
-    def __init__(self, peer: str) -> None:
+    def __init__(self, peer: str, domains: frozenset[int] | None = None) -> None:
         self.buf: list[bytes] = []           # read, not yet handed to the committer
         self.queued = False                  # in the committer's ready queue
         self.inflight = 0                    # read and not yet acked
@@ -118,6 +218,7 @@ class _Stream:
         self.acks: asyncio.Queue = asyncio.Queue()  # lists of AppendResult, None (wake-up) or an exception
         self.reader_done = False
         self.peer = peer
+        self.domains = domains  # Domain values this stream may send; None: any
 
 
 class FeedbackCollector:
@@ -130,16 +231,23 @@ class FeedbackCollector:
     linger_s: when a group is smaller than max_batch, wait this long for more before committing
       (0: commit at once; groups still form while the previous commit runs). It adds at most
       this much to an ack's latency.
+    tokens: service domain ("fraud", ...) -> its feedback token; empty: no token identity (then a
+      client certificate's CN, or else loopback only; see the module docstring).
     """
 
     def __init__(self, log: EventLog, *, max_batch: int = 512, max_inflight_per_stream: int = 4096,
-                 linger_s: float = 0.001) -> None:
+                 linger_s: float = 0.001, tokens: Mapping[str, str] | None = None) -> None:
         if max_batch < 1 or max_inflight_per_stream < 1 or linger_s < 0:
             raise ValueError("max_batch and max_inflight_per_stream must be >= 1, linger_s >= 0")
         self.log = log
         self.max_batch = max_batch
         self.max_inflight = max_inflight_per_stream
         self.linger_s = linger_s
+        unknown = set(tokens or ()) - set(DOMAINS)
+        if unknown:
+            raise ValueError(f"tokens for unknown domain(s) {sorted(unknown)}; known: {DOMAINS}")
+        self._tokens = [(_DOMAIN_VALUE[d], t.encode()) for d, t in (tokens or {}).items()]
+        self.refused = 0  # streams and records refused for identity (totals since start)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eventlog-writer")
         self._ready: collections.deque[_Stream] = collections.deque()
         self._buffered = 0
@@ -246,6 +354,74 @@ class FeedbackCollector:
             else:
                 self.rejected += n
 
+    # ------------------------------------------------------------ identity
+
+    def identify(self, context: grpc.aio.ServicerContext) -> frozenset[int]:
+        """The Domain values this stream may send; Refused when it may send none."""
+        cn = None
+        try:
+            names = (context.auth_context() or {}).get("x509_common_name")
+        except Exception:
+            names = None
+        if names:
+            cn = names[0].decode(errors="replace")
+        if self._tokens:
+            token = None
+            for k, v in context.invocation_metadata() or ():
+                if k == TOKEN_METADATA:
+                    token = v.encode() if isinstance(v, str) else bytes(v)
+            if token is None:
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, "missing_token",
+                              f"feedback needs a service token ({TOKEN_METADATA} metadata)")
+            domains = set()
+            for domain, expected in self._tokens:  # every token compared: timing tells nothing
+                if hmac.compare_digest(expected, token):
+                    domains.add(domain)
+            if not domains:
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, "bad_token", "unknown feedback token")
+            if cn in _DOMAIN_VALUE and _DOMAIN_VALUE[cn] not in domains:
+                raise Refused(grpc.StatusCode.PERMISSION_DENIED, "certificate_mismatch",
+                              f"the client certificate (CN={cn}) and the token name different services")
+            return frozenset(domains)
+        if cn is not None:
+            if cn in _DOMAIN_VALUE:
+                return frozenset((_DOMAIN_VALUE[cn],))
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, "unknown_certificate",
+                          f"client certificate CN={cn[:64]!r} names no service; expected one of {list(DOMAINS)}")
+        if is_loopback_peer(context.peer() or ""):
+            return _ALL_DOMAINS
+        raise Refused(grpc.StatusCode.UNAUTHENTICATED, "not_loopback",
+                      "this trainer has no feedback tokens configured and accepts feedback only from loopback")
+
+    def _check_domains(self, st: _Stream, records: list[bytes]) -> list[bytes]:
+        """The records this stream may send; the others are acked REJECTED here, never stored."""
+        allowed = st.domains
+        if allowed is None or allowed == _ALL_DOMAINS:
+            return records
+        keep: list[bytes] = []
+        bad: list[AppendResult] = []
+        for raw in records:
+            head = record_head(raw)
+            if head is None:
+                bad.append(AppendResult("", REJECTED, "not a serialized storefront.feedback.v1.FeedbackRecord"))
+                REFUSED.labels("unreadable_domain").inc()
+            elif head[1] not in allowed:
+                name = DOMAIN_NAMES.get(head[1], "")
+                mine = ", ".join(sorted(DOMAIN_NAMES[d] for d in allowed))
+                bad.append(AppendResult(head[0][:256], REJECTED,
+                                        f"domain: this stream is authenticated for {mine}, not "
+                                        f"{name or f'domain value {head[1]}'}", domain=name))
+                REFUSED.labels("wrong_domain").inc()
+            else:
+                keep.append(raw)
+        if bad:
+            self.refused += len(bad)
+            self._count(bad)
+            st.inflight += len(bad)
+            INFLIGHT.inc(len(bad))
+            st.acks.put_nowait(bad)
+        return keep
+
     # ------------------------------------------------------------ one stream
 
     async def _read(self, requests: AsyncIterator[bytes], st: _Stream) -> None:
@@ -262,8 +438,9 @@ class FeedbackCollector:
                     INFLIGHT.inc()
                     st.acks.put_nowait(bad)
                     continue
+                BATCH_RECORDS.observe(len(records))
+                records = self._check_domains(st, records)
                 n = len(records)
-                BATCH_RECORDS.observe(n)
                 if not n:
                     continue  # an empty batch is allowed and ignored
                 self._submit(st, records)
@@ -282,7 +459,14 @@ class FeedbackCollector:
 
     async def Stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         self._ensure_committer()
-        st = _Stream(context.peer())
+        try:
+            domains = self.identify(context)
+        except Refused as e:
+            self.refused += 1
+            REFUSED.labels(e.reason).inc()
+            log.warning("feedback stream from %s refused (%s): %s", context.peer(), e.reason, e.message)
+            await context.abort(e.code, e.message)
+        st = _Stream(context.peer(), domains)
         STREAMS.inc()
         reader = asyncio.get_running_loop().create_task(self._read(requests, st))
         write = context.write

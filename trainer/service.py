@@ -17,6 +17,7 @@ import math
 import threading
 import time
 from pathlib import Path
+from typing import Awaitable, Callable
 
 from prometheus_client import Counter, Gauge
 
@@ -60,6 +61,10 @@ class TrainerSettings(ServerSettings):
     adv_share: float = setting(ADV_SHARE, "fraud adversarial training: share of each mini-batch given an adversarial copy")
     adv_method: str = setting(ADV_METHOD, "fraud adversarial training: attack, 'pgd' or 'fgsm'")
     adv_steps: int = setting(ADV_STEPS, "fraud adversarial training: PGD steps")
+    feedback_tokens: str = setting("", "each service's feedback token, 'fraud=<t>,recommender=<t>,pricing=<t>' (a stream "
+                                   "may send its token's domain only); '@<file>' reads them from a file; empty = no "
+                                   "tokens: only loopback peers (or mTLS clients whose certificate CN is the domain) "
+                                   "may send feedback")
 
     @property
     def event_log_path(self) -> Path:
@@ -80,10 +85,21 @@ class TrainerSettings(ServerSettings):
             p.append("adv_epsilon must be >= 0, adv_share in [0, 1], adv_steps >= 1")
         if self.adv_method not in ("pgd", "fgsm"):
             p.append(f"adv_method must be 'pgd' or 'fgsm', not {self.adv_method!r}")
+        try:
+            self.tokens()
+        except (OSError, ValueError) as e:
+            p.append(f"feedback_tokens: {e}")
         unknown = set(self.domain_list) - set(DOMAIN_MODELS)
         if unknown:
             p.append(f"unknown domain(s) {sorted(unknown)}; known: {sorted(DOMAIN_MODELS)}")
         return p
+
+    def tokens(self) -> dict[str, str]:
+        """feedback_tokens parsed: service domain -> token."""
+        from shared.feedback import read_secret
+        from trainer.collector import parse_tokens
+
+        return parse_tokens(read_secret(self.feedback_tokens))
 
     @property
     def domain_list(self) -> list[str]:
@@ -135,6 +151,7 @@ class DomainLoop:
         self.reports_dir = Path(s.workdir) / "reports"
         self._reported = -math.inf
         TRAINED.labels(domain).set(self.learner.trained_rows)
+        self.after_round: Callable[[], Awaitable[None]] | None = None  # e.g. refresh health
 
     def _round(self, progress):
         # One domain's round at a time: torch.export (dynamo) is not thread-safe (concurrent
@@ -170,6 +187,8 @@ class DomainLoop:
                         ROUNDS.labels(self.domain, entry["decision"]).inc()
                         TRAINED.labels(self.domain).set(self.learner.trained_rows)
                         await asyncio.to_thread(self.refresh_report)
+                        if self.after_round is not None:
+                            await self.after_round()
                 if not joined:
                     await asyncio.sleep(self.poll_interval_s)
             except asyncio.CancelledError:
@@ -183,12 +202,32 @@ def make_app(s: TrainerSettings) -> ServerApp:
     Path(s.workdir).mkdir(parents=True, exist_ok=True)
     event_log = SqliteEventLog(s.event_log_path)
     registry = ModelRegistry(s.registry_dir)
-    collector = FeedbackCollector(event_log)
+    tokens = s.tokens()
+    collector = FeedbackCollector(event_log, tokens=tokens)
+    if not tokens:
+        # Safe default for one machine (make up generates tokens; a bare `trainer serve` has none):
+        # without tokens only loopback peers, or mTLS clients named by their certificate, get in.
+        log.warning("no feedback_tokens configured: the feedback collector accepts records only from loopback "
+                    "peers%s, without service identity; set feedback_tokens (and each service's feedback_token) "
+                    "before exposing the trainer", " or from clients whose certificate CN names a domain"
+                    if s.tls_client_ca else "")
 
     def register(server) -> list[str]:
         return [add_collector(server, collector)]
 
-    app = ServerApp("trainer", s, {}, register, v2=False)
+    loops: dict[str, DomainLoop] = {}
+
+    def ready() -> bool:
+        # SERVING only once every configured domain is being learned and has a published
+        # version: while bootstrapping (minutes) there is nothing a service could load yet.
+        if set(loops) != set(s.domain_list):
+            return False
+        try:
+            return all(registry.current_version(loop.learner.model.name) is not None for loop in loops.values())
+        except Exception:  # an unreadable pointer (logged and counted by the registry's readers)
+            return False
+
+    app = ServerApp("trainer", s, {}, register, v2=False, ready=ready)
     tasks: list[asyncio.Task] = []
 
     async def start() -> None:
@@ -207,6 +246,8 @@ def make_app(s: TrainerSettings) -> ServerApp:
             except FileNotFoundError as e:
                 log.error("%s; run `python -m trainer bootstrap --domains %s`; not learning it", e, domain)
                 continue
+            loop.after_round = app.refresh_health
+            loops[domain] = loop
             tasks.append(asyncio.get_running_loop().create_task(loop.run(), name=f"learn-{domain}"))
 
     async def stop() -> None:

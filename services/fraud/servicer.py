@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from protos.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from services.fraud.adapter import FraudService
+from shared.ratelimit import caller_of
 from shared.serving import ServedModel
 
 
@@ -14,10 +15,11 @@ class FraudServicer(fraud_pb2_grpc.FraudServicer):
         return await self.service.predict(request, ServedModel.deadline_of(context))
 
     async def ReportOutcome(self, request, context):
-        return self.service.accept_outcomes([request])
+        # caller_of: the rate limit's key (certificate CN, else the peer's IP without its port)
+        return await self.service.report_outcomes([request], caller_of(context))
 
     async def StreamOutcomes(self, request_iterator, context):
-        return await self.service.accept_outcome_stream(request_iterator)
+        return await self.service.accept_outcome_stream(request_iterator, caller_of(context))
 
 
 def register(servicer: FraudServicer):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from protos.pricing.v1 import pricing_pb2, pricing_pb2_grpc
 from services.pricing.adapter import PricingService
+from shared.ratelimit import caller_of
 from shared.serving import ServedModel
 
 
@@ -14,10 +15,11 @@ class PricingServicer(pricing_pb2_grpc.PricingServicer):
         return await self.service.predict(request, ServedModel.deadline_of(context))
 
     async def ReportOutcome(self, request, context):
-        return self.service.accept_outcomes([request])
+        # caller_of: the rate limit's key (certificate CN, else the peer's IP without its port)
+        return await self.service.report_outcomes([request], caller_of(context))
 
     async def StreamOutcomes(self, request_iterator, context):
-        return await self.service.accept_outcome_stream(request_iterator)
+        return await self.service.accept_outcome_stream(request_iterator, caller_of(context))
 
 
 def register(servicer: PricingServicer):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from protos.recommender.v1 import recommender_pb2, recommender_pb2_grpc
 from services.recommender.adapter import RecommenderService
+from shared.ratelimit import caller_of
 from shared.serving import ServedModel
 
 
@@ -14,10 +15,11 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         return await self.service.predict(request, ServedModel.deadline_of(context))
 
     async def ReportOutcome(self, request, context):
-        return self.service.accept_outcomes([request])
+        # caller_of: the rate limit's key (certificate CN, else the peer's IP without its port)
+        return await self.service.report_outcomes([request], caller_of(context))
 
     async def StreamOutcomes(self, request_iterator, context):
-        return await self.service.accept_outcome_stream(request_iterator)
+        return await self.service.accept_outcome_stream(request_iterator, caller_of(context))
 
     async def UpsertItems(self, request, context):
         # the deadline bounds the embedding; cancellation (client gone, server stopping) stops it too
