@@ -207,3 +207,33 @@ async def test_shutdown_drains_then_lets_every_admitted_call_finish_and_ends_wat
         assert await watch.read() is grpc.aio.EOF
         assert await watch.code() == grpc.StatusCode.OK
         await stopping
+
+
+@pytest.mark.timeout(300)
+async def test_trainer_is_not_serving_until_every_domain_it_learns_has_a_model(tmp_path):
+    from tests.fraud_fixtures import bootstrap_small_fraud
+    from trainer.service import TrainerSettings, make_app
+
+    s = TrainerSettings(host="127.0.0.1", port=0, metrics_port=0, drain_s=0.0, grace_s=5.0, log_format="text",
+                        domains="fraud", bootstrap=False, workdir=str(tmp_path / "trainer"),
+                        registry_dir=str(tmp_path / "registry"), report_interval_s=0)
+
+    async def status_of(app: ServerApp) -> int:
+        async with grpc.aio.insecure_channel(app.address) as ch:
+            resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            return resp.status
+
+    app = make_app(s)
+    await app.start()  # no checkpoint, no version: nothing a service could load
+    try:
+        assert await status_of(app) == NOT_SERVING
+    finally:
+        await app.stop()
+
+    await asyncio.to_thread(bootstrap_small_fraud, tmp_path)  # publishes version 1 of fraud
+    app = make_app(s)
+    await app.start()
+    try:
+        assert await status_of(app) == SERVING
+    finally:
+        await app.stop()
