@@ -80,9 +80,6 @@ OUTPUT_ERRORS = Counter("storefront_model_output_errors_total",
 SHED = Counter("storefront_requests_shed_total",
                "RPCs refused RESOURCE_EXHAUSTED by admission control before running, by method and reason "
                "(concurrency, queue_wait); also counted in storefront_requests_total", ["method", "reason"])
-SHED = Counter("storefront_requests_shed_total",
-               "RPCs refused RESOURCE_EXHAUSTED by admission control before running, by method and reason "
-               "(concurrency, queue_wait); also counted in storefront_requests_total", ["method", "reason"])
 RELOADS = Counter("storefront_model_reloads_total", "Hot-reload attempts by result (loaded, refused, rollback)",
                   ["model", "result"])
 JOURNAL_SKIPPED_LINES = Counter("storefront_catalog_journal_skipped_lines_total",
