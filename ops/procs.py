@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -23,14 +24,16 @@ def free_port() -> int:
 class Proc:
     """One child process in its own session (so kill -9 takes its whole group), logging to a file."""
 
-    def __init__(self, name: str, args: list[str], log_path: Path) -> None:
+    def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.name, self.args, self.log_path = name, args, Path(log_path)
+        self.env = dict(env or {})  # added to ours (secrets go here, never into args: ps shows args)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Proc":
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, *self.args], cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                                     start_new_session=True)
         return self
 
     @property
@@ -82,13 +85,16 @@ class FraudLoop:
         self.root = Path(root)
         self.registry, self.workdir, self.spool = self.root / "registry", self.root / "trainer", self.root / "spool"
         self.trainer_port, self.fraud_port = free_port(), free_port()
+        token = secrets.token_urlsafe(32)  # the fraud service's identity on the feedback stream
         self.trainer = Proc("trainer", ["-m", "trainer", "serve", "--port", str(self.trainer_port), "--metrics-port", "0",
                                         "--workdir", str(self.workdir), "--registry-dir", str(self.registry),
-                                        "--log-format", "text", "--domains", "fraud", *trainer_args], self.root / "trainer.log")
+                                        "--log-format", "text", "--domains", "fraud", *trainer_args], self.root / "trainer.log",
+                            env={"STOREFRONT_FEEDBACK_TOKENS": f"fraud={token}"})
         self.fraud = Proc("fraud", ["-m", "services.fraud.main", "--port", str(self.fraud_port), "--metrics-port", "0",
                                     "--registry-dir", str(self.registry), "--trainer-target",
                                     f"127.0.0.1:{self.trainer_port}", "--spool-dir", str(self.spool),
-                                    "--log-format", "text", *fraud_args], self.root / "fraud.log")
+                                    "--log-format", "text", *fraud_args], self.root / "fraud.log",
+                          env={"STOREFRONT_FEEDBACK_TOKEN": token})
 
     @property
     def event_log(self) -> Path:

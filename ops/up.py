@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -54,6 +55,21 @@ class Suite:
     def __init__(self, var: Path, host: str, port_offset: int = 0, log_format: str = "text") -> None:
         self.var, self.host, self.port_offset, self.log_format = var, host, port_offset, log_format
         self.procs: dict[str, subprocess.Popen] = {}
+        # Service identity on the feedback stream: a fresh random token per service and per run,
+        # handed to the trainer (all of them) and to each service (its own) through the environment
+        # (never on the command line, which every local user can read). A token set by the operator
+        # in the environment wins (STOREFRONT_FEEDBACK_TOKEN alone: one token every service shares).
+        one = os.environ.get("STOREFRONT_FEEDBACK_TOKEN")
+        self.tokens = {s.domain: one or secrets.token_urlsafe(32) for s in SERVICES if s.domain}
+
+    def env(self, c: Component) -> dict[str, str]:
+        """The environment of one component: ours, plus its feedback token(s) unless already set."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if c is TRAINER:
+            env.setdefault("STOREFRONT_FEEDBACK_TOKENS", ",".join(f"{d}={t}" for d, t in self.tokens.items()))
+        elif c.domain and "STOREFRONT_FEEDBACK_TOKENS" not in os.environ:
+            env.setdefault("STOREFRONT_FEEDBACK_TOKEN", self.tokens[c.domain])
+        return env
 
     @property
     def catalog_path(self) -> Path:
@@ -76,7 +92,7 @@ class Suite:
     def start(self, c: Component, out=None) -> None:
         """Start one component; its output lines go to `out` (default stdout), prefixed by its name."""
         p = subprocess.Popen([sys.executable, "-m", *c.module, *self.args(c)], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                             stderr=subprocess.STDOUT, env=self.env(c),
                              start_new_session=True)
         threading.Thread(target=_pump, args=(c.name, p.stdout, out or sys.stdout), daemon=True).start()
         self.procs[c.name] = p
