@@ -124,3 +124,32 @@ def test_history_seeds_from_users_npz_without_overwriting_live_users(tmp_path):
     np.savez(bad, user_ids=np.array(["u"]), indptr=np.array([0, 9], np.int64), item_ids=np.array(["a"]))
     with pytest.raises(ValueError, match="indptr"):
         UserHistory().seed_npz(bad)
+
+
+def test_replaced_titles_and_categories_are_reclaimed_and_old_snapshots_keep_theirs(tmp_path, encoder):
+    from services.recommender.catalog import COMPACT_MIN_DEAD
+
+    cat = Catalog(tmp_path / "items.jsonl", encoder.encode)
+    seed = tmp_path / "catalog.jsonl"
+    seed.write_text(items(("keep", "Claw hammer", "tools", 9.0))[0].to_json() + "\n")
+    first = cat.ensure_loaded(seed=seed)
+    cat.publish(cat.upsert(items(("a", "Title 0", "cat 0", 1.0), ("b", "Title b0", "cat b0", 1.0))))
+    held = cat.current  # a reader holding a snapshot across compactions
+    for n in range(1, COMPACT_MIN_DEAD + 3):  # each round leaves two dead titles and two dead categories
+        cat.publish(cat.upsert(items(("a", f"Title {n}", f"cat {n}", 1.0), ("b", f"Title b{n}", f"cat b{n}", 1.0))))
+    snap = cat.current
+    assert cat.compactions >= 2  # text table and category list
+    assert len(snap.texts) <= 3 + COMPACT_MIN_DEAD + 2 and len(snap.categories) <= 3 + COMPACT_MIN_DEAD + 2
+    last = COMPACT_MIN_DEAD + 2
+    for item, title, category in (("a", f"Title {last}", f"cat {last}"), ("b", f"Title b{last}", f"cat b{last}"),
+                                  ("keep", "Claw hammer", "tools")):
+        row = snap.row(item)
+        np.testing.assert_allclose(snap.text_vectors(np.array([row])), encoder.encode([title]), atol=1e-6)
+        assert snap.category_of(row) == category
+    # the held snapshot still reads its own titles and categories (new arrays, never in place)
+    np.testing.assert_allclose(held.text_vectors(np.array([held.row("a")])), encoder.encode(["Title 0"]), atol=1e-6)
+    assert held.category_of(held.row("b")) == "cat b0" and first.category_of(0) == "tools"
+    # a title seen again after compaction is embedded again (not a stale row)
+    cat.publish(cat.upsert(items(("a", "Title 0", "cat 0", 1.0))))
+    np.testing.assert_allclose(cat.current.text_vectors(np.array([cat.current.row("a")])),
+                               encoder.encode(["Title 0"]), atol=1e-6)
