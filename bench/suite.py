@@ -50,6 +50,10 @@ STEPS = [
          "Recommend p50/p99 and req/s at c=1, 8, 32, batched vs unbatched in the same run."),
     Step("pricing-serving", "Pricing: Quote vs V2 ModelInfer", ("-m", "bench.pricing_serving"),
          "Quote p99 against the plain V2 call of the same model in the same process and run (c=32)."),
+    Step("overload", "Overload: admission control at 2.5x capacity", ("-m", "bench.overload"),
+         "Requests/s, admitted p50/p99 and calls by status code: closed-loop steady load at capacity, then an "
+         "open loop at 2.5x it, with admission control on (defaults) and off; medians of 2 rounds.",
+         in_default=False),
     Step("eval-recommender", "Recommender: prequential evaluation on Ta Feng", ("-m", "bench.eval_recommender"),
          "HR@10 / NDCG@10 by day: incremental model vs full retrain vs popularity vs buy-again; cold start."),
     Step("eval-fraud", "Fraud: prequential evaluation on the creditcard stream", ("-m", "bench.eval_fraud"),
