@@ -12,8 +12,9 @@ capacity of a server that costs ~400 us per call (the mlp) it would need more co
 server ~2.4 ms per call unbatched, so the queue forms in the server, where admission control
 acts (as it did in the issue: requests piling up in the server until clients gave up).
 Configurations:
-- protected: the default settings (max_concurrent_rpcs, max_queue_wait_ms);
-- unprotected: admission control off (--max-concurrent-rpcs 0 --max-queue-wait-ms 0), as before.
+- protected: the default settings (max_concurrent_rpcs, and the adaptive per-method limit
+  driven by queue_delay_target_ms);
+- unprotected: admission control off (--max-concurrent-rpcs 0 --queue-delay-target-ms 0), as before.
 Per configuration and round:
 - steady: closed loop at c=32 (bench/loadgen.py), which saturates the server: its req/s is
   "capacity" and its p99 the steady-state reference;
@@ -54,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "overload.json"
 CONFIGS = {
     "protected": [],
-    "unprotected": ["--max-concurrent-rpcs", "0", "--max-queue-wait-ms", "0"],
+    "unprotected": ["--max-concurrent-rpcs", "0", "--queue-delay-target-ms", "0"],
 }
 
 
@@ -131,7 +132,9 @@ async def one_round(server: Server, opts: argparse.Namespace) -> dict[str, Any]:
         "overload": over,
         "server_counts": {k: v for k, v in server_codes.items() if v},
         "shed": {r: delta("storefront_requests_shed_total", method="ModelInfer", reason=r)
-                 for r in ("concurrency", "queue_wait")},
+                 for r in ("concurrency", "adaptive_limit")},
+        # where the adaptive limit settled (absent when off): the admitted concurrency under overload
+        "admission_limit_after": metric_value(after, "storefront_admission_limit", method="ModelInfer") or None,
         "ratios": {"goodput_vs_steady": _ratio(over["rps"], steady["rps"]),
                    "p50_vs_steady": _ratio(over["p50_ms"], steady["p50_ms"]),
                    "p99_vs_steady": _ratio(over["p99_ms"], steady["p99_ms"]),

@@ -79,7 +79,12 @@ OUTPUT_ERRORS = Counter("storefront_model_output_errors_total",
                         "not usable, by reason (nonfinite, out_of_range)", ["model", "reason"])
 SHED = Counter("storefront_requests_shed_total",
                "RPCs refused RESOURCE_EXHAUSTED by admission control before running, by method and reason "
-               "(concurrency, queue_wait); also counted in storefront_requests_total", ["method", "reason"])
+               "(concurrency: the server's max_concurrent_rpcs; adaptive_limit: the method's adaptive limit, "
+               "storefront_admission_limit); also counted in storefront_requests_total", ["method", "reason"])
+ADMISSION_LIMIT = Gauge("storefront_admission_limit",
+                        "Adaptive concurrency limit of each unary method: its calls admitted at once before "
+                        "RESOURCE_EXHAUSTED (reason adaptive_limit); shrinks while the method shows a standing "
+                        "queue (see queue_delay_target_ms)", ["method"])
 RELOADS = Counter("storefront_model_reloads_total", "Hot-reload attempts by result (loaded, refused, rollback)",
                   ["model", "result"])
 JOURNAL_SKIPPED_LINES = Counter("storefront_catalog_journal_skipped_lines_total",

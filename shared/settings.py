@@ -101,8 +101,11 @@ class ServerSettings(BaseSettings):
                                   "load balancers move away (skipped if nothing ever health-checked us)")
     max_concurrent_rpcs: int = setting(128, "RPCs in flight before new ones get RESOURCE_EXHAUSTED at once "
                                             "(health and reflection exempt); 0 = no limit")
-    max_queue_wait_ms: float = setting(250.0, "refuse a call (RESOURCE_EXHAUSTED) while the oldest admitted call "
-                                              "of its method has waited longer than this; 0 = off")
+    queue_delay_target_ms: float = setting(
+        250.0, "adaptive admission per unary method: while even its fastest call of each 100 ms exceeds its "
+               "no-load latency by more than this (and by 2x), a standing queue, its concurrency limit shrinks "
+               "x0.9 per 100 ms (floor 4), else grows by 1 up to max_concurrent_rpcs; calls over the limit get "
+               "RESOURCE_EXHAUSTED at once; 0 = off")
     workers: int = setting(1, "server processes sharing the port (SO_REUSEPORT)")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = setting("json", "json (one object per line) or text")
@@ -125,8 +128,8 @@ class ServerSettings(BaseSettings):
             p.append("tls_client_ca (mTLS) needs tls_cert and tls_key")
         if self.log_format not in ("json", "text"):
             p.append("log_format must be json or text")
-        if self.drain_s < 0 or self.max_concurrent_rpcs < 0 or self.max_queue_wait_ms < 0:
-            p.append("drain_s, max_concurrent_rpcs and max_queue_wait_ms must be >= 0")
+        if self.drain_s < 0 or self.max_concurrent_rpcs < 0 or self.queue_delay_target_ms < 0:
+            p.append("drain_s, max_concurrent_rpcs and queue_delay_target_ms must be >= 0")
         return p
 
     @property

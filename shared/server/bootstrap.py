@@ -6,7 +6,7 @@ function that adds its domain servicers. Every app gets, without asking:
 - the standard health service (with List): NOT_SERVING until every model is loaded (and
   until `ready` says so), SERVING after, NOT_SERVING again while draining on shutdown;
 - server reflection, grpc.reflection.v1 and v1alpha; Prometheus metrics over HTTP;
-- the ServingInterceptor, with admission control (max_concurrent_rpcs, max_queue_wait_ms)
+- the ServingInterceptor, with admission control (max_concurrent_rpcs, queue_delay_target_ms)
   and grpc's own maximum_concurrent_rpcs as a hard backstop above it;
 - optional TLS / mTLS; keepalive; graceful shutdown on SIGTERM/SIGINT (see ServerApp.stop);
 - `--workers N`: N processes sharing the port through SO_REUSEPORT.
@@ -93,7 +93,7 @@ class ServerApp:
     def __post_init__(self) -> None:
         self.server: grpc.aio.Server | None = None
         self.health = HealthServicer()
-        self.interceptor = ServingInterceptor(self.settings.max_concurrent_rpcs, self.settings.max_queue_wait_ms)
+        self.interceptor = ServingInterceptor(self.settings.max_concurrent_rpcs, self.settings.queue_delay_target_ms)
         self.port: int = 0
         self.metrics_port: int = 0
         self.service_names: list[str] = []
