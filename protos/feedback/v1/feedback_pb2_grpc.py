@@ -54,8 +54,12 @@ class FeedbackServicer:
         new stream after a failure; resends are safe (ACK_STATUS_DUPLICATE). Many
         streams (one per replica) may be open at once.
         Stream errors: UNAVAILABLE when the event log cannot be written (the client
-        spools to disk and retries with backoff); UNAUTHENTICATED / PERMISSION_DENIED
-        under mTLS when the client certificate is refused. A malformed record does not
+        spools to disk and retries with backoff); UNAUTHENTICATED when the stream does
+        not name its service (no or an unknown x-storefront-feedback-token metadata
+        where the trainer has tokens; a non-loopback peer where it has neither tokens
+        nor mTLS); PERMISSION_DENIED when a client certificate names no service (its CN
+        must be the domain) or another service than the token. A record of a domain
+        the stream is not authenticated for gets ACK_STATUS_REJECTED. A malformed record does not
         end the stream: it gets ACK_STATUS_REJECTED, and the other records of its batch
         are stored as usual.
         """
