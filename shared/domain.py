@@ -122,6 +122,10 @@ class PredictionIds:
             return False
         if len(nonce) != _RANDOM_BYTES or len(mac) != _MAC_BYTES:
             return False
+        # 22 base64 characters carry 132 bits: refuse the non-canonical spellings of the same bytes,
+        # so that one prediction has exactly one id (duplicates are recognized by the id string).
+        if f"{_b64(nonce)}.{_b64(mac)}" != prediction_id:
+            return False
         ok = False
         for key in self.keys:  # every key, so the time taken does not tell which one matched
             ok |= hmac.compare_digest(self._mac(key, nonce), mac)
