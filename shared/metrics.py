@@ -97,6 +97,14 @@ REGISTRY_ERRORS = Counter("storefront_registry_errors_total",
 POINTER_UNREADABLE = Gauge("storefront_registry_pointer_unreadable",
                            "1 while the model's CURRENT pointer cannot be read (the loaded version keeps serving)",
                            ["model"])
+REGISTRY_BYTES = Gauge("storefront_registry_bytes",
+                       "Bytes of a model's registry folder (versions, pointers, leases), as the last registry "
+                       "gc left it", ["model"])
+REGISTRY_VERSIONS_REMOVED = Counter("storefront_registry_versions_removed_total",
+                                    "Model versions deleted by registry gc", ["model"])
+REGISTRY_GC = Counter("storefront_registry_gc_total",
+                      "Registry gc runs by result: ok, or why it deleted nothing (busy, no_current, "
+                      "pointer_corrupt, pins_corrupt, lease_unreadable, missing, io_error...)", ["model", "result"])
 OUTCOMES_REJECTED = Counter("storefront_outcomes_rejected_total",
                             "Outcomes a service refused, by domain and reason (invalid, unknown_prediction, "
                             "rate_limited, queue_full)", ["domain", "reason"])

@@ -19,6 +19,14 @@ An unreadable CURRENT (corrupt JSON, a link, an I/O error) leaves the loaded ver
 serving; it is logged and counted in storefront_registry_errors_total once per distinct
 state (the same broken file is not reported on every poll), and
 storefront_registry_pointer_unreadable is 1 until the pointer reads again.
+
+Lease: the reloader keeps <model>/.serving/<instance> in the registry naming the versions
+this process holds (serving, previous: kept loaded for instant rollback, loading), so that
+registry gc never deletes them, however far this process lags behind CURRENT. It is written
+before a load starts and after every swap, refreshed every lease_refresh_s (gc ignores a
+lease older than its TTL, 5 min by default: refresh well within it), and removed on stop. A
+lease that cannot be written is logged once per distinct error and counted
+(storefront_registry_errors_total{reason="lease_write"}); serving goes on regardless.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ import time
 from typing import Callable
 
 from shared import metrics
-from shared.registry import ModelRegistry, RegistryError
+from shared.registry import ModelRegistry, RegistryError, default_instance
 from shared.runtime.model import LoadedModel, ModelHandle, ModelLoader, ModelRejected
 
 log = logging.getLogger(__name__)
@@ -49,7 +57,8 @@ class Refusal:
 class HotReloader:
     def __init__(self, registry: ModelRegistry, handle: ModelHandle, loader: ModelLoader,
                  poll_interval_s: float = 0.5, *, retry_min_s: float = 2.0, retry_max_s: float = 300.0,
-                 max_refusals: int = 64, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_refusals: int = 64, clock: Callable[[], float] = time.monotonic,
+                 instance: str | None = None, lease_refresh_s: float = 30.0) -> None:
         self.registry = registry
         self.handle = handle
         self.loader = loader
@@ -62,6 +71,14 @@ class HotReloader:
         self._pointer_seen: str | None = None  # the version CURRENT named at the last readable poll
         self._pointer_error: str | None = None  # the last pointer problem reported (None: readable)
         self._task: asyncio.Task[None] | None = None
+        self.instance = instance or default_instance()  # this process's lease file name
+        self.lease_refresh_s = lease_refresh_s  # <= 0: no lease (gc then relies on CURRENT, age, last N)
+        self._lease_due = -float("inf")  # clock() at which the lease is refreshed next
+        self._lease_error: str | None = None  # the last lease write problem reported
+        self._leased = False  # a lease was written (stop removes it)
+        # One check at a time: the watcher's own loop and a direct caller (start-up, an operator
+        # hook, a test) must not load the same version twice or write leases out of order.
+        self._checking = asyncio.Lock()
 
     @property
     def name(self) -> str:
@@ -74,6 +91,12 @@ class HotReloader:
 
     async def check_once(self) -> LoadedModel | None:
         """Load and swap in the version CURRENT names, if it is new. Returns the new model."""
+        async with self._checking:
+            model = await self._check()
+            await self._refresh_lease()  # a no-op until the refresh is due
+            return model
+
+    async def _check(self) -> LoadedModel | None:
         version = self._read_pointer()
         if version is None:
             return None
@@ -86,12 +109,16 @@ class HotReloader:
         if kept is not None:
             self.refusals.pop(version, None)
             self._swap(kept, "rollback")
+            await self._refresh_lease(force=True)
             return kept
         refusal = self.refusals.get(version)
         if refusal is not None and not self._may_retry(version, refusal, arrived):
             return None
         # Taken before loading: a change made while the load runs is then seen as a change.
         fingerprint = self.registry.fingerprint(self.name, version)
+        # Leased before loading: gc must not delete the folder while it is read (a lagging
+        # replica may be loading a version CURRENT has long moved past).
+        await self._refresh_lease(loading=version, force=True)
         try:
             model = await asyncio.to_thread(self.loader.from_registry, self.registry, self.name, version)
         except ModelRejected as e:
@@ -99,6 +126,7 @@ class HotReloader:
             return None
         self.refusals.pop(version, None)
         self._swap(model, "loaded")
+        await self._refresh_lease(force=True)
         return model
 
     def _read_pointer(self) -> str | None:
@@ -154,6 +182,31 @@ class HotReloader:
         log.info("model %s: now serving version %s on %s (was %s)", self.name, model.version, model.provider,
                  old.version if old else "nothing")
 
+    async def _refresh_lease(self, loading: str | None = None, force: bool = False) -> None:
+        """Write this process's lease (see the module doc) when due or forced. Never raises."""
+        if self.lease_refresh_s <= 0 or not force and self.clock() < self._lease_due:
+            return
+        current, previous = self.handle.current, self.handle.previous
+        held = {"serving": current.version if current else None,
+                "previous": previous.version if previous else None, "loading": loading}
+        if not any(held.values()):
+            return  # holds nothing: nothing to protect
+        self._lease_due = self.clock() + self.lease_refresh_s
+        try:
+            await asyncio.to_thread(self.registry.write_lease, self.name, self.instance, held)
+        except (RegistryError, OSError) as e:
+            state = f"{type(e).__name__}: {e}"
+            if state != self._lease_error:  # once per distinct problem, not every refresh
+                self._lease_error = state
+                metrics.REGISTRY_ERRORS.labels(self.name, "lease_write").inc()
+                log.warning("model %s: cannot write the serving lease %s (registry gc may then delete versions "
+                            "this process holds once they are old enough): %s", self.name, self.instance, state)
+            return
+        self._leased = True
+        if self._lease_error is not None:
+            self._lease_error = None
+            log.info("model %s: serving lease %s written again", self.name, self.instance)
+
     async def run(self) -> None:
         while True:
             try:
@@ -174,3 +227,10 @@ class HotReloader:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        if self._leased:
+            # A clean stop holds nothing any more; after a crash the lease just goes stale (TTL).
+            try:
+                await asyncio.to_thread(self.registry.remove_lease, self.name, self.instance)
+            except (RegistryError, OSError) as e:
+                log.warning("model %s: cannot remove the serving lease %s: %s", self.name, self.instance, e)
+            self._leased = False

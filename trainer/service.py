@@ -21,7 +21,7 @@ from typing import Awaitable, Callable
 
 from prometheus_client import Counter, Gauge
 
-from shared.registry import ModelRegistry
+from shared.registry import GC_KEEP_LAST, GC_MIN_AGE_S, LEASE_TTL_S, ModelRegistry, RegistryError
 from shared.server import ServerApp
 from shared.settings import ServerSettings, setting
 from trainer.collector import FeedbackCollector, add_collector
@@ -65,6 +65,13 @@ class TrainerSettings(ServerSettings):
                                    "may send its token's domain only); '@<file>' reads them from a file; empty = no "
                                    "tokens: only loopback peers (or mTLS clients whose certificate CN is the domain) "
                                    "may send feedback")
+    gc_keep_last: int = setting(GC_KEEP_LAST, "registry gc after each round: newest versions of the domain's model kept "
+                                "(besides CURRENT, its rollback target, other pointers', pinned and leased ones); "
+                                "0 = no automatic gc")
+    gc_min_age_s: float = setting(GC_MIN_AGE_S, "registry gc: versions younger than this are kept (a lagging replica "
+                                  "may be loading one)")
+    gc_lease_ttl_s: float = setting(LEASE_TTL_S, "registry gc: a serving lease not refreshed for this long is from a "
+                                    "dead process and no longer protects its versions (services refresh every 30 s)")
 
     @property
     def event_log_path(self) -> Path:
@@ -79,6 +86,8 @@ class TrainerSettings(ServerSettings):
         p = super().validate()
         if self.min_events < 1 or self.epochs < 1 or self.poll_interval_s <= 0:
             p.append("min_events and epochs must be >= 1, poll_interval_s > 0")
+        if self.gc_keep_last < 0 or self.gc_min_age_s < 0 or self.gc_lease_ttl_s <= 0:
+            p.append("gc_keep_last and gc_min_age_s must be >= 0 (gc_keep_last 0 = no gc), gc_lease_ttl_s > 0")
         if self.report_interval_s < 0:
             p.append("report_interval_s must be >= 0 (0 = no learning report)")
         if self.adv_epsilon < 0 or not 0.0 <= self.adv_share <= 1.0 or self.adv_steps < 1:
@@ -150,6 +159,8 @@ class DomainLoop:
         self.report_interval_s = s.report_interval_s
         self.reports_dir = Path(s.workdir) / "reports"
         self._reported = -math.inf
+        self.registry = registry
+        self.gc_keep_last, self.gc_min_age_s, self.gc_lease_ttl_s = s.gc_keep_last, s.gc_min_age_s, s.gc_lease_ttl_s
         TRAINED.labels(domain).set(self.learner.trained_rows)
         self.after_round: Callable[[], Awaitable[None]] | None = None  # e.g. refresh health
 
@@ -173,6 +184,27 @@ class DomainLoop:
         except Exception:  # a chart must never stop learning
             log.exception("%s: learning report failed", self.domain)
 
+    def collect_garbage(self) -> None:
+        """Registry gc of this domain's model (in the calling thread), bounding the registry's disk
+        (a version every few seconds, tens of MB each). A failure is logged, never raised: it must
+        not stop learning; the next round tries again. Not under ROUND_LOCK: it does not export."""
+        if self.gc_keep_last <= 0:
+            return
+        name = self.learner.model.name
+        try:
+            report = self.registry.gc(name, self.gc_keep_last, min_age_s=self.gc_min_age_s,
+                                      lease_ttl_s=self.gc_lease_ttl_s, lock_timeout_s=5.0)
+        except RegistryError as e:  # e.g. busy (an operator's gc), an unreadable pointer: nothing was deleted
+            log.warning("%s: registry gc of %s deleted nothing (%s): %s", self.domain, name, e.reason, e)
+            return
+        except Exception:
+            log.exception("%s: registry gc of %s failed", self.domain, name)
+            return
+        if report.removed:
+            log.info("%s: registry gc removed %d version(s) of %s (%s), %d bytes freed, %d kept, %d bytes left",
+                     self.domain, len(report.removed), name, ",".join(report.removed), report.bytes_freed,
+                     len(report.kept), report.bytes_after)
+
     async def run(self) -> None:
         await asyncio.to_thread(self.refresh_report, True)
         while True:
@@ -187,6 +219,7 @@ class DomainLoop:
                         ROUNDS.labels(self.domain, entry["decision"]).inc()
                         TRAINED.labels(self.domain).set(self.learner.trained_rows)
                         await asyncio.to_thread(self.refresh_report)
+                        await asyncio.to_thread(self.collect_garbage)
                         if self.after_round is not None:
                             await self.after_round()
                 if not joined:

@@ -5,6 +5,9 @@
     python -m shared.registry [--root DIR] verify NAME [VERSION]
     python -m shared.registry [--root DIR] publish NAME MODEL.onnx [--metrics JSON]
     python -m shared.registry [--root DIR] rollback NAME [--to VERSION]
+    python -m shared.registry [--root DIR] gc NAME [--keep-last N] [--min-age-s S] [--dry-run]
+    python -m shared.registry [--root DIR] pin NAME VERSION [--note TEXT]
+    python -m shared.registry [--root DIR] unpin NAME VERSION
 
 --root defaults to $STOREFRONT_REGISTRY_DIR, else ./var/registry.
 """
@@ -15,7 +18,45 @@ import json
 import os
 import sys
 
-from shared.registry.registry import ModelRegistry, RegistryError
+from shared.registry.registry import (
+    GC_KEEP_LAST,
+    GC_MIN_AGE_S,
+    GC_ROLLBACK_DEPTH,
+    LEASE_TTL_S,
+    GcReport,
+    ModelRegistry,
+    RegistryError,
+)
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def print_gc(report: GcReport) -> None:
+    """What gc kept (and why) and removed: what an operator reads before trusting a dry run."""
+    verb = "would remove" if report.dry_run else "removed"
+    print(f"{report.name}: keep {len(report.kept)} version(s), {verb} {len(report.removed)}, "
+          f"{human_bytes(report.bytes_freed)} {'would be ' if report.dry_run else ''}freed, "
+          f"{human_bytes(report.bytes_after)} in the model folder"
+          f"{' (dry run: nothing removed)' if report.dry_run else ''}")
+    for v in sorted(report.kept, key=int):
+        print(f"  keep   {v}\t{'; '.join(report.kept[v])}")
+    for v in report.removed:
+        print(f"  {'remove' if report.dry_run else 'removed'} {v}")
+    for lease in report.leases:
+        state = "fresh" if lease.fresh else "stale (ignored)"
+        held = ", ".join(f"{k}={v}" for k, v in sorted(lease.versions.items())) or "nothing readable"
+        print(f"  lease  {lease.instance}\t{state}: {held}")
+    for name in report.pruned_leases:
+        print(f"  pruned stale lease {name}")
+    for name in report.leftovers:
+        print(f"  cleaned leftover {name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +79,23 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("rollback", help="point CURRENT at the parent (or --to VERSION)")
     p.add_argument("name")
     p.add_argument("--to")
+    p = sub.add_parser("gc", help="delete versions nothing needs: keeps CURRENT, its rollback target, other "
+                                  "pointers' versions, pinned, leased by a serving process, the last N and recent")
+    p.add_argument("name")
+    p.add_argument("--keep-last", type=int, default=GC_KEEP_LAST, help="newest versions kept (>= 1)")
+    p.add_argument("--min-age-s", type=float, default=GC_MIN_AGE_S, help="versions younger than this are kept")
+    p.add_argument("--rollback-depth", type=int, default=GC_ROLLBACK_DEPTH,
+                   help="parents of CURRENT kept (what rollback goes back to)")
+    p.add_argument("--lease-ttl-s", type=float, default=LEASE_TTL_S,
+                   help="serving leases older than this are from dead processes and ignored")
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    p = sub.add_parser("pin", help="keep a version out of gc until unpinned")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--note", default="", help="why (gc shows it)")
+    p = sub.add_parser("unpin", help="let gc collect a pinned version again")
+    p.add_argument("name")
+    p.add_argument("version")
     args = ap.parse_args(argv)
     reg = ModelRegistry(args.root)
     try:
@@ -58,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
                 except RegistryError as e:
                     current, failed = None, True
                     print(f"error: {e}", file=sys.stderr)
+                try:
+                    pins = reg.pins(args.name)
+                except RegistryError as e:
+                    pins, failed = {}, True
+                    print(f"error: {e}", file=sys.stderr)
                 for v in reg.versions(args.name):
                     mark = "*" if v == current else " "
                     try:
@@ -66,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                         failed = True
                         print(f"{mark} {v}\tunreadable ({e.reason}): {e}")
                         continue
-                    print(f"{mark} {v}\tcreated={m.created}\tparent={m.parent}\tmetrics={json.dumps(m.metrics)}")
+                    pinned = "\tpinned" if v in pins else ""
+                    print(f"{mark} {v}\tcreated={m.created}\tparent={m.parent}\tmetrics={json.dumps(m.metrics)}"
+                          f"{pinned}")
             return 2 if failed else 0
         elif args.cmd in ("show", "verify"):
             version = args.version or reg.current_version(args.name)
@@ -85,7 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "rollback":
             v = reg.rollback(args.name, args.to)
             print(f"{args.name}: CURRENT -> {v}")
-    except RegistryError as e:
+        elif args.cmd == "gc":
+            print_gc(reg.gc(args.name, args.keep_last, min_age_s=args.min_age_s, rollback_depth=args.rollback_depth,
+                            lease_ttl_s=args.lease_ttl_s, dry_run=args.dry_run))
+        elif args.cmd == "pin":
+            reg.pin(args.name, args.version, args.note)
+            print(f"{args.name}/{args.version}: pinned (gc keeps it until `unpin`)")
+        elif args.cmd == "unpin":
+            if not reg.unpin(args.name, args.version):
+                print(f"{args.name}/{args.version} was not pinned", file=sys.stderr)
+                return 1
+            print(f"{args.name}/{args.version}: unpinned")
+    except (RegistryError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
