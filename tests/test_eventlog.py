@@ -342,3 +342,133 @@ def test_an_any_with_the_right_type_is_accepted(log):
     assert res.status == REJECTED and "served.response" in res.message
     r.served.ClearField("response")
     assert log.append_batch([r])[0].status == STORED
+
+
+# ---------------------------------------------------------------- retention
+
+from trainer.eventlog import RetentionPolicy  # noqa: E402
+
+WINDOWS = {"fraud": 14 * 86400.0, "recommender": 3600.0, "pricing": 86400.0}
+
+
+def rec_served(rid: str, pid: str, at: float) -> fb.FeedbackRecord:
+    r = fb.FeedbackRecord(record_id=rid, domain=fb.DOMAIN_RECOMMENDER)
+    r.served.prediction_id, r.served.served_at = pid, at
+    r.served.model.name, r.served.model.version = "recommender", "v1"
+    return r
+
+
+def offsets_of(log, **kw) -> list[int]:
+    return [e.offset for e in log.read(0, 10**6, **kw)]
+
+
+def test_new_logs_use_incremental_vacuum(log):
+    assert log._writer.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+
+
+def test_retention_keeps_whatever_a_consumer_or_a_label_window_still_needs(log):
+    now = T + 1000
+    # fraud: served p0..p5 (offsets 1..6), labels of p0..p2 (7..9), a label whose prediction has not
+    # arrived (10: the joiner holds it pending), then a label of p3 nobody processed yet (11)
+    log.append_batch([fraud_served(f"s{i}", f"p{i}", T + i) for i in range(6)])
+    log.append_batch([fraud_outcome(f"o{i}", f"p{i}", T + 50) for i in range(3)])
+    log.append_batch([fraud_outcome("o9", "p9", T + 50), fraud_outcome("o3", "p3", T + 50)])
+    # recommender: a prediction clicked inside its window, and one of another consumer-less domain
+    log.append_batch([rec_served("rs1", "rp1", now - 10), rec_outcome("ro1", "rp1", at=now - 5)])
+    log.commit_offset("learner-fraud", 10, {"domain": "fraud", "offset": 10, "pending": [10]})
+    policy = RetentionPolicy(windows=WINDOWS, slack_s=60)
+    report = log.retain(policy, now=now)
+    # learned predictions and their processed labels went; the pending label, the unprocessed one,
+    # their predictions, unlabeled predictions inside the window and every recommender event stayed
+    assert report.deleted == {("fraud", "learned"): 3, ("fraud", "processed"): 3}
+    assert report.safe_offsets["fraud"] == (9, "learner-fraud")
+    assert report.safe_offsets["recommender"] == (0, "")
+    assert offsets_of(log, domain="fraud") == [4, 5, 6, 10, 11]
+    assert log.count(domain="recommender") == 2
+    assert report.dropped_unprocessed == 0 and report.rows_after == 7
+
+    # past fraud's label window (plus slack): the unlabeled predictions go too, but only those at or
+    # below the committed offset (p3's label at 11 is unprocessed: p3 is at 4 <= 9, it goes: a label
+    # that late would be dropped as late by the joiner anyway)
+    later = T + WINDOWS["fraud"] + 61 + 5
+    report = log.retain(policy, now=later)
+    assert report.deleted == {("fraud", "window"): 3}
+    assert offsets_of(log, domain="fraud") == [10, 11]
+    # a consumer reading every domain (no "domain" in its meta) lets the recommender's events go once
+    # they are past its window; a second fraud consumer further behind holds fraud back
+    log.commit_offset("joiner", log.end_offset())
+    log.commit_offset("audit-fraud", 3, {"domain": "fraud"})
+    report = log.retain(policy, now=now + 3600 + 61)
+    assert report.deleted == {("recommender", "window"): 1, ("recommender", "processed"): 1}
+    assert report.safe_offsets["fraud"] == (3, "audit-fraud")
+    assert offsets_of(log, domain="fraud") == [10, 11]
+
+
+def test_max_age_removes_old_processed_events_even_inside_their_window(log):
+    import time
+    log.append_batch([fraud_served(f"s{i}", f"p{i}", time.time()) for i in range(4)])  # inside the 14-day window
+    log.commit_offset("learner-fraud", 2, {"domain": "fraud"})
+    report = log.retain(RetentionPolicy(windows=WINDOWS, max_age_s=1.0), now=time_after_received(log) + 2)
+    assert report.deleted == {("fraud", "age"): 2}
+    assert offsets_of(log) == [3, 4]
+
+
+def time_after_received(log) -> float:
+    return max(e.received_at for e in log.read(0, 10**6))
+
+
+def _fill(log, n: int, start: int = 0, pad: int = 3000) -> None:
+    big = fb.Tensor(name="pad", datatype="UINT8", shape=[pad], raw_data=b"\x07" * pad)
+    for b in range(start, start + n, 500):
+        recs = []
+        for i in range(b, min(b + 500, start + n)):
+            r = fraud_served(f"s{i}", f"p{i}", T + i)
+            r.served.inputs.append(big)
+            recs.append(r)
+        log.append_batch(recs)
+
+
+def test_size_limits_delete_oldest_processed_first_and_the_hard_cap_counts_what_it_drops(log):
+    _fill(log, 4000)
+    full = log.disk_bytes()
+    assert log.live_bytes() > 12_000_000
+    log.commit_offset("learner-fraud", 1000, {"domain": "fraud"})
+    # soft limit far below what is stored: only the 1000 processed events may go
+    report = log.retain(RetentionPolicy(windows=WINDOWS, max_bytes=2_000_000), now=T + 10)
+    assert report.deleted == {("fraud", "size"): 1000} and report.dropped_unprocessed == 0
+    assert offsets_of(log)[0] == 1001
+    # the freed pages were given back: the file shrank
+    assert log.disk_bytes() < full * 0.85, (full, log.disk_bytes())
+    # the hard cap goes further, oldest first, and says how much unprocessed it dropped
+    report = log.retain(RetentionPolicy(windows=WINDOWS, max_bytes=2_000_000, hard_max_bytes=5_000_000),
+                        now=T + 10)
+    assert report.dropped_unprocessed > 0 and report.deleted[("fraud", "hard_cap")] == report.dropped_unprocessed
+    assert log.live_bytes() <= 5_000_000
+    kept = offsets_of(log)
+    assert kept == list(range(kept[0], 4001))  # the newest stayed, in one piece
+    assert log.disk_bytes() < 6_500_000
+
+
+def test_a_log_made_without_auto_vacuum_is_converted_once_and_shrinks(tmp_path: Path):
+    path = tmp_path / "events.db"
+    with sqlite3.connect(path) as conn:  # a log from before auto_vacuum: a table already exists
+        conn.execute("CREATE TABLE legacy (x)")
+    with SqliteEventLog(path) as lg:
+        assert lg._writer.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+        _fill(lg, 2000)
+        full = lg.disk_bytes()
+        lg.commit_offset("learner-fraud", 1800, {"domain": "fraud"})
+        report = lg.retain(RetentionPolicy(windows=WINDOWS, max_bytes=500_000), now=T + 10)  # below what 200 take
+        assert report.total_deleted == 1800
+        assert lg._writer.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        assert lg.disk_bytes() < full * 0.3, (full, lg.disk_bytes())
+        assert offsets_of(lg) == list(range(1801, 2001))
+        assert [e.record_id for e in lg.read(1800, 1)] == ["s1800"]
+
+
+def test_retention_policy_validation():
+    with pytest.raises(ValueError):
+        RetentionPolicy(windows=WINDOWS, max_bytes=10, hard_max_bytes=5).validate()
+    with pytest.raises(ValueError):
+        RetentionPolicy(windows=WINDOWS, learned_domains=frozenset({"ads"})).validate()
+    RetentionPolicy(windows=WINDOWS).validate()

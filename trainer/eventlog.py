@@ -29,11 +29,35 @@ Model
 
 Payloads are stored exactly as serialized protobuf bytes (when the collector hands over the
 bytes it received, those very bytes, so fields a newer sender added survive).
+
+Retention (`SqliteEventLog.retain`, run periodically by the trainer off its event loop). An event
+may go only when no consumer can still need it. Per domain, the *safe offset* is the lowest of
+its consumers' committed offsets (a consumer's meta may name its "domain"; one naming none reads
+every domain), lowered below any outcome its meta lists as "pending" (an outcome the joiner has
+read but whose prediction has not arrived). A domain no consumer ever committed has safe offset
+0: nothing of it goes except under the hard size cap. At or below the safe offset:
+- a served prediction goes once no outcome can still count for it: served_at is older than the
+  domain's label window plus `slack_s` (outcomes delivered late, e.g. from a client's spool);
+  or, in the `learned_domains` (one label per prediction: fraud, pricing), as soon as one of its
+  outcomes was processed (a later correction of that label then finds no prediction and is
+  counted unmatched: the price of not keeping every transaction for the 14-day fraud window);
+- an outcome goes once its served prediction is gone (or never came): while the prediction is
+  kept, its outcomes are kept too, since the joiner recognises a resent outcome (duplicate) or a
+  correction (latest wins) by the outcomes stored before it;
+- anything older than `max_age_s` (received) goes;
+- over `max_bytes`, the oldest events at or below the safe offsets go, whatever their window;
+- over `hard_max_bytes`, the oldest events go even above the safe offsets: labels or predictions
+  no consumer has processed are lost, so this is logged at WARNING and counted (reason hard_cap).
+Deletes run in transactions of `batch_rows` rows (the collector's appends interleave); the freed
+pages are then returned to the file system with incremental vacuum (auto_vacuum=INCREMENTAL; a log
+created before that setting is converted once with VACUUM), so the file really shrinks.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -42,8 +66,17 @@ from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 from google.protobuf.message import DecodeError
+from prometheus_client import Counter, Gauge
 
 from protos.feedback.v1 import feedback_pb2 as fb
+
+log = logging.getLogger(__name__)
+
+LOG_BYTES = Gauge("storefront_trainer_eventlog_bytes", "Size of the event log's files on disk (database + WAL), bytes")
+LOG_ROWS = Gauge("storefront_trainer_eventlog_rows", "Events stored in the event log", ["domain", "kind"])
+LOG_DELETED = Counter("storefront_trainer_eventlog_deleted_total",
+                      "Events deleted by retention, by domain and reason (window, learned, processed, age, size, "
+                      "hard_cap: the last one includes events no consumer had processed)", ["domain", "reason"])
 
 STORED = fb.ACK_STATUS_STORED
 DUPLICATE = fb.ACK_STATUS_DUPLICATE
@@ -112,6 +145,46 @@ class LogEntry:
     def __repr__(self) -> str:
         return (f"LogEntry(offset={self.offset}, record_id={self.record_id!r}, domain={self.domain!r}, "
                 f"kind={self.kind!r}, prediction_id={self.prediction_id!r}, event_time={self.event_time})")
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """What `SqliteEventLog.retain` may delete (see the module docstring)."""
+    windows: dict[str, float]                 # label window per domain, seconds (the joiner's)
+    slack_s: float = 600.0                    # kept beyond the window for outcomes delivered late
+    learned_domains: frozenset[str] = frozenset({"fraud", "pricing"})  # prediction goes once its label is processed
+    max_age_s: float = 0.0                    # 0 = no age limit
+    max_bytes: int = 0                        # pages in use; oldest processed events go beyond it; 0 = none
+    hard_max_bytes: int = 0                   # beyond it even unprocessed events go (counted); 0 = none
+    batch_rows: int = 5000                    # rows per delete transaction
+    reclaim_always: bool = False              # give free pages back even when this pass deleted nothing
+
+    def validate(self) -> None:
+        if self.slack_s < 0 or self.max_age_s < 0 or self.max_bytes < 0 or self.hard_max_bytes < 0:
+            raise ValueError("retention: slack_s, max_age_s, max_bytes, hard_max_bytes must be >= 0")
+        if self.batch_rows < 1:
+            raise ValueError("retention: batch_rows must be >= 1")
+        if self.hard_max_bytes and self.max_bytes and self.hard_max_bytes < self.max_bytes:
+            raise ValueError("retention: hard_max_bytes must be >= max_bytes (or 0)")
+        unknown = set(self.learned_domains) - set(DOMAINS)
+        if unknown:
+            raise ValueError(f"retention: unknown learned domain(s) {sorted(unknown)}; known: {DOMAINS}")
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionReport:
+    deleted: dict[tuple[str, str], int]       # (domain, reason) -> events deleted
+    dropped_unprocessed: int                  # of those, deleted by the hard cap (maybe unprocessed)
+    bytes_before: int                         # database + WAL on disk
+    bytes_after: int
+    rows_after: int
+    safe_offsets: dict[str, tuple[int, str]]  # domain -> (offset, the consumer holding it)
+    pages_reclaimed: int
+    seconds: float
+
+    @property
+    def total_deleted(self) -> int:
+        return sum(self.deleted.values())
 
 
 @runtime_checkable
@@ -379,6 +452,10 @@ class SqliteEventLog:
 
     def _init_schema(self) -> None:
         w = self._writer
+        if not w.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+            # A new file: free pages can be given back without rewriting the whole file (retain()).
+            # Must come before anything is written (WAL mode included); older logs are converted by retain().
+            w.execute("PRAGMA auto_vacuum=INCREMENTAL")
         w.execute("PRAGMA journal_mode=WAL")
         mode = w.execute("PRAGMA journal_mode").fetchone()[0]
         if mode.lower() != "wal":
@@ -579,6 +656,217 @@ class SqliteEventLog:
         if row is None:
             return 0, None
         return row[0], (None if row[1] is None else json.loads(row[1]))
+
+    # ------------------------------------------------------------ retention
+
+    def disk_bytes(self) -> int:
+        """The log's files on disk: the database and its WAL (what a disk fills with)."""
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += os.stat(f"{self.path}{suffix}").st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    def live_bytes(self) -> int:
+        """Bytes of the database's pages in use (the file size less its free pages): what size
+        limits compare with, since freed pages are reused before the file grows."""
+        conn = self._reader()
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return (pages - free) * page_size
+
+    def rows_by_kind(self) -> dict[tuple[str, str], int]:
+        """(domain, kind) -> events stored."""
+        return {(d, k): n for d, k, n in self._reader().execute(
+            "SELECT domain, kind, COUNT(*) FROM events GROUP BY domain, kind")}
+
+    def safe_offsets(self) -> dict[str, tuple[int, str]]:
+        """domain -> (offset at or below which every consumer of the domain is done, the consumer
+        that holds it lowest). See the module docstring; 0 when no consumer committed."""
+        safe: dict[str, tuple[int, str]] = {}
+        for consumer, offset, meta in self._reader().execute("SELECT consumer, offset, meta FROM consumer_offsets"):
+            doc = json.loads(meta) if meta else {}
+            doc = doc if isinstance(doc, dict) else {}
+            limit = int(offset)
+            pending = [int(o) for o in doc.get("pending") or () if isinstance(o, (int, float))]
+            if pending:  # read but still waiting for its prediction: it (and its prediction) must stay
+                limit = min(limit, min(pending) - 1)
+            domains = (doc["domain"],) if doc.get("domain") in DOMAINS else DOMAINS
+            for d in domains:
+                if d not in safe or limit < safe[d][0]:
+                    safe[d] = (max(0, limit), consumer)
+        return {d: safe.get(d, (0, "")) for d in DOMAINS}
+
+    def _delete(self, offsets: list[int], batch_rows: int) -> int:
+        """Delete these events in transactions of batch_rows (the writer lock is released between
+        them, so the collector's appends go on). Returns how many were deleted."""
+        deleted = 0
+        for i in range(0, len(offsets), batch_rows):
+            part = offsets[i:i + batch_rows]
+            with self._write_lock:
+                conn = self._writer
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for chunk in _chunks(part):
+                        deleted += conn.execute(f"DELETE FROM events WHERE offset IN ({_marks(len(chunk))})",
+                                                chunk).rowcount
+                    conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback(conn)
+                    raise
+        return deleted
+
+    def _delete_counted(self, rows: list[tuple[int, str, str]], batch_rows: int, tally: dict) -> int:
+        """rows: (offset, domain, reason); deletes them and counts each (domain, reason)."""
+        if not rows:
+            return 0
+        n = self._delete([r[0] for r in rows], batch_rows)
+        for _, d, reason in rows:
+            tally[(d, reason)] = tally.get((d, reason), 0) + 1
+        return n
+
+    def _oldest(self, n: int, bounds: dict[str, int] | None) -> list[tuple[int, str]]:
+        """The n oldest events (offset, domain); with bounds, only those at or below their
+        domain's bound."""
+        if bounds is None:
+            return list(self._reader().execute("SELECT offset, domain FROM events ORDER BY offset LIMIT ?", (n,)))
+        terms, args = [], []
+        for d, bound in bounds.items():
+            if bound > 0:
+                terms.append("(domain = ? AND offset <= ?)")
+                args += [d, bound]
+        if not terms:
+            return []
+        return list(self._reader().execute(
+            f"SELECT offset, domain FROM events WHERE {' OR '.join(terms)} ORDER BY offset LIMIT ?", (*args, n)))
+
+    def _shrink_to(self, limit: int, bounds: dict[str, int] | None, reason: str, policy: "RetentionPolicy",
+                   tally: dict) -> int:
+        """Delete oldest events (within bounds) until the pages in use fit `limit` bytes."""
+        deleted = 0
+        for _ in range(64):  # each pass frees about what is over; a few passes converge
+            over = self.live_bytes() - limit
+            if over <= 0:
+                break
+            rows = self._reader().execute("SELECT COUNT(*) FROM events").fetchone()[0]
+            if not rows:
+                break
+            # the average event's share of the pages in use (payload, indexes, b-tree slack)
+            per_row = max(1, (over + limit) // rows)
+            victims = self._oldest(max(1, min(policy.batch_rows * 4, -(-over // per_row))), bounds)
+            if not victims:
+                break
+            n = self._delete_counted([(o, d, reason) for o, d in victims], policy.batch_rows, tally)
+            deleted += n
+            if n == 0:
+                break
+        return deleted
+
+    def _reclaim(self, pages_per_step: int = 2048) -> int:
+        """Give free pages back to the file system (the file shrinks). Converts a log created
+        without auto_vacuum=INCREMENTAL once, with VACUUM (rewrites the file: seconds per GB,
+        appends wait meanwhile). Returns the pages given back."""
+        w = self._writer
+        mode = w.execute("PRAGMA auto_vacuum").fetchone()[0]
+        before = self._reader().execute("PRAGMA page_count").fetchone()[0]
+        if mode != 2:  # 0 NONE or 1 FULL: switching to INCREMENTAL takes effect only with a VACUUM
+            t0 = time.perf_counter()
+            with self._write_lock:
+                w.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                w.execute("VACUUM")
+            log.info("event log %s converted to auto_vacuum=INCREMENTAL (VACUUM in %.1f s)", self.path,
+                     time.perf_counter() - t0)
+        else:
+            while True:
+                with self._write_lock:
+                    free = w.execute("PRAGMA freelist_count").fetchone()[0]
+                    if free == 0:
+                        break
+                    # in steps, so appends are never held up for long. executescript: sqlite3_exec steps
+                    # the pragma to its end (execute() would step once: one page, one fsync).
+                    try:
+                        w.executescript(f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({min(free, pages_per_step)}); "
+                                        "COMMIT;")
+                    except BaseException:
+                        self._rollback(w)
+                        raise
+        with self._write_lock:
+            # copy the WAL into the database and truncate it (a vacuum's pages went through it).
+            # Without waiting: a reader in the middle of a read just leaves it to the next pass
+            # (then the WAL is cut back to journal_size_limit when it restarts).
+            w.execute("PRAGMA busy_timeout=0")
+            try:
+                w.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.OperationalError:
+                pass
+            finally:
+                w.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+        after = self._reader().execute("PRAGMA page_count").fetchone()[0]
+        return max(0, before - after)
+
+    def retain(self, policy: "RetentionPolicy", now: float | None = None) -> "RetentionReport":
+        """One retention pass (see the module docstring). Blocking: run it off the event loop."""
+        t0 = time.perf_counter()
+        now = time.time() if now is None else now
+        bytes_before = self.disk_bytes()
+        safe = self.safe_offsets()
+        bounds = {d: s for d, (s, _) in safe.items()}
+        tally: dict[tuple[str, str], int] = {}
+        reader = self._reader()
+        age_cut = now - policy.max_age_s if policy.max_age_s > 0 else None
+        for d in DOMAINS:
+            bound = bounds[d]
+            if bound <= 0:
+                continue
+            window_cut = now - policy.windows.get(d, max(policy.windows.values(), default=0.0)) - policy.slack_s
+            learned = d in policy.learned_domains
+            # served predictions no outcome can still count for (the reason names the first rule that holds)
+            served = list(reader.execute(
+                "SELECT offset, CASE WHEN event_time < ? THEN 'window' "
+                "WHEN ? IS NOT NULL AND received_at < ? THEN 'age' ELSE 'learned' END "
+                "FROM events s WHERE domain = ? AND kind = 'served' AND offset <= ? AND ("
+                " event_time < ? OR (? IS NOT NULL AND received_at < ?) OR (? AND EXISTS ("
+                "  SELECT 1 FROM events o WHERE o.prediction_id = s.prediction_id AND o.kind = 'outcome' "
+                "  AND o.domain = s.domain AND o.offset <= ?))) ORDER BY offset",
+                (window_cut, age_cut, age_cut, d, bound, window_cut, age_cut, age_cut, int(learned), bound)))
+            self._delete_counted([(o, d, r) for o, r in served], policy.batch_rows, tally)
+            # processed outcomes whose prediction is gone (just now, earlier, or never came)
+            outcomes = list(reader.execute(
+                "SELECT offset, CASE WHEN ? IS NOT NULL AND received_at < ? THEN 'age' ELSE 'processed' END "
+                "FROM events o WHERE domain = ? AND kind = 'outcome' AND offset <= ? AND ("
+                " (? IS NOT NULL AND received_at < ?) OR NOT EXISTS ("
+                "  SELECT 1 FROM events s WHERE s.prediction_id = o.prediction_id AND s.kind = 'served' "
+                "  AND s.domain = o.domain)) ORDER BY offset",
+                (age_cut, age_cut, d, bound, age_cut, age_cut)))
+            self._delete_counted([(o, d, r) for o, r in outcomes], policy.batch_rows, tally)
+        if policy.max_bytes > 0:
+            self._shrink_to(policy.max_bytes, bounds, "size", policy, tally)
+        dropped = 0
+        if policy.hard_max_bytes > 0 and self.live_bytes() > policy.hard_max_bytes:
+            before = {k: v for k, v in tally.items()}
+            self._shrink_to(policy.hard_max_bytes, None, "hard_cap", policy, tally)
+            dropped = sum(v - before.get(k, 0) for k, v in tally.items() if k[1] == "hard_cap")
+            if dropped:
+                log.warning("event log over its hard cap of %d bytes: dropped the %d oldest events, some of them not "
+                            "processed by every consumer yet (safe offsets %s); raise retention_hard_max_bytes or "
+                            "find the consumer that is behind", policy.hard_max_bytes, dropped,
+                            {d: s for d, s in safe.items()})
+        deleted = sum(tally.values())
+        reclaimed = self._reclaim() if deleted or policy.reclaim_always else 0
+        for (d, reason), n in tally.items():
+            LOG_DELETED.labels(d, reason).inc(n)
+        rows = self.rows_by_kind()
+        for d in DOMAINS:
+            for k in KINDS:
+                LOG_ROWS.labels(d, k).set(rows.get((d, k), 0))
+        bytes_after = self.disk_bytes()
+        LOG_BYTES.set(bytes_after)
+        return RetentionReport(deleted=tally, dropped_unprocessed=dropped, bytes_before=bytes_before,
+                               bytes_after=bytes_after, rows_after=sum(rows.values()), safe_offsets=safe,
+                               pages_reclaimed=reclaimed, seconds=time.perf_counter() - t0)
 
     # ------------------------------------------------------------ lifecycle
 
