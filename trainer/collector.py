@@ -255,6 +255,10 @@ class FeedbackCollector:
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        # shutdown: new streams are refused and open ones end once what they read is acked
+        self._draining = False
+        self._open: dict[_Stream, asyncio.Task] = {}  # open streams and their reader tasks
+        self._streams_ended: asyncio.Event | None = None
         self._series: dict[tuple[str, str, int], Any] = {}
         # Totals since start, for tests and logs (Prometheus has the labelled series).
         self.stored = 0
@@ -458,6 +462,8 @@ class FeedbackCollector:
         st.acks.put_nowait(None)
 
     async def Stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        if self._draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the trainer is shutting down; send the records later")
         self._ensure_committer()
         try:
             domains = self.identify(context)
@@ -469,6 +475,7 @@ class FeedbackCollector:
         st = _Stream(context.peer(), domains)
         STREAMS.inc()
         reader = asyncio.get_running_loop().create_task(self._read(requests, st))
+        self._open[st] = reader
         write = context.write
         low_water = self.max_inflight // 2
         acks = st.acks
@@ -507,10 +514,17 @@ class FeedbackCollector:
                 INFLIGHT.dec(len(item))
                 if st.inflight <= low_water:
                     st.space.set()
+            if self._draining:
+                # everything this stream had read is acked; what its client sends next waits in
+                # its spool until a trainer takes it (UNAVAILABLE: the client reconnects with backoff)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the trainer is shutting down; send the rest later")
         finally:
             reader.cancel()
             INFLIGHT.dec(st.inflight)  # records read but never acked (stream ended early)
             STREAMS.dec()
+            self._open.pop(st, None)
+            if not self._open and self._streams_ended is not None:
+                self._streams_ended.set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -521,6 +535,28 @@ class FeedbackCollector:
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
             "Stream": grpc.stream_stream_rpc_method_handler(self.Stream),
         })
+
+    async def stop_accepting(self, timeout_s: float = 10.0) -> bool:
+        """Shutdown, first step: stop taking feedback. New streams are refused (UNAVAILABLE); the
+        open ones stop reading, get the acks of every record they had read once it is stored
+        (the committer keeps running), then end UNAVAILABLE, so their clients keep the rest in
+        their spools. Returns whether every stream ended within timeout_s (those that did not
+        end with the server's stop; their unacked records are resent too)."""
+        self._draining = True
+        self._streams_ended = asyncio.Event()
+        for st, reader in list(self._open.items()):
+            if not st.reader_done:
+                reader.cancel()  # between batches: a batch read is always submitted whole
+                st.reader_done = True
+                st.acks.put_nowait(None)  # wake its writer: it ends once inflight is acked
+        if not self._open:
+            return True
+        try:
+            await asyncio.wait_for(self._streams_ended.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            log.warning("%d feedback stream(s) still open %.1f s after shutdown began", len(self._open), timeout_s)
+            return False
 
     async def close(self) -> None:
         """Stop committing (after the group in progress finishes) and release the writer thread.

@@ -243,7 +243,14 @@ class Learner:
         self.labels_seen = int(state.get("labels_seen", 0))
         return True
 
+    # trainer.shutdown.RoundCancel, set by the trainer: at shutdown a round that reaches this commit
+    # point raises RoundCancelled, so it neither checkpoints nor publishes (its labels are re-read
+    # after the restart, since the checkpoint's offset did not move)
+    cancel: Any = None
+
     def _save(self) -> None:
+        if self.cancel is not None:
+            self.cancel.commit_point(self.model.name)
         self.checkpoint.save({"net": self.net.state_dict(), "opt": self.opt.state_dict(), "replay": self.replay,
                               "holdout": self.holdout, "offset": self.offset, "progress": self.progress, "trained_rows": self.trained_rows,
                               "labels_seen": self.labels_seen, "rounds": self.rounds,

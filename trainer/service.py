@@ -7,10 +7,22 @@ the durable event log and acks. For each domain with a model checkpoint (made by
 `python -m trainer bootstrap`), a loop polls that domain's joiner, hands the joined
 examples to the learner, and runs an update-gate-publish round when one is due. Rounds
 run in a worker thread, so the collector keeps acknowledging while a model trains.
+
+Retention: every `retention_interval_s` the event log deletes what no consumer needs any more
+(trainer/eventlog.py); each domain loop commits its learner's checkpointed progress as the log
+consumer `learner-<domain>`, which is what retention goes by.
+
+Shutdown (SIGTERM / SIGINT, `TrainerApp.stop`): the collector stops taking feedback (new streams
+UNAVAILABLE; open ones end once what they read is acked, so clients spool the rest); no new round
+starts; a round in progress gets `shutdown_round_grace_s` to finish (and publish), after which it
+is abandoned at its commit point without checkpointing or publishing (the log says which; its
+labels are learned after the restart); then the server stops, the log is closed and the process
+exits 0. Nothing is published after "trainer stopped".
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -26,10 +38,11 @@ from shared.server import ServerApp
 from shared.settings import ServerSettings, setting
 from trainer.collector import FeedbackCollector, add_collector
 from trainer.domains.fraud import ADV_EPSILON, ADV_METHOD, ADV_SHARE, ADV_STEPS
-from trainer.eventlog import SqliteEventLog
-from trainer.joiner import Joiner, parse_windows
+from trainer.eventlog import RetentionPolicy, SqliteEventLog
+from trainer.joiner import DEFAULT_WINDOWS, Joiner, parse_windows
 from trainer.learner import Learner, LearnerConfig
 from trainer.report import write_report
+from trainer.shutdown import RoundCancel, RoundCancelled
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +85,35 @@ class TrainerSettings(ServerSettings):
                                   "may be loading one)")
     gc_lease_ttl_s: float = setting(LEASE_TTL_S, "registry gc: a serving lease not refreshed for this long is from a "
                                     "dead process and no longer protects its versions (services refresh every 30 s)")
+    retention_interval_s: float = setting(60.0, "event log retention: run a pass this often (0 = never delete)")
+    retention_slack_s: float = setting(600.0, "event log retention: predictions are kept this long beyond their "
+                                       "domain's label window, for outcomes delivered late")
+    retention_learned_domains: str = setting("fraud,pricing", "event log retention: domains with one label per "
+                                             "prediction, whose prediction goes as soon as its label is learned "
+                                             "(a later correction then counts unmatched)")
+    retention_max_age_s: float = setting(15 * 86400.0, "event log retention: processed events older than this go "
+                                         "(0 = no age limit)")
+    retention_max_mb: float = setting(1024.0, "event log retention: above this size the oldest processed events go, "
+                                      "label windows or not (0 = no limit)")
+    retention_hard_max_mb: float = setting(4096.0, "event log retention: above this size the oldest events go even if "
+                                           "no consumer processed them (logged, counted as hard_cap; 0 = no cap)")
+    shutdown_round_grace_s: float = setting(20.0, "on SIGTERM, a learning round in progress gets this long to finish "
+                                            "and publish; then it is abandoned without publishing (its labels are "
+                                            "learned after the restart)")
 
     @property
     def event_log_path(self) -> Path:
         return Path(self.workdir) / "events.db"
+
+    def label_windows(self) -> dict[str, float]:
+        return parse_windows(self.windows) if self.windows else dict(DEFAULT_WINDOWS)
+
+    def retention_policy(self) -> RetentionPolicy:
+        return RetentionPolicy(windows=self.label_windows(), slack_s=self.retention_slack_s + self.join_grace_s,
+                               learned_domains=frozenset(d.strip() for d in self.retention_learned_domains.split(",")
+                                                         if d.strip()),
+                               max_age_s=self.retention_max_age_s, max_bytes=int(self.retention_max_mb * 2**20),
+                               hard_max_bytes=int(self.retention_hard_max_mb * 2**20))
 
     def learner_config(self) -> LearnerConfig:
         return LearnerConfig(min_events=self.min_events, max_interval_s=self.max_interval_s, epochs=self.epochs,
@@ -95,6 +133,12 @@ class TrainerSettings(ServerSettings):
         if self.adv_method not in ("pgd", "fgsm"):
             p.append(f"adv_method must be 'pgd' or 'fgsm', not {self.adv_method!r}")
         try:
+        if self.retention_interval_s < 0 or self.shutdown_round_grace_s < 0:
+            p.append("retention_interval_s and shutdown_round_grace_s must be >= 0")
+        try:
+            self.retention_policy().validate()
+        except ValueError as e:
+            p.append(str(e))
             self.tokens()
         except (OSError, ValueError) as e:
             p.append(f"feedback_tokens: {e}")
@@ -143,8 +187,35 @@ def _pricing_model(s: TrainerSettings | None = None):
 DOMAIN_MODELS = {"fraud": _fraud_model, "recommender": _recommender_model, "pricing": _pricing_model}
 
 
+def _in_daemon_thread(fn: Callable, *args, name: str) -> asyncio.Future:
+    """Run fn(*args) in a new daemon thread; the returned future (of the running loop) gets its
+    result. A daemon thread, not the default executor: at shutdown an abandoned round may still be
+    training, and asyncio.run / the interpreter would wait for an executor thread until it ends
+    (the old trainer published a version 18 s after "trainer stopped" and did not exit). The
+    round cannot commit once cancelled (trainer.shutdown), so leaving it behind loses nothing."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(ok: bool, value) -> None:
+        if not fut.done():
+            fut.set_result(value) if ok else fut.set_exception(value)
+
+    def target() -> None:
+        try:
+            outcome = (True, fn(*args))
+        except BaseException as e:  # handed to the awaiting task, which logs it
+            outcome = (False, e)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the event loop is closed: the process is exiting
+            pass
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return fut
+
+
 class DomainLoop:
-    """One domain: its joiner feeds its learner; rounds run off the event loop."""
+    """One domain: its joiner feeds its learner; rounds run off the event loop, in a thread."""
 
     def __init__(self, domain: str, log_: SqliteEventLog, registry: ModelRegistry, s: TrainerSettings) -> None:
         self.domain = domain
@@ -155,6 +226,19 @@ class DomainLoop:
                              grace_s=s.join_grace_s)
         # The learner's checkpoint is the truth for where learning resumes.
         self.joiner.restore(self.learner.progress.get("offset", 0), self.learner.progress.get("pending", ()))
+        # ... and what the log's retention goes by: committed as this domain's consumer (again at
+        # start: a checkpoint restored from a backup may be behind what was committed before)
+        self.log = log_
+        self.consumer = f"learner-{domain}"
+        self._committed: tuple[int, tuple[int, ...]] | None = None
+        self._committed_at = -math.inf
+        self._commit(self.learner.progress)
+        # shutdown: no new round once stopping; the round in progress is cancelled at its commit point
+        self.cancel = RoundCancel()
+        self.learner.cancel = self.cancel
+        self.stopping = False
+        self.round_future: asyncio.Future | None = None
+        self.round_labels = 0  # labels of the round in progress
         self.poll_interval_s = s.poll_interval_s
         self.report_interval_s = s.report_interval_s
         self.reports_dir = Path(s.workdir) / "reports"
@@ -164,12 +248,37 @@ class DomainLoop:
         TRAINED.labels(domain).set(self.learner.trained_rows)
         self.after_round: Callable[[], Awaitable[None]] | None = None  # e.g. refresh health
 
+    def _commit(self, progress: dict) -> None:
+        """Commit the learner's durable progress as this domain's log consumer (blocking: a write)."""
+        offset = int(progress.get("offset", 0))
+        pending = tuple(int(o) for o in progress.get("pending", ()))
+        if self._committed == (offset, pending):
+            return
+        self.log.commit_offset(self.consumer, offset, {"domain": self.domain, "offset": offset,
+                                                       "pending": list(pending)})
+        self._committed, self._committed_at = (offset, pending), time.monotonic()
+
     def _round(self, progress):
         # One domain's round at a time: torch.export (dynamo) is not thread-safe (concurrent
         # exports fail with "SymInt ... is not tracked with proxy"), and rounds competing for
         # the same cores only make each slower.
         with ROUND_LOCK:
-            return self.learner.round(progress)
+            if self.cancel.is_set():  # shutdown began while this round waited for the lock
+                raise RoundCancelled(f"{self.domain}: round not started: shutting down")
+            self.cancel.begin_round()
+            entry = self.learner.round(progress)
+        if entry is not None:  # its checkpoint is written: the log may forget what it covers
+            self._commit(self.learner.progress)
+        return entry
+
+    def commit_idle(self) -> None:
+        """Between rounds, with no joined label waiting for one, everything the joiner has read
+        is accounted for (learned in checkpointed rounds, or dropped: late, duplicate, unmatched):
+        commit its position, so retention also moves on in a domain whose predictions get few
+        labels. At most every 5 s (a commit is a write with an fsync)."""
+        if len(self.learner.pending) or self.stopping or time.monotonic() - self._committed_at < 5.0:
+            return
+        self._commit(self.joiner.checkpoint())
 
     def refresh_report(self, force: bool = False) -> None:
         """Re-render the learning report (in the calling thread) when it is due."""
@@ -207,14 +316,25 @@ class DomainLoop:
 
     async def run(self) -> None:
         await asyncio.to_thread(self.refresh_report, True)
-        while True:
+        while not self.stopping:
             try:
                 joined = await asyncio.to_thread(self.joiner.poll, 4096)
+                if self.stopping:  # not learned, not committed: read again after the restart
+                    return
                 self.learner.add(self.learner.model.examples(joined))
                 DRIFT.labels(self.domain).set(1 if self.learner.drift.in_drift else 0)
                 if self.learner.due():
                     progress = self.joiner.checkpoint()
-                    entry = await asyncio.to_thread(self._round, progress)
+                    self.round_labels = len(self.learner.pending)
+                    log.info("%s: round started on %d new labels", self.domain, self.round_labels)
+                    self.round_future = _in_daemon_thread(self._round, progress, name=f"round-{self.domain}")
+                    try:
+                        # shielded: a cancelled loop task leaves the round to the shutdown, which
+                        # waits for it or cancels it at its commit point
+                        entry = await asyncio.shield(self.round_future)
+                    except RoundCancelled as e:
+                        log.info("%s", e)
+                        return
                     if entry is not None:
                         ROUNDS.labels(self.domain, entry["decision"]).inc()
                         TRAINED.labels(self.domain).set(self.learner.trained_rows)
@@ -222,6 +342,8 @@ class DomainLoop:
                         await asyncio.to_thread(self.collect_garbage)
                         if self.after_round is not None:
                             await self.after_round()
+                else:
+                    await asyncio.to_thread(self.commit_idle)
                 if not joined:
                     await asyncio.sleep(self.poll_interval_s)
             except asyncio.CancelledError:
@@ -229,6 +351,21 @@ class DomainLoop:
             except Exception:  # keep learning alive; the error is in the log with its traceback
                 log.exception("%s: learning loop failed; retrying", self.domain)
                 await asyncio.sleep(max(1.0, self.poll_interval_s))
+
+
+class TrainerApp(ServerApp):
+    """The trainer's ServerApp: its stop() first runs `before_stop` (stop taking feedback, settle
+    the rounds in progress; see the module docstring), then the servers' drain and stop."""
+
+    before_stop: Callable[[], Awaitable[None]] | None = None
+
+    async def stop(self) -> None:
+        if not self._stopping and self.before_stop is not None:
+            try:
+                await self.before_stop()
+            except Exception:  # the rest of the shutdown must still happen
+                log.exception("trainer: shutdown of the learning loops failed")
+        await super().stop()
 
 
 def make_app(s: TrainerSettings) -> ServerApp:
@@ -260,8 +397,29 @@ def make_app(s: TrainerSettings) -> ServerApp:
         except Exception:  # an unreadable pointer (logged and counted by the registry's readers)
             return False
 
-    app = ServerApp("trainer", s, {}, register, v2=False, ready=ready)
+    app = TrainerApp("trainer", s, {}, register, v2=False, ready=ready)
     tasks: list[asyncio.Task] = []
+    policy = s.retention_policy()
+    retention_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eventlog-retention")
+
+    async def retain_forever() -> None:
+        """Retention passes, one at a time, in their own thread (a pass deletes in batches and may
+        vacuum: never on the event loop, never two at once)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                report = await loop.run_in_executor(retention_pool, event_log.retain, policy)
+                if report.total_deleted:
+                    log.info("event log retention: %d events deleted %s, %d pages given back, %d -> %d bytes on disk, "
+                             "%d events left (%.2f s; safe offsets %s)", report.total_deleted,
+                             {f"{d}/{r}": n for (d, r), n in sorted(report.deleted.items())}, report.pages_reclaimed,
+                             report.bytes_before, report.bytes_after, report.rows_after, report.seconds,
+                             {d: o for d, (o, _) in report.safe_offsets.items()})
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # retention must never stop the trainer; the next pass tries again
+                log.exception("event log retention failed")
+            await asyncio.sleep(s.retention_interval_s)
 
     async def start() -> None:
         if s.bootstrap:
@@ -282,14 +440,62 @@ def make_app(s: TrainerSettings) -> ServerApp:
             loop.after_round = app.refresh_health
             loops[domain] = loop
             tasks.append(asyncio.get_running_loop().create_task(loop.run(), name=f"learn-{domain}"))
+        if s.retention_interval_s > 0:
+            tasks.append(asyncio.get_running_loop().create_task(retain_forever(), name="eventlog-retention"))
+
+    async def settle() -> None:
+        """Shutdown, before the server stops: no more feedback, no new round, and the round in
+        progress either finishes within shutdown_round_grace_s or is abandoned unpublished."""
+        log.info("trainer: shutting down: the collector takes no more feedback, no new round starts")
+        for lp in loops.values():
+            lp.stopping = True
+        await collector.stop_accepting(timeout_s=max(1.0, s.grace_s))
+        running = {lp: lp.round_future for lp in loops.values()
+                   if lp.round_future is not None and not lp.round_future.done()}
+        if running:
+            log.info("trainer: waiting up to %.1f s for the round(s) in progress: %s", s.shutdown_round_grace_s,
+                     ", ".join(f"{lp.domain} ({lp.round_labels} labels)" for lp in running))
+            await asyncio.wait(running.values(), timeout=s.shutdown_round_grace_s)
+        for lp, fut in running.items():
+            if not fut.done() and lp.cancel.cancel():
+                # past its commit point: writing its checkpoint and publishing; stopping it there
+                # would leave a version without its checkpoint, so it finishes (seconds)
+                log.info("%s: the round in progress is already checkpointing/publishing; letting it finish", lp.domain)
+                await asyncio.wait([fut], timeout=300)
+            if fut.done():
+                error = fut.exception()
+                if error is None:
+                    entry = fut.result()
+                    log.info("%s: the round in progress finished during shutdown: %s%s", lp.domain,
+                             entry["decision"] if entry else "nothing to learn",
+                             f" version {entry['version']}" if entry and entry.get("version") else "")
+                elif isinstance(error, RoundCancelled):
+                    log.info("%s: the round in progress was abandoned without publishing or checkpointing; its %d "
+                             "labels are learned after the restart", lp.domain, lp.round_labels)
+                else:
+                    log.error("%s: the round in progress failed during shutdown: %r", lp.domain, error)
+            else:
+                log.warning("%s: the round in progress was abandoned after %.1f s without publishing or checkpointing "
+                            "(it stops at its commit point); its %d labels are learned after the restart",
+                            lp.domain, s.shutdown_round_grace_s, lp.round_labels)
+        for lp in loops.values():
+            lp.cancel.cancel()  # whatever still runs can never commit now
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # a retention pass in progress finishes its batch loop before the log is closed
+        await asyncio.to_thread(retention_pool.shutdown, True)
 
     async def stop() -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await collector.close()
+        await asyncio.to_thread(retention_pool.shutdown, True)
         event_log.close()
+        log.info("trainer: event log closed")
 
+    app.before_stop = settle
     app.on_start.append(start)
     app.on_stop.append(stop)
     return app
