@@ -128,17 +128,17 @@ class TrainerSettings(ServerSettings):
             p.append("gc_keep_last and gc_min_age_s must be >= 0 (gc_keep_last 0 = no gc), gc_lease_ttl_s > 0")
         if self.report_interval_s < 0:
             p.append("report_interval_s must be >= 0 (0 = no learning report)")
-        if self.adv_epsilon < 0 or not 0.0 <= self.adv_share <= 1.0 or self.adv_steps < 1:
-            p.append("adv_epsilon must be >= 0, adv_share in [0, 1], adv_steps >= 1")
-        if self.adv_method not in ("pgd", "fgsm"):
-            p.append(f"adv_method must be 'pgd' or 'fgsm', not {self.adv_method!r}")
-        try:
         if self.retention_interval_s < 0 or self.shutdown_round_grace_s < 0:
             p.append("retention_interval_s and shutdown_round_grace_s must be >= 0")
         try:
             self.retention_policy().validate()
         except ValueError as e:
             p.append(str(e))
+        if self.adv_epsilon < 0 or not 0.0 <= self.adv_share <= 1.0 or self.adv_steps < 1:
+            p.append("adv_epsilon must be >= 0, adv_share in [0, 1], adv_steps >= 1")
+        if self.adv_method not in ("pgd", "fgsm"):
+            p.append(f"adv_method must be 'pgd' or 'fgsm', not {self.adv_method!r}")
+        try:
             self.tokens()
         except (OSError, ValueError) as e:
             p.append(f"feedback_tokens: {e}")
