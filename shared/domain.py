@@ -273,6 +273,12 @@ class DomainService(abc.ABC, Generic[Req, Resp]):
         inputs and every output (never the shared inputs)."""
         return prepared.feeds, outputs
 
+    def recorded_request(self, request: Req) -> Req:
+        """The request as recorded for the trainer (default: as received). A domain drops what
+        training never reads and what would make every record large (the recommender: its
+        candidate list, up to thousands of ids per request)."""
+        return request
+
     def outcome_accepted(self, outcome: Message, record: feedback_pb2.Outcome) -> None:
         """Called once per new (non-duplicate) valid outcome, before it is queued for the trainer."""
 
@@ -292,7 +298,8 @@ class DomainService(abc.ABC, Generic[Req, Resp]):
         if self.feedback is not None:
             inputs, recorded = self.served_record(request, prepared, named, response)
             self.feedback.record_served(prediction_id, used.name, used.version, inputs, recorded,
-                                        request=request, response=response, served_at=time.time())
+                                        request=self.recorded_request(request), response=response,
+                                        served_at=time.time())
         return response
 
     def _rejected(self, reason: str, n: int = 1) -> None:

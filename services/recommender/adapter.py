@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -444,11 +445,30 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
         inputs = {"user": prepared.feeds["user"],
                   "history_ids": np.array(r.history_ids, dtype=object).reshape(1, -1),
                   "context": prepared.feeds["context"]}
+        if request.candidate_item_ids:
+            # the candidate list itself is not recorded (recorded_request drops it: up to
+            # MAX_CANDIDATES ids, ~7.7 KB a record); a reference is: how many there were and a
+            # digest of the set, enough to tell restricted requests apart and to match a list kept
+            # elsewhere, at 30 bytes
+            unique = sorted(set(request.candidate_item_ids))
+            digest = hashlib.blake2b("\x1f".join(unique).encode(), digest_size=16).hexdigest()
+            inputs["candidate_count"] = np.array([[len(unique)]], np.int64)
+            inputs["candidate_digest"] = np.array([[digest]], dtype=object)
         recorded = {"item_ids": np.array(ids, dtype=object).reshape(1, -1),
                     "click": np.array([[it.click_probability for it in response.items]], np.float32).reshape(1, -1),
                     "purchase": np.array([[it.purchase_probability for it in response.items]],
                                          np.float32).reshape(1, -1)}
         return inputs, recorded
+
+    def recorded_request(self, request: pb.RecommendRequest) -> pb.RecommendRequest:
+        """The request without its candidate list (served_record keeps a count and a digest):
+        training reads the user id and the context, never the candidates."""
+        if not request.candidate_item_ids:
+            return request
+        slim = pb.RecommendRequest()
+        slim.CopyFrom(request)
+        del slim.candidate_item_ids[:]
+        return slim
 
     # ---- outcomes ----
     def outcome_to_feedback(self, outcome: pb.RecommendationOutcome, now: float) -> tuple[Hashable, feedback_pb2.Outcome]:
