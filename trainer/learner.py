@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from shared.registry import ModelRegistry
-from trainer.drift import PageHinkley
+from trainer.drift import LossDrift
 from trainer.export import batch1_latency_ms, build_tensorrt_engine, parity
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,19 @@ class LearnerConfig:
     parity_tol: float = 1e-4
     latency_budget_ms: float = 5.0
     drift_cadence_factor: float = 0.25  # while drift lasts, rounds start after this share of min_events
+    # drift detector (trainer.drift.LossDrift): recent window of labels vs the frozen pre-drift loss
+    # window and margin measured on the creditcard stream without injected drift (bench/drift.py):
+    # its fraud bursts alone raise a 2,000-label window's loss 2-4x (18 alarms in 264k labels at
+    # 2,000 / +50 %); 5,000 labels and +200 % leave 3 there (0 on 4 synthetic streams of that shape)
+    drift_window: int = 5000  # labels in the recent window
+    drift_margin: float = 2.0  # alarm: recent loss above the reference by this share (and 4 standard errors)
+    drift_clear_tolerance: float = 0.2  # drift ends when the recent loss is back under reference * (1 + this)
+    # the action while in drift (Learner.adaptation): measured by bench/drift.py
+    drift_adapt: bool = True
+    drift_replay_ratio: float = 1.0  # replayed rows per new row while in drift ...
+    drift_replay_recent: bool = True  # ... drawn only from rows labeled since the drift began (not the old concept)
+    drift_epochs: int = 3  # passes over each round's rows while in drift
+    drift_lr_factor: float = 1.0  # step size multiplier while in drift
     prequential_window: int = 5000  # labels the prequential metrics of each round are computed over
 
 
@@ -208,7 +221,8 @@ class Learner:
         self.decisions = DecisionLog(self.workdir / "decisions" / f"{model.name}.jsonl")
         self.pending = Examples.empty(model.width)
         self.holdout = Examples.empty(model.width)  # last round's holdout: trained on this round
-        self.drift = PageHinkley()
+        self.drift = LossDrift(model.name, window=self.config.drift_window, margin=self.config.drift_margin,
+                               clear_tolerance=self.config.drift_clear_tolerance)
         self.last_round = time.monotonic()
         self.net: torch.nn.Module | None = None
         self.opt: torch.optim.Optimizer | None = None
@@ -280,8 +294,7 @@ class Learner:
         # prequential error of what was served, for the drift detector
         known = ~np.isnan(examples.served_p)
         if known.any():
-            for loss in self.model.prequential_loss(examples.y[known], examples.served_p[known]):
-                self.drift.update(float(loss))
+            self.drift.update_many(self.model.prequential_loss(examples.y[known], examples.served_p[known]))
 
     def due(self) -> bool:
         need = self.config.min_events
@@ -290,6 +303,20 @@ class Learner:
         if len(self.pending) >= need:
             return True
         return len(self.pending) > 0 and time.monotonic() - self.last_round >= self.config.max_interval_s
+
+    def adaptation(self) -> dict[str, Any]:
+        """How this round trains: replayed rows per new row, passes, step size multiplier.
+        While the detector reports drift (and drift_adapt is on), the drift_* values: the
+        replay buffer is mostly pre-drift rows, which pull the candidate back to the old
+        concept (bench/drift.py measures the recovery with and without)."""
+        c = self.config
+        if c.drift_adapt and self.drift.in_drift:
+            # rows labeled since the drift began: the alarm's window plus everything after it
+            recent = self.drift.window + self.drift.labels_in_drift if c.drift_replay_recent else None
+            return {"adapting": True, "replay_ratio": c.drift_replay_ratio, "replay_recent_rows": recent,
+                    "epochs": c.drift_epochs, "lr_factor": c.drift_lr_factor}
+        return {"adapting": False, "replay_ratio": c.replay_ratio, "replay_recent_rows": None, "epochs": c.epochs,
+                "lr_factor": 1.0}
 
     def round(self, progress: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """One update-gate-publish round over the pending examples. Returns the decision.
@@ -318,12 +345,22 @@ class Learner:
         opt = self.model.optimizer(candidate)
         opt.load_state_dict(self.opt.state_dict())
         X, y = train.X, train.y
-        if len(self.replay) and len(train):
-            k = min(len(self.replay), max(1, int(len(train) * self.config.replay_ratio)))
-            idx = self._rng.choice(len(self.replay), size=k, replace=False)
-            X, y = np.concatenate([X, self.replay.X[idx]]), np.concatenate([y, self.replay.y[idx]])
+        adapt = self.adaptation()
+        # the replay buffer keeps its newest rows last (older ones thinned uniformly): the pool is its tail
+        pool = self.replay.take(slice(max(0, len(self.replay) - (adapt["replay_recent_rows"] or len(self.replay))), None))
+        if len(pool) and len(train) and adapt["replay_ratio"] > 0:
+            k = min(len(pool), max(1, int(len(train) * adapt["replay_ratio"])))
+            idx = self._rng.choice(len(pool), size=k, replace=False)
+            X, y = np.concatenate([X, pool.X[idx]]), np.concatenate([y, pool.y[idx]])
         if len(y):
-            self.model.train(candidate, opt, X, y, epochs=self.config.epochs, seed=self.rounds)
+            base_lr = [g["lr"] for g in opt.param_groups]
+            for g in opt.param_groups:
+                g["lr"] *= adapt["lr_factor"]
+            try:
+                self.model.train(candidate, opt, X, y, epochs=adapt["epochs"], seed=self.rounds)
+            finally:  # the optimizer is kept (checkpointed) with its normal step size
+                for g, lr in zip(opt.param_groups, base_lr):
+                    g["lr"] = lr
         self.rounds += 1
         # the offsets covered: everything up to the newest label of this round
         if progress is not None:
@@ -332,7 +369,8 @@ class Learner:
         figures: dict[str, Any] = {"round": self.rounds, "new_labels": len(new), "trained_rows": len(train),
                                    "replayed_rows": len(y) - len(train), "holdout_rows": len(holdout),
                                    "offsets": [int(new.offsets.min()), int(new.offsets.max())],
-                                   "drift": self.drift.in_drift, "prequential": prequential}
+                                   "drift": self.drift.in_drift, "drift_detector": self.drift.figures(),
+                                   "adaptation": adapt, "prequential": prequential}
         reasons = []
         if len(holdout):
             name, cand, higher = self.model.gate_metric(holdout.y, self.model.predict(candidate, holdout.X))

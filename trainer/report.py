@@ -7,7 +7,8 @@ rounds (at most every `report_interval_s`), from the decision log the learner wr
 (`<workdir>/decisions/<model>.jsonl`: one entry per bootstrap, published or refused round).
 Top panel: the serving model's prequential metrics (each label scored by the version that
 served it, before it was learned) over the learner's recent window; green lines mark the
-versions published, red crosses the candidates the gate refused. Bottom panel: the gate's
+versions published, red crosses the candidates the gate refused, orange bands the spans the
+drift detector (trainer/drift.py) reported drift (rounds with "drift": true). Bottom panel: the gate's
 holdout metric, candidate against serving. The HTML page embeds the chart, lists the latest
 decisions with their figures and reasons, and reloads itself every 10 s.
 """
@@ -62,6 +63,33 @@ def _loss_series(series: dict[str, list[tuple[float, float]]]) -> dict[str, list
     return {k: s for k, s in series.items() if "loss" in k}
 
 
+def drift_spans(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Spans of consecutive rounds that ran in drift: start and end time (the first round
+    out of drift, or the last round while it lasts), rounds, and the detector's figures at
+    the start and at the end."""
+    spans: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    for e in entries:
+        if "drift" not in e:  # the bootstrap: no detector yet
+            continue
+        det = e.get("drift_detector") or {}
+        if e["drift"]:
+            if current is None:
+                current = {"start": e["time"], "end": e["time"], "rounds": 0, "ongoing": True,
+                           "reference_loss": det.get("reference_loss"), "peak_recent_loss": det.get("recent_loss")}
+                spans.append(current)
+            current["end"] = e["time"]
+            current["rounds"] += 1
+            rl = det.get("recent_loss")
+            if rl is not None and (current["peak_recent_loss"] is None or rl > current["peak_recent_loss"]):
+                current["peak_recent_loss"] = rl
+            current["labels_in_drift"] = det.get("labels_in_drift")
+        elif current is not None:
+            current.update(end=e["time"], ongoing=False, recovered_loss=det.get("recent_loss"))
+            current = None
+    return spans
+
+
 def render_png(model: str, entries: Sequence[dict[str, Any]]) -> bytes:
     import matplotlib
 
@@ -84,6 +112,10 @@ def render_png(model: str, entries: Sequence[dict[str, Any]]) -> bytes:
     for e in published[-12:]:  # label the newest ones; older labels would overlap
         top.annotate(f"v{e['version']}", (minutes(e["time"]), 1.0), xycoords=("data", "axes fraction"),
                      fontsize=7, color="tab:green", rotation=90, va="top", ha="right")
+    for i, span in enumerate(drift_spans(entries)):
+        for ax in (top, bottom):
+            ax.axvspan(minutes(span["start"]), minutes(span["end"]), color="tab:orange", alpha=0.18,
+                       label="drift" if ax is top and i == 0 else None)
     refused = [e for e in entries if e.get("decision") == "refused"]
     if refused:
         top.scatter([minutes(e["time"]) for e in refused], [0.02] * len(refused), marker="x", color="tab:red",
@@ -129,11 +161,12 @@ def render_html(model: str, entries: Sequence[dict[str, Any]], png: bytes, lates
         rows.append("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in (
             dt.datetime.fromtimestamp(e["time"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
             e.get("decision"), e.get("version"), e.get("new_labels", e.get("bootstrap_rows")),
+            {True: "yes", False: "no"}.get(e.get("drift"), ""),
             e.get("gate_metric"), e.get("candidate"), e.get("serving"),
             f"{first[0]} {_fmt(first[1])}" if first[0] else "", "; ".join(e.get("reasons") or ()))) + "</tr>")
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     img = base64.b64encode(png).decode()
-    head = "".join(f"<th>{h}</th>" for h in ("time (UTC)", "decision", "version", "labels", "gate metric",
+    head = "".join(f"<th>{h}</th>" for h in ("time (UTC)", "decision", "version", "labels", "drift", "gate metric",
                                              "candidate", "serving", "prequential", "reasons"))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
@@ -142,9 +175,27 @@ def render_html(model: str, entries: Sequence[dict[str, Any]], png: bytes, lates
 td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}</style></head>
 <body><h1>{html.escape(model)}: learning report</h1>
 <p>Updated {now}; {len(entries)} decisions. Prequential metrics: each label scored by the version that served it.</p>
+{_drift_html(entries)}
 <img alt="learning report chart" src="data:image/png;base64,{img}">
 <h2>Latest decisions</h2><table><tr>{head}</tr>{''.join(rows)}</table></body></html>
 """
+
+
+def _utc(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _drift_html(entries: Sequence[dict[str, Any]]) -> str:
+    spans = drift_spans(entries)
+    if not spans:
+        return "<p>No drift reported.</p>"
+    items = []
+    for s in spans:
+        end = "ongoing" if s["ongoing"] else f"until {_utc(s['end'])} UTC"
+        items.append(f"<li>from {_utc(s['start'])} UTC, {end}: {s['rounds']} rounds in drift; pre-drift loss "
+                     f"{html.escape(_fmt(s['reference_loss']))}, peak recent loss {html.escape(_fmt(s['peak_recent_loss']))}"
+                     + (f", back to {html.escape(_fmt(s.get('recovered_loss')))}" if not s["ongoing"] else "") + "</li>")
+    return f"<h2>Drift</h2><ul>{''.join(items)}</ul>"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
