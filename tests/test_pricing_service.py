@@ -213,11 +213,14 @@ def test_exploratory_flag_means_the_price_differs_from_the_greedy_one(world, ser
     for req in reqs[:100]:
         resp, prepared, outputs = quote_via(greedy_only, model, req)
         assert not resp.exploratory and resp.price == greedy_price(req, prepared, outputs)
-    no_step = PricingService(server.app.models["pricing"], exploration_share=1.0, max_step_pct=0.0, seed=1)
+    no_step = PricingService(server.app.models["pricing"], exploration_share=1.0, max_step_pct=0.0, wide_step_share=0.0,
+                             seed=1)
     assert not any(quote_via(no_step, model, r)[0].exploratory for r in reqs[:100])
     explored = {}
     for share in (1.0, 0.25):
-        svc = PricingService(server.app.models["pricing"], exploration_share=share, max_step_pct=15.0, seed=2)
+        # local steps only: every exploratory price within the step limit of the greedy one
+        svc = PricingService(server.app.models["pricing"], exploration_share=share, max_step_pct=15.0,
+                             wide_step_share=0.0, seed=2)
         flags = []
         for req in reqs:
             resp, prepared, outputs = quote_via(svc, model, req)
@@ -226,10 +229,21 @@ def test_exploratory_flag_means_the_price_differs_from_the_greedy_one(world, ser
             assert abs(resp.price - g) <= 0.15 * g + 1e-9  # the step limit
             flags.append(resp.exploratory)
         explored[share] = np.mean(flags)
-    # Thompson samples of this model disagree with its mean on a good share of these quotes;
-    # with a quarter of the quotes sampling, about a quarter as many explore
-    assert explored[1.0] > 0.05
-    assert 0.1 * explored[1.0] < explored[0.25] < 0.5 * explored[1.0]
+    # (changed with issue 17) an exploring quote is always priced off the greedy price, so the
+    # realised share is the setting, not the share of Thompson samples that disagree with the mean
+    assert explored[1.0] == 1.0
+    assert abs(explored[0.25] - 0.25) < 4 * math.sqrt(0.25 * 0.75 / len(reqs))
+    # wide steps leave the step limit behind, never the guardrails
+    wide = PricingService(server.app.models["pricing"], exploration_share=1.0, max_step_pct=5.0, wide_step_share=1.0,
+                          seed=3)
+    far = 0
+    for req in reqs[:200]:
+        resp, prepared, outputs = quote_via(wide, model, req)
+        g = greedy_price(req, prepared, outputs)
+        check_quote(req, resp)
+        assert resp.exploratory and resp.price != g
+        far += abs(resp.price - g) > 0.05 * g + 1e-9
+    assert far > 100
 
 
 def test_exploration_is_counted_in_metrics(world, server):
@@ -350,9 +364,11 @@ def test_small_grids():
     assert candidate_grid(100.0, 80.0, 120.0, 3).tolist() == [80.0, 100.0, 120.0]
 
 
-@pytest.mark.parametrize("flag,value", [("--exploration-share", "1.5"), ("--max-step-pct", "-1"), ("--grid-size", "1")])
+@pytest.mark.parametrize("flag,value", [("--exploration-share", "1.5"), ("--max-step-pct", "-1"), ("--grid-size", "1"),
+                                        ("--wide-step-share", "-0.1"), ("--wide-step-share", "2")])
 def test_settings_refuse_bad_exploration_values(flag, value):
     with pytest.raises(SystemExit):
         PricingSettings.load([flag, value], env={})
     s = PricingSettings.load([], env={"STOREFRONT_EXPLORATION_SHARE": "0.05"})
-    assert (s.port, s.model_name, s.exploration_share, s.max_step_pct, s.grid_size) == (50053, "pricing", 0.05, 10.0, 21)
+    assert (s.port, s.model_name, s.exploration_share, s.max_step_pct, s.grid_size, s.wide_step_share) == (
+        50053, "pricing", 0.05, 10.0, 21, 0.2)

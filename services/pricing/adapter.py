@@ -10,11 +10,24 @@ A quote:
    and the conversion under each of the model's Thompson samples (trainer.domains.pricing);
 5. greedy price = the candidate of highest expected value (revenue p x conversion, or margin
    (p - unit_cost) x conversion) under the mean model. With probability `exploration_share`
-   the quote explores: one Thompson sample, drawn at random, picks the best candidate within
-   `max_step_pct` percent of the greedy price (the step limit: exploration never moves the
-   price further than that from the current best estimate). `exploratory` is true when the
-   price differs from the greedy one; expected_conversion and expected_value are the mean
-   model's at the chosen price.
+   the quote explores, and an exploring quote is always priced off the greedy price (so the
+   share of exploratory quotes is the setting, not the share of Thompson samples that happen
+   to disagree with the mean: most agree once the posterior is tight, which left exploration
+   at a few % of quotes whatever the setting):
+   - a local step (most exploring quotes): one Thompson sample, drawn at random, picks its
+     best candidate other than the greedy price within `max_step_pct` percent of the greedy
+     price. The sample varies every term of the model (product, segment, hour...), so where
+     the posterior is unsure which neighbour is better, both get tried;
+   - a wide step (a share `wide_step_share` of the exploring quotes): a candidate other than
+     the greedy price drawn uniformly from the whole effective range. Local steps alone never
+     leave the neighbourhood of the greedy price: from the lower guardrail, with a 10 % step,
+     the upper part of a +-20 % range is never quoted, so a model whose form is wrong there
+     (a market is never exactly logistic) is never corrected. The wide steps are the budget
+     that lets exploration reach any price inside the guardrails over time.
+   `exploratory` is true exactly when the price differs from the greedy one (an exploring
+   quote whose reachable candidates are all the greedy price, e.g. a pinned price, is not);
+   expected_conversion and expected_value are the mean model's at the chosen price. The
+   realised share is exported as storefront_pricing_exploratory_total / quotes.
 
 The price is a grid value clipped to [lo, hi] (a no-op, kept so float rounding can never put
 a quote outside the caller's guardrails).
@@ -44,6 +57,9 @@ SIGNATURE = Signature(
 X_CLIP = 5.0  # the model's clip of log(price / reference) (trainer.domains.pricing_data.X_CLIP)
 MAX_SEGMENT_LEN = 64
 
+EXPLORATORY = Counter("storefront_pricing_exploratory_total",
+                      "Quotes priced off the greedy price (realised exploration: divide by the quotes), by step",
+                      ["model", "step"])
 QUOTES = Counter("storefront_pricing_quotes_total", "Quotes served, by objective and whether the price was exploratory",
                  ["model", "objective", "exploratory"])
 PRICE_CHANGE = Histogram("storefront_pricing_price_change_ratio", "Quoted price / reference price",
@@ -105,16 +121,17 @@ class PricingService(DomainService[pricing_pb2.QuoteRequest, pricing_pb2.QuoteRe
     domain = feedback_pb2.DOMAIN_PRICING
 
     def __init__(self, served, feedback=None, *, exploration_share: float = 0.2, max_step_pct: float = 10.0,
-                 grid_size: int = 21, seed: int = -1) -> None:
+                 wide_step_share: float = 0.2, grid_size: int = 21, seed: int = -1) -> None:
         super().__init__(served, feedback)
-        if not 0.0 <= exploration_share <= 1.0 or max_step_pct < 0 or grid_size < 2:
-            raise ValueError("exploration_share in [0, 1], max_step_pct >= 0, grid_size >= 2")
+        if not 0.0 <= exploration_share <= 1.0 or max_step_pct < 0 or grid_size < 2 or not 0.0 <= wide_step_share <= 1.0:
+            raise ValueError("exploration_share in [0, 1], max_step_pct >= 0, wide_step_share in [0, 1], grid_size >= 2")
         self.exploration_share = exploration_share
         self.max_step = max_step_pct / 100.0
+        self.wide_step_share = wide_step_share
         self.grid_size = grid_size
         self.rng = np.random.default_rng(None if seed < 0 else seed)
         self._vocab: tuple[str, Vocab] | None = None
-        self._counters: dict[tuple[str, int, bool], object] = {}
+        self._counters: dict[tuple, list] = {}
 
     def vocab(self, model: LoadedModel) -> Vocab:
         """The maps of this version, built once per vocabulary (versions that share one, which
@@ -192,16 +209,13 @@ class PricingService(DomainService[pricing_pb2.QuoteRequest, pricing_pb2.QuoteRe
         mean = outputs["conversion"][0].astype(np.float64)
         value = unit_value * mean
         greedy = int(np.argmax(value))
-        choice = greedy
+        choice, step = greedy, None
         if self.exploration_share > 0 and self.rng.random() < self.exploration_share:
-            samples = outputs["sampled_conversion"][0]
-            sampled_value = unit_value * samples[self.rng.integers(len(samples))]
-            reach = np.abs(grid - grid[greedy]) <= self.max_step * grid[greedy] + 1e-12
-            choice = int(np.argmax(np.where(reach, sampled_value, -np.inf)))
+            choice, step = self._explore(grid, greedy, unit_value, outputs["sampled_conversion"][0])
         price = float(min(max(grid[choice], lo), hi))
         exploratory = price != float(grid[greedy])
         objective = pricing_pb2.OBJECTIVE_MARGIN if margin_cost is not None else pricing_pb2.OBJECTIVE_REVENUE
-        self._count(model.name, objective, exploratory)
+        self._count(model.name, objective, exploratory, step)
         PRICE_CHANGE.labels(model.name).observe(price / ref)
         conversion = float(mean[choice])
         return pricing_pb2.QuoteResponse(
@@ -210,13 +224,32 @@ class PricingService(DomainService[pricing_pb2.QuoteRequest, pricing_pb2.QuoteRe
             model=common_pb2.ModelRef(name=model.name, version=model.version),
             effective_min_price=lo, effective_max_price=hi)
 
-    def _count(self, model: str, objective: int, exploratory: bool) -> None:
-        key = (model, objective, exploratory)
-        counter = self._counters.get(key)
-        if counter is None:
+    def _explore(self, grid: np.ndarray, greedy: int, unit_value: np.ndarray, samples: np.ndarray
+                 ) -> tuple[int, str | None]:
+        """An exploratory candidate (index into grid) other than the greedy price, and its step
+        kind ("local" or "wide"); (greedy, None) when no other price is reachable."""
+        other = grid != grid[greedy]  # the reference may duplicate a grid price: compare prices
+        if not other.any():
+            return greedy, None
+        if self.wide_step_share > 0 and self.rng.random() < self.wide_step_share:
+            return int(self.rng.choice(np.flatnonzero(other))), "wide"
+        reach = other & (np.abs(grid - grid[greedy]) <= self.max_step * grid[greedy] + 1e-12)
+        if not reach.any():
+            return greedy, None
+        sampled_value = unit_value * samples[self.rng.integers(len(samples))]
+        return int(np.argmax(np.where(reach, sampled_value, -np.inf))), "local"
+
+    def _count(self, model: str, objective: int, exploratory: bool, step: str | None) -> None:
+        key = (model, objective, exploratory, step if exploratory else None)
+        counters = self._counters.get(key)
+        if counters is None:
             name = "margin" if objective == pricing_pb2.OBJECTIVE_MARGIN else "revenue"
-            counter = self._counters[key] = QUOTES.labels(model, name, "true" if exploratory else "false")
-        counter.inc()
+            counters = [QUOTES.labels(model, name, "true" if exploratory else "false")]
+            if exploratory:
+                counters.append(EXPLORATORY.labels(model, step or "local"))
+            self._counters[key] = counters
+        for c in counters:
+            c.inc()
 
     # ---- outcomes ----
     def outcome_to_feedback(self, outcome: pricing_pb2.PricingOutcome, now: float) -> tuple[Hashable, feedback_pb2.Outcome]:

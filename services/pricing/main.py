@@ -22,8 +22,11 @@ class PricingSettings(DomainSettings):
 
     port: int = setting(50053, "gRPC port")
     model_name: str = setting("pricing", "model name in the registry")
-    exploration_share: float = setting(0.2, "share of quotes priced by a Thompson sample instead of the mean model")
-    max_step_pct: float = setting(10.0, "step limit: an exploratory price is at most this % away from the greedy one")
+    exploration_share: float = setting(0.2, "share of quotes priced off the greedy price (exploration), chosen by a "
+                                            "Thompson sample within the step limit or by a wide step")
+    max_step_pct: float = setting(10.0, "step limit of a local exploratory step: at most this % away from the greedy price")
+    wide_step_share: float = setting(0.2, "share of exploratory quotes priced anywhere in the guardrails (a wide step) "
+                                          "instead of within the step limit")
     grid_size: int = setting(21, "candidate prices per quote (evenly spaced over the guardrails, plus the reference)")
     exploration_seed: int = setting(-1, "seed of the exploration draws; -1 = from the OS")
 
@@ -33,6 +36,8 @@ class PricingSettings(DomainSettings):
             p.append("exploration_share must be in [0, 1]")
         if self.max_step_pct < 0:
             p.append("max_step_pct must be >= 0")
+        if not 0.0 <= self.wide_step_share <= 1.0:
+            p.append("wide_step_share must be in [0, 1]")
         if not 2 <= self.grid_size <= 1024:
             p.append("grid_size must be in 2..1024")
         return p
@@ -43,7 +48,7 @@ def make_app(s: PricingSettings) -> ServerApp:
                          manifest_check=check_manifest)
     served = ServedModel.from_settings(s.model_name, s, loader)
     service = PricingService(served, exploration_share=s.exploration_share, max_step_pct=s.max_step_pct,
-                             grid_size=s.grid_size, seed=s.exploration_seed)
+                             wide_step_share=s.wide_step_share, grid_size=s.grid_size, seed=s.exploration_seed)
     app = ServerApp("pricing", s, {s.model_name: served}, register(PricingServicer(service)))
     configure_outcomes(service, s)  # prediction id keys, outcome rate limit, durable acks
     service.feedback = attach_feedback(app, s, "pricing")

@@ -3,15 +3,22 @@
 Model. For a quote of product i (subclass c) at price p with reference price r, to a
 customer of segment s at hour h, with x = log(p / r):
 
-    logit P(sale) = a0 + a_c + a_i + u_s + v_h  -  softplus(b0 + b_c + b_i) * x
+    logit P(sale) = a0 + a_c + a_i + a_s + a_is + a_h
+                    - softplus(b0 + b_c + b_i + b_s + b_is + b_h) * x
 
 a_* are conversion levels, b_* price sensitivities (softplus keeps demand decreasing in
-price: the slope is the elasticity of the odds). Product terms are offsets from their
-subclass, subclass terms offsets from the global ones, each with a Gaussian prior at 0
-(precisions PRIOR_PRECISION): a product with little data is priced like its subclass, a
-subclass with little data like the store. Unknown products (code 0: not in the vocabulary)
-and unknown subclasses use the shared terms only. Hours are learned online only (Ta Feng
-has no times; its rows carry NO_HOUR, whose term is 0).
+price: the slope is the elasticity of the odds). Both the level and the sensitivity are
+hierarchical: product terms are offsets from their subclass, subclass terms offsets from the
+global ones; a segment has a store-wide offset (a_s, b_s: shared by every product) and each
+(product, segment) cell an offset from product + segment (a_is, b_is); hours have offsets of
+their own. Each offset has a Gaussian prior at 0 (precisions PRIOR_PRECISION), so a product
+with little data is priced like its subclass, a subclass like the store, and a segment that
+a product rarely sees like that product adjusted by how the segment behaves across the store
+(a segment can be priced higher where it is less sensitive: a level alone could only push
+the best price down). Unknown products (code 0: not in the vocabulary) and unknown subclasses
+use the shared and segment terms only. Hours are learned online only (Ta Feng has no times;
+its rows carry NO_HOUR, whose terms are 0); their strong prior keeps them near 0 until the
+storefront's quotes show an hour-of-day effect.
 
 Uncertainty: a diagonal Laplace posterior, updated online (Chapelle & Li, "An empirical
 evaluation of Thompson sampling", 2011). Each parameter has a mean (the trained weight) and
@@ -19,10 +26,10 @@ a precision (buffer). Absorbing new rows = minimizing their weighted log loss pl
 0.5 * sum(precision * (w - mean_before)^2) (the previous posterior as the prior), by a
 full-batch L-BFGS solve, then adding the rows' diagonal Fisher information to the
 precisions. Thompson samples: N_SAMPLES fixed standard-normal draws (buffers, same seed in
-every version) give sampled product and subclass terms mean + noise / sqrt(precision); the
-serving graph returns the conversion of every sample, so the service picks a sample per
-request at random, and one ONNX call evaluates every candidate price under the mean model
-and under every sample.
+every version) give every term (global, subclass, product, segment, cell and hour; levels and
+sensitivities) as mean + noise / sqrt(precision); the serving graph returns the conversion of
+every sample, so the service picks a sample per request at random, and one ONNX call
+evaluates every candidate price under the mean model and under every sample.
 
 The learner's replay (rows it already trained on, mixed into each round) would count old
 evidence twice in a posterior that already holds it: each row carries its event-log offset,
@@ -69,14 +76,35 @@ MODEL_NAME = "pricing"
 PRODUCT_CAPACITY = 32768  # product codes the network holds (Ta Feng has 23,812; 0 = unknown)
 CATEGORY_CAPACITY = 4096  # subclass codes (Ta Feng has 2,010; 0 = unknown)
 N_SEGMENTS = len(SEGMENTS)
-NO_HOUR = 24  # hour code of rows without a time of day (Ta Feng); its term is fixed at 0
+CELL_CAPACITY = PRODUCT_CAPACITY * N_SEGMENTS  # (product, segment) cells: code product * N_SEGMENTS + segment
+NO_HOUR = 24  # hour code of rows without a time of day (Ta Feng); its terms are fixed at 0
 N_SAMPLES = 16  # Thompson samples in the serving graph
 NOISE_SEED = 1234
-# Prior precisions (1 / variance) of the parameter groups: global terms are nearly free,
-# subclass offsets moderately shrunk, product offsets more (sd 0.7 for levels, 0.5 for slopes).
+# The (product, segment) groups draw their Thompson noise from a table of this many slots (cell
+# code modulo NOISE_SLOTS) instead of one per cell: 16 x 360k draws would triple the exported
+# file. Cells that share a slot belong to different products (a product's 11 cells are 11
+# consecutive codes), so the terms of one quote always get independent draws; that two products
+# share a draw does not bias any quote (each quote's price depends on its own terms only).
+NOISE_SLOTS = 8192
+# Prior precisions (1 / variance) of the parameter groups. Global terms are nearly free; subclass
+# offsets moderately shrunk, product offsets more (sd 0.7 for levels, 0.5 for slopes). Segment
+# slopes (store level, shared by every product) sd 1: segments may differ much in price
+# sensitivity, and thousands of quotes inform each. A (product, segment) cell's offsets from
+# its product and its segment (sd 0.7): one cell holds a few hundred quotes at most, whose
+# price information over a +-20 % range is small, so a cell's slope stays near product +
+# segment until its own data disagree. Hours: levels sd 0.5, slopes sd 0.35 (the storefront
+# rarely changes sensitivity by the hour; the data must show it).
 PRIOR_PRECISION = {"a0": 1e-2, "b0": 1e-2, "a_cat": 1.0, "b_cat": 2.0, "a_prod": 2.0, "b_prod": 4.0,
-                   "a_seg": 1.0, "a_hour": 4.0}
-SAMPLED = ("a_cat", "b_cat", "a_prod", "b_prod")  # the groups Thompson samples vary
+                   "a_seg": 1.0, "b_seg": 1.0, "a_cell": 2.0, "b_cell": 2.0, "a_hour": 4.0, "b_hour": 8.0}
+# Which code indexes each group: the parameter's row for a quote.
+GROUP_INDEX = {"a0": "global", "b0": "global", "a_cat": "category", "b_cat": "category", "a_prod": "product",
+               "b_prod": "product", "a_seg": "segment", "b_seg": "segment", "a_cell": "cell", "b_cell": "cell",
+               "a_hour": "hour", "b_hour": "hour"}
+LEVELS = tuple(n for n in GROUP_INDEX if n.startswith("a"))  # terms of the conversion level
+SLOPES = tuple(n for n in GROUP_INDEX if n.startswith("b"))  # terms of the price sensitivity (pre-softplus)
+# Thompson samples vary every term that decides the price: the segment, hour and cell terms as
+# much as the product's (a sample that left them at their means would never explore them).
+SAMPLED = LEVELS + SLOPES
 OFFSET_SPLIT = float(1 << 20)  # offsets ride in two float32 columns, exact up to 2**44
 COL_PRODUCT, COL_SEGMENT, COL_HOUR, COL_X, COL_WEIGHT, COL_OFF_HI, COL_OFF_LO = range(7)
 WIDTH = 7
@@ -105,7 +133,8 @@ class PricingNet(nn.Module):
 
     SHAPES = {"a0": (1,), "b0": (1,), "a_cat": (CATEGORY_CAPACITY,), "b_cat": (CATEGORY_CAPACITY,),
               "a_prod": (PRODUCT_CAPACITY,), "b_prod": (PRODUCT_CAPACITY,), "a_seg": (N_SEGMENTS,),
-              "a_hour": (NO_HOUR + 1,)}
+              "b_seg": (N_SEGMENTS,), "a_cell": (CELL_CAPACITY,), "b_cell": (CELL_CAPACITY,),
+              "a_hour": (NO_HOUR + 1,), "b_hour": (NO_HOUR + 1,)}
 
     def __init__(self) -> None:
         super().__init__()
@@ -114,10 +143,12 @@ class PricingNet(nn.Module):
             setattr(self, name, nn.Parameter(init))
             self.register_buffer(f"prec_{name}", torch.full(shape, PRIOR_PRECISION[name]))
             self.register_buffer(f"prior_{name}", init.clone())
-            self.register_buffer(f"mask_{name}", self._mask(name, shape))
+            if GROUP_INDEX[name] != "cell":  # cells are masked by their product code (see mask_at)
+                self.register_buffer(f"mask_{name}", self._mask(name, shape))
         g = torch.Generator().manual_seed(NOISE_SEED)
         for name in SAMPLED:
-            self.register_buffer(f"noise_{name}", torch.randn((N_SAMPLES, *self.SHAPES[name]), generator=g))
+            slots = min(self.SHAPES[name][0], NOISE_SLOTS) if GROUP_INDEX[name] == "cell" else self.SHAPES[name][0]
+            self.register_buffer(f"noise_{name}", torch.randn((N_SAMPLES, slots), generator=g))
         self.register_buffer("product_category", torch.zeros(PRODUCT_CAPACITY, dtype=torch.int64))
         self.register_buffer("absorbed_offset", torch.tensor(-1, dtype=torch.int64))
         self.vocab: Vocabulary | None = None
@@ -125,9 +156,9 @@ class PricingNet(nn.Module):
     @staticmethod
     def _mask(name: str, shape) -> torch.Tensor:
         m = torch.ones(shape)
-        if name in ("a_cat", "b_cat", "a_prod", "b_prod"):
+        if GROUP_INDEX[name] in ("category", "product"):
             m[0] = 0.0  # unknown product / subclass: shared terms only
-        if name == "a_hour":
+        if GROUP_INDEX[name] == "hour":
             m[NO_HOUR] = 0.0
         return m
 
@@ -152,36 +183,69 @@ class PricingNet(nn.Module):
             self.vocab = Vocabulary(list(state["products"]), list(state["categories"]),
                                     self.product_category[:n].numpy().copy())
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A checkpoint of the model before per-segment sensitivities (no segment-slope, cell or
+        hour-slope groups, Thompson noise for fewer groups) loads with what it lacks at its
+        initial value (the prior; fresh noise draws): the learner keeps its posterior and goes
+        on learning instead of refusing to start until a new bootstrap."""
+        if prefix + "a0" in state_dict:  # a pricing checkpoint, not something else
+            for key, value in [*self.named_parameters(recurse=False), *self.named_buffers(recurse=False)]:
+                if prefix + key not in state_dict:
+                    state_dict[prefix + key] = value.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     # ---- the model ----
+    def indices(self, product, segment, hour) -> dict[str, torch.Tensor]:
+        """The row of every group for each quote."""
+        return {"global": torch.zeros_like(product), "category": self.product_category[product], "product": product,
+                "segment": segment, "hour": hour, "cell": product * N_SEGMENTS + segment}
+
+    def mask_at(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        if GROUP_INDEX[name] == "cell":  # the cells of product 0 (unknown): shared terms only
+            return (index >= N_SEGMENTS).to(torch.float32)
+        return getattr(self, f"mask_{name}")[index]
+
+    def term_at(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """[B] the group's masked mean term (gathered first: a run touches the rows of its batch)."""
+        return getattr(self, name)[index] * self.mask_at(name, index)
+
     def terms(self, name: str) -> torch.Tensor:
-        return getattr(self, name) * getattr(self, f"mask_{name}")
+        """The whole masked table of a group (for inspection and the simulators)."""
+        return self.term_at(name, torch.arange(self.SHAPES[name][0]))
 
     def level_slope(self, product, segment, hour):
-        """Mean level and slope pre-activation per row, and the subclass code."""
-        cat = self.product_category[product]
-        level = (self.terms("a0") + self.terms("a_cat")[cat] + self.terms("a_prod")[product]
-                 + self.terms("a_seg")[segment] + self.terms("a_hour")[hour])
-        slope = self.terms("b0") + self.terms("b_cat")[cat] + self.terms("b_prod")[product]
-        return level, slope, cat
+        """Mean level and slope pre-activation per row, and the rows' group indices."""
+        idx = self.indices(product, segment, hour)
+        level = sum(self.term_at(n, idx[GROUP_INDEX[n]]) for n in LEVELS)
+        slope = sum(self.term_at(n, idx[GROUP_INDEX[n]]) for n in SLOPES)
+        return level, slope, idx
 
     def logit(self, product, segment, hour, x):
         level, slope, _ = self.level_slope(product, segment, hour)
         return level - nn.functional.softplus(slope) * x
 
     def sampled_noise(self, name: str, index: torch.Tensor) -> torch.Tensor:
-        """[B, N_SAMPLES] noise of a sampled group: fixed draw / sqrt(precision), masked
-        (gathered first: a run touches the rows of its batch, not the whole table)."""
-        scale = getattr(self, f"mask_{name}")[index] / torch.sqrt(getattr(self, f"prec_{name}")[index])
-        return (getattr(self, f"noise_{name}")[:, index] * scale).transpose(0, 1)
+        """[B, N_SAMPLES] noise of a group: fixed draw / sqrt(precision), masked."""
+        scale = self.mask_at(name, index) / torch.sqrt(getattr(self, f"prec_{name}")[index])
+        noise = getattr(self, f"noise_{name}")
+        slot = index % noise.shape[1] if noise.shape[1] < self.SHAPES[name][0] else index
+        return (noise[:, slot] * scale).transpose(0, 1)
 
     def forward(self, product, segment, hour, log_price_ratio):
-        level, slope, cat = self.level_slope(product, segment, hour)
+        level, slope, idx = self.level_slope(product, segment, hour)
         x = log_price_ratio.clamp(-X_CLIP, X_CLIP)
         conversion = torch.sigmoid(level.unsqueeze(1) - nn.functional.softplus(slope).unsqueeze(1) * x)
-        s_level = level.unsqueeze(1) + self.sampled_noise("a_cat", cat) + self.sampled_noise("a_prod", product)
-        s_slope = slope.unsqueeze(1) + self.sampled_noise("b_cat", cat) + self.sampled_noise("b_prod", product)
+        s_level = level.unsqueeze(1) + sum(self.sampled_noise(n, idx[GROUP_INDEX[n]]) for n in LEVELS)
+        s_slope = slope.unsqueeze(1) + sum(self.sampled_noise(n, idx[GROUP_INDEX[n]]) for n in SLOPES)
         sampled = torch.sigmoid(s_level.unsqueeze(2) - nn.functional.softplus(s_slope).unsqueeze(2) * x.unsqueeze(1))
         return conversion, sampled
+
+    def slopes(self, product, segment, hour) -> torch.Tensor:
+        """[B] the mean price sensitivity softplus(slope) of each quote (reports, tests, simulators)."""
+        with torch.no_grad():
+            return nn.functional.softplus(self.level_slope(product, segment, hour)[1])
 
 
 def _columns(X: np.ndarray):
@@ -204,17 +268,33 @@ def absorb(net: PricingNet, X: np.ndarray, y: np.ndarray, max_iter: int = 50, pr
     with torch.no_grad():
         for name in names:
             getattr(net, f"prior_{name}").copy_(getattr(net, name))
+    # The solve runs over the rows of each table these quotes touch, not the whole tables: an
+    # untouched row's gradient is its prior's alone, which is 0 at the start (the prior is the
+    # current mean), so it would stay where it is anyway. Same minimizer; but L-BFGS's vector
+    # work scales with the parameters it holds, and the cell tables hold 360k rows of which a
+    # round touches a few hundred (a solve over everything took 10x longer).
+    idx = net.indices(product, segment, hour)
+    local, inverse, prior_mean, precision, mask, rows_of = {}, {}, {}, {}, {}, {}
+    with torch.no_grad():
+        for name in names:
+            rows_, inverse[name] = torch.unique(idx[GROUP_INDEX[name]], return_inverse=True)
+            local[name] = getattr(net, name)[rows_].clone().requires_grad_(True)
+            prior_mean[name] = local[name].detach().clone()
+            precision[name] = getattr(net, f"prec_{name}")[rows_]
+            mask[name] = net.mask_at(name, rows_)
+            rows_of[name] = rows_
     total_w = float(weight.sum())
-    opt = torch.optim.LBFGS([getattr(net, n) for n in names], lr=1.0, max_iter=max_iter, history_size=20,
+    opt = torch.optim.LBFGS(list(local.values()), lr=1.0, max_iter=max_iter, history_size=20,
                             tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
     calls = [0]
 
     def closure():
         opt.zero_grad()
-        z = net.logit(product, segment, hour, x)
+        level = sum(local[n][inverse[n]] * mask[n][inverse[n]] for n in LEVELS)
+        slope = sum(local[n][inverse[n]] * mask[n][inverse[n]] for n in SLOPES)
+        z = level - nn.functional.softplus(slope) * x
         nll = (weight * nn.functional.binary_cross_entropy_with_logits(z, target, reduction="none")).sum()
-        prior = sum(0.5 * (getattr(net, f"prec_{n}") * (getattr(net, n) - getattr(net, f"prior_{n}")) ** 2).sum()
-                    for n in names)
+        prior = sum(0.5 * (precision[n] * (local[n] - prior_mean[n]) ** 2).sum() for n in names)
         loss = (nll + prior) / max(total_w, 1.0)  # scaled for the line search; same minimizer
         loss.backward()
         calls[0] += 1
@@ -222,10 +302,10 @@ def absorb(net: PricingNet, X: np.ndarray, y: np.ndarray, max_iter: int = 50, pr
             progress(min(calls[0], max_iter), max_iter)
         return loss
 
-    net.train()
     opt.step(closure)
-    net.eval()
     with torch.no_grad():
+        for name in names:
+            getattr(net, name)[rows_of[name]] = local[name].detach()
         _add_fisher(net, product, segment, hour, x, weight)
         net.absorbed_offset.fill_(int(offset.max()))
     if progress is not None:
@@ -234,20 +314,17 @@ def absorb(net: PricingNet, X: np.ndarray, y: np.ndarray, max_iter: int = 50, pr
 
 
 def _add_fisher(net: PricingNet, product, segment, hour, x, weight) -> None:
-    """Diagonal Fisher information of the rows: sum of w p (1 - p) (d logit / d theta)^2."""
-    level, slope, cat = net.level_slope(product, segment, hour)
+    """Diagonal Fisher information of the rows: sum of w p (1 - p) (d logit / d theta)^2, into
+    the precision of every group's row the quote used."""
+    level, slope, idx = net.level_slope(product, segment, hour)
     p = torch.sigmoid(level - nn.functional.softplus(slope) * x)
     info = weight * p * (1 - p)
     d_slope = torch.sigmoid(slope) * x  # |d logit / d b|
     info_slope = info * d_slope ** 2
-    net.prec_a0 += info.sum()
-    net.prec_b0 += info_slope.sum()
-    net.prec_a_cat.index_add_(0, cat, info)
-    net.prec_b_cat.index_add_(0, cat, info_slope)
-    net.prec_a_prod.index_add_(0, product, info)
-    net.prec_b_prod.index_add_(0, product, info_slope)
-    net.prec_a_seg.index_add_(0, segment, info)
-    net.prec_a_hour.index_add_(0, hour, info)
+    for name in LEVELS:
+        getattr(net, f"prec_{name}").index_add_(0, idx[GROUP_INDEX[name]], info)
+    for name in SLOPES:
+        getattr(net, f"prec_{name}").index_add_(0, idx[GROUP_INDEX[name]], info_slope)
 
 
 def predict_mean(net: PricingNet, X: np.ndarray) -> np.ndarray:
@@ -261,6 +338,79 @@ def weighted_log_loss(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None)
     ll = -(y * np.log(pc) + (1 - y) * np.log(1 - pc))
     return float(np.average(ll, weights=w)) if len(y) else float("nan")
 
+
+
+# ---- calibration: predicted vs observed conversion per segment ----
+CALIBRATION_MIN_QUOTES = 50  # segments with fewer quotes are listed but not judged (max_abs_*)
+
+
+def segment_calibration(segment: np.ndarray, y: np.ndarray, p: np.ndarray, weight: np.ndarray | None = None,
+                        min_quotes: int = CALIBRATION_MIN_QUOTES, names: Sequence[str] = SEGMENTS) -> dict[str, Any]:
+    """Predicted against observed conversion per segment, at the prices the rows were quoted at.
+
+    segment: codes (index into names); y: sold (0/1, or a share for aggregated rows); p: the
+    model's conversion at the row's price; weight: row weights (default 1). Per segment with
+    rows: quotes (total weight), observed and predicted (weighted means), gap = predicted -
+    observed, and z = gap / its standard error under the model (sqrt(sum w^2 p (1-p)) / sum w:
+    how far the observed share may fall from a calibrated prediction by chance alone; exact for
+    0/1 quotes). max_abs_gap / max_abs_z and worst over segments with at least min_quotes: a
+    model that is right on average can still be off by segment (an insensitive segment
+    predicted like the others converts more at high prices than the model says)."""
+    segment = np.asarray(segment, np.int64).reshape(-1)
+    y = np.asarray(y, np.float64).reshape(-1)
+    p = np.clip(np.asarray(p, np.float64).reshape(-1), 0.0, 1.0)
+    w = np.ones_like(y) if weight is None else np.asarray(weight, np.float64).reshape(-1)
+    if not len(segment) == len(y) == len(p) == len(w):
+        raise ValueError(f"segment_calibration: lengths differ ({len(segment)}, {len(y)}, {len(p)}, {len(w)})")
+    out: dict[str, Any] = {"segments": {}, "max_abs_gap": float("nan"), "max_abs_z": float("nan"), "worst": None,
+                           "min_quotes": int(min_quotes)}
+    worst = (-1.0, None)
+    for code in np.unique(segment):
+        m = segment == code
+        total = float(w[m].sum())
+        if total <= 0:
+            continue
+        observed, predicted = float(w[m] @ y[m] / total), float(w[m] @ p[m] / total)
+        se = math.sqrt(float((w[m] ** 2) @ (p[m] * (1 - p[m])))) / total
+        gap = predicted - observed
+        name = names[code] if 0 <= code < len(names) else str(int(code))
+        out["segments"][name] = {"quotes": round(total, 3), "observed": observed, "predicted": predicted,
+                                 "gap": gap, "z": gap / se if se > 0 else float("nan")}
+        if total >= min_quotes and abs(gap) > worst[0]:
+            worst = (abs(gap), name)
+    judged = [v for v in out["segments"].values() if v["quotes"] >= min_quotes]
+    if judged:
+        out["max_abs_gap"] = max(abs(v["gap"]) for v in judged)
+        out["max_abs_z"] = max(abs(v["z"]) for v in judged if v["z"] == v["z"]) if any(
+            v["z"] == v["z"] for v in judged) else float("nan")
+        out["worst"] = worst[1]
+    return out
+
+
+def calibration_of_rows(X: np.ndarray, y: np.ndarray, p: np.ndarray, min_quotes: int = CALIBRATION_MIN_QUOTES
+                        ) -> dict[str, Any]:
+    """segment_calibration of training rows (WIDTH layout) and the model's predictions for them.
+    Storefront quotes (rows with an hour) are judged on their own when there are any: the
+    replayed Ta Feng rows (no hour, aggregated exposures of another population) would otherwise
+    weigh in with their exposure counts; without quotes (the bootstrap) the Ta Feng rows are
+    judged, weighted by their exposures."""
+    X = np.asarray(X)
+    quotes = X[:, COL_HOUR] < NO_HOUR
+    rows_ = quotes if quotes.any() else np.ones(len(X), bool)
+    out = segment_calibration(X[rows_, COL_SEGMENT], np.asarray(y)[rows_], np.asarray(p).reshape(-1)[rows_],
+                              X[rows_, COL_WEIGHT], min_quotes)
+    out["rows"] = "storefront quotes" if quotes.any() else "ta feng exposures"
+    return out
+
+
+def calibration_figures(cal: dict[str, Any], prefix: str = "calibration") -> dict[str, float]:
+    """Flat figures of a calibration (report_metrics holds numbers only): the largest absolute
+    gap and z over judged segments, and each judged segment's gap."""
+    out = {f"{prefix}_max_abs_gap": cal["max_abs_gap"], f"{prefix}_max_abs_z": cal["max_abs_z"]}
+    for name, v in cal["segments"].items():
+        if v["quotes"] >= cal["min_quotes"]:
+            out[f"{prefix}_gap[{name}]"] = v["gap"]
+    return out
 
 class PricingExport(nn.Module):
     def __init__(self, net: PricingNet) -> None:
@@ -289,6 +439,9 @@ def export_pricing(net: PricingNet, path: Path) -> Path:
                        example=example, dynamic={"log_price_ratio": {1: "grid"}}, ranges=INPUT_RANGES)
 
 
+SERVED_HISTORY = 50_000  # served quotes kept for the prequential calibration (>= the learner's window)
+
+
 class PricingModel(DomainModel):
     """The learner's view of pricing. `epochs` scales the L-BFGS iterations of an absorption.
     The optimizer the learner checkpoints is not used for steps: every absorption is its own
@@ -302,6 +455,13 @@ class PricingModel(DomainModel):
         self.bootstrap_iterations = bootstrap_iterations
         self.vocab: Vocabulary | None = None  # set by the bootstrap before new_network
         self.progress = None  # optional callback(done, total) of a bootstrap solve
+        # The learner hands report_metrics / manifest_extra / prequential_metrics labels and
+        # predictions only; the per-segment calibration needs each row's segment. The rows of
+        # the last predict() (the learner scores the rows it then reports on) and of the recent
+        # served quotes (from examples(), in the order the learner receives them) are kept, and
+        # used only when they match what the learner passes (never attributed to other rows).
+        self._predicted: tuple[np.ndarray, np.ndarray] | None = None
+        self._served = np.zeros((0, 3), np.float64)  # segment, sold, served conversion
 
     def new_network(self, bootstrap_X: np.ndarray) -> PricingNet:
         net = PricingNet()
@@ -318,15 +478,43 @@ class PricingModel(DomainModel):
         absorb(net, X, y, max_iter=iters, progress=self.progress if bootstrap else None)
 
     def predict(self, net, X) -> np.ndarray:
-        return predict_mean(net, X)
+        p = predict_mean(net, X)
+        self._predicted = (np.asarray(X), p)
+        return p
+
+    def calibration(self, y: np.ndarray, p: np.ndarray) -> dict[str, Any] | None:
+        """Per-segment calibration of predictions p for labels y, when p is the last predict()'s
+        output (so the rows, and their segments, are known); else None."""
+        last = self._predicted
+        if last is None or len(last[1]) != len(p) or len(y) != len(p):
+            return None
+        if not (last[1] is p or np.array_equal(last[1], p)):
+            return None
+        return calibration_of_rows(last[0], y, p)
+
+    def prequential_metrics(self, y: np.ndarray, served_p: np.ndarray) -> dict[str, float]:
+        """The default figures plus the per-segment calibration of what was served: the conversion
+        the serving version predicted at the price it quoted, against the sales (segments from the
+        quotes examples() turned into rows, when they are the rows the learner passes)."""
+        out = super().prequential_metrics(y, served_p)
+        n = len(y)
+        hist = self._served
+        if n and len(hist) >= n and np.array_equal(hist[-n:, 1], np.asarray(y, np.float64)) and np.allclose(
+                hist[-n:, 2], np.asarray(served_p, np.float64), rtol=0, atol=1e-6):
+            out.update(calibration_figures(segment_calibration(hist[-n:, 0], y, served_p), "served_calibration"))
+        return out
 
     def gate_metric(self, y, p):
         return "log_loss", weighted_log_loss(y, p), False
 
     def report_metrics(self, y, p) -> dict[str, float]:
-        return {"log_loss": weighted_log_loss(y, p), "brier": float(np.mean((y - p) ** 2)) if len(y) else float("nan"),
-                "mean_conversion": float(np.mean(y)) if len(y) else float("nan"),
-                "mean_predicted": float(np.mean(p)) if len(y) else float("nan"), "rows": int(len(y))}
+        out = {"log_loss": weighted_log_loss(y, p), "brier": float(np.mean((y - p) ** 2)) if len(y) else float("nan"),
+               "mean_conversion": float(np.mean(y)) if len(y) else float("nan"),
+               "mean_predicted": float(np.mean(p)) if len(y) else float("nan"), "rows": int(len(y))}
+        cal = self.calibration(y, p)
+        if cal is not None:
+            out.update(calibration_figures(cal))
+        return out
 
     def export(self, net, path):
         self.vocab = net.vocab or self.vocab  # a restored network carries the vocabulary
@@ -344,8 +532,12 @@ class PricingModel(DomainModel):
         products = self.vocab.products if self.vocab else []
         # the same vocabulary in every version: the service keeps its id -> code map across reloads
         digest = hashlib.sha256("\n".join([*products, "|", *SEGMENTS]).encode()).hexdigest()
-        return {"products": products, "segments": list(SEGMENTS), "vocabulary_id": digest,
-                "samples": N_SAMPLES, "x_clip": X_CLIP}
+        out = {"products": products, "segments": list(SEGMENTS), "vocabulary_id": digest,
+               "samples": N_SAMPLES, "x_clip": X_CLIP}
+        cal = self.calibration(y, p)
+        if cal is not None:  # predicted vs observed conversion per segment on the rows the version was judged on
+            out["calibration"] = cal
+        return out
 
     def examples(self, joined: Sequence[Any]) -> Examples:
         """Training rows from joined quotes: the served product/segment/hour codes, the quoted
@@ -385,6 +577,8 @@ class PricingModel(DomainModel):
             return Examples.empty(WIDTH)
         a = np.array(out, np.float64)
         X = rows(a[:, 0], a[:, 1], a[:, 2], a[:, 3], 1.0, a[:, 6].astype(np.int64))
+        served = np.column_stack([a[:, 1], a[:, 4], a[:, 5].astype(np.float32)])
+        self._served = np.concatenate([self._served, served])[-SERVED_HISTORY:]
         return Examples(X, a[:, 4].astype(np.float32), a[:, 5].astype(np.float32), a[:, 6].astype(np.int64))
 
 
