@@ -15,7 +15,9 @@ from tests.fraud_fixtures import bootstrap_small_fraud
 from tests.loop_harness import Loop, Storefront, wait_serving, wait_until
 from trainer.eventlog import SqliteEventLog
 
-FAST = ["--min-events", "150", "--max-interval-s", "2", "--epochs", "1"]
+# retention off: these tests compare the log with everything that was sent (retention deletes
+# learned events; tests/test_eventlog.py covers it)
+FAST = ["--min-events", "150", "--max-interval-s", "2", "--epochs", "1", "--retention-interval-s", "0"]
 
 
 @pytest.fixture
