@@ -43,7 +43,7 @@ def test_a_round_publishes_a_version_that_records_what_it_learned(world):
 
 
 @pytest.mark.parametrize("config, words", [
-    (dict(tolerance=-1.0), "worse than serving"),
+    (dict(gate_margin=-1.0), "worse than serving"),  # a margin that asks for twice the champion's metric
     (dict(parity_tol=-1.0), "ONNX differs from PyTorch"),
     (dict(latency_budget_ms=0.0), "latency"),
 ])
@@ -69,7 +69,8 @@ def test_checkpoint_restores_exactly(world):
     assert again.progress == {"offset": 1000, "pending": [999]}
     X = data.X[:50]
     np.testing.assert_allclose(again.model.predict(again.net, X), learner.model.predict(learner.net, X), rtol=1e-6)
-    assert len(again.replay) == len(learner.replay) and len(again.holdout) == len(learner.holdout)
+    assert len(again.replay) == len(learner.replay) and len(again.window) == len(learner.window)
+    np.testing.assert_array_equal(again.window.offsets, learner.window.offsets)
 
 
 def test_page_hinkley_flags_a_shift_in_error():

@@ -1,18 +1,22 @@
 """The incremental learner of one domain: joined events -> update -> gate -> export -> publish.
 
 One round:
-1. take the joined examples the joiner produced since the last round (test-then-train:
-   the newest `holdout_share` of them is the holdout this round, trained on next round);
-2. warm-start a candidate from the current checkpoint, update it on the new training
-   examples mixed with a replay sample of older ones (against forgetting);
-3. gate it: on the holdout, its domain metric must not be worse than the serving
-   version's (the current checkpoint) by more than `tolerance`; its ONNX outputs must
-   match PyTorch's within `parity_tol`; its batch-1 latency must be within budget;
+1. take the joined examples the joiner produced since the last round into the evaluation
+   window: the newest labels, held out of training for as long as the gate's metric needs
+   them (trainer/gate.py: enough positives and rows, not a share of the round); the rows
+   the window no longer needs leave it and are this round's training rows;
+2. warm-start a candidate from the working weights, update it on those rows mixed with a
+   replay sample of older ones (against forgetting);
+3. gate it against the champion (the published version) on the window, rows neither
+   trained on: a paired bootstrap refuses it when it is worse with confidence, and defers
+   when the window cannot tell yet (the candidate then stays the learner's working weights,
+   unpublished, and the next round's candidate is judged against the same champion); its
+   ONNX outputs must match PyTorch's within `parity_tol`; its batch-1 latency must be within budget;
 4. publish it to the registry (manifest: metrics, gate figures, the event offset it
    learned up to), and write the checkpoint (weights, optimizer, replay buffer, offset)
    atomically. The checkpoint's offset is the only source of truth for where learning
    resumes, so a crash between two steps never trains an event twice or skips one.
-Every decision (published or refused, with its figures) goes to the decision log.
+Every decision (published, refused or deferred, with its evidence) goes to the decision log.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import torch
 from shared.registry import ModelRegistry
 from trainer.drift import LossDrift
 from trainer.export import batch1_latency_ms, build_tensorrt_engine, parity
+from trainer.gate import GateRule, GateSpec, decide, window_start
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +87,8 @@ class DomainModel(abc.ABC):
     def predict(self, net: torch.nn.Module, X: np.ndarray) -> np.ndarray: ...
 
     @abc.abstractmethod
-    def gate_metric(self, y: np.ndarray, p: np.ndarray) -> tuple[str, float, bool]:
-        """(metric name, value, higher is better) on a holdout."""
+    def gate_spec(self) -> "GateSpec":
+        """The gate's metrics (vectorised over bootstrap resamples) and window sizes."""
 
     @abc.abstractmethod
     def report_metrics(self, y: np.ndarray, p: np.ndarray) -> dict[str, float]: ...
@@ -140,11 +145,15 @@ class DomainModel(abc.ABC):
 class LearnerConfig:
     min_events: int = 200  # a round starts once this many new labels arrived ...
     max_interval_s: float = 30.0  # ... or this long after the last round, with at least one
-    holdout_share: float = 0.2
     replay_size: int = 20_000
     replay_ratio: float = 1.0  # replayed rows per new row in an update
     epochs: int = 3
-    tolerance: float = 0.02
+    # the gate (trainer/gate.py): window sizes default to the domain's GateSpec (None)
+    gate_min_positives: int | None = None  # positives the window needs for the storefront metrics
+    gate_min_rows: int | None = None  # rows the window needs for any decision
+    gate_resamples: int = 500  # paired bootstrap resamples per round
+    gate_confidence: float = 0.95  # two-sided interval of the relative difference
+    gate_margin: float = 0.02  # refuse when the interval lies below -margin (relative)
     parity_tol: float = 1e-4
     latency_budget_ms: float = 5.0
     drift_cadence_factor: float = 0.25  # while drift lasts, rounds start after this share of min_events
@@ -210,6 +219,9 @@ class DecisionLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
+SEED = -1  # offset of the window rows that came from the bootstrap's holdout, not the stream
+
+
 class Learner:
     def __init__(self, model: DomainModel, registry: ModelRegistry, workdir: Path,
                  config: LearnerConfig | None = None) -> None:
@@ -220,14 +232,18 @@ class Learner:
         self.checkpoint = Checkpoint(self.workdir / "checkpoints" / f"{model.name}.pt")
         self.decisions = DecisionLog(self.workdir / "decisions" / f"{model.name}.jsonl")
         self.pending = Examples.empty(model.width)
-        self.holdout = Examples.empty(model.width)  # last round's holdout: trained on this round
+        # the gate's evaluation window: the newest labels, not trained on while they are in it
+        self.window = Examples.empty(model.width)
+        # the published weights while the working weights (self.net) differ from them, after
+        # deferred rounds; None = the working weights are the champion
+        self.champion: torch.nn.Module | None = None
         self.drift = LossDrift(model.name, window=self.config.drift_window, margin=self.config.drift_margin,
                                clear_tolerance=self.config.drift_clear_tolerance)
         self.last_round = time.monotonic()
         self.net: torch.nn.Module | None = None
         self.opt: torch.optim.Optimizer | None = None
         self.replay = Examples.empty(model.width)
-        self.offset = 0  # last event-log offset whose label is in the weights or the holdout
+        self.offset = 0  # last event-log offset whose label is in the weights or the window
         self.progress: dict[str, Any] = {"offset": 0, "pending": []}  # the joiner's checkpoint
         self.trained_rows = 0
         self.labels_seen = 0  # labels consumed by rounds: each event exactly once, across restarts
@@ -249,7 +265,12 @@ class Learner:
         self.opt = self.model.optimizer(self.net)
         self.opt.load_state_dict(state["opt"])
         self.replay = state["replay"]
-        self.holdout = state.get("holdout", Examples.empty(self.model.width))
+        # a checkpoint from before the window kept its last holdout: rows no version trained on
+        self.window = state.get("window", state.get("holdout", Examples.empty(self.model.width)))
+        self.champion = None
+        if state.get("champion") is not None:
+            self.champion = self.model.new_network(np.zeros((1, self.model.width), np.float32))
+            self.champion.load_state_dict(state["champion"])
         self.offset = int(state["offset"])
         self.progress = state.get("progress", {"offset": self.offset, "pending": []})
         self.trained_rows = int(state.get("trained_rows", 0))
@@ -266,7 +287,8 @@ class Learner:
         if self.cancel is not None:
             self.cancel.commit_point(self.model.name)
         self.checkpoint.save({"net": self.net.state_dict(), "opt": self.opt.state_dict(), "replay": self.replay,
-                              "holdout": self.holdout, "offset": self.offset, "progress": self.progress, "trained_rows": self.trained_rows,
+                              "window": self.window, "offset": self.offset,
+                              "champion": None if self.champion is None else self.champion.state_dict(), "progress": self.progress, "trained_rows": self.trained_rows,
                               "labels_seen": self.labels_seen, "rounds": self.rounds,
                               "domain": self.model.domain_state()})
 
@@ -284,6 +306,17 @@ class Learner:
         keep = self._rng.choice(len(y), size=min(len(y), self.config.replay_size), replace=False)
         self.replay = Examples(X[keep], y[keep], np.full(len(keep), np.nan, np.float32), np.zeros(len(keep), np.int64))
         self.trained_rows = len(y)
+        self.champion = None
+        spec = self.model.gate_spec()
+        if spec.seed_from_bootstrap and len(holdout_y):
+            # the holdout's newest rows (no version trained on them) start the gate's window, so the
+            # first rounds can already be judged; the rest of the holdout stays what it was: unused.
+            # Offset SEED marks them: when the stream pushes them out they are dropped, not trained
+            # on (they are not the stream's labels, and training on them all at once when the window
+            # first fills would make one round many times longer than the others)
+            held = Examples(np.asarray(holdout_X, np.float32), np.asarray(holdout_y, np.float32),
+                            np.full(len(holdout_y), np.nan, np.float32), np.full(len(holdout_y), SEED, np.int64))
+            self.window = held.take(slice(self._window_start(held), len(held)))
         return self._publish_and_save(holdout_y, p, {"bootstrap_rows": len(y)}, decision="bootstrap")
 
     # ---- incremental rounds ----
@@ -333,15 +366,16 @@ class Learner:
         new = self.pending
         self.pending = Examples.empty(self.model.width)
         prequential = self._prequential(new)
-        n_hold = int(round(len(new) * self.config.holdout_share))
-        if len(new) >= 5:
-            n_hold = max(n_hold, 1)
-        fresh_train, holdout = new.take(slice(0, len(new) - n_hold)), new.take(slice(len(new) - n_hold, len(new)))
-        # last round's holdout was only evaluated on; now it is trained on
-        train = self.holdout.concat(fresh_train)
-        serving = self.net
+        # the new labels join the window; the rows it no longer needs leave it into training
+        held = self.window.concat(new)
+        start = self._window_start(held)
+        train, window = held.take(slice(0, start)), held.take(slice(start, len(held)))
+        seed_dropped = int((train.offsets == SEED).sum())
+        if seed_dropped:
+            train = train.take(train.offsets != SEED)
+        champion = self.champion if self.champion is not None else self.net
         candidate = self.model.new_network(np.zeros((1, self.model.width), np.float32))
-        candidate.load_state_dict(serving.state_dict())
+        candidate.load_state_dict(self.net.state_dict())
         opt = self.model.optimizer(candidate)
         opt.load_state_dict(self.opt.state_dict())
         X, y = train.X, train.y
@@ -367,34 +401,72 @@ class Learner:
             self.progress = dict(progress)
         up_to = int(max(new.offsets.max(), self.offset, self.progress.get("offset", 0)))
         figures: dict[str, Any] = {"round": self.rounds, "new_labels": len(new), "trained_rows": len(train),
-                                   "replayed_rows": len(y) - len(train), "holdout_rows": len(holdout),
+                                   "replayed_rows": len(y) - len(train), "window_rows": len(window),
+                                   "seed_rows_dropped": seed_dropped,
                                    "offsets": [int(new.offsets.min()), int(new.offsets.max())],
                                    "drift": self.drift.in_drift, "drift_detector": self.drift.figures(),
                                    "adaptation": adapt, "prequential": prequential}
-        reasons = []
-        if len(holdout):
-            name, cand, higher = self.model.gate_metric(holdout.y, self.model.predict(candidate, holdout.X))
-            _, base, _ = self.model.gate_metric(holdout.y, self.model.predict(serving, holdout.X))
-            figures.update({"gate_metric": name, "candidate": cand, "serving": base})
-            if not (math.isnan(cand) or math.isnan(base)):
-                worse = base - cand if higher else cand - base
-                if worse > self.config.tolerance:
-                    reasons.append(f"{name} {cand:.4f} is worse than serving {base:.4f} by more than {self.config.tolerance}")
-        # every label of this round is now accounted for, whether or not the candidate ships
+        decision, reasons, evidence = self._gate(champion, candidate, window)
+        figures["evidence"] = evidence
+        primary = next(iter(evidence.get("metrics", {}).items()), None)
+        if primary is not None:  # the learning report's chart: candidate vs serving on the main metric
+            figures.update({"gate_metric": primary[0], "candidate": primary[1]["challenger"],
+                            "serving": primary[1]["champion"]})
+        # every label of this round is now accounted for, whether or not the candidate ships:
+        # trained on (it left the window) or held in the window (checkpointed with it)
         self.trained_rows += len(train)
         self.labels_seen += len(new)
         figures["labels_seen"] = self.labels_seen
         self._remember(train)
-        self.holdout = holdout
+        self.window = window
         self.offset = up_to
-        if reasons:
-            # refused: keep serving weights, but move on (the labels stay in the replay buffer)
+        if decision == "refused":
+            # back to the champion's weights (the labels stay in the replay buffer)
+            self._revert_to_champion()
             entry = self._decide("refused", figures, reasons)
             self._save()
             return entry
-        eval_y = np.concatenate([holdout.y, self.replay.y[-5000:]])
-        eval_p = self.model.predict(candidate, np.concatenate([holdout.X, self.replay.X[-5000:]]))
+        if decision == "deferred":
+            # the window cannot tell yet: nothing is published blindly, but learning goes on from
+            # the candidate; the champion keeps serving and judges the next round's candidate
+            self.champion = champion
+            self.net, self.opt = candidate, opt
+            entry = self._decide("deferred", figures, reasons)
+            self._save()
+            return entry
+        eval_y = np.concatenate([window.y, self.replay.y[-5000:]])
+        eval_p = self.model.predict(candidate, np.concatenate([window.X, self.replay.X[-5000:]]))
         return self._publish_and_save(eval_y, eval_p, figures, decision="published", candidate=(candidate, opt))
+
+    # ---- the gate ----
+    def _gate_rule(self) -> GateRule:
+        c = self.config
+        return GateRule(resamples=c.gate_resamples, confidence=c.gate_confidence, margin=c.gate_margin)
+
+    def _window_start(self, rows: Examples) -> int:
+        """Where the window starts in rows (arrival order): what the gate's metric needs."""
+        spec: GateSpec = self.model.gate_spec()
+        min_pos = spec.min_positives if self.config.gate_min_positives is None else self.config.gate_min_positives
+        min_rows = spec.min_rows if self.config.gate_min_rows is None else self.config.gate_min_rows
+        return window_start(spec.positive(rows.y), min_pos, min_rows, max(spec.max_rows, min_rows))
+
+    def _gate(self, champion: torch.nn.Module, challenger: torch.nn.Module, window: Examples
+              ) -> tuple[str, list[str], dict[str, Any]]:
+        """Champion vs challenger on the window (rows neither trained on): the decision, its
+        reasons and evidence. A fixed seed per round: the same round decides the same way."""
+        spec = self.model.gate_spec()
+        p_champion = self.model.predict(champion, window.X) if len(window) else np.zeros(0)
+        p_challenger = self.model.predict(challenger, window.X) if len(window) else np.zeros(0)
+        return decide(spec, window.y, p_champion, p_challenger, self._gate_rule(), seed=self.rounds,
+                      min_positives=self.config.gate_min_positives, min_rows=self.config.gate_min_rows)
+
+    def _revert_to_champion(self) -> None:
+        """A refused candidate is dropped: the working weights go back to the published ones
+        (which may undo deferred rounds' training: their rows stay in the replay buffer)."""
+        if self.champion is not None:
+            self.net = self.champion
+            self.opt = self.model.optimizer(self.net)
+            self.champion = None
 
     def _prequential(self, new: Examples) -> dict[str, float]:
         served = ~np.isnan(new.served_p)
@@ -441,6 +513,8 @@ class Learner:
             if latency > self.config.latency_budget_ms:
                 reasons.append(f"batch-1 latency {latency:.3f} ms over budget {self.config.latency_budget_ms} ms")
             if reasons:
+                if candidate is not None:
+                    self._revert_to_champion()
                 entry = self._decide("refused", figures, reasons)
                 self._save()
                 return entry
@@ -450,6 +524,7 @@ class Learner:
             extra = self.model.manifest_extra(y, p)
             files = list(self.model.extra_files(net, Path(tmp))) + ([engine] if engine else [])
             self.net, self.opt = net, opt
+            self.champion = None  # what is published is what the learner continues from
             self._save()
             manifest = self.registry.publish(self.model.name, path, self._signature(path), metrics=metrics,
                                              learned_up_to=self.offset, extra={**extra, "gate": figures},

@@ -46,7 +46,10 @@ from trainer.shutdown import RoundCancel, RoundCancelled
 
 log = logging.getLogger(__name__)
 
-ROUNDS = Counter("storefront_trainer_rounds_total", "Learning rounds by domain and decision", ["domain", "decision"])
+# decision: published, refused (worse than the champion with confidence, or failed export checks),
+# deferred (the gate's window cannot tell yet); the decision log holds each one's evidence
+ROUNDS = Counter("storefront_trainer_rounds_total", "Learning rounds by domain (the model) and gate decision",
+                 ["domain", "decision"])
 DRIFT = Gauge("storefront_trainer_drift", "1 while the drift detector reports drift", ["domain"])
 TRAINED = Gauge("storefront_trainer_trained_rows", "Labels the current checkpoint has learned from", ["domain"])
 
@@ -64,7 +67,14 @@ class TrainerSettings(ServerSettings):
     max_interval_s: float = setting(30.0, "... or this long after the last round, with at least one")
     epochs: int = setting(3, "passes over each round's new labels (plus replay)")
     replay_size: int = setting(20000, "older labeled rows kept for replay against forgetting")
-    tolerance: float = setting(0.02, "gate: how much worse than serving a candidate may be on the holdout")
+    gate_min_positives: str = setting("", "gate: positives the evaluation window needs per domain for the storefront "
+                                      "metrics, e.g. 'fraud=30,recommender=100,pricing=30' (empty = those defaults)")
+    gate_min_rows: str = setting("", "gate: rows the evaluation window needs per domain before any decision, e.g. "
+                                 "'fraud=2000,recommender=200,pricing=100' (empty = those defaults)")
+    gate_resamples: int = setting(500, "gate: paired bootstrap resamples per round")
+    gate_confidence: float = setting(0.95, "gate: confidence of the bootstrap interval of challenger vs champion")
+    gate_margin: float = setting(0.02, "gate: refuse a challenger whose interval lies below this relative difference "
+                                 "(0.02 = 2 % worse than the champion)")
     latency_budget_ms: float = setting(5.0, "gate: batch-1 latency budget of a candidate, ms")
     bootstrap: bool = setting(True, "bootstrap a domain from its real dataset when it has no checkpoint")
     poll_interval_s: float = setting(0.5, "how often a domain loop looks for new joined labels")
@@ -115,10 +125,15 @@ class TrainerSettings(ServerSettings):
                                max_age_s=self.retention_max_age_s, max_bytes=int(self.retention_max_mb * 2**20),
                                hard_max_bytes=int(self.retention_hard_max_mb * 2**20))
 
-    def learner_config(self) -> LearnerConfig:
+    def learner_config(self, domain: str | None = None) -> LearnerConfig:
+        from trainer.gate import parse_per_domain
+
         return LearnerConfig(min_events=self.min_events, max_interval_s=self.max_interval_s, epochs=self.epochs,
-                             replay_size=self.replay_size, tolerance=self.tolerance,
-                             latency_budget_ms=self.latency_budget_ms)
+                             replay_size=self.replay_size, latency_budget_ms=self.latency_budget_ms,
+                             gate_min_positives=parse_per_domain(self.gate_min_positives, "gate_min_positives").get(domain),
+                             gate_min_rows=parse_per_domain(self.gate_min_rows, "gate_min_rows").get(domain),
+                             gate_resamples=self.gate_resamples, gate_confidence=self.gate_confidence,
+                             gate_margin=self.gate_margin)
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -128,6 +143,16 @@ class TrainerSettings(ServerSettings):
             p.append("gc_keep_last and gc_min_age_s must be >= 0 (gc_keep_last 0 = no gc), gc_lease_ttl_s > 0")
         if self.report_interval_s < 0:
             p.append("report_interval_s must be >= 0 (0 = no learning report)")
+        try:
+            from trainer.gate import GateRule, parse_per_domain
+
+            parse_per_domain(self.gate_min_positives, "gate_min_positives")
+            parse_per_domain(self.gate_min_rows, "gate_min_rows")
+            GateRule(self.gate_resamples, self.gate_confidence, self.gate_margin).validate()
+            if self.gate_margin < 0:
+                raise ValueError("gate_margin must be >= 0 (a negative margin refuses every candidate not better)")
+        except ValueError as e:
+            p.append(str(e))
         if self.retention_interval_s < 0 or self.shutdown_round_grace_s < 0:
             p.append("retention_interval_s and shutdown_round_grace_s must be >= 0")
         try:
@@ -219,7 +244,7 @@ class DomainLoop:
 
     def __init__(self, domain: str, log_: SqliteEventLog, registry: ModelRegistry, s: TrainerSettings) -> None:
         self.domain = domain
-        self.learner = Learner(DOMAIN_MODELS[domain](s), registry, Path(s.workdir), s.learner_config())
+        self.learner = Learner(DOMAIN_MODELS[domain](s), registry, Path(s.workdir), s.learner_config(domain))
         if not self.learner.restore():
             raise FileNotFoundError(f"{domain}: no checkpoint in {self.learner.checkpoint.path}")
         self.joiner = Joiner(log_, parse_windows(s.windows) if s.windows else None, domain=domain,

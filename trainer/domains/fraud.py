@@ -161,6 +161,25 @@ def calibrate_thresholds(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     return {"review": min(review, 1.0), "block": min(block, 1.0)}
 
 
+def gate_spec():
+    """The gate of a fraud version (trainer/gate.py), on the window of recent labeled
+    transactions neither version trained on. The storefront acts on ranking at calibrated
+    thresholds (each version's thresholds are calibrated to TARGET_FPR), so the decision is
+    on PR-AUC and on recall at the review rate (1 % FPR): both need frauds, 30 at least (one
+    fraud moves recall by 1/30). Until the window holds 30, log loss (the log-likelihood of
+    the labels, a proper score) decides on as few as 5: it catches a collapse (flipped labels,
+    broken weights), not a fine difference. The window is capped at 40,000 transactions
+    (about 70 frauds at the stream's 0.17 %): older rows are trained on, whatever they hold."""
+    from trainer.gate import GateMetric, GateSpec, average_precision_fn, log_loss_rows, mean_metric, recall_at_fpr_fn
+
+    review = TARGET_FPR["review"]
+    return GateSpec(
+        metrics=(GateMetric("pr_auc", average_precision_fn, True),
+                 GateMetric(f"recall_at_{review:.0%}_fpr", recall_at_fpr_fn(review), True)),
+        positive=lambda y: np.asarray(y) > 0.5, min_positives=30, min_rows=2000, max_rows=40_000,
+        fallback=mean_metric("log_loss", log_loss_rows, False), fallback_positives=5)
+
+
 # ---- the learner's view of this domain ----
 from typing import Any  # noqa: E402
 
@@ -247,12 +266,8 @@ class FraudModel(DomainModel):
         with torch.no_grad():
             return torch.sigmoid(net(torch.from_numpy(np.ascontiguousarray(X, np.float32)))).numpy()
 
-    def gate_metric(self, y, p):
-        # PR-AUC needs frauds in the holdout; with too few, compare log loss instead
-        if y.sum() >= 3:
-            return "pr_auc", pr_auc(y, p), True
-        pc = np.clip(p, 1e-6, 1 - 1e-6)
-        return "log_loss", float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc))), False
+    def gate_spec(self):
+        return gate_spec()
 
     def report_metrics(self, y, p) -> dict[str, float]:
         return metrics(y, p)
