@@ -326,6 +326,12 @@ class JointOptimizer:
         for o in self.optimizers.values():
             o.step()
 
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Every group of every optimizer, the very dicts (as torch optimizers expose them), so the
+        learner can scale the step size of all of them while in drift."""
+        return [g for o in self.optimizers.values() for g in o.param_groups]
+
     def state_dict(self) -> dict[str, Any]:
         return {k: o.state_dict() for k, o in self.optimizers.items()}
 
