@@ -11,6 +11,13 @@ Outcomes become training labels, so the template only takes them for predictions
 deployment really served (see "Outcome admission" below), at most `outcome_rate_per_s` per
 caller, once per identity.
 
+Delivery (see shared.serving): while the registry runs a canary, `routing_key` (a domain hook;
+default: none, a random draw) decides by hash which requests the canary version answers; a
+request it cannot answer goes to the champion (counted), so a bad candidate never fails one.
+In shadow mode the champion answers and the shadow version scores the same request afterwards
+in a bounded background task (`shadow_record` picks what of its run is recorded); the served
+record then carries both (ServedPrediction.shadow), for the trainer's paired comparison.
+
 Two optional hooks for domains whose model inputs are not what the trainer should see:
 `served_record` picks what is recorded for the trainer (default: every model input and
 output; the recommender records ids instead of its catalog matrix), and
@@ -36,6 +43,7 @@ Each refusal is counted in storefront_outcomes_rejected_total{domain, reason}.
 from __future__ import annotations
 
 import abc
+import asyncio
 import base64
 import collections
 import dataclasses
@@ -55,7 +63,7 @@ from google.protobuf.message import Message
 from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2
 from shared import logs
-from shared.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
+from shared.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
 from shared.metrics import OUTCOMES_REJECTED
 from shared.ratelimit import RateLimiter
 from shared.runtime.model import LoadedModel
@@ -282,25 +290,113 @@ class DomainService(abc.ABC, Generic[Req, Resp]):
     def outcome_accepted(self, outcome: Message, record: feedback_pb2.Outcome) -> None:
         """Called once per new (non-duplicate) valid outcome, before it is queued for the trainer."""
 
+    def routing_key(self, request: Req) -> str | None:
+        """The request key that decides, while a canary runs, which version answers (hashed with
+        the canary version: shared.registry.canary_bucket). A domain returns what should see one
+        version consistently (a card, a user, a product); None or empty: a random draw per
+        request (the default), so the share still holds but a caller may meet both versions."""
+        return None
+
+    def shadow_record(self, request: Req, prepared: Prepared, outputs: Mapping[str, np.ndarray]
+                      ) -> tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], float]:
+        """(inputs, outputs, score) recorded for a shadow version's run of a served request.
+        postprocess is never run for a shadow (domains count and sample there: exploration,
+        recent predictions), so this sees the raw outputs. Default: the batched inputs, every
+        output, and the first element of the first output as the score (fraud: the probability)."""
+        first = next(iter(outputs.values()), None)
+        score = float(np.asarray(first).reshape(-1)[0]) if first is not None and np.size(first) else float("nan")
+        return prepared.feeds, outputs, score
+
     # ---- the template ----
     async def predict(self, request: Req, deadline: float | None) -> Resp:
-        model = self.served.current
-        if model is None:
+        champion = self.served.current
+        if champion is None:
             raise Unavailable(f"model {self.served.name!r} is not loaded yet")
+        if self.served.canary is not None:
+            canary = self.served.pick(self.routing_key(request))
+            if canary is not None:
+                try:
+                    return await self._answer(request, deadline, canary, pin=True, shadow=None)
+                except (DeadlineExceeded, ResourceExhausted):
+                    raise  # no time or no room left: the champion would fare no better
+                except Exception as e:
+                    # One bad version never fails a request: what the candidate could not answer
+                    # (an error, a refused output, a request its preprocessing refuses) goes to
+                    # the champion, which answers it or refuses it on its own terms.
+                    self.served.canary_failed()
+                    self._log_canary_failure(canary, e)
+            return await self._answer(request, deadline, champion, pin=False, shadow=self.served.shadow_model())
+        return await self._answer(request, deadline, champion, pin=False, shadow=None)
+
+    _last_canary_log = -math.inf
+
+    def _log_canary_failure(self, canary: LoadedModel, e: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_canary_log >= 10.0:  # at most one line per 10 s; the counter has them all
+            self._last_canary_log = now
+            log.warning("%s: canary %s/%s could not answer a request (%s: %s); the champion answered it "
+                        "(storefront_canary_fallbacks_total counts every one)", self._domain_label, canary.name,
+                        canary.version, type(e).__name__, str(e)[:300])
+
+    async def _answer(self, request: Req, deadline: float | None, model: LoadedModel, *, pin: bool,
+                      shadow: LoadedModel | None) -> Resp:
+        """Preprocess with model, run, postprocess, record. pin: run on model even if another
+        version was swapped in meanwhile (the canary; or inputs made for that version)."""
         prepared = self.preprocess(request, model)
         outputs, used = await self.served.infer(prepared.feeds, prepared.rows, deadline, shared=prepared.shared,
-                                                model=model if prepared.shared else None)
+                                                model=model if pin or prepared.shared else None)
         named = dict(zip(used.output_names, outputs))
         prediction_id = self.ids.next()
         self.served_ids.add(prediction_id)
         logs.model_version.set(used.version)
         response = self.postprocess(request, prepared, named, used, prediction_id)
+        served_at = time.time()
+        record = None
         if self.feedback is not None:
             inputs, recorded = self.served_record(request, prepared, named, response)
-            self.feedback.record_served(prediction_id, used.name, used.version, inputs, recorded,
-                                        request=self.recorded_request(request), response=response,
-                                        served_at=time.time())
+            record = (prediction_id, used.name, used.version, inputs, recorded, self.recorded_request(request),
+                      response, served_at)
+        if shadow is not None and shadow.version != used.version:
+            # after the answer is built; the served record waits for the shadow's score (the
+            # task records it, with or without the score), the answer never does
+            if self.served.spawn_shadow(self._shadow(request, shadow, record)):
+                return response
+        if record is not None:
+            self._record(record, None)
         return response
+
+    def _record(self, record: tuple, shadow: Any) -> None:
+        prediction_id, name, version, inputs, recorded, request, response, served_at = record
+        self.feedback.record_served(prediction_id, name, version, inputs, recorded, request=request,
+                                    response=response, served_at=served_at, shadow=shadow)
+
+    async def _shadow(self, request: Req, model: LoadedModel, record: tuple | None) -> None:
+        """Score request with the shadow version (see shared.serving): never raises, never
+        answers; records the served prediction with the shadow's run when it succeeded."""
+        from shared.feedback import ShadowRecord
+
+        result, shadow = "failed", None
+        started = time.perf_counter()
+        try:
+            prepared = self.preprocess(request, model)
+            outputs, used = await self.served.infer(prepared.feeds, prepared.rows,
+                                                    time.monotonic() + self.served.shadow_timeout_s,
+                                                    shared=prepared.shared, model=model)
+            named = dict(zip(used.output_names, outputs))
+            inputs, recorded, score = self.shadow_record(request, prepared, named)
+            shadow = ShadowRecord(used.version, inputs, recorded, score, (time.perf_counter() - started) * 1e3)
+            result = "scored"
+        except DeadlineExceeded:
+            result = "timeout"
+        except asyncio.CancelledError:
+            result = "failed"
+            raise
+        except Exception:  # counted; the answer went out long ago
+            result = "failed"
+        finally:
+            self.served.shadow_result(result)
+            if record is not None:
+                self._record(record, shadow)
 
     def _rejected(self, reason: str, n: int = 1) -> None:
         m = self._m_rejected.get(reason)

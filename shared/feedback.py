@@ -215,6 +215,20 @@ _HEAD = struct.Struct("<HIHI")  # magic, body length, id length, crc32(first 8 h
 LOCK_NAME = ".lock"
 
 
+class ShadowRecord:
+    """What a shadow version computed for a served request (see ServedPrediction.shadow)."""
+
+    __slots__ = ("version", "inputs", "outputs", "score", "latency_ms")
+
+    def __init__(self, version: str, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
+                 score: float, latency_ms: float) -> None:
+        self.version = version
+        self.inputs = inputs
+        self.outputs = outputs
+        self.score = score
+        self.latency_ms = latency_ms
+
+
 class SpoolLockedError(RuntimeError):
     pass
 
@@ -731,8 +745,9 @@ class FeedbackClient:
     def record_served(self, prediction_id: str, model_name: str, model_version: str,
                       inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
                       request: Message | None = None, response: Message | None = None,
-                      served_at: float | None = None) -> bool:
-        """Queue one served prediction. Never blocks, never raises; False when it was dropped."""
+                      served_at: float | None = None, shadow: "ShadowRecord | None" = None) -> bool:
+        """Queue one served prediction. Never blocks, never raises; False when it was dropped.
+        shadow: what a shadow version computed for the same request (ServedPrediction.shadow)."""
         try:
             rid = f"{self.instance_id}-{next(self._seq):012d}"
             rec = feedback_pb2.FeedbackRecord(record_id=rid, domain=self.domain)
@@ -749,6 +764,16 @@ class FeedbackClient:
                 s.request.Pack(request)
             if response is not None:
                 s.response.Pack(response)
+            if shadow is not None:
+                sh = s.shadow
+                sh.model.name = model_name
+                sh.model.version = shadow.version
+                for name, value in shadow.inputs.items():
+                    fill_tensor(sh.inputs.add(), name, value)
+                for name, value in shadow.outputs.items():
+                    fill_tensor(sh.outputs.add(), name, value)
+                sh.score = shadow.score
+                sh.latency_ms = shadow.latency_ms
             payload = rec.SerializeToString()
             if len(payload) > self.max_record_bytes:
                 raise ValueError(f"record is {len(payload)} bytes, more than max_record_bytes={self.max_record_bytes}")

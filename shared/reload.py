@@ -27,6 +27,15 @@ before a load starts and after every swap, refreshed every lease_refresh_s (gc i
 lease older than its TTL, 5 min by default: refresh well within it), and removed on stop. A
 lease that cannot be written is logged once per distinct error and counted
 (storefront_registry_errors_total{reason="lease_write"}); serving goes on regardless.
+
+Canary (with `follow_canary`): the registry's CANARY pointer names a candidate to serve beside
+the champion (shared/registry: mode "canary" with a share of request keys, or "shadow"). It is
+loaded and validated exactly like a champion (same loader, same refusal memory and backoff:
+load beside, then swap), held in `canary` (a Canary: the LoadedModel and the pointer's
+CanaryState) and leased as "canary". A refused candidate, an unreadable CANARY, or none, leave
+`canary` None: the champion answers everything (a bad candidate never fails a request). A mode
+or share change of the same version applies at once, without a reload. When the candidate is
+promoted (CURRENT names it), the loaded canary becomes the champion without loading it again.
 """
 from __future__ import annotations
 
@@ -36,11 +45,34 @@ import logging
 import time
 from typing import Callable
 
+from prometheus_client import Gauge
+
 from shared import metrics
-from shared.registry import ModelRegistry, RegistryError, default_instance
+from shared.registry import CanaryState, ModelRegistry, RegistryError, default_instance
 from shared.runtime.model import LoadedModel, ModelHandle, ModelLoader, ModelRejected
 
 log = logging.getLogger(__name__)
+
+CANARY_SHARE = Gauge("storefront_canary_share", "Share of request keys the canary version of a model answers in "
+                     "this process (0: no canary, or a shadow, which answers none)", ["model"])
+CANARY_VERSION = Gauge("storefront_canary_version", "The candidate version served beside the champion (0: none), "
+                       "by mode (canary, shadow)", ["model", "mode"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Canary:
+    """A loaded candidate and how it meets traffic (the CANARY pointer it was loaded for)."""
+
+    model: LoadedModel
+    state: CanaryState
+
+    @property
+    def mode(self) -> str:
+        return self.state.mode
+
+    @property
+    def share(self) -> float:
+        return self.state.share
 
 
 @dataclasses.dataclass
@@ -58,7 +90,7 @@ class HotReloader:
     def __init__(self, registry: ModelRegistry, handle: ModelHandle, loader: ModelLoader,
                  poll_interval_s: float = 0.5, *, retry_min_s: float = 2.0, retry_max_s: float = 300.0,
                  max_refusals: int = 64, clock: Callable[[], float] = time.monotonic,
-                 instance: str | None = None, lease_refresh_s: float = 30.0) -> None:
+                 instance: str | None = None, lease_refresh_s: float = 30.0, follow_canary: bool = False) -> None:
         self.registry = registry
         self.handle = handle
         self.loader = loader
@@ -76,6 +108,10 @@ class HotReloader:
         self._lease_due = -float("inf")  # clock() at which the lease is refreshed next
         self._lease_error: str | None = None  # the last lease write problem reported
         self._leased = False  # a lease was written (stop removes it)
+        self.follow_canary = follow_canary
+        self.canary: Canary | None = None  # the candidate served beside the champion (None: none)
+        self._canary_seen: str | None = None  # the version CANARY named at the last readable poll
+        self._canary_error: str | None = None  # the last CANARY problem reported
         # One check at a time: the watcher's own loop and a direct caller (start-up, an operator
         # hook, a test) must not load the same version twice or write leases out of order.
         self._checking = asyncio.Lock()
@@ -93,6 +129,8 @@ class HotReloader:
         """Load and swap in the version CURRENT names, if it is new. Returns the new model."""
         async with self._checking:
             model = await self._check()
+            if self.follow_canary:
+                await self._check_canary()
             await self._refresh_lease()  # a no-op until the refresh is due
             return model
 
@@ -111,6 +149,14 @@ class HotReloader:
             self._swap(kept, "rollback")
             await self._refresh_lease(force=True)
             return kept
+        canary = self.canary
+        if canary is not None and canary.model.version == version:
+            # promoted: the candidate is loaded, validated and warm; it becomes the champion as is
+            self.refusals.pop(version, None)
+            self._set_canary(None, "promoted to champion")
+            self._swap(canary.model, "promoted")
+            await self._refresh_lease(force=True)
+            return canary.model
         refusal = self.refusals.get(version)
         if refusal is not None and not self._may_retry(version, refusal, arrived):
             return None
@@ -128,6 +174,74 @@ class HotReloader:
         self._swap(model, "loaded")
         await self._refresh_lease(force=True)
         return model
+
+    async def _check_canary(self) -> None:
+        """Follow CANARY (see the module doc): load a new candidate beside the champion, apply a
+        mode/share change, or drop the candidate when the pointer is gone, unreadable or names
+        the champion."""
+        try:
+            state = self.registry.canary(self.name)
+        except RegistryError as e:
+            error = str(e)
+            if error != self._canary_error:  # once per distinct state, not every poll
+                self._canary_error = error
+                metrics.REGISTRY_ERRORS.labels(self.name, e.reason).inc()
+                log.error("model %s: cannot read the CANARY pointer (%s): serving the champion only: %s",
+                          self.name, e.reason, e)
+            self._set_canary(None, "CANARY unreadable")
+            return
+        if self._canary_error is not None:
+            self._canary_error = None
+            log.info("model %s: the CANARY pointer reads again", self.name)
+        current = self.handle.current
+        if state is None or current is None or state.version == current.version:
+            self._canary_seen = state.version if state is not None else None
+            self._set_canary(None, "no canary" if state is None else
+                             "no champion loaded" if current is None else "it is the champion")
+            return
+        arrived = state.version != self._canary_seen
+        self._canary_seen = state.version
+        held = self.canary
+        if held is not None and held.model.version == state.version:
+            if held.state != state:  # same version, new mode or share: no reload
+                self._set_canary(Canary(held.model, state), "pointer changed")
+            return
+        model = self.handle.loaded(state.version)  # e.g. the previous champion, still warm
+        if model is None:
+            refusal = self.refusals.get(state.version)
+            if refusal is not None and not self._may_retry(state.version, refusal, arrived):
+                self._set_canary(None, f"version {state.version} refused")
+                return
+            fingerprint = self.registry.fingerprint(self.name, state.version)
+            await self._refresh_lease(loading=state.version, force=True)
+            try:
+                model = await asyncio.to_thread(self.loader.from_registry, self.registry, self.name, state.version)
+            except ModelRejected as e:
+                self._refuse(state.version, fingerprint, e, refusal)
+                self._set_canary(None, f"version {state.version} refused")
+                return
+            self.refusals.pop(state.version, None)
+            metrics.RELOADS.labels(self.name, "canary_loaded").inc()
+        # the pointer may have moved while the candidate loaded: the next poll sees it
+        self._set_canary(Canary(model, state), "loaded")
+        await self._refresh_lease(force=True)
+
+    def _set_canary(self, canary: Canary | None, why: str) -> None:
+        old = self.canary
+        if old is None and canary is None:
+            return
+        self.canary = canary
+        CANARY_SHARE.labels(self.name).set(canary.share if canary is not None and canary.mode == "canary" else 0.0)
+        for mode in ("canary", "shadow"):
+            on = canary is not None and canary.mode == mode
+            CANARY_VERSION.labels(self.name, mode).set(int(canary.model.version) if on else 0)
+        if canary is None:
+            log.info("model %s: candidate %s no longer served beside the champion (%s)", self.name,
+                     old.model.version, why)
+        else:
+            log.info("model %s: candidate %s served beside champion %s as %s%s (%s)", self.name,
+                     canary.model.version, self.handle.current.version if self.handle.current else "none",
+                     canary.mode, f", share {canary.share:g}" if canary.mode == "canary" else "", why)
 
     def _read_pointer(self) -> str | None:
         try:
@@ -187,8 +301,10 @@ class HotReloader:
         if self.lease_refresh_s <= 0 or not force and self.clock() < self._lease_due:
             return
         current, previous = self.handle.current, self.handle.previous
+        canary = self.canary
         held = {"serving": current.version if current else None,
-                "previous": previous.version if previous else None, "loading": loading}
+                "previous": previous.version if previous else None, "loading": loading,
+                "canary": canary.model.version if canary is not None else None}
         if not any(held.values()):
             return  # holds nothing: nothing to protect
         self._lease_due = self.clock() + self.lease_refresh_s

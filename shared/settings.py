@@ -194,6 +194,12 @@ class DomainSettings(ServingSettings):
     outcome_burst: int = setting(10000, "outcomes a caller may report at once above outcome_rate_per_s")
     outcome_ack_durable: bool = setting(False, "answer ReportOutcome only once the outcome is fsync'd in the "
                                         "feedback spool (survives kill -9; one fsync per call)")
+    canary: str = setting("follow", "follow: serve the candidate the registry's CANARY pointer names beside the "
+                          "champion, as it says (canary: its share of request keys; shadow: scores every request, "
+                          "answers none); off: the champion (CURRENT) answers everything")
+    shadow_max_inflight: int = setting(64, "shadow mode: most shadow scorings running at once; beyond, and while the "
+                                       "batch queue is half full, a request is not shadowed (counted)")
+    shadow_timeout_ms: float = setting(1000.0, "shadow mode: a shadow scoring not done by then is dropped (counted)")
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -203,4 +209,8 @@ class DomainSettings(ServingSettings):
             p.append("trainer_tls_cert (mTLS to the trainer) needs trainer_tls_ca")
         if self.outcome_rate_per_s < 0 or self.outcome_burst < 1:
             p.append("outcome_rate_per_s must be >= 0 (0 = no limit) and outcome_burst >= 1")
+        if self.canary not in ("follow", "off"):
+            p.append(f"canary must be 'follow' or 'off', not {self.canary!r}")
+        if self.shadow_max_inflight < 1 or not self.shadow_timeout_ms > 0:
+            p.append("shadow_max_inflight must be >= 1 and shadow_timeout_ms > 0")
         return p

@@ -82,6 +82,14 @@ class FraudService(DomainService[fraud_pb2.ScoreTransactionRequest, fraud_pb2.Sc
             return list(model.manifest.extra["feature_names"])
         return [f"V{i}" for i in range(1, N_INPUTS)] + ["amount"]
 
+    def routing_key(self, request: fraud_pb2.ScoreTransactionRequest) -> str | None:
+        """Canary routing by card (else customer): every transaction of one card is scored by one
+        version while a canary runs, so a card's decisions stay consistent (a fraud burst on a
+        card is not judged half by each model). Neither given: a random draw."""
+        if request.card_ref:
+            return "card:" + request.card_ref
+        return "customer:" + request.customer_ref if request.customer_ref else None
+
     def preprocess(self, request: fraud_pb2.ScoreTransactionRequest, model: LoadedModel) -> Prepared:
         check_id(request.transaction_id, "transaction_id", 128)
         check_id(request.customer_ref, "customer_ref", 128, required=False)

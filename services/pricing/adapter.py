@@ -144,6 +144,12 @@ class PricingService(DomainService[pricing_pb2.QuoteRequest, pricing_pb2.QuoteRe
         return cached[1]
 
     # ---- request -> model inputs ----
+    def routing_key(self, request: pricing_pb2.QuoteRequest) -> str | None:
+        """Canary routing by (product, segment): every customer of a segment is quoted one
+        version's price for a product while a canary runs (no two prices for the same thing in
+        the same audience at once), and each version's sales evidence stays per cell."""
+        return f"{request.product_id}\x00{request.context.segment}"
+
     def preprocess(self, request: pricing_pb2.QuoteRequest, model: LoadedModel) -> Prepared:
         return self.prepare(request, self.vocab(model))
 

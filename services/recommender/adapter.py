@@ -348,6 +348,11 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
                 "item_vectors": idx.vectors}
 
     # ---- Recommend ----
+    def routing_key(self, request: pb.RecommendRequest) -> str | None:
+        """Canary routing by user: one user sees one version's rankings while a canary runs (no
+        flip-flopping lists between page views). Anonymous requests: a random draw."""
+        return request.user_id or None
+
     def preprocess(self, request: pb.RecommendRequest, model: LoadedModel) -> Prepared:
         user_id = check_id(request.user_id, "user_id", 128, required=False)
         ctx = request.context
@@ -577,8 +582,8 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
                       journal: bool) -> CatalogSnapshot:
         snap = await asyncio.to_thread(self.catalog.upsert, items, vectors, journal)
         states = []
-        for m in (self.served.handle.current, self.served.handle.previous):
-            if m is not None and isinstance(m.prepared, VersionItems) and m.prepared not in states:
+        for m in self.served.loaded_models():  # the canary's vectors too: it answers requests
+            if isinstance(m.prepared, VersionItems) and m.prepared not in states:
                 states.append(m.prepared)
         built = [(st, await asyncio.to_thread(st.build, snap)) for st in states]
         for st, idx in built:  # no await from here: readers see catalog and vectors change together

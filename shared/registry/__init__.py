@@ -1,11 +1,13 @@
 """Model registry on a folder: see registry.py for the layout and the atomicity rules."""
 from shared.registry.registry import (
+    CANARY_MODES,
     GC_KEEP_LAST,
     GC_MIN_AGE_S,
     GC_ROLLBACK_DEPTH,
     LEASE_TTL_S,
     MANIFEST,
     MODEL_FILE,
+    CanaryState,
     GcReport,
     Lease,
     Manifest,
@@ -13,6 +15,7 @@ from shared.registry.registry import (
     RegistryError,
     Signature,
     TensorSpec,
+    canary_bucket,
     default_instance,
     sha256_file,
     validate_name,
@@ -20,12 +23,14 @@ from shared.registry.registry import (
 )
 
 __all__ = [
+    "CANARY_MODES",
     "GC_KEEP_LAST",
     "GC_MIN_AGE_S",
     "GC_ROLLBACK_DEPTH",
     "LEASE_TTL_S",
     "MANIFEST",
     "MODEL_FILE",
+    "CanaryState",
     "GcReport",
     "Lease",
     "Manifest",
@@ -33,6 +38,7 @@ __all__ = [
     "RegistryError",
     "Signature",
     "TensorSpec",
+    "canary_bucket",
     "default_instance",
     "sha256_file",
     "validate_name",

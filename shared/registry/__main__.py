@@ -8,6 +8,10 @@
     python -m shared.registry [--root DIR] gc NAME [--keep-last N] [--min-age-s S] [--dry-run]
     python -m shared.registry [--root DIR] pin NAME VERSION [--note TEXT]
     python -m shared.registry [--root DIR] unpin NAME VERSION
+    python -m shared.registry [--root DIR] canary NAME
+    python -m shared.registry [--root DIR] start-canary NAME VERSION [--mode canary|shadow] [--share S] [--replace]
+    python -m shared.registry [--root DIR] promote NAME [VERSION]
+    python -m shared.registry [--root DIR] abort-canary NAME [VERSION]
 
 --root defaults to $STOREFRONT_REGISTRY_DIR, else ./var/registry.
 """
@@ -23,6 +27,7 @@ from shared.registry.registry import (
     GC_MIN_AGE_S,
     GC_ROLLBACK_DEPTH,
     LEASE_TTL_S,
+    CANARY_MODES,
     GcReport,
     ModelRegistry,
     RegistryError,
@@ -96,6 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("unpin", help="let gc collect a pinned version again")
     p.add_argument("name")
     p.add_argument("version")
+    p = sub.add_parser("canary", help="the running canary of a model (version, mode, share, since when)")
+    p.add_argument("name")
+    p = sub.add_parser("start-canary", help="serve VERSION beside CURRENT: a share of request keys (canary) or "
+                                            "scoring every request without answering (shadow)")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--mode", choices=CANARY_MODES, default="canary")
+    p.add_argument("--share", type=float, default=0.1, help="canary mode: share of request keys it answers, (0, 1]")
+    p.add_argument("--replace", action="store_true", help="abort a running canary and start this one instead")
+    p.add_argument("--note", default="", help="why (shown by `canary`)")
+    p = sub.add_parser("promote", help="make the running canary CURRENT and end the canary")
+    p.add_argument("name")
+    p.add_argument("version", nargs="?", help="refuse unless this is the running canary")
+    p = sub.add_parser("abort-canary", help="end the running canary without promoting it (rollback; CURRENT stays)")
+    p.add_argument("name")
+    p.add_argument("version", nargs="?", help="refuse unless this is the running canary")
     args = ap.parse_args(argv)
     reg = ModelRegistry(args.root)
     try:
@@ -117,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                     current, failed = None, True
                     print(f"error: {e}", file=sys.stderr)
                 try:
+                    canary = reg.canary(args.name)
+                except RegistryError as e:
+                    canary, failed = None, True
+                    print(f"error: {e}", file=sys.stderr)
+                try:
                     pins = reg.pins(args.name)
                 except RegistryError as e:
                     pins, failed = {}, True
@@ -130,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{mark} {v}\tunreadable ({e.reason}): {e}")
                         continue
                     pinned = "\tpinned" if v in pins else ""
+                    role = f"\t{canary.mode} ({canary.share:g})" if canary is not None and v == canary.version else ""
                     print(f"{mark} {v}\tcreated={m.created}\tparent={m.parent}\tmetrics={json.dumps(m.metrics)}"
-                          f"{pinned}")
+                          f"{pinned}{role}")
             return 2 if failed else 0
         elif args.cmd in ("show", "verify"):
             version = args.version or reg.current_version(args.name)
@@ -161,6 +188,23 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.name}/{args.version} was not pinned", file=sys.stderr)
                 return 1
             print(f"{args.name}/{args.version}: unpinned")
+        elif args.cmd == "canary":
+            state = reg.canary(args.name)
+            if state is None:
+                print(f"{args.name}: no canary (CURRENT {reg.current_version(args.name)})")
+            else:
+                print(json.dumps(state.to_json(), indent=2))
+        elif args.cmd == "start-canary":
+            state = reg.start_canary(args.name, args.version, args.mode, args.share, replace=args.replace,
+                                     note=args.note)
+            print(f"{args.name}/{state.version}: {state.mode} started beside CURRENT {state.champion}"
+                  + (f", share {state.share:g}" if state.mode == "canary" else ""))
+        elif args.cmd == "promote":
+            v = reg.promote(args.name, args.version)
+            print(f"{args.name}: canary {v} promoted, CURRENT -> {v}")
+        elif args.cmd == "abort-canary":
+            v = reg.abort_canary(args.name, args.version)
+            print(f"{args.name}: canary {v} aborted, CURRENT stays {reg.current_version(args.name)}")
     except (RegistryError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

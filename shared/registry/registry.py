@@ -5,9 +5,11 @@ Layout::
     <root>/models/<name>/<version>/model.onnx     the files of one version
     <root>/models/<name>/<version>/manifest.json  what they are (see Manifest)
     <root>/models/<name>/CURRENT                  {"version": "..."}: the one to serve
+    <root>/models/<name>/CANARY                   {"version", "mode", "share", "started", ...}: a candidate
+                                                  meeting live traffic beside CURRENT (absent: none)
     <root>/models/<name>/PINNED                   {"pins": {"<version>": {...}}}: never collected
     <root>/models/<name>/.serving/<instance>      lease: the versions one serving process holds
-    <root>/models/.locks/<name>                   flock taken by gc, pin/unpin and set_current
+    <root>/models/.locks/<name>                   flock taken by gc, pin/unpin, set_current and the canary verbs
 
 Publishing writes a complete version folder under a temporary name, fsyncs it, renames
 it into place (rename is atomic and fails if the version exists, so two publishers never
@@ -21,6 +23,15 @@ any link is refused, so a link planted in the registry (to /etc/shadow, to anoth
 model's files) is never read, hashed or served. Root itself may be a link (a mounted
 volume): it is what the operator configured. File names listed in a manifest must be
 plain names (no separators, no leading dot, so no '..' and no absolute path).
+
+Canary (`start_canary`, `promote`, `abort_canary`): a version that passed the trainer's gate
+first meets live traffic beside the champion. CANARY names it with a mode: "canary" (a
+deterministic `share` of request keys is answered by it) or "shadow" (it scores every request,
+answers none). `promote` flips CURRENT to it and removes CANARY; `abort_canary` removes CANARY
+(the rollback: CURRENT never moved). All three take the model's lock, as CURRENT flips do, so a
+promote and an abort (or gc) never interleave. A promote writes CURRENT before it removes
+CANARY: a crash in between leaves a CANARY naming CURRENT, which every reader treats as no
+canary. Registries written before canaries existed have no CANARY file: no canary.
 
 Names starting with '.' are never versions or models (the name patterns refuse them), so
 every reader ignores what lives there: staging folders of publishes in progress, `.trash-*`
@@ -64,6 +75,8 @@ MODEL_FILE = "model.onnx"
 MAX_POINTER_BYTES = 4096  # CURRENT is a few dozen bytes; a huge one is corrupt, not worth reading
 MAX_MANIFEST_BYTES = 16 << 20
 PINNED = "PINNED"
+CANARY = "CANARY"
+CANARY_MODES = ("canary", "shadow")
 LEASES_DIR = ".serving"
 LOCKS_DIR = ".locks"
 TRASH_PREFIX = ".trash-"
@@ -370,6 +383,62 @@ class Lease:
     fresh: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class CanaryState:
+    """What CANARY says: the candidate version, how it meets traffic, since when.
+
+    mode "canary": requests whose key hashes below `share` are answered by it (see
+    `canary_bucket`); "shadow": it scores every request and answers none (share is then 1).
+    started: registry clock (Unix seconds) when it was started; champion: CURRENT at that
+    moment (what it is compared with; a promote in between makes the canary stale)."""
+
+    version: str
+    mode: str
+    share: float
+    started: float
+    champion: str | None = None
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "mode": self.mode, "share": self.share, "started": self.started,
+                "started_utc": time.strftime(CREATED_FORMAT, time.gmtime(self.started)),
+                "champion": self.champion, "note": self.note}
+
+    @classmethod
+    def from_json(cls, d: Any) -> "CanaryState":
+        if not isinstance(d, Mapping):
+            raise RegistryError("CANARY is not a JSON object", "pointer_corrupt")
+        try:
+            state = cls(version=validate_version(d["version"]), mode=str(d["mode"]), share=float(d["share"]),
+                        started=float(d["started"]),
+                        champion=validate_version(d["champion"]) if d.get("champion") is not None else None,
+                        note=str(d.get("note") or ""))
+        except (KeyError, TypeError, ValueError, RegistryError) as e:
+            raise RegistryError(f"CANARY is malformed: {e}", "pointer_corrupt") from e
+        check_canary(state.mode, state.share)
+        return state
+
+
+def check_canary(mode: str, share: float) -> None:
+    """RegistryError unless mode is canary|shadow and share in (0, 1] (a finite number)."""
+    if mode not in CANARY_MODES:
+        raise RegistryError(f"canary mode {mode!r}: one of {', '.join(CANARY_MODES)}", "invalid")
+    if not (isinstance(share, (int, float)) and 0.0 < share <= 1.0):
+        raise RegistryError(f"canary share {share!r}: a number in (0, 1]", "invalid")
+
+
+def canary_bucket(name: str, version: str, key: str | bytes) -> float:
+    """Where a request key falls in [0, 1) for the canary of name/version: sha256 of the model,
+    the canary version and the key, first 8 bytes as a fraction. The same on every replica and
+    after restarts (no process state, no salt), so one key is always answered by the same
+    version while a canary runs; the version is part of it so that each canary draws its own
+    sample of keys (the same customers are not the guinea pigs of every candidate)."""
+    if isinstance(key, str):
+        key = key.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(b"storefront-canary\x00%s\x00%s\x00%s" % (name.encode(), version.encode(), key)).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
 @dataclasses.dataclass
 class GcReport:
     """What one gc kept (version -> why), removed, and the bytes involved."""
@@ -659,9 +728,92 @@ class ModelRegistry:
         exist, here) or runs after (then it sees CURRENT naming it and keeps it), so CURRENT
         never ends up naming a version gc deleted meanwhile (e.g. `rollback --to` an old one)."""
         with self._model_lock(name, LOCK_TIMEOUT_S):
-            self.manifest(name, version)  # must exist and be readable
-            payload = {"version": version, "updated": time.strftime(CREATED_FORMAT, time.gmtime(self.clock()))}
-            _write_atomic(self.pointer_path(name), json.dumps(payload).encode())
+            self._set_current_locked(name, version)
+
+    def _set_current_locked(self, name: str, version: str) -> None:
+        self.manifest(name, version)  # must exist and be readable
+        payload = {"version": version, "updated": time.strftime(CREATED_FORMAT, time.gmtime(self.clock()))}
+        _write_atomic(self.pointer_path(name), json.dumps(payload).encode())
+
+    # ---- canary: a candidate meeting live traffic beside CURRENT ----
+    def canary(self, name: str) -> CanaryState | None:
+        """The running canary, or None (no CANARY file, or one naming CURRENT: a promote that
+        crashed between its two writes). RegistryError when CANARY cannot be read."""
+        validate_name(name)
+        try:
+            with self._open_dir(name) as mfd:
+                state = CanaryState.from_json(self._read_json_at(mfd, CANARY))
+        except FileNotFoundError:
+            return None
+        except RegistryError as e:
+            reason = "pointer_corrupt" if e.reason in ("too_large", "malformed", "invalid") else e.reason
+            raise RegistryError(f"{name}/{CANARY}: {e}", reason) from e
+        except OSError as e:
+            raise RegistryError(f"{name}/{CANARY} is unreadable: {e}", "pointer_unreadable") from e
+        if state.version == self.current_version(name):
+            return None
+        return state
+
+    def start_canary(self, name: str, version: str, mode: str = "canary", share: float = 0.1, *,
+                     replace: bool = False, note: str = "") -> CanaryState:
+        """Start version as the canary of name (CURRENT does not move). One canary at a time:
+        RegistryError(reason="canary_running") when another runs, unless replace (the running
+        one is then aborted by this very write). The version must verify (checksums) and differ
+        from CURRENT; shadow mode ignores share (every request is scored: recorded as 1)."""
+        validate_version(version)
+        check_canary(mode, share)
+        with self._model_lock(name, LOCK_TIMEOUT_S):
+            self.verify(name, version)
+            current = self.current_version(name)
+            if current is None:
+                raise RegistryError(f"model {name!r} has no CURRENT version: publish one before a canary",
+                                    "no_current")
+            if current == version:
+                raise RegistryError(f"{name}/{version} is already CURRENT", "invalid")
+            running = self.canary(name)
+            if running is not None and running.version != version and not replace:
+                raise RegistryError(f"{name}: canary {running.version} is running (promote or abort it first)",
+                                    "canary_running")
+            state = CanaryState(version, mode, 1.0 if mode == "shadow" else float(share), self.clock(), current, note)
+            with self._open_dir(name) as mfd:
+                self._write_json_at(mfd, CANARY, state.to_json())
+        return state
+
+    def promote(self, name: str, version: str | None = None) -> str:
+        """CURRENT := the canary's version, then clear CANARY. version, when given, must be the
+        running canary (a decision taken on one canary never promotes its successor).
+        RegistryError(reason="no_canary") when none runs (or another one does)."""
+        with self._model_lock(name, LOCK_TIMEOUT_S):
+            state = self._running(name, version)
+            self.verify(name, state.version)  # what becomes CURRENT must be whole
+            self._set_current_locked(name, state.version)
+            self._clear_canary_locked(name)
+        return state.version
+
+    def abort_canary(self, name: str, version: str | None = None) -> str:
+        """Clear CANARY (the rollback: CURRENT never moved; services drop the candidate on their
+        next poll). Returns the aborted version; RegistryError(reason="no_canary") when none runs
+        (or, with version, when another one does)."""
+        with self._model_lock(name, LOCK_TIMEOUT_S):
+            state = self._running(name, version)
+            self._clear_canary_locked(name)
+        return state.version
+
+    def _running(self, name: str, version: str | None) -> CanaryState:
+        state = self.canary(name)
+        if state is None:
+            raise RegistryError(f"model {name!r} has no running canary", "no_canary")
+        if version is not None and validate_version(version) != state.version:
+            raise RegistryError(f"{name}: the running canary is {state.version}, not {version}", "no_canary")
+        return state
+
+    def _clear_canary_locked(self, name: str) -> None:
+        with self._open_dir(name) as mfd:
+            try:
+                os.unlink(CANARY, dir_fd=mfd)  # unlink never follows a link: it removes the name
+            except FileNotFoundError:
+                return
+            os.fsync(mfd)
 
     def rollback(self, name: str, to_version: str | None = None) -> str:
         """Point CURRENT back: to to_version, or to the current version's parent."""

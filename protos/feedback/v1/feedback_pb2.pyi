@@ -71,7 +71,7 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., raw_data: _Optional[bytes] = ...) -> None: ...
 
 class ServedPrediction(_message.Message):
-    __slots__ = ("prediction_id", "model", "served_at", "inputs", "outputs", "request", "response")
+    __slots__ = ("prediction_id", "model", "served_at", "inputs", "outputs", "request", "response", "shadow")
     PREDICTION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SERVED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class ServedPrediction(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
     prediction_id: str
     model: _common_pb2.ModelRef
     served_at: float
@@ -86,7 +87,22 @@ class ServedPrediction(_message.Message):
     outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     request: _any_pb2.Any
     response: _any_pb2.Any
-    def __init__(self, prediction_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., served_at: _Optional[float] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., request: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., response: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
+    shadow: ShadowPrediction
+    def __init__(self, prediction_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., served_at: _Optional[float] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., request: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., response: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., shadow: _Optional[_Union[ShadowPrediction, _Mapping]] = ...) -> None: ...
+
+class ShadowPrediction(_message.Message):
+    __slots__ = ("model", "inputs", "outputs", "score", "latency_ms")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelRef
+    inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    score: float
+    latency_ms: float
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., score: _Optional[float] = ..., latency_ms: _Optional[float] = ...) -> None: ...
 
 class Outcome(_message.Message):
     __slots__ = ("prediction_id", "occurred_at", "received_at", "fraud", "recommendation", "pricing")
