@@ -119,6 +119,17 @@ def test_a_round_from_joined_outcomes_publishes_a_model_that_learned_them(world)
     after = float(learner.model.predict(learner.net, examples.X).mean())
     assert before < 0.5 and after > max(0.75, before + 0.3), (before, after)
     assert float(learner.net.prec_a_prod[code]) > prec_before  # and the posterior got tighter
+    # the calibration check per segment: what v1 served (predicted conversion at the quoted
+    # price) against the 95 % sold, in the round's prequential figures; the candidate's
+    # predictions against the labels it was judged on, in its manifest and metrics
+    served_p = np.array([float(r) for r in examples.served_p])
+    assert entry["prequential"]["served_calibration_gap[35-39]"] == pytest.approx(
+        served_p.mean() - examples.y.mean(), abs=1e-6)
+    assert entry["prequential"]["served_calibration_max_abs_gap"] > 0.3
+    cal = m.extra["calibration"]
+    assert cal["rows"] == "storefront quotes" and cal["segments"]["35-39"]["quotes"] > 0
+    assert abs(cal["segments"]["35-39"]["gap"]) < 0.2  # the candidate learned the level
+    assert m.metrics["calibration_max_abs_gap"] == pytest.approx(abs(cal["segments"]["35-39"]["gap"]))
     # replayed rows are in the posterior already: absorbing them again is a no-op
     state = {k: v.clone() for k, v in learner.net.state_dict().items() if isinstance(v, torch.Tensor)}
     assert pricing.absorb(learner.net, learner.replay.X, learner.replay.y) == 0
@@ -131,8 +142,9 @@ def test_live_trainer_and_service_learn_from_reported_sales(tmp_path):
     from trainer.eventlog import SqliteEventLog
 
     world = small_world(tmp_path)
+    # direct delivery: this test is about learning from sales; canary delivery is test_canary's
     loop = PricingLoop(tmp_path, ["--bootstrap", "0", "--poll-interval-s", "0.2", "--min-events", "150",
-                                  "--max-interval-s", "2", "--epochs", "1"],
+                                  "--max-interval-s", "2", "--epochs", "1", "--delivery", "direct"],
                        ["--poll-interval-s", "0.2", "--exploration-seed", "1"])
     loop.start(timeout=120)
     try:

@@ -81,8 +81,9 @@ def test_hour_terms_learn_only_what_the_data_supports():
     X, y = synthetic_stream(rng, 6000, np.array([31, 32]), {SEGMENTS.index("30-34"): 2.0},
                             {SEGMENTS.index("30-34"): 0.0}, hours=True)
     pricing.absorb(net, X, y, max_iter=40)
-    # hour has no effect in this stream: the hour slopes stay small next to the product slope
-    assert float(net.b_hour.detach()[:24].abs().max()) < 0.25
+    # hour has no effect in this stream: the hours' sensitivity factors stay near 1
+    factors = net.b_hour.detach()[:24].abs()
+    assert float(factors.mean()) < 0.12 and float(factors.max()) < 0.3, factors
     assert float(net.prec_b_hour[:24].min()) > pricing.PRIOR_PRECISION["b_hour"]  # but they did see the data
 
 

@@ -4,14 +4,16 @@ Model. For a quote of product i (subclass c) at price p with reference price r, 
 customer of segment s at hour h, with x = log(p / r):
 
     logit P(sale) = a0 + a_c + a_i + a_s + a_is + a_h
-                    - softplus(b0 + b_c + b_i + b_s + b_is + b_h) * x
+                    - softplus(b0 + b_c + b_i) * exp(b_s + b_is + b_h) * x
 
 a_* are conversion levels, b_* price sensitivities (softplus keeps demand decreasing in
 price: the slope is the elasticity of the odds). Both the level and the sensitivity are
 hierarchical: product terms are offsets from their subclass, subclass terms offsets from the
 global ones; a segment has a store-wide offset (a_s, b_s: shared by every product) and each
 (product, segment) cell an offset from product + segment (a_is, b_is); hours have offsets of
-their own. Each offset has a Gaussian prior at 0 (precisions PRIOR_PRECISION), so a product
+their own. The segment, cell and hour sensitivity terms multiply the product's (log scale):
+"this segment is half as price-sensitive" holds across products whose own sensitivities
+differ tenfold, where an additive offset would mean a different factor for each product. Each offset has a Gaussian prior at 0 (precisions PRIOR_PRECISION), so a product
 with little data is priced like its subclass, a subclass like the store, and a segment that
 a product rarely sees like that product adjusted by how the segment behaves across the store
 (a segment can be priced higher where it is less sensitive: a level alone could only push
@@ -88,20 +90,23 @@ NOISE_SEED = 1234
 NOISE_SLOTS = 8192
 # Prior precisions (1 / variance) of the parameter groups. Global terms are nearly free; subclass
 # offsets moderately shrunk, product offsets more (sd 0.7 for levels, 0.5 for slopes). Segment
-# slopes (store level, shared by every product) sd 1: segments may differ much in price
-# sensitivity, and thousands of quotes inform each. A (product, segment) cell's offsets from
-# its product and its segment (sd 0.7): one cell holds a few hundred quotes at most, whose
-# price information over a +-20 % range is small, so a cell's slope stays near product +
-# segment until its own data disagree. Hours: levels sd 0.5, slopes sd 0.35 (the storefront
-# rarely changes sensitivity by the hour; the data must show it).
+# sensitivity factors (store level, shared by every product; log scale) sd 1.4: segments may
+# differ several-fold in price sensitivity, and thousands of quotes inform each. A (product,
+# segment) cell's offsets from its product and its segment (sd 0.7; factor 2 for the slope):
+# one cell holds a few hundred quotes at most, whose price information over a +-20 % range is
+# small, so a cell stays near product x segment until its own data disagree. Hours: levels
+# sd 0.5, sensitivity factors sd 0.25 (the storefront rarely changes sensitivity by the hour,
+# and 24 hours split the data thin: the data must show it clearly).
 PRIOR_PRECISION = {"a0": 1e-2, "b0": 1e-2, "a_cat": 1.0, "b_cat": 2.0, "a_prod": 2.0, "b_prod": 4.0,
-                   "a_seg": 1.0, "b_seg": 1.0, "a_cell": 2.0, "b_cell": 2.0, "a_hour": 4.0, "b_hour": 8.0}
+                   "a_seg": 1.0, "b_seg": 0.5, "a_cell": 2.0, "b_cell": 2.0, "a_hour": 4.0, "b_hour": 16.0}
 # Which code indexes each group: the parameter's row for a quote.
 GROUP_INDEX = {"a0": "global", "b0": "global", "a_cat": "category", "b_cat": "category", "a_prod": "product",
                "b_prod": "product", "a_seg": "segment", "b_seg": "segment", "a_cell": "cell", "b_cell": "cell",
                "a_hour": "hour", "b_hour": "hour"}
 LEVELS = tuple(n for n in GROUP_INDEX if n.startswith("a"))  # terms of the conversion level
-SLOPES = tuple(n for n in GROUP_INDEX if n.startswith("b"))  # terms of the price sensitivity (pre-softplus)
+SLOPE_BASE = ("b0", "b_cat", "b_prod")  # the product's price sensitivity (pre-softplus)
+SLOPE_MULT = ("b_seg", "b_cell", "b_hour")  # log factors of it by segment, cell and hour
+SLOPES = SLOPE_BASE + SLOPE_MULT
 # Thompson samples vary every term that decides the price: the segment, hour and cell terms as
 # much as the product's (a sample that left them at their means would never explore them).
 SAMPLED = LEVELS + SLOPES
@@ -125,6 +130,14 @@ def rows(product, segment, hour, x, weight, offsets) -> np.ndarray:
     X[:, COL_WEIGHT] = weight
     X[:, COL_OFF_HI], X[:, COL_OFF_LO] = split_offsets(np.broadcast_to(offsets, (n,)))
     return X
+
+
+def sensitivity(base: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+    """The price sensitivity (elasticity of the odds, > 0): the product's softplus(base) times
+    the segment, cell and hour factor exp(mult). The factor's exponent is clamped at +-8 (a
+    factor of 3,000: far beyond any prior or data) so a wild Thompson draw of a group with
+    prior precision can never overflow."""
+    return nn.functional.softplus(base) * torch.exp(mult.clamp(-8.0, 8.0))
 
 
 class PricingNet(nn.Module):
@@ -216,15 +229,17 @@ class PricingNet(nn.Module):
         return self.term_at(name, torch.arange(self.SHAPES[name][0]))
 
     def level_slope(self, product, segment, hour):
-        """Mean level and slope pre-activation per row, and the rows' group indices."""
+        """Per row: the mean level, the product's sensitivity pre-activation, the log factor of
+        segment, cell and hour, and the rows' group indices."""
         idx = self.indices(product, segment, hour)
         level = sum(self.term_at(n, idx[GROUP_INDEX[n]]) for n in LEVELS)
-        slope = sum(self.term_at(n, idx[GROUP_INDEX[n]]) for n in SLOPES)
-        return level, slope, idx
+        base = sum(self.term_at(n, idx[GROUP_INDEX[n]]) for n in SLOPE_BASE)
+        mult = sum(self.term_at(n, idx[GROUP_INDEX[n]]) for n in SLOPE_MULT)
+        return level, base, mult, idx
 
     def logit(self, product, segment, hour, x):
-        level, slope, _ = self.level_slope(product, segment, hour)
-        return level - nn.functional.softplus(slope) * x
+        level, base, mult, _ = self.level_slope(product, segment, hour)
+        return level - sensitivity(base, mult) * x
 
     def sampled_noise(self, name: str, index: torch.Tensor) -> torch.Tensor:
         """[B, N_SAMPLES] noise of a group: fixed draw / sqrt(precision), masked."""
@@ -234,18 +249,20 @@ class PricingNet(nn.Module):
         return (noise[:, slot] * scale).transpose(0, 1)
 
     def forward(self, product, segment, hour, log_price_ratio):
-        level, slope, idx = self.level_slope(product, segment, hour)
+        level, base, mult, idx = self.level_slope(product, segment, hour)
         x = log_price_ratio.clamp(-X_CLIP, X_CLIP)
-        conversion = torch.sigmoid(level.unsqueeze(1) - nn.functional.softplus(slope).unsqueeze(1) * x)
+        conversion = torch.sigmoid(level.unsqueeze(1) - sensitivity(base, mult).unsqueeze(1) * x)
         s_level = level.unsqueeze(1) + sum(self.sampled_noise(n, idx[GROUP_INDEX[n]]) for n in LEVELS)
-        s_slope = slope.unsqueeze(1) + sum(self.sampled_noise(n, idx[GROUP_INDEX[n]]) for n in SLOPES)
-        sampled = torch.sigmoid(s_level.unsqueeze(2) - nn.functional.softplus(s_slope).unsqueeze(2) * x.unsqueeze(1))
+        s_base = base.unsqueeze(1) + sum(self.sampled_noise(n, idx[GROUP_INDEX[n]]) for n in SLOPE_BASE)
+        s_mult = mult.unsqueeze(1) + sum(self.sampled_noise(n, idx[GROUP_INDEX[n]]) for n in SLOPE_MULT)
+        sampled = torch.sigmoid(s_level.unsqueeze(2) - sensitivity(s_base, s_mult).unsqueeze(2) * x.unsqueeze(1))
         return conversion, sampled
 
     def slopes(self, product, segment, hour) -> torch.Tensor:
-        """[B] the mean price sensitivity softplus(slope) of each quote (reports, tests, simulators)."""
+        """[B] the mean price sensitivity of each quote (reports, tests, simulators)."""
         with torch.no_grad():
-            return nn.functional.softplus(self.level_slope(product, segment, hour)[1])
+            _, base, mult, _ = self.level_slope(product, segment, hour)
+            return sensitivity(base, mult)
 
 
 def _columns(X: np.ndarray):
@@ -291,8 +308,9 @@ def absorb(net: PricingNet, X: np.ndarray, y: np.ndarray, max_iter: int = 50, pr
     def closure():
         opt.zero_grad()
         level = sum(local[n][inverse[n]] * mask[n][inverse[n]] for n in LEVELS)
-        slope = sum(local[n][inverse[n]] * mask[n][inverse[n]] for n in SLOPES)
-        z = level - nn.functional.softplus(slope) * x
+        base = sum(local[n][inverse[n]] * mask[n][inverse[n]] for n in SLOPE_BASE)
+        mult = sum(local[n][inverse[n]] * mask[n][inverse[n]] for n in SLOPE_MULT)
+        z = level - sensitivity(base, mult) * x
         nll = (weight * nn.functional.binary_cross_entropy_with_logits(z, target, reduction="none")).sum()
         prior = sum(0.5 * (precision[n] * (local[n] - prior_mean[n]) ** 2).sum() for n in names)
         loss = (nll + prior) / max(total_w, 1.0)  # scaled for the line search; same minimizer
@@ -316,15 +334,27 @@ def absorb(net: PricingNet, X: np.ndarray, y: np.ndarray, max_iter: int = 50, pr
 def _add_fisher(net: PricingNet, product, segment, hour, x, weight) -> None:
     """Diagonal Fisher information of the rows: sum of w p (1 - p) (d logit / d theta)^2, into
     the precision of every group's row the quote used."""
-    level, slope, idx = net.level_slope(product, segment, hour)
-    p = torch.sigmoid(level - nn.functional.softplus(slope) * x)
+    level, base, mult, idx = net.level_slope(product, segment, hour)
+    slope = sensitivity(base, mult)
+    p = torch.sigmoid(level - slope * x)
     info = weight * p * (1 - p)
-    d_slope = torch.sigmoid(slope) * x  # |d logit / d b|
-    info_slope = info * d_slope ** 2
+    info_base = info * (torch.sigmoid(base) * torch.exp(mult.clamp(-8.0, 8.0)) * x) ** 2  # (d logit / d base)^2
+    info_mult = info * (slope * x) ** 2  # (d logit / d log factor)^2
     for name in LEVELS:
         getattr(net, f"prec_{name}").index_add_(0, idx[GROUP_INDEX[name]], info)
-    for name in SLOPES:
-        getattr(net, f"prec_{name}").index_add_(0, idx[GROUP_INDEX[name]], info_slope)
+    for name in SLOPE_BASE:
+        getattr(net, f"prec_{name}").index_add_(0, idx[GROUP_INDEX[name]], info_base)
+    for name in SLOPE_MULT:
+        getattr(net, f"prec_{name}").index_add_(0, idx[GROUP_INDEX[name]], info_mult)
+
+
+def cap_precision(net: PricingNet, cap: dict[str, float] | None = None) -> None:
+    """Cap every precision at BOOTSTRAP_PRECISION_CAP (levels / sensitivities): what the
+    bootstrap's history may claim to know at most (see its comment)."""
+    cap = cap or BOOTSTRAP_PRECISION_CAP
+    with torch.no_grad():
+        for name in PricingNet.SHAPES:
+            getattr(net, f"prec_{name}").clamp_(max=cap["level" if name in LEVELS else "slope"])
 
 
 def predict_mean(net: PricingNet, X: np.ndarray) -> np.ndarray:
@@ -450,7 +480,7 @@ class PricingModel(DomainModel):
     name = MODEL_NAME
     width = WIDTH
 
-    def __init__(self, iterations_per_epoch: int = 15, bootstrap_iterations: int = 60) -> None:
+    def __init__(self, iterations_per_epoch: int = 30, bootstrap_iterations: int = 60) -> None:
         self.iterations_per_epoch = iterations_per_epoch
         self.bootstrap_iterations = bootstrap_iterations
         self.vocab: Vocabulary | None = None  # set by the bootstrap before new_network
@@ -476,6 +506,8 @@ class PricingModel(DomainModel):
         bootstrap = len(X) and float(np.max(X[:, COL_OFF_HI] * OFFSET_SPLIT + X[:, COL_OFF_LO])) == 0.0
         iters = self.bootstrap_iterations if bootstrap else self.iterations_per_epoch * max(1, epochs)
         absorb(net, X, y, max_iter=iters, progress=self.progress if bootstrap else None)
+        if bootstrap:
+            cap_precision(net)
 
     def predict(self, net, X) -> np.ndarray:
         p = predict_mean(net, X)
@@ -504,20 +536,8 @@ class PricingModel(DomainModel):
             out.update(calibration_figures(segment_calibration(hist[-n:, 0], y, served_p), "served_calibration"))
         return out
 
-    def gate_spec(self):
-        """The gate (trainer/gate.py) on the window of recent quotes neither version trained
-        on: the log-likelihood of the observed sales (as mean log loss of the posterior-mean
-        conversion at the quoted price, lower is better). Expected revenue at the quoted
-        prices would score the same conversion probabilities times a price the model did not
-        choose alone (Thompson sampling and the step limit do), so the likelihood is the
-        cleaner test of what the model knows. 30 sales and 100 quotes at least; the window is
-        capped at 5,000 quotes. Not seeded with the bootstrap's Ta Feng holdout week: those
-        are aggregated shelf rows of another population, not storefront quotes."""
-        from trainer.gate import GateSpec, log_loss_rows, mean_metric
-
-        return GateSpec(metrics=(mean_metric("log_loss", log_loss_rows, False),),
-                        positive=lambda y: np.asarray(y) > 0, min_positives=30, min_rows=100, max_rows=5000,
-                        seed_from_bootstrap=False)
+    def gate_metric(self, y, p):
+        return "log_loss", weighted_log_loss(y, p), False
 
     def report_metrics(self, y, p) -> dict[str, float]:
         out = {"log_loss": weighted_log_loss(y, p), "brier": float(np.mean((y - p) ** 2)) if len(y) else float("nan"),
@@ -604,6 +624,13 @@ MIN_LINES = 30  # products with at least this many lines (and two prices) give t
 # (and Thompson sampling would hardly explore). At 0.1 a product's history weighs like a few
 # hundred quotes; measured on the market simulator (bench.eval_pricing), see the README.
 HISTORY_WEIGHT = 0.1
+# ... and no term comes out of the bootstrap surer than this precision: the power prior
+# discounts each row, but the shared terms (global, subclass, segment: every row informs them)
+# would still sum a million discounted rows into near certainty, and a storefront whose
+# conversion level or segments differ from the shelf's could then only move them through the
+# few terms Ta Feng never saw (hours). A level precision of 50 (sd 0.14 logits) is what ~250
+# storefront quotes at 30 % conversion give; sensitivity terms are capped at 25.
+BOOTSTRAP_PRECISION_CAP = {"level": 50.0, "slope": 25.0}
 
 
 def bootstrap_data(limit: int | None = None, end: str = BOOTSTRAP_END, min_lines: int = MIN_LINES,
