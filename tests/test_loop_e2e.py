@@ -16,8 +16,11 @@ from tests.loop_harness import Loop, Storefront, wait_serving, wait_until
 from trainer.eventlog import SqliteEventLog
 
 # retention off: these tests compare the log with everything that was sent (retention deletes
-# learned events; tests/test_eventlog.py covers it)
-FAST = ["--min-events", "150", "--max-interval-s", "2", "--epochs", "1", "--retention-interval-s", "0"]
+# learned events; tests/test_eventlog.py covers it). Direct delivery: they are about the loop
+# learning and a new version serving every request; canary delivery (a share of requests, then
+# promotion on live labels) is tests/test_canary.py's subject
+FAST = ["--min-events", "150", "--max-interval-s", "2", "--epochs", "1", "--retention-interval-s", "0",
+        "--delivery", "direct"]
 
 
 @pytest.fixture

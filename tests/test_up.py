@@ -72,8 +72,12 @@ def test_demo_shows_new_versions_learned_from_its_traffic_being_served(bootstrap
     trainer publishes versions learned from them and the services answer with them."""
     var = fresh_var(bootstrapped, tmp_path)
     offset = 4000 + os.getpid() % 10000
+    # direct delivery (the trainer reads STOREFRONT_DELIVERY): this test is about versions learned from the
+    # demo's traffic reaching the answers within 40 s; with canary delivery the fraud candidate runs in
+    # shadow (answers nothing) until live labels promote it (tests/test_canary.py)
     proc = subprocess.run([sys.executable, "-m", "ops.up", "--var", str(var), "--port-offset", str(offset),
-                           "--demo", "40"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--demo", "40"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "STOREFRONT_DELIVERY": "direct"})
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:]
     assert "all services serving" in out and "[demo" in out and out.rstrip().endswith("stopped")

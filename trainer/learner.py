@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from shared.registry import ModelRegistry
+from shared.registry import ModelRegistry, RegistryError
 from trainer.drift import LossDrift
 from trainer.export import batch1_latency_ms, build_tensorrt_engine, parity
 from trainer.gate import GateRule, GateSpec, decide, window_start
@@ -171,6 +171,13 @@ class LearnerConfig:
     drift_epochs: int = 3  # passes over each round's rows while in drift
     drift_lr_factor: float = 1.0  # step size multiplier while in drift
     prequential_window: int = 5000  # labels the prequential metrics of each round are computed over
+    # delivery of a version that passed the gate (trainer/canary.py): "canary" publishes it and starts it
+    # as the registry's CANARY (live labels then promote or roll it back); "direct" makes it CURRENT.
+    # "direct" here: a canary needs a CanaryDecider judging it, which the trainer service runs (its
+    # `delivery` setting defaults to canary); a Learner driven on its own (benches, tests) has none
+    delivery: str = "direct"
+    canary_mode: str = "canary"  # canary (a share of request keys) | shadow (scores all, answers none)
+    canary_share: float = 0.1
 
 
 class Checkpoint:
@@ -237,6 +244,11 @@ class Learner:
         # the published weights while the working weights (self.net) differ from them, after
         # deferred rounds; None = the working weights are the champion
         self.champion: torch.nn.Module | None = None
+        # the weights of the version running as the registry's CANARY (delivery "canary"), kept until
+        # live labels decide: promoted, they become the champion's; rolled back, self.champion (the
+        # weights CURRENT serves) is what the learner goes back to
+        self.canary_net: torch.nn.Module | None = None
+        self.canary_version: str | None = None
         self.drift = LossDrift(model.name, window=self.config.drift_window, margin=self.config.drift_margin,
                                clear_tolerance=self.config.drift_clear_tolerance)
         self.last_round = time.monotonic()
@@ -271,6 +283,10 @@ class Learner:
         if state.get("champion") is not None:
             self.champion = self.model.new_network(np.zeros((1, self.model.width), np.float32))
             self.champion.load_state_dict(state["champion"])
+        self.canary_net, self.canary_version = None, state.get("canary_version")
+        if state.get("canary") is not None:
+            self.canary_net = self.model.new_network(np.zeros((1, self.model.width), np.float32))
+            self.canary_net.load_state_dict(state["canary"])
         self.offset = int(state["offset"])
         self.progress = state.get("progress", {"offset": self.offset, "pending": []})
         self.trained_rows = int(state.get("trained_rows", 0))
@@ -288,7 +304,9 @@ class Learner:
             self.cancel.commit_point(self.model.name)
         self.checkpoint.save({"net": self.net.state_dict(), "opt": self.opt.state_dict(), "replay": self.replay,
                               "window": self.window, "offset": self.offset,
-                              "champion": None if self.champion is None else self.champion.state_dict(), "progress": self.progress, "trained_rows": self.trained_rows,
+                              "champion": None if self.champion is None else self.champion.state_dict(),
+                              "canary": None if self.canary_net is None else self.canary_net.state_dict(),
+                              "canary_version": self.canary_version, "progress": self.progress, "trained_rows": self.trained_rows,
                               "labels_seen": self.labels_seen, "rounds": self.rounds,
                               "domain": self.model.domain_state()})
 
@@ -500,6 +518,18 @@ class Learner:
         the learner's weights, write the checkpoint, then publish. Checkpoint before publish:
         a crash in between loses a version, never trains its events a second time."""
         net, opt = candidate if candidate is not None else (self.net, self.opt)
+        canary = candidate is not None and self.config.delivery == "canary"
+        if canary:
+            running = self._running_canary()
+            if running is not None:
+                # one canary at a time (trainer/canary.py): this candidate is not published; learning
+                # goes on from it, judged (like after a deferred round) against the champion CURRENT serves
+                self.champion = self.champion if self.champion is not None else self.net
+                self.net, self.opt = net, opt
+                entry = self._decide("held", figures, [f"passed the gate, not published: {running} is running; "
+                                                       f"the next passing round after its decision is"])
+                self._save()
+                return entry
         reasons = []
         with tempfile.TemporaryDirectory() as tmp:
             path, module = self.model.export(net, Path(tmp) / "model.onnx")
@@ -523,14 +553,69 @@ class Learner:
             engine = build_tensorrt_engine(path)
             extra = self.model.manifest_extra(y, p)
             files = list(self.model.extra_files(net, Path(tmp))) + ([engine] if engine else [])
+            champion = self.champion if self.champion is not None else self.net  # what CURRENT serves
             self.net, self.opt = net, opt
             self.champion = None  # what is published is what the learner continues from
+            if canary and self.registry.current_version(self.model.name) is not None:
+                # ... but as a canary it is not the champion until live labels promote it
+                self.champion, self.canary_net = champion, net
+            else:
+                canary = False
             self._save()
             manifest = self.registry.publish(self.model.name, path, self._signature(path), metrics=metrics,
                                              learned_up_to=self.offset, extra={**extra, "gate": figures},
-                                             extra_files=files)
+                                             extra_files=files, make_current=not canary)
         figures["version"] = manifest.version
+        figures["delivery"] = "canary" if canary else "direct"
+        if canary:
+            self.canary_version = manifest.version
+            try:
+                state = self.registry.start_canary(self.model.name, manifest.version, self.config.canary_mode,
+                                                   self.config.canary_share, note=f"gate passed in round {self.rounds}")
+                figures["canary"] = state.to_json()
+            except RegistryError as e:  # e.g. an operator started one meanwhile: this version waits, unstarted
+                figures["canary_error"] = str(e)
+                log.warning("%s: version %s published but not started as canary: %s", self.model.name,
+                            manifest.version, e)
+            self._save()
         return self._decide(decision, figures, [])
+
+    def _running_canary(self) -> str | None:
+        """'canary <version>' while the registry runs one for this model (an unreadable CANARY
+        counts as running: nothing is started over a pointer that cannot be read), else None."""
+        try:
+            state = self.registry.canary(self.model.name)
+        except RegistryError as e:
+            return f"an unreadable CANARY ({e.reason})"
+        return None if state is None else f"{state.mode} {state.version}"
+
+    def canary_decided(self, version: str, promoted: bool) -> None:
+        """Live labels decided the canary (trainer/canary.py; called between rounds): promoted, its
+        weights are the champion's from now on; rolled back (or timed out), the learner goes back to
+        the champion's weights (rounds trained since on the candidate's are dropped like a refused
+        candidate's: their rows stay in the replay buffer)."""
+        if self.canary_version != version:
+            return  # not the canary this learner started (an operator's): nothing of ours changes
+        if promoted:
+            if self.canary_net is not None:
+                self.champion = None if self.net is self.canary_net else self.canary_net
+        else:
+            self._revert_to_champion()
+        self.canary_net, self.canary_version = None, None
+        self._save()
+
+    def reconcile_canary(self) -> None:
+        """After a restart: a canary this learner started that has ended meanwhile (decided just
+        before a crash, or by an operator) is settled by what the registry says now."""
+        if self.canary_version is None:
+            return
+        try:
+            if self.registry.canary(self.model.name) is not None:
+                return
+            current = self.registry.current_version(self.model.name)
+        except RegistryError:
+            return
+        self.canary_decided(self.canary_version, promoted=current == self.canary_version)
 
     @staticmethod
     def _signature(path: Path):

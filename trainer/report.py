@@ -8,7 +8,9 @@ rounds (at most every `report_interval_s`), from the decision log the learner wr
 Top panel: the serving model's prequential metrics (each label scored by the version that
 served it, before it was learned) over the learner's recent window; green lines mark the
 versions published, red crosses the candidates the gate refused, orange bands the spans the
-drift detector (trainer/drift.py) reported drift (rounds with "drift": true). Bottom panel: the gate's
+drift detector (trainer/drift.py) reported drift (rounds with "drift": true), triangles the canary
+decisions on live labels (trainer/canary.py: promoted up, rolled back or timed out down; the page
+lists them one per line). Bottom panel: the gate's
 holdout metric, candidate against serving. The HTML page embeds the chart, lists the latest
 decisions with their figures and reasons, and reloads itself every 10 s.
 """
@@ -120,6 +122,12 @@ def render_png(model: str, entries: Sequence[dict[str, Any]]) -> bytes:
     if refused:
         top.scatter([minutes(e["time"]) for e in refused], [0.02] * len(refused), marker="x", color="tab:red",
                     transform=top.get_xaxis_transform(), label="refused candidate", zorder=3)
+    for verdict, marker, color in (("canary_promoted", "^", "tab:green"), ("canary_rolled_back", "v", "tab:red"),
+                                   ("canary_timeout", "v", "tab:gray")):
+        hits = [e for e in entries if e.get("decision") == verdict]
+        if hits:
+            top.scatter([minutes(e["time"]) for e in hits], [0.06] * len(hits), marker=marker, color=color,
+                        transform=top.get_xaxis_transform(), label=verdict.replace("_", " "), zorder=3)
     losses = _loss_series(series)
     if losses:
         right = top.twinx()
@@ -176,6 +184,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}</style></head>
 <body><h1>{html.escape(model)}: learning report</h1>
 <p>Updated {now}; {len(entries)} decisions. Prequential metrics: each label scored by the version that served it.</p>
 {_drift_html(entries)}
+{_canary_html(entries)}
 <img alt="learning report chart" src="data:image/png;base64,{img}">
 <h2>Latest decisions</h2><table><tr>{head}</tr>{''.join(rows)}</table></body></html>
 """
@@ -196,6 +205,31 @@ def _drift_html(entries: Sequence[dict[str, Any]]) -> str:
                      f"{html.escape(_fmt(s['reference_loss']))}, peak recent loss {html.escape(_fmt(s['peak_recent_loss']))}"
                      + (f", back to {html.escape(_fmt(s.get('recovered_loss')))}" if not s["ongoing"] else "") + "</li>")
     return f"<h2>Drift</h2><ul>{''.join(items)}</ul>"
+
+
+def canary_lines(entries: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per canary decision on live labels (trainer/canary.py): when, which version against
+    which champion, how it met traffic, the verdict, the labels it rested on and the first reason."""
+    out = []
+    for e in entries:
+        if e.get("kind") != "canary":
+            continue
+        ev = e.get("canary") or {}
+        arms = ", ".join(f"{arm} {v.get('labels')} labels/{v.get('positives')} positives"
+                         for arm, v in (ev.get("arms") or {}).items())
+        mode = e.get("mode", "canary") + (f" {e.get('share'):g}" if e.get("mode") == "canary" and e.get("share") else "")
+        out.append(f"{_utc(e['time'])} UTC: version {e.get('version')} ({mode}) vs champion {e.get('champion')}: "
+                   f"{str(e.get('decision', '')).removeprefix('canary_').replace('_', ' ')} after "
+                   f"{ev.get('elapsed_s', 0):.0f} s on {arms or 'no labels'}"
+                   + (f"; {(e.get('reasons') or [''])[0]}" if e.get("reasons") else ""))
+    return out
+
+
+def _canary_html(entries: Sequence[dict[str, Any]]) -> str:
+    lines = canary_lines(entries)
+    if not lines:
+        return "<p>No canary decided yet.</p>"
+    return "<h2>Canary decisions (live labels)</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

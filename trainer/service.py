@@ -76,6 +76,18 @@ class TrainerSettings(ServerSettings):
     gate_margin: float = setting(0.02, "gate: refuse a challenger whose interval lies below this relative difference "
                                  "(0.02 = 2 % worse than the champion)")
     latency_budget_ms: float = setting(5.0, "gate: batch-1 latency budget of a candidate, ms")
+    delivery: str = setting("canary", "what happens to a candidate that passed the gate: canary = published and started "
+                            "as the registry's CANARY, promoted or rolled back on live labels (trainer/canary.py); "
+                            "direct = published as CURRENT at once")
+    canary_modes: str = setting("fraud=shadow,recommender=canary,pricing=canary",
+                                "per domain, how a candidate meets traffic: canary (answers canary_share of request "
+                                "keys) or shadow (scores every request, answers none; paired comparison)")
+    canary_share: float = setting(0.1, "canary mode: share of request keys the candidate answers, (0, 1]")
+    canary_min_labels: int = setting(200, "canary decision: labels each version needs (shadow: labeled pairs) first")
+    canary_min_positives: int = setting(5, "canary decision: positives each version needs first")
+    canary_margin: float = setting(0.05, "canary decision: promote when the interval of the relative difference lies "
+                                   "above -margin, roll back when it lies below (0.05 = 5 %)")
+    canary_timeout_s: float = setting(1800.0, "canary decision: no verdict by then keeps the champion (aborted)")
     bootstrap: bool = setting(True, "bootstrap a domain from its real dataset when it has no checkpoint")
     poll_interval_s: float = setting(0.5, "how often a domain loop looks for new joined labels")
     report_interval_s: float = setting(10.0, "refresh each domain's learning report (workdir/reports) at most this often; 0 = off")
@@ -133,7 +145,16 @@ class TrainerSettings(ServerSettings):
                              gate_min_positives=parse_per_domain(self.gate_min_positives, "gate_min_positives").get(domain),
                              gate_min_rows=parse_per_domain(self.gate_min_rows, "gate_min_rows").get(domain),
                              gate_resamples=self.gate_resamples, gate_confidence=self.gate_confidence,
-                             gate_margin=self.gate_margin)
+                             gate_margin=self.gate_margin, delivery=self.delivery,
+                             canary_mode=self.canary_config(domain).mode, canary_share=self.canary_share)
+
+    def canary_config(self, domain: str | None = None):
+        from trainer.canary import CanaryConfig, parse_modes
+
+        return CanaryConfig(mode=parse_modes(self.canary_modes).get(domain, "canary"), share=self.canary_share,
+                            min_labels=self.canary_min_labels, min_positives=self.canary_min_positives,
+                            timeout_s=self.canary_timeout_s, margin=self.canary_margin,
+                            confidence=self.gate_confidence, resamples=self.gate_resamples)
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -157,6 +178,13 @@ class TrainerSettings(ServerSettings):
             p.append("retention_interval_s and shutdown_round_grace_s must be >= 0")
         try:
             self.retention_policy().validate()
+        except ValueError as e:
+            p.append(str(e))
+        if self.delivery not in ("canary", "direct"):
+            p.append(f"delivery must be 'canary' or 'direct', not {self.delivery!r}")
+        try:
+            for domain in self.domain_list or [None]:
+                self.canary_config(domain).validate()
         except ValueError as e:
             p.append(str(e))
         if self.adv_epsilon < 0 or not 0.0 <= self.adv_share <= 1.0 or self.adv_steps < 1:
@@ -270,8 +298,19 @@ class DomainLoop:
         self._reported = -math.inf
         self.registry = registry
         self.gc_keep_last, self.gc_min_age_s, self.gc_lease_ttl_s = s.gc_keep_last, s.gc_min_age_s, s.gc_lease_ttl_s
+        # live labels judge any running canary of this model (the learner's, or one an operator started)
+        from trainer.canary import CanaryDecider
+
+        self.learner.reconcile_canary()
+        self.canary = CanaryDecider(self.learner.model, registry, s.canary_config(domain), self.learner.decisions,
+                                    on_decision=self._canary_decided)
         TRAINED.labels(domain).set(self.learner.trained_rows)
         self.after_round: Callable[[], Awaitable[None]] | None = None  # e.g. refresh health
+
+    def _canary_decided(self, entry: dict) -> None:
+        """The canary decider acted on the registry: the learner follows (in the decider's thread,
+        between rounds: the loop awaits each round before it polls again)."""
+        self.learner.canary_decided(entry["version"], promoted=entry["decision"] == "canary_promoted")
 
     def _commit(self, progress: dict) -> None:
         """Commit the learner's durable progress as this domain's log consumer (blocking: a write)."""
@@ -346,7 +385,11 @@ class DomainLoop:
                 joined = await asyncio.to_thread(self.joiner.poll, 4096)
                 if self.stopping:  # not learned, not committed: read again after the restart
                     return
-                self.learner.add(self.learner.model.examples(joined))
+                examples = self.learner.model.examples(joined)
+                self.learner.add(examples)
+                # off the event loop: a decision runs a bootstrap over thousands of labels
+                if await asyncio.to_thread(self.canary.observe, joined, examples) is not None:
+                    await asyncio.to_thread(self.refresh_report, True)
                 DRIFT.labels(self.domain).set(1 if self.learner.drift.in_drift else 0)
                 if self.learner.due():
                     progress = self.joiner.checkpoint()
