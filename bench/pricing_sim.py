@@ -1,6 +1,21 @@
-"""A market simulator for pricing, calibrated on Ta Feng, whose true demand curves are known.
+"""Market simulators for pricing whose true demand curves are known: two families.
 
-Calibration (a different period than the model's bootstrap, so the model does not start
+1. `calibrate` -> LogitMarket: calibrated on Ta Feng with the model's own form (below). It
+   measures how fast the loop finds prices on a market it can represent exactly; it cannot
+   show what happens when the market is not of the model's family.
+2. `threshold_market` -> ThresholdMarket: another family. Every customer has a threshold
+   willingness to pay and buys iff the price is at most it (and the product interests them at
+   all): P(sale) = interest x P(WTP >= p), with log(WTP / reference) ~ Normal(mu, sigma) per
+   (product, segment), i.e. a lognormal survival with a ceiling: not a logistic curve in log
+   price, and a ceiling no logistic level reproduces. Three segments of clearly different
+   sensitivity (sigma 0.08 / 0.25 / 0.5 of log price) whose revenue-optimal prices lie near
+   the lower guardrail, near the reference and at the upper guardrail (+-20 %).
+
+Both share arrivals (products, segments, hours, one uniform draw per customer: common random
+numbers), Ta Feng units, guardrails and the oracles: the best fixed price per product over the
+segment mix (segment-blind) and per (product, segment) (the regret oracle).
+
+LogitMarket calibration (a different period than the model's bootstrap, so the model does not start
 from the truth): the same conversion construction as the bootstrap (trainer.domains.
 pricing_data: exposures = baskets in the product's subclass, conversions = baskets with the
 product, per product-day-segment) on Jan-Feb 2001 (the bootstrap learns Nov-Dec 2000), fitted
@@ -25,8 +40,9 @@ below 95 % of the reference) is quoted for margin, with that cost as unit_cost a
 min_price (never sell below cost); the others for revenue, with min_price = 0.5 x reference.
 max_price = 1.5 x reference, max_change_pct = `max_change_pct` for all. The value of a quote
 is its revenue (price x units) or its margin ((price - cost) x units).
-The oracle: the best fixed price per product over a fine grid of the effective range,
-maximizing the expected value over the segment mix (known exactly).
+The oracles (both markets): the best fixed price over a fine grid of the effective range,
+maximizing the expected value (known exactly) per product over the segment mix
+(segment-blind), or per (product, segment).
 """
 from __future__ import annotations
 
@@ -42,11 +58,10 @@ HOURLY_TRAFFIC = np.array([2, 1, 1, 1, 1, 1, 2, 4, 6, 7, 8, 9, 10, 9, 8, 8, 8, 9
 
 @dataclasses.dataclass
 class Market:
+    """What every market has: products, prices, guardrails, arrivals' mix; `conversion` is the family's."""
+
     products: list[str]  # Ta Feng product ids
     reference: np.ndarray  # [P] reference (list) price
-    level: np.ndarray  # [P] true a_i (segment "other" baseline folded in)
-    slope: np.ndarray  # [P] true beta_i (> 0)
-    segment_effect: np.ndarray  # [S] true u_s
     segment_share: np.ndarray  # [S] arrival share of each segment
     product_share: np.ndarray  # [P] arrival share of each product
     min_price: np.ndarray  # [P]
@@ -65,9 +80,14 @@ class Market:
     def hi(self) -> np.ndarray:
         return np.minimum(self.max_price, self.reference * (1.0 + self.max_change_pct / 100.0))
 
+    family = "abstract"
+
     def conversion(self, product: np.ndarray, segment: np.ndarray, price: np.ndarray) -> np.ndarray:
-        z = self.level[product] + self.segment_effect[segment] - self.slope[product] * np.log(price / self.reference[product])
-        return 1.0 / (1.0 + np.exp(-z))
+        raise NotImplementedError
+
+    @property
+    def active_segments(self) -> np.ndarray:
+        return np.flatnonzero(self.segment_share > 0)
 
     def mean_units(self) -> np.ndarray:
         return np.array([u.mean() for u in self.units])
@@ -76,20 +96,67 @@ class Market:
         """Value of one unit sold at price: the price, or the price minus the cost (margin)."""
         return price - np.where(self.margin[product], self.cost[product], 0.0)
 
-    def expected_value(self, product: int, price: np.ndarray) -> np.ndarray:
-        """Expected value (revenue or margin) per arrival of `product` at each price, over the segment mix."""
+    def expected_value(self, product: int, price: np.ndarray, segment: int | None = None) -> np.ndarray:
+        """Expected value (revenue or margin) per arrival of `product` at each price: of one
+        segment, or over the segment mix (segment None)."""
         price = np.atleast_1d(price)
-        p = sum(self.segment_share[s] * self.conversion(np.full(len(price), product), np.full(len(price), s), price)
-                for s in range(len(self.segments)))
+        n = len(price)
+        if segment is None:
+            p = sum(self.segment_share[s] * self.conversion(np.full(n, product), np.full(n, s), price)
+                    for s in self.active_segments)
+        else:
+            p = self.conversion(np.full(n, product), np.full(n, segment), price)
         return self.unit_value(product, price) * p * self.units[product].mean()
 
     def oracle_prices(self, points: int = 401) -> np.ndarray:
-        """Best fixed price per product on a fine grid of its effective range."""
+        """Best fixed price per product on a fine grid of its effective range (segment-blind)."""
         out = np.empty(len(self.products))
         for i in range(len(self.products)):
             grid = np.linspace(self.lo[i], self.hi[i], points)
             out[i] = grid[int(np.argmax(self.expected_value(i, grid)))]
         return out
+
+    def oracle_segment_prices(self, points: int = 401) -> np.ndarray:
+        """[P, S] best fixed price per (product, segment) on a fine grid of the effective range
+        (the regret oracle: it knows each segment's curve; NaN for segments that never arrive)."""
+        out = np.full((len(self.products), len(self.segments)), np.nan)
+        for i in range(len(self.products)):
+            grid = np.linspace(self.lo[i], self.hi[i], points)
+            for s in self.active_segments:
+                out[i, s] = grid[int(np.argmax(self.expected_value(i, grid, int(s))))]
+        return out
+
+
+@dataclasses.dataclass
+class LogitMarket(Market):
+    """The model's own family: logit P = a_i + u_s - beta_i log(p / r_i)."""
+
+    level: np.ndarray = None  # [P] true a_i (segment "other" baseline folded in)
+    slope: np.ndarray = None  # [P] true beta_i (> 0)
+    segment_effect: np.ndarray = None  # [S] true u_s
+    family = "logistic (the model's own)"
+
+    def conversion(self, product: np.ndarray, segment: np.ndarray, price: np.ndarray) -> np.ndarray:
+        z = self.level[product] + self.segment_effect[segment] - self.slope[product] * np.log(price / self.reference[product])
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+@dataclasses.dataclass
+class ThresholdMarket(Market):
+    """Another family: P(sale) = interest x P(log(WTP / r_i) >= log(p / r_i)), log(WTP / r_i) ~
+    Normal(mu, sigma) per (product, segment): each customer buys iff interested and the price is
+    at most their willingness to pay (see the module docstring)."""
+
+    interest: np.ndarray = None  # [P, S] share of arrivals who would buy at any price below their WTP
+    wtp_mu: np.ndarray = None  # [P, S] mean of log(WTP / reference)
+    wtp_sigma: np.ndarray = None  # [P, S] its standard deviation (small: price-sensitive)
+    family = "threshold willingness to pay (lognormal per segment)"
+
+    def conversion(self, product: np.ndarray, segment: np.ndarray, price: np.ndarray) -> np.ndarray:
+        from scipy.special import ndtr
+
+        z = (np.log(price / self.reference[product]) - self.wtp_mu[product, segment]) / self.wtp_sigma[product, segment]
+        return self.interest[product, segment] * ndtr(-z)
 
 
 @dataclasses.dataclass
@@ -104,7 +171,7 @@ class Arrivals:
         return len(self.u)
 
 
-def calibrate(n_products: int = 40, max_change_pct: float = 20.0, seed: int = 0, min_lines: int = 30) -> Market:
+def calibrate(n_products: int = 40, max_change_pct: float = 20.0, seed: int = 0, min_lines: int = 30) -> LogitMarket:
     """The market of the `n_products` most sold Jan-Feb products that also sold at two or more
     prices in both periods (so the bootstrap saw them, and the calibration can identify them)."""
     import torch
@@ -147,10 +214,70 @@ def calibrate(n_products: int = 40, max_change_pct: float = 20.0, seed: int = 0,
     ref = refs.reindex(chosen).to_numpy(float)
     amounts = [sub.loc[sub["product_id"] == p, "amount"].to_numpy(float) for p in chosen]
     margin = (np.arange(len(chosen)) % 2 == 1) & (cost < 0.95 * ref)
-    return Market(products=[str(p) for p in chosen], reference=ref, level=level.astype(float), slope=slope.astype(float),
+    return LogitMarket(products=[str(p) for p in chosen], reference=ref, level=level.astype(float), slope=slope.astype(float),
                   segment_effect=seg, segment_share=seg_share / seg_share.sum(), product_share=share / share.sum(),
                   min_price=np.where(margin, cost, 0.5 * ref), max_price=1.5 * ref, max_change_pct=max_change_pct,
                   units=amounts, segments=pricing_data.SEGMENTS, cost=cost, margin=margin)
+
+
+# The threshold market's segments (Ta Feng age groups, so the model's segment vocabulary knows
+# them): arrival share, sigma of log WTP (price sensitivity: small = sensitive), where the
+# revenue-optimal price of a typical product lies (x reference; beyond the +-20 % guardrails
+# the optimum is the guardrail), and how interested the segment is at all.
+THRESHOLD_SEGMENTS = {"<25": dict(share=0.40, sigma=0.08, optimum=0.86, interest=1.1),
+                      "30-34": dict(share=0.35, sigma=0.25, optimum=1.0, interest=1.0),
+                      "45-49": dict(share=0.25, sigma=0.50, optimum=1.35, interest=0.8)}
+
+
+def _optimal_z(sigma: float) -> float:
+    """z at the revenue-optimal price of a lognormal-WTP survival: d/dx [x + log(1 - Phi((x -
+    mu) / sigma))] = 0  <=>  phi(z) / (1 - Phi(z)) = sigma (the normal hazard equals sigma)."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    return float(brentq(lambda z: norm.pdf(z) / norm.sf(z) - sigma, -12.0, 12.0))
+
+
+def threshold_market(n_products: int = 30, max_change_pct: float = 20.0, seed: int = 0,
+                     min_lines: int = 30) -> ThresholdMarket:
+    """The threshold-WTP market on the `n_products` most sold Jan-Feb 2001 Ta Feng products that
+    also sold at two or more prices in Nov-Dec 2000 (so the bootstrap knows them): reference =
+    the Jan-Feb most frequent unit price, units = the product's real Jan-Feb line amounts,
+    arrivals in proportion to its Jan-Feb lines. Per (product, segment): mu = the segment's
+    mu (placing the optimum at THRESHOLD_SEGMENTS' `optimum`) + a product shift N(0, 0.04),
+    sigma = the segment's x exp(N(0, 0.1)), interest = the product's (lognormal around 0.3,
+    in [0.1, 0.6]) x the segment's. Revenue for every product: min_price 0.5 x, max_price
+    1.5 x reference, max_change_pct for all."""
+    from trainer.domains import pricing_data
+    from trainer.tafeng import load_tafeng
+
+    df = load_tafeng()
+    start = pd.Timestamp(CALIBRATION_START)
+    before, after = df[df["day"] < start], df[df["day"] >= start]
+    both = np.intersect1d(pricing_data.priced_products(before, min_lines), pricing_data.priced_products(after, min_lines))
+    lines = after[after["product_id"].isin(both)].groupby("product_id").size().sort_values(ascending=False)
+    chosen = lines.index[:n_products].to_numpy()
+    ref = pricing_data.reference_prices(after).reindex(chosen).to_numpy(float)
+    sub = after[after["product_id"].isin(chosen)]
+    amounts = [sub.loc[sub["product_id"] == p, "amount"].to_numpy(float) for p in chosen]
+    cost = sub.groupby("product_id")["unit_cost"].median().reindex(chosen).to_numpy(float)
+    rng = np.random.default_rng(seed)
+    n, S = len(chosen), len(pricing_data.SEGMENTS)
+    seg_share = np.zeros(S)
+    mu, sigma, interest = np.zeros((n, S)), np.ones((n, S)), np.zeros((n, S))
+    shift = rng.normal(0.0, 0.04, n)
+    q = np.clip(0.3 * np.exp(rng.normal(0.0, 0.3, n)), 0.1, 0.6)
+    for name, spec in THRESHOLD_SEGMENTS.items():
+        code = pricing_data.SEGMENTS.index(name)
+        seg_share[code] = spec["share"]
+        sigma[:, code] = spec["sigma"] * np.exp(rng.normal(0.0, 0.1, n))
+        mu[:, code] = np.log(spec["optimum"]) - _optimal_z(spec["sigma"]) * spec["sigma"] + shift
+        interest[:, code] = np.clip(q * spec["interest"], 0.0, 0.95)
+    share = lines.reindex(chosen).to_numpy(float)
+    return ThresholdMarket(products=[str(p) for p in chosen], reference=ref, segment_share=seg_share / seg_share.sum(),
+                           product_share=share / share.sum(), min_price=0.5 * ref, max_price=1.5 * ref,
+                           max_change_pct=max_change_pct, units=amounts, cost=cost, margin=np.zeros(n, bool),
+                           segments=pricing_data.SEGMENTS, interest=interest, wtp_mu=mu, wtp_sigma=sigma)
 
 
 def arrivals(market: Market, n: int, seed: int = 1) -> Arrivals:
@@ -163,16 +290,24 @@ def arrivals(market: Market, n: int, seed: int = 1) -> Arrivals:
 
 
 class EpsilonGreedy:
-    """Per product, epsilon-greedy over the same candidate grid as the service, on each arm's
-    mean observed value (revenue or margin) per quote. Arms never tried are tried first (one pass, in random
-    order); outcomes are learned at once (no label delay: an advantage over the service)."""
+    """Per key (a product, or a (product, segment) cell), epsilon-greedy over the same candidate
+    grid as the service, on each arm's mean observed value (revenue or margin) per quote.
+    Without a prior, arms never tried are tried first (one pass, in random order). With a prior
+    (`prior`: per key, each arm's expected value per quote under the model the service starts
+    from), every arm starts with `prior_pulls` pseudo-quotes at that value: the same knowledge
+    the service starts with, as a bandit can hold it. Outcomes are learned at once (no label
+    delay: an advantage over the service)."""
 
-    def __init__(self, grids: list[np.ndarray], epsilon: float = 0.1, seed: int = 2) -> None:
+    def __init__(self, grids: list[np.ndarray], epsilon: float = 0.1, seed: int = 2,
+                 prior: list[np.ndarray] | None = None, prior_pulls: float = 0.0) -> None:
         self.grids = grids
         self.epsilon = epsilon
         self.rng = np.random.default_rng(seed)
         self.pulls = [np.zeros(len(g)) for g in grids]
         self.value = [np.zeros(len(g)) for g in grids]
+        if prior is not None and prior_pulls > 0:
+            self.pulls = [np.full(len(g), float(prior_pulls)) for g in grids]
+            self.value = [np.asarray(v, float) * prior_pulls for v in prior]
 
     def choose(self, product: int) -> int:
         pulls = self.pulls[product]
