@@ -536,8 +536,20 @@ class PricingModel(DomainModel):
             out.update(calibration_figures(segment_calibration(hist[-n:, 0], y, served_p), "served_calibration"))
         return out
 
-    def gate_metric(self, y, p):
-        return "log_loss", weighted_log_loss(y, p), False
+    def gate_spec(self):
+        """The gate (trainer/gate.py) on the window of recent quotes neither version trained
+        on: the log-likelihood of the observed sales (as mean log loss of the posterior-mean
+        conversion at the quoted price, lower is better). Expected revenue at the quoted
+        prices would score the same conversion probabilities times a price the model did not
+        choose alone (Thompson sampling and the step limit do), so the likelihood is the
+        cleaner test of what the model knows. 30 sales and 100 quotes at least; the window is
+        capped at 5,000 quotes. Not seeded with the bootstrap's Ta Feng holdout week: those
+        are aggregated shelf rows of another population, not storefront quotes."""
+        from trainer.gate import GateSpec, log_loss_rows, mean_metric
+
+        return GateSpec(metrics=(mean_metric("log_loss", log_loss_rows, False),),
+                        positive=lambda y: np.asarray(y) > 0, min_positives=30, min_rows=100, max_rows=5000,
+                        seed_from_bootstrap=False)
 
     def report_metrics(self, y, p) -> dict[str, float]:
         out = {"log_loss": weighted_log_loss(y, p), "brier": float(np.mean((y - p) ** 2)) if len(y) else float("nan"),
