@@ -157,6 +157,18 @@ def settings(root: Path, registry: ModelRegistry, **kw) -> FraudSettings:
     return FraudSettings(**base)
 
 
+async def gather_bounded(calls, limit: int = 32):
+    """Await every call with at most `limit` in flight, as a client pool would: the server sheds
+    calls beyond its admission limit (RESOURCE_EXHAUSTED), which is not what these tests test."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(make):
+        async with gate:
+            return await make()
+
+    return await asyncio.gather(*(one(make) for make in calls))
+
+
 async def until(condition, timeout_s: float = 20.0, what: str = "condition"):
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -185,7 +197,7 @@ async def test_canary_serves_its_share_and_the_champion_the_rest(world):
         registry.start_canary("fraud", v, "canary", 0.3)
         await until(lambda: served.canary is not None, what="the canary to load")
         rows = range(40_000, 41_000)
-        answers = await asyncio.gather(*(stub.ScoreTransaction(request_for(data, i)) for i in rows))
+        answers = await gather_bounded([lambda i=i: stub.ScoreTransaction(request_for(data, i)) for i in rows])
         by = {i: a.model.version for i, a in zip(rows, answers)}
         expected = {i: (v if canary_bucket("fraud", v, f"card:card-{i}") < 0.3 else "1") for i in rows}
         assert by == expected  # exactly the keys the hash puts in the share, on any replica
@@ -200,7 +212,7 @@ async def test_canary_serves_its_share_and_the_champion_the_rest(world):
         await until(lambda: served.canary is not None and served.canary.model.version == bad, what="bad canary")
         large = [i for i in range(40_000, 60_000) if data.X[i, -1] > 1000][:20]
         small = [i for i in range(40_000, 40_020) if data.X[i, -1] <= 1000]
-        got = await asyncio.gather(*(stub.ScoreTransaction(request_for(data, i)) for i in large + small))
+        got = await gather_bounded([lambda i=i: stub.ScoreTransaction(request_for(data, i)) for i in large + small])
         assert all(g.model.version == "1" for g in got[:len(large)])  # the canary could not: fell back
         assert all(g.model.version == bad for g in got[len(large):])
         assert all(0 <= g.fraud_probability <= 1 for g in got)
@@ -226,11 +238,11 @@ async def test_shadow_scores_every_request_and_answers_none(world):
     stub = fraud_pb2_grpc.FraudStub(channel)
     try:
         rows = list(range(40_000, 40_300))
-        champion_only = await asyncio.gather(*(stub.ScoreTransaction(request_for(data, i)) for i in rows))
+        champion_only = await gather_bounded([lambda i=i: stub.ScoreTransaction(request_for(data, i)) for i in rows])
         flipped = publish_variant(registry, "flipped")
         registry.start_canary("fraud", flipped, "shadow")
         await until(lambda: served.canary is not None, what="the shadow to load")
-        shadowed = await asyncio.gather(*(stub.ScoreTransaction(request_for(data, i)) for i in rows))
+        shadowed = await gather_bounded([lambda i=i: stub.ScoreTransaction(request_for(data, i)) for i in rows])
         for a, b in zip(champion_only, shadowed):  # the answers are the champion's, unchanged
             # (to float32 rounding: rows merge into other micro-batches from one run to the next)
             assert (b.model.version, b.decision) == ("1", a.decision)
@@ -254,7 +266,7 @@ async def test_shadow_scores_every_request_and_answers_none(world):
         registry.start_canary("fraud", bad, "shadow")
         await until(lambda: served.canary is not None and served.canary.model.version == bad, what="bad shadow")
         large = [i for i in range(40_000, 60_000) if data.X[i, -1] > 1000][:30]
-        got = await asyncio.gather(*(stub.ScoreTransaction(request_for(data, i)) for i in large))
+        got = await gather_bounded([lambda i=i: stub.ScoreTransaction(request_for(data, i)) for i in large])
         assert all(g.model.version == "1" and 0 <= g.fraud_probability <= 1 for g in got)
         failed = {g.prediction_id for g in got}
         await until(lambda: sum(1 for r in trainer.stored.values() if r.WhichOneof("payload") == "served"
