@@ -44,17 +44,22 @@ def _openssl(*args, cwd):
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-@pytest.fixture
-def certs(tmp_path):
-    """A throwaway CA with a server and a client certificate (for TLS and mTLS tests)."""
-    d = tmp_path / "pki"
+def make_pki(d: Path, names: tuple[str, ...]) -> Path:
+    """A throwaway CA (ca.pem) and one certificate per name (<name>.pem/.key, CN=<name>, valid for
+    localhost and 127.0.0.1) in folder d."""
     d.mkdir()
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
              "-subj", "/CN=test-ca", cwd=d)
-    for who in ("server", "client"):
+    for who in names:
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}.key", "-out", f"{who}.csr",
                  "-subj", f"/CN={who}", cwd=d)
         (d / f"{who}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
         _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
                  "-out", f"{who}.pem", "-days", "1", "-extfile", f"{who}.ext", cwd=d)
     return d
+
+
+@pytest.fixture
+def certs(tmp_path):
+    """A throwaway CA with a server and a client certificate (for TLS and mTLS tests)."""
+    return make_pki(tmp_path / "pki", ("server", "client"))

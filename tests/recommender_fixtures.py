@@ -20,6 +20,18 @@ def exported_text_encoder() -> tuple[Path, float]:
     return export_text_encoder(folder / "model.onnx")
 
 
+def recommender_test_settings(root: Path, registry, name: str, **kw):
+    """Settings of one in-process recommender for tests: free port, no metrics, no trainer, its
+    own catalog journal and spool under root/name, fast polling; kw overrides."""
+    from services.recommender.main import RecommenderSettings
+
+    base = dict(host="127.0.0.1", port=0, metrics_port=0, registry_dir=str(registry.root), trainer_target="",
+                catalog_path=str(root / name / "items.jsonl"), spool_dir=str(root / name / "spool"),
+                poll_interval_s=0.05, grace_s=1.0, log_format="text")
+    base.update(kw)
+    return RecommenderSettings(**base)
+
+
 SMALL_LINES = 40_000  # the first ~6 days of Ta Feng: ~6k customers, ~9k products
 
 

@@ -26,7 +26,7 @@ from services.recommender.main import RecommenderSettings, build
 from shared.registry import ModelRegistry
 from shared.text import MAX_CHARS_PER_TOKEN, MAX_TOKENS, TextEncoder, truncate_text
 from tests.reco_onnx import publish_contract_version
-from tests.recommender_fixtures import exported_text_encoder
+from tests.recommender_fixtures import exported_text_encoder, recommender_test_settings
 from trainer.domains.recommender_data import CatalogJournal
 from trainer.text_encoder import publish_text_encoder
 
@@ -49,12 +49,7 @@ def world(tmp_path_factory):
     return root, registry
 
 
-def settings(root, registry, name, **kw) -> RecommenderSettings:
-    base = dict(host="127.0.0.1", port=0, metrics_port=0, registry_dir=str(registry.root), trainer_target="",
-                catalog_path=str(root / name / "items.jsonl"), spool_dir=str(root / name / "spool"),
-                poll_interval_s=0.05, grace_s=1.0, log_format="text")
-    base.update(kw)
-    return RecommenderSettings(**base)
+settings = recommender_test_settings
 
 
 class Running:

@@ -31,7 +31,7 @@ from services.fraud.main import FraudSettings
 from shared.domain import PREDICTION_ID_LEN, PredictionIds, load_prediction_id_keys
 from shared.feedback import _HEAD, SEGMENT_MAGIC, SEGMENT_SUFFIX, TOKEN_METADATA, FeedbackClient, client_credentials
 from shared.ratelimit import RateLimiter, is_loopback_peer, peer_host
-from tests.conftest import _openssl, free_port
+from tests.conftest import free_port, make_pki
 from tests.fake_trainer import FakeTrainer
 from tests.test_feedback_client import wait_for
 from tests.test_fraud_service import fraud_world, request_for, settings, started  # noqa: F401 (fixture)
@@ -182,17 +182,7 @@ def test_make_up_gives_each_service_its_own_token_and_the_trainer_all(tmp_path, 
 @pytest.fixture
 def pki(tmp_path):
     """A CA, the trainer's server certificate, and client certificates named fraud and stranger."""
-    d = tmp_path / "pki"
-    d.mkdir()
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-             "-subj", "/CN=test-ca", cwd=d)
-    for who in ("server", "fraud", "stranger"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}.key", "-out", f"{who}.csr",
-                 "-subj", f"/CN={who}", cwd=d)
-        (d / f"{who}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{who}.pem", "-days", "1", "-extfile", f"{who}.ext", cwd=d)
-    return d
+    return make_pki(tmp_path / "pki", ("server", "fraud", "stranger"))
 
 
 async def test_fraud_service_delivers_to_an_mtls_trainer(fraud_world, pki, tmp_path):  # noqa: F811

@@ -20,13 +20,13 @@ import pytest
 
 from protos.recommender.v1 import recommender_pb2 as pb
 from protos.recommender.v1 import recommender_pb2_grpc as pb_grpc
-from services.recommender.main import RecommenderSettings, build
+from services.recommender.main import build
 from shared.feedback import tensor_to_numpy
 from shared.registry import ModelRegistry
 from tests.conftest import free_port
 from tests.fake_trainer import FakeTrainer
 from tests.reco_onnx import publish_contract_version
-from tests.recommender_fixtures import exported_text_encoder
+from tests.recommender_fixtures import exported_text_encoder, recommender_test_settings
 from trainer.text_encoder import publish_text_encoder
 
 TITLES = [("Organic whole milk 1 litre", "dairy"), ("Semi-skimmed milk 2 litres", "dairy"),
@@ -47,12 +47,7 @@ def world(tmp_path_factory):
     return root, registry
 
 
-def settings(root, registry, name, **kw):
-    base = dict(host="127.0.0.1", port=0, metrics_port=0, registry_dir=str(registry.root), trainer_target="",
-                catalog_path=str(root / name / "items.jsonl"), spool_dir=str(root / name / "spool"),
-                poll_interval_s=0.05, grace_s=1.0, log_format="text")
-    base.update(kw)
-    return RecommenderSettings(**base)
+settings = recommender_test_settings
 
 
 class Running:
