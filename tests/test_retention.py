@@ -143,10 +143,6 @@ def test_the_event_log_stays_bounded_while_the_loop_learns_for_many_rounds(tmp_p
     assert max(versions_on_disk) <= 6, versions_on_disk
 
 
-@pytest.mark.xfail(strict=True, reason="trainer/eventlog.py SqliteEventLog.retain: the window (and age) rule deletes a "
-                   "served prediction at or below the safe offset although a label of it is stored above the safe "
-                   "offset, inside the window (not processed yet); after a restart the joiner counts that label "
-                   "unmatched. Harmless while retention_slack_s exceeds the learner's commit lag (the defaults)")
 def test_a_label_not_yet_processed_keeps_its_prediction_past_the_window(tmp_path):
     with SqliteEventLog(tmp_path / "events.db") as log:
         log.append_batch([served_record(0, "p0", np.zeros(29, np.float32), 0.01, "1", T0)])  # offset 1

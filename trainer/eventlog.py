@@ -823,15 +823,19 @@ class SqliteEventLog:
                 continue
             window_cut = now - policy.windows.get(d, max(policy.windows.values(), default=0.0)) - policy.slack_s
             learned = d in policy.learned_domains
-            # served predictions no outcome can still count for (the reason names the first rule that holds)
+            # served predictions no outcome can still count for (the reason names the first rule that holds);
+            # never one with an outcome stored above the bound: that label is not processed yet, and after
+            # a restart the joiner needs its prediction to learn it (only the hard cap drops such events)
             served = list(reader.execute(
                 "SELECT offset, CASE WHEN event_time < ? THEN 'window' "
                 "WHEN ? IS NOT NULL AND received_at < ? THEN 'age' ELSE 'learned' END "
                 "FROM events s WHERE domain = ? AND kind = 'served' AND offset <= ? AND ("
                 " event_time < ? OR (? IS NOT NULL AND received_at < ?) OR (? AND EXISTS ("
                 "  SELECT 1 FROM events o WHERE o.prediction_id = s.prediction_id AND o.kind = 'outcome' "
-                "  AND o.domain = s.domain AND o.offset <= ?))) ORDER BY offset",
-                (window_cut, age_cut, age_cut, d, bound, window_cut, age_cut, age_cut, int(learned), bound)))
+                "  AND o.domain = s.domain AND o.offset <= ?))) AND NOT EXISTS ("
+                "  SELECT 1 FROM events u WHERE u.prediction_id = s.prediction_id AND u.kind = 'outcome' "
+                "  AND u.domain = s.domain AND u.offset > ?) ORDER BY offset",
+                (window_cut, age_cut, age_cut, d, bound, window_cut, age_cut, age_cut, int(learned), bound, bound)))
             self._delete_counted([(o, d, r) for o, r in served], policy.batch_rows, tally)
             # processed outcomes whose prediction is gone (just now, earlier, or never came)
             outcomes = list(reader.execute(
