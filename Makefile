@@ -9,7 +9,7 @@ NAME ?= model
 PORT ?= 18111
 REGISTRY ?= var/registry
 
-.PHONY: setup up demo loadtest test proto proto-check serve-onnx bench bench-serving bench-loop eval-fraud eval-recommender eval-pricing fuzz report peers lock clean
+.PHONY: setup up demo loadtest test proto proto-check serve-onnx bench bench-serving bench-loop bench-delivery eval-fraud eval-recommender eval-pricing fuzz report peers lock clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,11 @@ bench-serving: setup
 
 bench-loop: setup
 	$(PY) -m bench.suite loop
+
+# Gate, canary, drift recovery, bytes per event / version, disk under retention (bench/results/delivery.json;
+# also bench/results/drift.json). 15-20 minutes on 2 cores: on demand, not in `make bench`.
+bench-delivery: setup
+	$(PY) -m bench.suite delivery
 
 # Prequential fraud evaluation: incremental loop vs full retrain vs River (bench/results/fraud.json).
 eval-fraud: setup

@@ -138,7 +138,10 @@ def recovery(y: np.ndarray, p: np.ndarray, D: int, pre: float, cfg: Config) -> d
     return out
 
 
-def run_learner(cfg: Config, X, y, t, overrides: dict[str, Any], label: str) -> dict[str, Any]:
+def run_learner(cfg: Config, X, y, t, overrides: dict[str, Any], label: str, observer: Any = None) -> dict[str, Any]:
+    """One run of the replay. observer (optional): its before_round(learner) and
+    after_round(learner, entry) are called around every Learner.round (bench/delivery.py
+    judges each published candidate on the next round's window there)."""
     from bench.eval_fraud import model_kwargs, ort_session, seeded_model
     from bench.eval_fraud import Config as EvalConfig
     from shared.registry import ModelRegistry
@@ -191,7 +194,11 @@ def run_learner(cfg: Config, X, y, t, overrides: dict[str, Any], label: str) -> 
                                **learner.drift.figures()})
             if learner.due():
                 r0 = time.perf_counter()
+                if observer is not None:
+                    observer.before_round(learner)
                 entry = learner.round()
+                if observer is not None:
+                    observer.after_round(learner, entry)
                 rounds.append({"row": int(ptr), "decision": entry["decision"], "drift": bool(entry["drift"]),
                                "adapting": bool(entry["adaptation"]["adapting"]),
                                "seconds": round(time.perf_counter() - r0, 3)})
@@ -226,33 +233,10 @@ def summarize(name: str, y, p, cfg: Config, run: dict[str, Any] | None) -> dict[
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.drift", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=None, help="first N rows of the stream (0: all)")
-    ap.add_argument("--drift-row", type=int, default=Config.drift_row)
-    ap.add_argument("--drift-features", type=int, default=Config.drift_features)
-    ap.add_argument("--round-labels", type=int, default=Config.round_labels)
-    ap.add_argument("--delay-s", type=float, default=Config.delay_s)
-    ap.add_argument("--window-frauds", type=int, default=Config.window_frauds)
-    ap.add_argument("--hold", type=int, default=Config.hold)
-    ap.add_argument("--compare-actions", action="store_true", help="also run the candidate actions (ACTIONS)")
-    ap.add_argument("--quick", action="store_true", help="first 120,000 rows, drift at 60,000; var/ output")
-    args = ap.parse_args(argv)
-    cfg = Config(rows=(args.rows or None) if args.rows is not None else Config.rows, drift_row=args.drift_row, drift_features=args.drift_features,
-                 round_labels=args.round_labels, delay_s=args.delay_s, window_frauds=args.window_frauds,
-                 hold=args.hold)
-    if args.quick:
-        cfg.rows, cfg.drift_row = 120_000, 60_000
-    out_path = QUICK if args.quick else RESULTS
-
-    import torch
-
-    torch.set_num_threads(1)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("trainer.learner").setLevel(logging.ERROR)  # one line per round: too chatty here
-    logging.getLogger("trainer.drift").setLevel(logging.INFO)  # the alarm and all-clear lines
-
+def measure(cfg: Config, compare_actions: bool = False, observer: Any = None) -> dict[str, Any]:
+    """The whole measurement in this process: the replay with the drift injected, runs `action on`
+    (watched by `observer`, if given), `action off`, the frozen model (and the candidate actions
+    with compare_actions). Returns the report drift.json holds (render() prints its table)."""
     from trainer.domains.fraud import load_creditcard
     from trainer.learner import LearnerConfig
 
@@ -260,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_creditcard(cfg.rows)
     X, y, t = data.X.copy(), data.y, data.t
     if not cfg.warmup < cfg.drift_row < len(y):
-        ap.error(f"--drift-row must be inside the stream ({cfg.warmup:,} < row < {len(y):,})")
+        raise ValueError(f"the drift row must be inside the stream ({cfg.warmup:,} < row < {len(y):,})")
     drift = inject_drift(X, y, cfg)
     progress(f"{len(y):,} rows ({int(y.sum())} frauds), warm-up {cfg.warmup:,}, drift at row {cfg.drift_row:,}: "
              f"{', '.join(f'{a}<-{b}' for a, b in zip(drift['features'], drift['become']))}")
@@ -268,18 +252,18 @@ def main(argv: list[str] | None = None) -> int:
     action = {k: getattr(defaults, k) for k in ("drift_replay_ratio", "drift_replay_recent", "drift_epochs",
                                                 "drift_lr_factor")}
     runs: list[tuple[str, dict[str, Any]]] = [("action on", {}), ("action off", {"drift_adapt": False})]
-    if args.compare_actions:
+    if compare_actions:
         runs += [(f"candidate: {k}", v) for k, v in ACTIONS.items() if v != action]
     rows = []
     frozen_scores = None
     for name, overrides in runs:
-        run = run_learner(cfg, X, y, t, overrides, name)
+        run = run_learner(cfg, X, y, t, overrides, name, observer if name == "action on" else None)
         rows.append(summarize(name, y, run["scores"], cfg, run) | {"config": overrides or action})
         if frozen_scores is None:
             frozen_scores = run["frozen"]
     rows.insert(2, summarize("frozen", y, frozen_scores, cfg, None))
     D = cfg.drift_row
-    report = {
+    return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
         "protocol": {"data": "creditcard (trainer.domains.fraud.load_creditcard), time order", "rows": len(y),
@@ -294,11 +278,51 @@ def main(argv: list[str] | None = None) -> int:
                                 "Learner.round as in the tree (replay, gate, export, parity, latency, publish)",
                      "default_action": action, "seconds_total": round(time.time() - started, 1)},
         "results": rows}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.drift", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=None, help="first N rows of the stream (0: all)")
+    ap.add_argument("--drift-row", type=int, default=Config.drift_row)
+    ap.add_argument("--drift-features", type=int, default=Config.drift_features)
+    ap.add_argument("--round-labels", type=int, default=Config.round_labels)
+    ap.add_argument("--delay-s", type=float, default=Config.delay_s)
+    ap.add_argument("--window-frauds", type=int, default=Config.window_frauds)
+    ap.add_argument("--hold", type=int, default=Config.hold)
+    ap.add_argument("--compare-actions", action="store_true", help="also run the candidate actions (ACTIONS)")
+    ap.add_argument("--quick", action="store_true", help="first 120,000 rows, drift at 60,000; var/ output")
+    args = ap.parse_args(argv)
+    cfg = Config(rows=(args.rows or None) if args.rows is not None else Config.rows, drift_row=args.drift_row,
+                 drift_features=args.drift_features, round_labels=args.round_labels, delay_s=args.delay_s,
+                 window_frauds=args.window_frauds, hold=args.hold)
+    if args.quick:
+        cfg.rows, cfg.drift_row = 120_000, 60_000
+    out_path = QUICK if args.quick else RESULTS
+    quiet_logs()
+    try:
+        report = measure(cfg, compare_actions=args.compare_actions)
+    except ValueError as e:
+        ap.error(str(e))
+    write(report, out_path)
     print(render(report))
-    print(f"\nwrote {out_path} in {time.time() - started:.0f} s", file=sys.stderr)
+    print(f"\nwrote {out_path} in {report['protocol']['seconds_total']:.0f} s", file=sys.stderr)
     return 0
+
+
+def quiet_logs() -> None:
+    """One torch thread (as the trainer's rounds), the drift detector's lines, not the learner's."""
+    import torch
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("trainer.learner").setLevel(logging.ERROR)  # one line per round: too chatty here
+    logging.getLogger("trainer.drift").setLevel(logging.INFO)  # the alarm and all-clear lines
+
+
+def write(report: dict[str, Any], path: Path = RESULTS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=float) + "\n")
 
 
 def _f(v: Any, nd: int = 3) -> str:

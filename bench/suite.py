@@ -63,6 +63,13 @@ STEPS = [
          "Creditcard replay with a signed permutation of the 8 most fraud-separating features from row 80,000 on: "
          "labels and wall seconds until rolling recall at 1 % FPR is back to 90 % of its pre-drift level, with the "
          "drift action on, off, candidate actions, and a frozen model (about 6 minutes).", in_default=False),
+    Step("delivery", "Safe delivery: gate, canary, drift recovery, bytes kept", ("-m", "bench.delivery"),
+         "Creditcard replay with an injected drift: rounds published / refused / deferred and published candidates "
+         "worse than the champion on the next window (target <= 5 %); canary rollback and promotion under c=32 with "
+         "time to decision and failed requests (target 0); drift recovery with the action on / off vs frozen; bytes "
+         "per event and per registry version per domain; the event log's disk over 1.25 h of record time at 200 "
+         "events/s with retention (target: flat). About 15-20 minutes on 2 busy cores: on demand.",
+         in_default=False),
     Step("eval-pricing", "Pricing: market simulation against the best fixed price", ("-m", "bench.eval_pricing"),
          "Revenue and regret of the live service vs the reference price and epsilon-greedy.", in_default=False),
     Step("fuzz", "Hostile requests: status codes and memory", ("-m", "bench.fuzz"),
