@@ -10,7 +10,6 @@ given that clock), so the test waits on offsets only, never on the wall clock.""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2 as fb
