@@ -260,3 +260,72 @@ def test_a_checkpoint_from_before_segment_sensitivities_still_loads():
     net.load_state_dict(state)
     assert float(net.a_prod[7]) == 0.5 and float(net.prec_b_prod[7]) == 9.0
     assert float(net.prec_b_cell[77]) == pricing.PRIOR_PRECISION["b_cell"] and float(net.b_seg.abs().max()) == 0.0
+
+
+# ---------------------------------------------------------------- what the posterior may claim
+def test_quotes_at_one_price_add_no_sensitivity_precision():
+    """Quotes of a cell at a single price tell the conversion there (its level), not how it
+    changes with the price: the sensitivity terms' precision grows only with the price
+    variation within a (product, segment) cell, the levels' with every quote."""
+    net = pricing.PricingNet()
+    before = {n: getattr(net, f"prec_{n}").clone() for n in ("a_seg", "b_seg", "b_prod", "b_cell")}
+    n = 400
+    X = pricing.rows(np.full(n, 5), np.full(n, 3), np.full(n, 12), np.full(n, -0.2), 1.0, np.arange(1, n + 1))
+    pricing.absorb(net, X, (np.arange(n) % 3 == 0).astype(np.float32), max_iter=20)
+    assert float(net.prec_a_seg[3]) > float(before["a_seg"][3]) + 10
+    for name in ("b_seg", "b_prod", "b_cell"):
+        assert torch.allclose(getattr(net, f"prec_{name}"), before[name], atol=1e-4), name
+    # the same quotes spread over the range do inform the sensitivity
+    net2 = pricing.PricingNet()
+    X2 = pricing.rows(np.full(n, 5), np.full(n, 3), np.full(n, 12), np.linspace(-0.2, 0.2, n), 1.0,
+                      np.arange(1, n + 1))
+    sold = (np.random.default_rng(0).random(n) < 1 / (1 + np.exp(1 + 3 * np.linspace(-0.2, 0.2, n)))).astype(np.float32)
+    pricing.absorb(net2, X2, sold, max_iter=20)
+    assert float(net2.prec_b_seg[3]) > float(before["b_seg"][3]) + 1
+
+
+def test_bootstrap_keeps_segment_sensitivities_at_their_prior_precision():
+    net = pricing.PricingNet()
+    with torch.no_grad():
+        for name in pricing.PricingNet.SHAPES:
+            getattr(net, f"prec_{name}").fill_(1e4)
+    pricing.cap_precision(net)
+    assert float(net.prec_a0) == pricing.BOOTSTRAP_PRECISION_CAP["level"]
+    assert float(net.prec_b_prod.max()) == pricing.BOOTSTRAP_PRECISION_CAP["slope"]
+    for name in pricing.SLOPE_MULT:
+        assert float(getattr(net, f"prec_{name}").max()) == pricing.PRIOR_PRECISION[name], name
+
+
+def test_rounds_refit_every_storefront_quote_under_the_bootstrap_anchor():
+    """After the bootstrap, each round refits all storefront rows since (replayed rows are not
+    counted twice) under the bootstrap's posterior; the result is the joint fit of the rows,
+    whichever rounds they came in; the anchor and the rows travel in the checkpoint."""
+    rng = np.random.default_rng(3)
+    model = pricing.PricingModel()
+    net = pricing.PricingNet()
+    boot = pricing.rows(np.array([1, 2] * 50), np.array([3, 6] * 50), np.full(100, pricing.NO_HOUR),
+                        rng.uniform(-0.2, 0.2, 100), 5.0, 0)
+    model.train(net, None, boot, (rng.random(100) < 0.3).astype(np.float32), 1, 0)
+    anchor_state = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("_")}
+    X, y = synthetic_stream(rng, 600, [1, 2], {3: 6.0, 6: 0.5}, {3: -0.3, 6: -0.3})
+    in_rounds = pricing.PricingNet()
+    in_rounds.load_state_dict(net.state_dict())
+    model.train(in_rounds, None, X[:300], y[:300], 3, 0)
+    # round 2: its new rows plus a replay of round 1's
+    model.train(in_rounds, None, np.concatenate([X[300:], X[:100]]), np.concatenate([y[300:], y[:100]]), 3, 0)
+    assert len(model._history[0]) == 600
+    at_once = pricing.PricingNet()
+    at_once.load_state_dict(net.state_dict())
+    fresh = pricing.PricingModel()
+    fresh.load_domain_state(model.domain_state())
+    fresh._history = (np.zeros((0, pricing.WIDTH), np.float32), np.zeros(0, np.float32))
+    fresh.train(at_once, None, X, y, 30, 0)
+    for name in ("a_seg", "b_seg", "b_prod"):
+        assert torch.allclose(getattr(in_rounds, name), getattr(at_once, name), atol=0.05), name
+    # the segments' sensitivities came apart in the data's direction
+    assert learned_slope(in_rounds, 1, 3) > 2 * learned_slope(in_rounds, 1, 6)
+    # the anchor is the bootstrap's posterior, untouched by the rounds
+    restored = pricing.PricingModel()
+    restored.load_domain_state(model.domain_state())
+    for k in ("b_seg", "prec_b_seg", "a_prod"):
+        assert torch.equal(getattr(restored._anchor, k), anchor_state[k]), k
