@@ -64,7 +64,7 @@ bench-loop: setup
 	$(PY) -m bench.suite loop
 
 # Gate, canary, drift recovery, bytes per event / version, disk under retention (bench/results/delivery.json;
-# also bench/results/drift.json). 15-20 minutes on 2 cores: on demand, not in `make bench`.
+# also bench/results/drift.json). ~27 minutes on 2 cores: on demand, not in `make bench`.
 bench-delivery: setup
 	$(PY) -m bench.suite delivery
 

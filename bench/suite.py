@@ -68,7 +68,7 @@ STEPS = [
          "worse than the champion on the next window (target <= 5 %); canary rollback and promotion under c=32 with "
          "time to decision and failed requests (target 0); drift recovery with the action on / off vs frozen; bytes "
          "per event and per registry version per domain; the event log's disk over 1.25 h of record time at 200 "
-         "events/s with retention (target: flat). About 15-20 minutes on 2 busy cores: on demand.",
+         "events/s with retention (target: flat). About 27 minutes on 2 busy cores (the drift replay alone 20): on demand.",
          in_default=False),
     Step("eval-pricing", "Pricing: market simulation against the best fixed price", ("-m", "bench.eval_pricing"),
          "Revenue and regret of the live service vs the reference price and epsilon-greedy.", in_default=False),
