@@ -1,6 +1,7 @@
 """Start a real ServerApp in-process on a free loopback port, with a real registry behind it."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 
@@ -10,6 +11,22 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from shared.serve_onnx import OnnxServerSettings, make_app
 from shared.server import ServerApp
+
+
+async def until(condition, what: str = "condition", timeout_s: float = 30.0) -> None:
+    """Wait for a condition the server makes true (a state change, a counter it records after
+    answering), not for a fixed delay; the condition may return an awaitable."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        got = condition()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def settings(**overrides) -> OnnxServerSettings:

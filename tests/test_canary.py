@@ -22,6 +22,7 @@ from shared.registry.__main__ import main as registry_cli
 from shared.runtime.signature import signature_of_onnx
 from tests.fake_trainer import FakeTrainer
 from tests.fraud_fixtures import bootstrap_small_fraud
+from tests.server_harness import until
 from tests.conftest import free_port
 from trainer.canary import CanaryConfig, CanaryDecider, compare_unpaired
 from trainer.collector import FeedbackCollector, add_collector
@@ -167,13 +168,6 @@ async def gather_bounded(calls, limit: int = 32):
             return await make()
 
     return await asyncio.gather(*(one(make) for make in calls))
-
-
-async def until(condition, timeout_s: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def reset_canary(registry: ModelRegistry) -> None:

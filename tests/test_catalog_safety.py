@@ -26,6 +26,7 @@ from services.recommender.main import RecommenderSettings, build
 from shared.registry import ModelRegistry
 from shared.text import MAX_CHARS_PER_TOKEN, MAX_TOKENS, TextEncoder, truncate_text
 from tests.reco_onnx import publish_contract_version
+from tests.server_harness import until
 from tests.recommender_fixtures import exported_text_encoder, recommender_test_settings
 from trainer.domains.recommender_data import CatalogJournal
 from trainer.text_encoder import publish_text_encoder
@@ -86,21 +87,6 @@ class Running:
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e  # unknown candidate: not there yet
             return False
         return [it.item_id for it in r.items] == [item_id]
-
-
-async def until(condition, what: str, timeout_s: float = 30.0) -> None:
-    """Wait for a condition the server makes true (a state change, not a fixed delay)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        got = condition()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def skipped(reader: str) -> float:

@@ -8,7 +8,7 @@ import numpy as np
 
 from shared.runtime.signature import signature_of_onnx
 from tests import onnx_models
-from tests.server_harness import infer_request, running, settings
+from tests.server_harness import infer_request, running, settings, until
 
 CLIENTS = 32
 
@@ -51,14 +51,6 @@ async def test_ten_publishes_under_32_concurrent_clients_fail_no_request(registr
     assert sum(versions.values()) > 500
 
 
-async def _until(condition, timeout_s=5.0):
-    for _ in range(int(timeout_s / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
 async def test_bad_versions_under_load_are_refused_and_the_old_one_keeps_answering(registry, model_files, linear_signature):
     registry.publish("linear", model_files["v_a"], linear_signature)
     async with running(settings(registry_dir=str(registry.root))) as (app, stub, channel):
@@ -68,11 +60,11 @@ async def test_bad_versions_under_load_are_refused_and_the_old_one_keeps_answeri
         await asyncio.sleep(0.2)
         # 2: a corrupt file (its manifest checksum is of the corrupt bytes, so it reaches ORT)
         await asyncio.to_thread(registry.publish, "linear", model_files["corrupt"], linear_signature)
-        await _until(lambda: "2" in app.models["linear"].reloader.refused)
+        await until(lambda: "2" in app.models["linear"].reloader.refused)
         # 3: a model with the wrong signature, honestly declared in its manifest
         await asyncio.to_thread(registry.publish, "linear", model_files["wrong_signature"],
                                 signature_of_onnx(model_files["wrong_signature"]))
-        await _until(lambda: "3" in app.models["linear"].reloader.refused)
+        await until(lambda: "3" in app.models["linear"].reloader.refused)
         await asyncio.sleep(0.3)
         stop.set()
         await asyncio.gather(*clients)

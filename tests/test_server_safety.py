@@ -26,6 +26,7 @@ from shared import metrics
 from shared.server import ServerApp
 from shared.server.interceptors import AdaptiveLimit
 from shared.settings import ServerSettings
+from tests.server_harness import until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -137,7 +138,8 @@ async def test_over_the_concurrency_limit_calls_get_resource_exhausted_at_once_a
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "overloaded" in e.value.details() and "(request id " in e.value.details()
         assert held.arrived == 4  # refused before it reached the servicer
-        assert requests_total("ModelInfer", "RESOURCE_EXHAUSTED") == refused_before + 1
+        await until(lambda: requests_total("ModelInfer", "RESOURCE_EXHAUSTED") == refused_before + 1,
+                    "storefront_requests_total to count the refusal")  # counted as the handler returns
         assert shed_total("ModelInfer", "concurrency") == shed_before + 1
         # health is exempt: a saturated process still answers its load balancer
         health = health_pb2_grpc.HealthStub(channel)
@@ -271,8 +273,10 @@ async def test_a_method_at_its_adaptive_limit_sheds_extra_calls_at_once_and_coun
             await stub.ModelInfer(infer("fast-over"), timeout=30)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "adaptive_limit" in e.value.details() and "(request id " in e.value.details()
-        assert shed_total("ModelInfer", "adaptive_limit") == shed_before + 1
-        assert requests_total("ModelInfer", "RESOURCE_EXHAUSTED") == refused_before + 1
+        # counted when the handler returns, which may be just after the client got the status
+        await until(lambda: shed_total("ModelInfer", "adaptive_limit") == shed_before + 1, "the shed counter")
+        await until(lambda: requests_total("ModelInfer", "RESOURCE_EXHAUSTED") == refused_before + 1,
+                    "storefront_requests_total to count the refusal")
         assert app.interceptor.in_flight == 4  # under the server-wide 8: the method's limit refused it
         health = health_pb2_grpc.HealthStub(channel)
         assert (await health.Check(health_pb2.HealthCheckRequest(service=V2), timeout=10)).status == SERVING
@@ -306,7 +310,7 @@ async def test_undecodable_request_bytes_are_invalid_argument_not_unknown():
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, e.value.details())
             assert f"request could not be decoded as {request_type}" in e.value.details()
             assert "Unexpected" not in e.value.details() and "DecodeError" not in e.value.details()
-            assert requests_total(short, "INVALID_ARGUMENT") == before + 1
+            await until(lambda: requests_total(short, "INVALID_ARGUMENT") == before + 1, f"{short} counted")
         assert held.arrived == 0
 
         # a client stream: the messages before the bad one are read, then the call ends
@@ -318,8 +322,8 @@ async def test_undecodable_request_bytes_are_invalid_argument_not_unknown():
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "request could not be decoded as storefront.fraud.v1.FraudOutcome" in e.value.details()
         assert fraud.outcomes_read == 1
-        assert requests_total("StreamOutcomes", "INVALID_ARGUMENT") == before + 1
-        assert app.interceptor.in_flight == 0
+        await until(lambda: requests_total("StreamOutcomes", "INVALID_ARGUMENT") == before + 1, "the stream counted")
+        await until(lambda: app.interceptor.in_flight == 0, "no call in flight")
 
         # well-formed bytes still work on every path
         ok = channel.unary_unary(f"/{FRAUD}/ScoreTransaction", request_serializer=None, response_deserializer=None)
