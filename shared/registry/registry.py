@@ -493,18 +493,22 @@ class ModelRegistry:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for part in ("models", *parts):
-                try:
-                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                except OSError as e:
-                    # A link opened with O_DIRECTORY|O_NOFOLLOW fails with ENOTDIR (or ELOOP).
-                    if e.errno in (errno.ENOTDIR, errno.ELOOP):
-                        raise self._not_plain(fd, part, "folder") from e
-                    raise
+                nfd = self._open_subdir(fd, part)
                 os.close(fd)
                 fd = nfd
             yield fd
         finally:
             os.close(fd)
+
+    def _open_subdir(self, dir_fd: int, part: str) -> int:
+        """A descriptor of folder `part` in dir_fd, never through a link (RegistryError)."""
+        try:
+            return os.open(part, _DIR_FLAGS, dir_fd=dir_fd)
+        except OSError as e:
+            # A link opened with O_DIRECTORY|O_NOFOLLOW fails with ENOTDIR (or ELOOP).
+            if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise self._not_plain(dir_fd, part, "folder") from e
+            raise
 
     def _not_plain(self, dir_fd: int, part: str, kind: str) -> RegistryError:
         try:
@@ -841,12 +845,7 @@ class ModelRegistry:
         with self._open_dir() as models_fd:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(LOCKS_DIR, 0o755, dir_fd=models_fd)
-            try:
-                locks_fd = os.open(LOCKS_DIR, _DIR_FLAGS, dir_fd=models_fd)
-            except OSError as e:
-                if e.errno in (errno.ENOTDIR, errno.ELOOP):
-                    raise self._not_plain(models_fd, LOCKS_DIR, "folder") from e
-                raise
+            locks_fd = self._open_subdir(models_fd, LOCKS_DIR)
         try:
             try:
                 fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644,
