@@ -23,18 +23,23 @@ T = 1.7e9
 
 
 class Harness:
-    def __init__(self, path: Path, **options) -> None:
+    """The real collector and SQLite log on a real server on a free loopback port (plaintext, or
+    with `credentials`: TLS/mTLS, and then `channel`/`stub` are not usable: clients bring theirs)."""
+
+    def __init__(self, path: Path, credentials: grpc.ServerCredentials | None = None, **options) -> None:
         self.log = SqliteEventLog(path)
         self.path = path
         self.collector = FeedbackCollector(self.log, **options)
         self.server = grpc.aio.server()
         self.service = add_collector(self.server, self.collector)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.port = (self.server.add_secure_port("127.0.0.1:0", credentials) if credentials
+                     else self.server.add_insecure_port("127.0.0.1:0"))
+        self.address = f"127.0.0.1:{self.port}"
         self.channel: grpc.aio.Channel | None = None
 
     async def __aenter__(self) -> "Harness":
         await self.server.start()
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+        self.channel = grpc.aio.insecure_channel(self.address)
         self.stub = fb_grpc.FeedbackStub(self.channel)
         return self
 

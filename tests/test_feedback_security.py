@@ -24,7 +24,6 @@ from prometheus_client import REGISTRY
 from bench.ingest import fraud_outcome, fraud_served
 from ops.up import SERVICES, TRAINER, Suite
 from protos.feedback.v1 import feedback_pb2 as fb
-from protos.feedback.v1 import feedback_pb2_grpc as fb_grpc
 from protos.fraud.v1 import fraud_pb2
 from protos.pricing.v1 import pricing_pb2
 from services.fraud.main import FraudSettings
@@ -34,9 +33,9 @@ from shared.ratelimit import RateLimiter, is_loopback_peer, peer_host
 from tests.conftest import free_port, make_pki
 from tests.fake_trainer import FakeTrainer
 from tests.test_feedback_client import wait_for
+from tests.test_collector import Harness
 from tests.test_fraud_service import fraud_world, request_for, settings, started  # noqa: F401 (fixture)
-from trainer.collector import FeedbackCollector, add_collector, parse_tokens, record_head
-from trainer.eventlog import SqliteEventLog
+from trainer.collector import parse_tokens, record_head
 from trainer.service import TrainerSettings
 
 T = 1.7e9
@@ -48,34 +47,14 @@ def metric(name: str, **labels) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-class Collector:
-    """The real collector and SQLite log on a real server: plaintext on loopback, or mTLS."""
+class Collector(Harness):
+    """The collector harness with identity options: tokens, or mTLS from a pki folder."""
 
     def __init__(self, path: Path, tokens=None, pki: Path | None = None) -> None:
-        self.log = SqliteEventLog(path)
-        self.collector = FeedbackCollector(self.log, tokens=tokens)
-        self.server = grpc.aio.server()
-        add_collector(self.server, self.collector)
-        if pki is None:
-            self.port = self.server.add_insecure_port("127.0.0.1:0")
-        else:
-            creds = grpc.ssl_server_credentials([((pki / "server.key").read_bytes(), (pki / "server.pem").read_bytes())],
-                                                root_certificates=(pki / "ca.pem").read_bytes(),
-                                                require_client_auth=True)
-            self.port = self.server.add_secure_port("127.0.0.1:0", creds)
-        self.address = f"127.0.0.1:{self.port}"
-
-    async def __aenter__(self) -> "Collector":
-        await self.server.start()
-        self.channel = grpc.aio.insecure_channel(self.address)
-        self.stub = fb_grpc.FeedbackStub(self.channel)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.channel.close()
-        await self.server.stop(0.5)
-        await self.collector.close()
-        self.log.close()
+        creds = None if pki is None else grpc.ssl_server_credentials(
+            [((pki / "server.key").read_bytes(), (pki / "server.pem").read_bytes())],
+            root_certificates=(pki / "ca.pem").read_bytes(), require_client_auth=True)
+        super().__init__(path, creds, tokens=tokens)
 
     async def send(self, records, metadata=()) -> list[fb.Ack]:
         call = self.stub.Stream(metadata=metadata or None)
