@@ -207,6 +207,11 @@ class MicroBatcher:
         self._depth.set(len(q))
         return batch
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a run now."""
+        return len(self._queue)
+
     def _queued_rows(self) -> int:
         return sum(p.rows for p in self._queue)
 

@@ -137,7 +137,7 @@ class ServedModel:
             self._shadow_counters["dropped_busy"].inc()
             run.close()
             return False
-        if len(self.batcher._queue) * 2 >= self.batcher.max_queue_size:  # answers first
+        if self.batcher.queued * 2 >= self.batcher.max_queue_size:  # answers first
             self._shadow_counters["dropped_queue"].inc()
             run.close()
             return False
