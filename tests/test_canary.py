@@ -23,11 +23,10 @@ from shared.runtime.signature import signature_of_onnx
 from tests.fake_trainer import FakeTrainer
 from tests.fraud_fixtures import bootstrap_small_fraud
 from tests.server_harness import until
+from tests.test_collector import Harness
 from tests.conftest import free_port
 from trainer.canary import CanaryConfig, CanaryDecider, compare_unpaired
-from trainer.collector import FeedbackCollector, add_collector
 from trainer.domains.fraud import FEATURES, FraudModel
-from trainer.eventlog import SqliteEventLog
 from trainer.gate import GateRule, log_loss_rows, mean_metric
 from trainer.joiner import Joiner
 from trainer.learner import DecisionLog, Learner, LearnerConfig
@@ -275,25 +274,6 @@ async def test_shadow_scores_every_request_and_answers_none(world):
 
 
 # ---------------------------------------------------------------- decisions on live labels, under load
-class Collector:
-    """The real feedback collector and event log on loopback (the trainer's front half)."""
-
-    def __init__(self, path: Path) -> None:
-        self.log = SqliteEventLog(path)
-        self.collector = FeedbackCollector(self.log)
-        self.server = grpc.aio.server()
-        add_collector(self.server, self.collector)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-
-    async def start(self) -> None:
-        await self.server.start()
-
-    async def stop(self) -> None:
-        await self.server.stop(1.0)
-        await self.collector.close()
-        self.log.close()
-
-
 async def run_until_decided(data, stub, joiner: Joiner, decider: CanaryDecider, rows: np.ndarray,
                             failures: list, answered: list, timeout_s: float = 120.0) -> dict:
     """32 concurrent clients score real transactions and report their real labels through the
@@ -336,55 +316,53 @@ async def run_until_decided(data, stub, joiner: Joiner, decider: CanaryDecider, 
 async def test_under_load_a_bad_canary_is_rolled_back_and_a_good_shadow_promoted(world, tmp_path):
     root, registry, data = world
     reset_canary(registry)
-    collector = Collector(tmp_path / "events.db")
-    await collector.start()
-    app = make_app(settings(root, registry, trainer_target=f"127.0.0.1:{collector.port}"))
-    await app.start()
-    served = app.models["fraud"]
-    channel = grpc.aio.insecure_channel(app.address)
-    stub = fraud_pb2_grpc.FraudStub(channel)
-    # real transactions with their real labels; frauds are rare (0.2 %), so the stream is drawn
-    # with every fraud of the range and ten legitimate ones per fraud, to label both arms quickly
-    frauds = np.flatnonzero(data.y[30_000:60_000] == 1) + 30_000
-    legit = np.flatnonzero(data.y[30_000:60_000] == 0)[: 10 * len(frauds)] + 30_000
-    rows = np.random.default_rng(0).permutation(np.concatenate([frauds, legit]))
-    decisions = DecisionLog(tmp_path / "decisions.jsonl")
-    config = CanaryConfig(min_labels=150, min_positives=5, resamples=200, timeout_s=300)
-    decider = CanaryDecider(FraudModel(), registry, config, decisions)
-    joiner = Joiner(collector.log, domain="fraud", grace_s=30)
-    failures: list = []
-    answered: list = []
-    try:
-        bad = publish_variant(registry, "flipped")
-        registry.start_canary("fraud", bad, "canary", 0.5)
-        await until(lambda: served.canary is not None, what="the bad canary to load")
-        entry = await run_until_decided(data, stub, joiner, decider, rows, failures, answered)
-        assert entry["decision"] == "canary_rolled_back" and entry["version"] == bad, entry
-        assert entry["canary"]["arms"]["canary"]["labels"] >= 150
-        assert bad in {v for _, v in answered}  # it did answer its share before the verdict
-        assert registry.canary("fraud") is None and registry.current_version("fraud") == "1"
-        await until(lambda: served.canary is None, what="the services to drop the rolled-back canary")
+    async with Harness(tmp_path / "events.db") as collector:
+        app = make_app(settings(root, registry, trainer_target=f"127.0.0.1:{collector.port}"))
+        await app.start()
+        served = app.models["fraud"]
+        channel = grpc.aio.insecure_channel(app.address)
+        stub = fraud_pb2_grpc.FraudStub(channel)
+        # real transactions with their real labels; frauds are rare (0.2 %), so the stream is drawn
+        # with every fraud of the range and ten legitimate ones per fraud, to label both arms quickly
+        frauds = np.flatnonzero(data.y[30_000:60_000] == 1) + 30_000
+        legit = np.flatnonzero(data.y[30_000:60_000] == 0)[: 10 * len(frauds)] + 30_000
+        rows = np.random.default_rng(0).permutation(np.concatenate([frauds, legit]))
+        decisions = DecisionLog(tmp_path / "decisions.jsonl")
+        config = CanaryConfig(min_labels=150, min_positives=5, resamples=200, timeout_s=300)
+        decider = CanaryDecider(FraudModel(), registry, config, decisions)
+        joiner = Joiner(collector.log, domain="fraud", grace_s=30)
+        failures: list = []
+        answered: list = []
+        try:
+            bad = publish_variant(registry, "flipped")
+            registry.start_canary("fraud", bad, "canary", 0.5)
+            await until(lambda: served.canary is not None, what="the bad canary to load")
+            entry = await run_until_decided(data, stub, joiner, decider, rows, failures, answered)
+            assert entry["decision"] == "canary_rolled_back" and entry["version"] == bad, entry
+            assert entry["canary"]["arms"]["canary"]["labels"] >= 150
+            assert bad in {v for _, v in answered}  # it did answer its share before the verdict
+            assert registry.canary("fraud") is None and registry.current_version("fraud") == "1"
+            await until(lambda: served.canary is None, what="the services to drop the rolled-back canary")
 
-        good = publish_variant(registry, "same")
-        registry.start_canary("fraud", good, "shadow")
-        await until(lambda: served.canary is not None, what="the good shadow to load")
-        answered.clear()
-        entry = await run_until_decided(data, stub, joiner, decider, rows, failures, answered)
-        assert entry["decision"] == "canary_promoted" and entry["version"] == good, entry
-        assert entry["canary"]["arms"]["paired"]["labels"] >= 150
-        # in shadow mode the champion answered every request until the promotion
-        assert {v for t, v in answered if t < entry["time"]} == {"1"}
-        assert registry.current_version("fraud") == good and registry.canary("fraud") is None
-        await until(lambda: served.current.version == good, what="the promoted version to serve")
-        assert (await stub.ScoreTransaction(request_for(data, 40_000))).model.version == good
-        assert failures == []  # 0 failed requests through a rollback and a promotion
-        logged = [e["decision"] for e in decisions.read()]
-        assert logged == ["canary_rolled_back", "canary_promoted"]
-    finally:
-        await channel.close()
-        await app.stop()
-        await collector.stop()
-        reset_canary(registry)
+            good = publish_variant(registry, "same")
+            registry.start_canary("fraud", good, "shadow")
+            await until(lambda: served.canary is not None, what="the good shadow to load")
+            answered.clear()
+            entry = await run_until_decided(data, stub, joiner, decider, rows, failures, answered)
+            assert entry["decision"] == "canary_promoted" and entry["version"] == good, entry
+            assert entry["canary"]["arms"]["paired"]["labels"] >= 150
+            # in shadow mode the champion answered every request until the promotion
+            assert {v for t, v in answered if t < entry["time"]} == {"1"}
+            assert registry.current_version("fraud") == good and registry.canary("fraud") is None
+            await until(lambda: served.current.version == good, what="the promoted version to serve")
+            assert (await stub.ScoreTransaction(request_for(data, 40_000))).model.version == good
+            assert failures == []  # 0 failed requests through a rollback and a promotion
+            logged = [e["decision"] for e in decisions.read()]
+            assert logged == ["canary_rolled_back", "canary_promoted"]
+        finally:
+            await channel.close()
+            await app.stop()
+            reset_canary(registry)
 
 
 def test_timeout_decides_for_the_champion(registry, model_files, linear_signature, tmp_path):
