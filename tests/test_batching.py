@@ -1,5 +1,6 @@
 """The micro-batcher over a real ORT session: merging, correctness per request, bounds, deadlines."""
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -9,6 +10,7 @@ from shared.batching import MicroBatcher
 from shared.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from shared.runtime.model import ModelHandle, ModelLoader
 from tests import onnx_models
+from tests.server_harness import until
 
 
 @pytest.fixture
@@ -19,24 +21,34 @@ def handle(model_files, linear_signature):
 
 
 class CountingRuns:
-    """Wraps the live model's run to count session runs and the rows each one got."""
+    """Wraps the live model's run to count session runs and the rows each one got.
 
-    def __init__(self, handle, delay_s=0.0):
+    gated: every run is recorded as started, then holds its worker thread until release(): a
+    test sees "a run is in progress" as an event (batches grew) and decides when it ends,
+    instead of guessing with sleeps how long a slowed-down run takes."""
+
+    def __init__(self, handle, gated=False):
         self.batches = []
+        self._gate = threading.Event()
+        if not gated:
+            self._gate.set()
         model = handle.current
         original = model.run
 
         def run(feeds):
             self.batches.append(len(next(iter(feeds.values()))))
-            if delay_s:
-                time.sleep(delay_s)
+            if not self._gate.wait(timeout=60):
+                raise TimeoutError("the test never released the gated run")
             return original(feeds)
 
         model.run = run
 
+    def release(self) -> None:
+        self._gate.set()
+
 
 async def test_concurrent_requests_are_merged_and_each_gets_its_own_rows(handle):
-    runs = CountingRuns(handle, delay_s=0.005)
+    runs = CountingRuns(handle)
     batcher = MicroBatcher(handle, max_batch_size=64)
     batcher.start()
     xs = [np.full((1, 4), i / 10, np.float32) for i in range(48)]
@@ -50,7 +62,7 @@ async def test_concurrent_requests_are_merged_and_each_gets_its_own_rows(handle)
 
 
 async def test_batches_never_exceed_max_rows_and_multi_row_requests_stay_whole(handle):
-    runs = CountingRuns(handle, delay_s=0.002)
+    runs = CountingRuns(handle)
     batcher = MicroBatcher(handle, max_batch_size=8)
     batcher.start()
     xs = [np.random.default_rng(i).standard_normal((3, 4)).astype(np.float32) for i in range(10)]
@@ -63,28 +75,34 @@ async def test_batches_never_exceed_max_rows_and_multi_row_requests_stay_whole(h
 
 
 async def test_full_queue_is_resource_exhausted(handle):
-    CountingRuns(handle, delay_s=0.05)
+    runs = CountingRuns(handle, gated=True)
     batcher = MicroBatcher(handle, max_batch_size=1, max_queue_size=2)
     batcher.start()
     x = np.zeros((1, 4), np.float32)
     first = asyncio.ensure_future(batcher.infer({"x": x}, 1))
-    await asyncio.sleep(0.01)  # the first one is running; the queue is empty again
+    await until(lambda: runs.batches == [1], "the first request to be running")  # the queue is empty again
     queued = [asyncio.ensure_future(batcher.infer({"x": x}, 1)) for _ in range(2)]
-    await asyncio.sleep(0)
+    await until(lambda: batcher.queued == 2, "two requests queued behind the running one")
     with pytest.raises(ResourceExhausted, match="queue is full"):
         await batcher.infer({"x": x}, 1)
+    runs.release()
     await asyncio.gather(first, *queued)
+    assert runs.batches == [1, 1, 1]  # the refused request never queued
     await batcher.stop()
 
 
 async def test_expired_requests_are_dropped_before_running(handle):
-    runs = CountingRuns(handle, delay_s=0.05)
+    runs = CountingRuns(handle, gated=True)
     batcher = MicroBatcher(handle, max_batch_size=1)
     batcher.start()
     x = np.zeros((1, 4), np.float32)
     first = asyncio.ensure_future(batcher.infer({"x": x}, 1))
-    await asyncio.sleep(0.01)
-    late = asyncio.ensure_future(batcher.infer({"x": x}, 1, deadline=time.monotonic() + 0.01))
+    await until(lambda: runs.batches == [1], "the first request to be running")
+    deadline = time.monotonic() + 0.01
+    late = asyncio.ensure_future(batcher.infer({"x": x}, 1, deadline=deadline))
+    await until(lambda: batcher.queued == 1, "the second request to be queued")
+    await until(lambda: time.monotonic() > deadline, "its deadline to pass while it waits in the queue")
+    runs.release()
     await first
     with pytest.raises(DeadlineExceeded):
         await late

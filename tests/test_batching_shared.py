@@ -9,6 +9,7 @@ from onnx import TensorProto, helper
 
 from shared.batching import MicroBatcher, merge_key
 from shared.runtime.model import ModelHandle, ModelLoader, ModelRejected
+from tests.server_harness import until
 from tests.test_batching import CountingRuns
 
 D = 8
@@ -39,7 +40,7 @@ def loaded(tmp_path, name="v", scale=1.0, version="1"):
 async def test_requests_sharing_one_matrix_merge_and_it_is_fed_once(tmp_path):
     h = ModelHandle("scoring")
     h.swap(loaded(tmp_path))
-    runs = CountingRuns(h, delay_s=0.005)
+    runs = CountingRuns(h)
     fed = []
     counted = h.current.run
 
@@ -65,7 +66,7 @@ async def test_requests_sharing_one_matrix_merge_and_it_is_fed_once(tmp_path):
 async def test_different_matrix_objects_never_share_a_run(tmp_path):
     h = ModelHandle("scoring")
     h.swap(loaded(tmp_path))
-    runs = CountingRuns(h, delay_s=0.01)
+    runs = CountingRuns(h)
     m1 = np.ones((10, D), np.float32)
     m2 = np.ones((10, D), np.float32)  # equal values, another object (another catalog snapshot)
     m3 = np.full((20, D), 2.0, np.float32)
@@ -87,16 +88,18 @@ async def test_a_pinned_request_runs_on_its_version_after_a_swap(tmp_path):
     v1 = loaded(tmp_path, "a", scale=1.0, version="1")
     v2 = loaded(tmp_path, "b", scale=10.0, version="2")
     h.swap(v1)
-    CountingRuns(h, delay_s=0.02)  # v1 is slow: the second request queues behind the first
+    runs = CountingRuns(h, gated=True)  # v1's runs hold until released: the next requests queue behind the first
     batcher = MicroBatcher(h, max_batch_size=1)
     batcher.start()
     m = np.ones((4, D), np.float32)
     q = np.ones((1, D), np.float32)
     first = asyncio.ensure_future(batcher.infer({"q": q}, 1, shared={"m": m}, model=v1))
-    await asyncio.sleep(0.005)
+    await until(lambda: runs.batches == [1], "the first request to be running on v1")
     pinned = asyncio.ensure_future(batcher.infer({"q": q}, 1, shared={"m": m}, model=v1))
     live = asyncio.ensure_future(batcher.infer({"q": q}, 1, shared={"m": m}))
+    await until(lambda: batcher.queued == 2, "both requests to be queued")
     h.swap(v2)  # while both wait in the queue
+    runs.release()
     (y1, m1), (yp, mp), (yl, ml) = await asyncio.gather(first, pinned, live)
     await batcher.stop()
     assert (m1.version, mp.version, ml.version) == ("1", "1", "2")
