@@ -3,6 +3,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import urllib.request
 
 import grpc
@@ -14,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from protos.inference import grpc_service_pb2 as pb
 from tests import onnx_models
 from tests.conftest import free_port
-from tests.server_harness import infer_request, running, settings
+from tests.server_harness import infer_request, running, settings, until
 
 
 async def test_health_follows_model_availability_and_infer_works(registry, model_files, linear_signature):
@@ -29,11 +30,16 @@ async def test_health_follows_model_availability_and_infer_works(registry, model
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
 
         registry.publish("linear", model_files["v_a"], linear_signature)
-        for _ in range(100):
-            if (await stub.ModelReady(pb.ModelReadyRequest(name="linear"))).ready:
-                break
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.05)
+
+        async def model_ready():
+            return (await stub.ModelReady(pb.ModelReadyRequest(name="linear"))).ready
+
+        async def health_serving():
+            got = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            return got.status == health_pb2.HealthCheckResponse.SERVING
+
+        await until(model_ready, "the published model to be ready")
+        await until(health_serving, "health to follow the loaded model")
         for service in ("", "inference.GRPCInferenceService"):
             resp = await health.Check(health_pb2.HealthCheckRequest(service=service))
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
@@ -166,23 +172,26 @@ async def test_tritonclient_is_a_real_v2_client(registry, model_files, linear_si
 
 
 async def test_requests_past_their_deadline_are_dropped_before_running(registry, model_files, linear_signature):
-    import time
     registry.publish("linear", model_files["v_a"], linear_signature)
     async with running(settings(registry_dir=str(registry.root), max_batch_size=1)) as (app, stub, channel):
         model = app.models["linear"].current
-        original, rows_run = model.run, []
+        original, rows_run, release = model.run, [], threading.Event()
 
-        def slow_run(feeds):
+        def held_run(feeds):  # each run is recorded, then holds the only worker until released
             rows_run.append(feeds["x"][0, 0].item())
-            time.sleep(0.3)
+            if not release.wait(timeout=60):
+                raise TimeoutError("the test never released the held run")
             return original(feeds)
 
-        model.run = slow_run
-        slow = asyncio.ensure_future(stub.ModelInfer(infer_request(np.full((1, 4), 1.0, np.float32)), timeout=5))
-        await asyncio.sleep(0.1)  # the slow request occupies the only worker
+        model.run = held_run
+        held = asyncio.ensure_future(stub.ModelInfer(infer_request(np.full((1, 4), 1.0, np.float32)), timeout=60))
+        await until(lambda: rows_run == [1.0], "the first request to occupy the only worker")
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await stub.ModelInfer(infer_request(np.full((1, 4), 2.0, np.float32)), timeout=0.05)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert (await slow).model_version == "1"
-        await asyncio.sleep(0.05)
-        assert rows_run == [1.0]  # the expired request never reached the session
+        release.set()
+        assert (await held).model_version == "1"
+        # one worker, first in first out: a request sent after the expired one runs only once the
+        # expired one has left the queue, so its answer proves the expired one was dropped, not pending
+        assert (await stub.ModelInfer(infer_request(np.full((1, 4), 3.0, np.float32)), timeout=60)).model_version == "1"
+        assert rows_run == [1.0, 3.0]  # the expired request never reached the session
