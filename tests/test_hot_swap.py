@@ -11,6 +11,7 @@ from tests import onnx_models
 from tests.server_harness import infer_request, running, settings, until
 
 CLIENTS = 32
+ANSWERS_PER_VERSION = 50  # answers each version gives before the next publish (11 x 50 > the 500 asserted)
 
 
 async def _load(stub, stop: asyncio.Event, versions: collections.Counter, failures: list, x: np.ndarray):
@@ -35,14 +36,12 @@ async def test_ten_publishes_under_32_concurrent_clients_fail_no_request(registr
         x = np.random.default_rng(3).standard_normal((1, 4)).astype(np.float32)
         clients = [asyncio.ensure_future(_load(stub, stop, versions, failures, x)) for _ in range(CLIENTS)]
         for i in range(10):
-            await asyncio.sleep(0.25)
+            # each version answers its share of the load before the next is published
+            await until(lambda v=str(i + 1): versions[v] >= ANSWERS_PER_VERSION, f"version {i + 1} to answer")
             # versions 2..11 alternate between the two weight sets
             await asyncio.to_thread(registry.publish, "linear", model_files["v_b" if i % 2 == 0 else "v_a"], linear_signature)
-            for _ in range(200):
-                if app.models["linear"].current.version == str(i + 2):
-                    break
-                await asyncio.sleep(0.02)
-        await asyncio.sleep(0.3)
+            await until(lambda v=str(i + 2): app.models["linear"].current.version == v, f"version {i + 2} to load")
+        await until(lambda: versions["11"] >= ANSWERS_PER_VERSION, "version 11 to answer")
         stop.set()
         await asyncio.gather(*clients)
     assert failures == []
@@ -57,7 +56,7 @@ async def test_bad_versions_under_load_are_refused_and_the_old_one_keeps_answeri
         stop, versions, failures = asyncio.Event(), collections.Counter(), []
         x = np.ones((1, 4), np.float32)
         clients = [asyncio.ensure_future(_load(stub, stop, versions, failures, x)) for _ in range(CLIENTS)]
-        await asyncio.sleep(0.2)
+        await until(lambda: versions["1"] >= ANSWERS_PER_VERSION, "the load to be answered")
         # 2: a corrupt file (its manifest checksum is of the corrupt bytes, so it reaches ORT)
         await asyncio.to_thread(registry.publish, "linear", model_files["corrupt"], linear_signature)
         await until(lambda: "2" in app.models["linear"].reloader.refused)
@@ -65,7 +64,8 @@ async def test_bad_versions_under_load_are_refused_and_the_old_one_keeps_answeri
         await asyncio.to_thread(registry.publish, "linear", model_files["wrong_signature"],
                                 signature_of_onnx(model_files["wrong_signature"]))
         await until(lambda: "3" in app.models["linear"].reloader.refused)
-        await asyncio.sleep(0.3)
+        answered = sum(versions.values())
+        await until(lambda: sum(versions.values()) >= answered + ANSWERS_PER_VERSION, "answers after the refusals")
         stop.set()
         await asyncio.gather(*clients)
         refused = dict(app.models["linear"].reloader.refused)
