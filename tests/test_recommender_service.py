@@ -27,6 +27,7 @@ from tests.conftest import free_port
 from tests.fake_trainer import FakeTrainer
 from tests.reco_onnx import publish_contract_version
 from tests.recommender_fixtures import exported_text_encoder, recommender_test_settings
+from tests.server_harness import until
 from trainer.text_encoder import publish_text_encoder
 
 TITLES = [("Organic whole milk 1 litre", "dairy"), ("Semi-skimmed milk 2 litres", "dairy"),
@@ -35,6 +36,7 @@ TITLES = [("Organic whole milk 1 litre", "dairy"), ("Semi-skimmed milk 2 litres"
           ("Dark roast coffee beans 500 g", "drinks"), ("Sparkling mineral water 6 x 1.5 l", "drinks"),
           ("Cheddar cheese, mature, 400 g", "dairy")]
 CATALOG = [{"item_id": f"sku-{i}", "title": t, "category": c, "price": 1.0 + i} for i, (t, c) in enumerate(TITLES)]
+ANSWERS_PER_VERSION = 20  # answers each version gives under load before the next publish
 USERS = {"alice": ["sku-0", "sku-1", "sku-2"], "bob": ["sku-3", "sku-4"], "carol": ["sku-7"]}
 
 
@@ -237,18 +239,17 @@ async def test_hot_swaps_under_load_answer_every_request_and_a_bad_version_is_re
         clients = [asyncio.ensure_future(client(i)) for i in range(16)]
         upserts = 0
         for n, dim in enumerate((24, 8, 32), start=2):  # each version has its own item-vector width
-            await asyncio.sleep(0.2)
+            # the version before answers its share of the load first
+            await until(lambda v=str(n - 1): versions[v] >= ANSWERS_PER_VERSION, f"version {n - 1} to answer")
             await asyncio.to_thread(publish_contract_version, reg, tmp_path / f"v{n}", CATALOG, USERS, dim=dim, seed=n)
             await stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(item_id=f"live-{n}", title=f"Pack of {n} AA batteries",
                                                                        category="tools", price=4.0)]))
             upserts += 1
-            for _ in range(200):
-                if app.models["recommender"].current.version == str(n):
-                    break
-                await asyncio.sleep(0.02)
+            await until(lambda v=str(n): app.models["recommender"].current.version == v, f"version {n} to load")
         broken = tmp_path / "v5"
+        await until(lambda: versions["4"] >= ANSWERS_PER_VERSION, "version 4 to answer")
         publish_contract_version(reg, broken, CATALOG, USERS, dim=16, seed=5)
-        await asyncio.sleep(0.5)
+        await until(lambda: versions["5"] >= ANSWERS_PER_VERSION, "version 5 to answer")
         stop.set()
         await asyncio.gather(*clients)
         assert failures == []
@@ -260,10 +261,7 @@ async def test_hot_swaps_under_load_answer_every_request_and_a_bad_version_is_re
         reg.publish("recommender", broken / "model.onnx", live.current.signature,
                     extra=registry.manifest("recommender", "1").extra,
                     extra_files=[broken / n for n in ("item_tower.onnx", "vocab.json", "catalog.jsonl", "users.npz")])
-        for _ in range(100):
-            if "6" in live.reloader.refused:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: "6" in live.reloader.refused, "version 6 to be refused")
         assert "item_tower" in live.reloader.refused["6"] or "preparation failed" in live.reloader.refused["6"]
         resp = await stub.Recommend(pb.RecommendRequest(user_id="alice", k=200))
         assert resp.model.version == "5" and {f"live-{n}" for n in (2, 3, 4)} <= set(ids(resp))
@@ -306,11 +304,12 @@ async def test_outcomes_are_validated_deduplicated_and_reach_the_trainer_with_wh
             assert (total.accepted, total.duplicates) == (2, 1)
             # the click and the purchase went into bob's history, most recent first
             again = await stub.Recommend(pb.RecommendRequest(user_id="bob", k=3))
-            for _ in range(100):
+
+            def delivered():
                 kinds = [r.WhichOneof("payload") for r in trainer.stored.values()]
-                if kinds.count("outcome") >= 4 and kinds.count("served") >= 2:
-                    break
-                await asyncio.sleep(0.05)
+                return kinds.count("outcome") >= 4 and kinds.count("served") >= 2
+
+            await until(delivered, "the feedback to reach the trainer")
         served = {r.served.prediction_id: r.served for r in trainer.stored.values() if r.WhichOneof("payload") == "served"}
         first = served[resp.prediction_id]
         inputs = {t.name: t for t in first.inputs}
@@ -355,11 +354,13 @@ async def test_the_load_test_scenario_recommends_for_real_customers_and_reports_
                 await drain()
             out = summary(rec, 1.0)
             assert out["ok"] > 10 and out["errors"] == {}
-            for _ in range(600):  # the feedback stream delivers asynchronously (slow on a busy machine)
-                clicks = [r for r in trainer.stored.values() if r.WhichOneof("payload") == "outcome"]
-                if len(clicks) >= 3 * out["ok"]:
-                    break
-                await asyncio.sleep(0.05)
+
+            def clicks():
+                return [r for r in trainer.stored.values() if r.WhichOneof("payload") == "outcome"]
+
+            # the feedback stream delivers asynchronously
+            await until(lambda: len(clicks()) >= 3 * out["ok"], "every click to reach the trainer")
+            clicks = clicks()
             # these customers are unknown to this small model (fallback answers) and its items are not
             # Ta Feng products: every shown item gets a window-shopping click (click_rate 1.0), no purchase
             assert len(clicks) >= 3 * out["ok"]
@@ -377,13 +378,18 @@ async def test_workers_sharing_a_journal_and_a_catalog_feed_converge(world):
                                                                        category="dairy", price=2.2)]))
 
         async def visible(stub, item_id):
-            for _ in range(100):
+            answers = []
+
+            async def recommended():
                 try:
-                    return await stub.Recommend(pb.RecommendRequest(user_id="alice", k=1, candidate_item_ids=[item_id]))
+                    answers.append(await stub.Recommend(pb.RecommendRequest(user_id="alice", k=1,
+                                                                            candidate_item_ids=[item_id])))
                 except grpc.aio.AioRpcError as e:
                     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT  # not there yet
-                await asyncio.sleep(0.05)
-            raise AssertionError(f"{item_id} never became visible")
+                return bool(answers)
+
+            await until(recommended, f"{item_id} to become visible")
+            return answers[0]
 
         on_a, on_b = await visible(stub_a, "w-1"), await visible(stub_b, "w-1")
         assert on_a.items[0].score == pytest.approx(on_b.items[0].score, abs=1e-5)  # same vectors on both
@@ -394,10 +400,9 @@ async def test_workers_sharing_a_journal_and_a_catalog_feed_converge(world):
             f.write(json.dumps({"item_id": "sku-1", "title": TITLES[1][0], "category": "dairy", "price": 0.5}) + "\n")
         await visible(stub_a, "feed-1")
         await visible(stub_b, "feed-1")
-        for _ in range(100):
-            snaps = [svc.catalog.current for svc in (a.service, b.service)]
-            if all(float(sn.price[sn.row("sku-1")]) == 0.5 for sn in snaps):
-                break
-            await asyncio.sleep(0.05)
-        assert all(float(sn.price[sn.row("sku-1")]) == 0.5 for sn in snaps)
+
+        def repriced():
+            return all(float(sn.price[sn.row("sku-1")]) == 0.5 for sn in (a.service.catalog.current, b.service.catalog.current))
+
+        await until(repriced, "both workers to read the new price")
         assert a.service.catalog.current.size == b.service.catalog.current.size == len(CATALOG) + 2
