@@ -17,7 +17,7 @@ on the model version) into a text table; rows point into it. A replaced title le
 embedding behind (older snapshots may still read it), so the table (and the category list)
 is compacted once dead entries outnumber live ones: new arrays, rows remapped, memory bounded
 by the live items however often the same ids are replaced. The per-version item vectors
-(item tower output) are not here: see services.recommender.adapter.ItemIndex.
+(item tower output) are not here: see services.recommender.item_index.ItemIndex.
 
 Durability: every upsert is appended to the journal (one JSON object per line: item_id,
 title, category, price) and fsync'd before it is applied, so an answered UpsertItems
