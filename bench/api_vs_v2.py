@@ -1,41 +1,64 @@
 """A domain API against KServe V2 ModelInfer of the same model, same process, same run.
 
 The measurement both serving benchmarks share (bench.fraud_serving, bench.pricing_serving):
-closed-loop load at a fixed concurrency (ops.loadtest's loop), alternating the APIs round
+closed-loop load at a fixed concurrency (ops/loadgen.py), alternating the APIs round
 after round so that drift in the machine's load hits both alike, then the median over the
 rounds of each API's p99 and req/s, and the ratio of the domain API's p99 to ModelInfer's.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
-from typing import Awaitable, Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
+import grpc
 import numpy as np
 
-from ops.loadtest import Recorder, closed_loop, summary
+from ops.loadgen import Call, generate, summary
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 V2 = "ModelInfer"
 
 
-async def measure_one(call: Callable[[int], Awaitable[object]], concurrency: int, duration: float,
-                      warmup: float) -> dict:
-    rec = Recorder(time.perf_counter() + warmup)
-    await closed_loop(call, concurrency, duration, warmup, rec)
-    return summary(rec, duration)
-
-
-async def alternate(calls: Mapping[str, Callable[[int], Awaitable[object]]], concurrency: int, duration: float,
+async def alternate(calls: Mapping[str, Call], concurrency: int, duration: float,
                     warmup: float, rounds: int = 2, label: str = "serving") -> list[dict]:
     """Each API in turn, `rounds` times; one summary per (round, API)."""
     out = []
     for round_ in range(rounds):
         for api, call in calls.items():
-            r = await measure_one(call, concurrency, duration, warmup)
+            r = summary(await generate(call, duration=duration, warmup=warmup, concurrency=concurrency))
             r.update(api=api, round=round_ + 1, concurrency=concurrency)
             print(f"[{label}] {api} round {round_ + 1}: {r}", file=sys.stderr)
             out.append(r)
     return out
+
+
+async def measure(address: str, api: str, method_of: Callable[[grpc.aio.Channel], Callable], requests: Sequence,
+                  v2_requests: Sequence, concurrency: int, duration: float, warmup: float, rounds: int = 2,
+                  label: str = "serving") -> list[dict]:
+    """`alternate` on one channel to `address`: `api` is method_of(channel) called with requests[i],
+    ModelInfer with v2_requests[i] (the same inputs, as the model sees them)."""
+    channel = grpc.aio.insecure_channel(address)
+    try:
+        method, infer = method_of(channel), pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        n = len(requests)
+        return await alternate({V2: lambda i: infer(v2_requests[i % n], timeout=10),
+                                api: lambda i: method(requests[i % n], timeout=10)},
+                               concurrency, duration, warmup, rounds, label)
+    finally:
+        await channel.close()
+
+
+def arguments(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options both serving benchmarks take."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=out)
+    return ap
 
 
 def compare(results: list[dict], api: str, concurrency: int, target: float) -> dict:

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench.machine import machine_info as _machine_info
+from bench.machine import machine_info as _machine_info, progress_printer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_DIR = Path(__file__).resolve().parent.parent / "var" / "eval-fraud-quick"
@@ -94,8 +94,7 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------- helpers
-def progress(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+progress = progress_printer("eval-fraud")
 
 
 _DATA: dict[Any, Any] = {}

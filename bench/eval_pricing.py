@@ -73,7 +73,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.machine import machine_info
+from bench.machine import machine_info, progress_printer
 from bench.pricing_sim import Arrivals, EpsilonGreedy, Market, arrivals, calibrate, threshold_market
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,8 +84,7 @@ EPS_GRID = {"epsilon": (0.05, 0.1, 0.2), "prior_pulls": (0.0, 10.0, 50.0), "key"
 HOUR = 12  # hour fed to v1 for the baselines' prior (v1 has no hour terms: Ta Feng has no times)
 
 
-def progress(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+progress = progress_printer("eval-pricing")
 
 
 class PricingLoop:

@@ -52,7 +52,6 @@ import datetime
 import json
 import multiprocessing
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -67,17 +66,14 @@ from google.protobuf import any_pb2
 from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2 as fb
 from protos.fraud.v1 import fraud_pb2
-from bench.machine import machine_info as _machine_info
+from bench.machine import machine_info as _machine_info, progress_printer
+from ops.loadgen import self_cpu_s
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "ingest.json"
 METHOD = "/storefront.feedback.v1.Feedback/Stream"
 FEATURES = [f"V{i}" for i in range(1, 29)]
-T0 = time.monotonic()
-
-
-def progress(msg: str) -> None:
-    print(f"[ingest {time.monotonic() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+progress = progress_printer("ingest")
 
 
 # ---------------------------------------------------------------- realistic records
@@ -154,21 +150,16 @@ def fraud_stream(n: int, *, seed: int = 0, instance: str = "fraud-bench-1", labe
 
 # ---------------------------------------------------------------- measurements
 
-def _cpu_self() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def bench_direct(payloads: list[bytes], batch: int, folder: Path) -> dict[str, Any]:
     from trainer.eventlog import STORED, SqliteEventLog
     log = SqliteEventLog(folder / "direct.db")
     try:
         stored = 0
-        c0, t0 = _cpu_self(), time.perf_counter()
+        c0, t0 = self_cpu_s(), time.perf_counter()
         for i in range(0, len(payloads), batch):
             stored += sum(r.status == STORED for r in log.append_batch(payloads[i:i + batch]))
         seconds = time.perf_counter() - t0
-        cpu = _cpu_self() - c0
+        cpu = self_cpu_s() - c0
         assert stored == len(payloads) == log.count(), (stored, len(payloads), log.count())
     finally:
         log.close()
@@ -239,10 +230,10 @@ def _client_main(port: int, n: int, streams: int, seed: int, pin: set[int] | Non
                     counts[names[ack.status]] += 1
             await sender
 
-        c0, t0 = _cpu_self(), time.perf_counter()
+        c0, t0 = self_cpu_s(), time.perf_counter()
         await asyncio.gather(*(one(p) for p in parts))
         seconds = time.perf_counter() - t0
-        cpu = _cpu_self() - c0
+        cpu = self_cpu_s() - c0
         await channel.close()
         return {"seconds": seconds, "cpu_s": cpu, "acks": counts, "batches_sent": messages[0],
                 "ack_messages": messages[1]}
@@ -271,7 +262,7 @@ def _client_main(port: int, n: int, streams: int, seed: int, pin: set[int] | Non
                 for k, share in enumerate(shares):
                     record(k, share)
                 record_s = time.perf_counter() - t
-            c0, t0 = _cpu_self(), time.perf_counter()
+            c0, t0 = self_cpu_s(), time.perf_counter()
             for c in clients:
                 c.start()
             if live:
@@ -281,7 +272,7 @@ def _client_main(port: int, n: int, streams: int, seed: int, pin: set[int] | Non
                     await asyncio.sleep(0)
             ok = await asyncio.gather(*(c.flush(120) for c in clients))
             seconds = time.perf_counter() - t0
-            cpu = _cpu_self() - c0
+            cpu = self_cpu_s() - c0
             stats = [c.stats() for c in clients]
             for c in clients:
                 await c.stop(flush_timeout_s=1)
@@ -360,10 +351,10 @@ async def bench_grpc(path: str, n: int, streams: int, seed: int, folder: Path, b
     try:
         msg = await loop.run_in_executor(None, parent.recv)
         assert msg == "ready"
-        c0 = _cpu_self()
+        c0 = self_cpu_s()
         parent.send("go")
         out = await loop.run_in_executor(None, parent.recv)
-        server_cpu = _cpu_self() - c0
+        server_cpu = self_cpu_s() - c0
     finally:
         await server.stop(1.0)
         proc.join(10)

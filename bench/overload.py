@@ -16,7 +16,7 @@ Configurations:
   driven by queue_delay_target_ms);
 - unprotected: admission control off (--max-concurrent-rpcs 0 --queue-delay-target-ms 0), as before.
 Per configuration and round:
-- steady: closed loop at c=32 (bench/loadgen.py), which saturates the server: its req/s is
+- steady: closed loop at c=32 (ops/loadgen.py, as every load here), which saturates the server: its req/s is
   "capacity" and its p99 the steady-state reference;
 - overload: open loop at factor x that capacity (arrivals on a fixed schedule, whatever the
   answers), every call with a 2 s deadline, as a crowd of independent clients would. A
@@ -34,19 +34,17 @@ import argparse
 import asyncio
 import collections
 import datetime
-import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
 from bench import models
-from bench.loadgen import CHANNEL_OPTIONS, build_request, latency_summary, make_inputs, model_inputs, run_load
+from ops.loadgen import CHANNEL_OPTIONS, generate, summary
+from ops.scenario_v2 import requests_for, run_load
 from bench.machine import machine_info
 from bench.serving import Server, metric_value, progress, write_json
 from protos.inference import grpc_service_pb2_grpc as pbg
@@ -64,50 +62,16 @@ async def open_loop(target: str, model: str, rate: float, duration: float, warmu
     """Calls sent at `rate` per second on a fixed schedule for warmup + duration seconds."""
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as ch:
         stub = pbg.GRPCInferenceServiceStub(ch)
-        specs = await model_inputs(stub, model)
-        req = build_request(model, make_inputs(specs, 1, 0), {n: dt for n, dt, _ in specs})
-        call = stub.ModelInfer
-        pc = time.perf_counter
-        lat: list[float] = []
-        codes: collections.Counter[str] = collections.Counter()
-        t0 = pc()
-        t_start, t_end = t0 + warmup, t0 + warmup + duration
-        sent = [0]
-        pending: set[asyncio.Task] = set()
-
-        async def one(scheduled: float) -> None:
-            try:
-                await call(req, timeout=timeout)
-                code = "OK"
-            except grpc.aio.AioRpcError as e:
-                code = e.code().name
-            if scheduled >= t_start:
-                codes[code] += 1
-                if code == "OK":
-                    lat.append(pc() - scheduled)
-
-        interval = 1.0 / rate
-        due = t0
-        while True:
-            now = pc()
-            if due >= t_end:
-                break
-            while due <= now and due < t_end:  # every call that is due, even when behind
-                task = asyncio.ensure_future(one(due))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-                if due >= t_start:
-                    sent[0] += 1
-                due += interval
-            await asyncio.sleep(max(0.0, due - pc()))
-        sent_done = pc()
-        if pending:
-            await asyncio.gather(*pending)
-    ok = codes.get("OK", 0)
-    return {"offered_rps": round(rate, 1), "sent_rps": round(sent[0] / duration, 1),
-            "send_lag_ms": round(max(0.0, sent_done - t_end) * 1e3, 1),
-            "rps": round(ok / duration, 1), "calls": sum(codes.values()), "by_code": dict(codes),
-            **latency_summary(lat)}
+        (req,) = await requests_for(stub, model)
+        # no cap on calls in flight: a crowd of independent clients does not wait for each other
+        rec = await generate(lambda i: stub.ModelInfer(req, timeout=timeout), duration=duration, warmup=warmup,
+                             rate=rate, poisson=False, max_in_flight=1 << 30)
+    s = summary(rec)
+    by_code = {"OK": s["ok"], **s["errors"]} if s["ok"] else dict(s["errors"])
+    return {"offered_rps": round(rate, 1), "sent_rps": round(rec.sent / duration, 1),
+            "send_lag_ms": round(rec.send_lag_max_s * 1e3, 1),
+            "rps": s["rps"], "calls": sum(by_code.values()), "by_code": by_code,
+            **{k: s[k] for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "mean_ms", "max_ms")}}
 
 
 async def one_round(server: Server, opts: argparse.Namespace) -> dict[str, Any]:

@@ -12,25 +12,23 @@ Quote p99 <= 1.5x ModelInfer p99. Writes bench/results/pricing_serving.json.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-import grpc
-import numpy as np
 
-from bench.api_vs_v2 import V2, alternate, compare
+from bench.api_vs_v2 import arguments, compare, measure
 from bench.machine import machine_info
+from ops.scenario_v2 import build_request
+from shared.runtime.dtypes import V2_OF_NUMPY
 
 TARGET_RATIO = 1.5
 
 
 def v2_requests(quotes, registry_dir: Path, grid_size: int):
     """ModelInfer requests with the very tensors the service builds for each quote."""
-    from protos.inference import grpc_service_pb2 as pb
     from services.pricing.adapter import PricingService, Vocab
     from shared.registry import ModelRegistry
 
@@ -40,38 +38,14 @@ def v2_requests(quotes, registry_dir: Path, grid_size: int):
     out = []
     for q in quotes:
         feeds = service.prepare(q, vocab).feeds
-        req = pb.ModelInferRequest(model_name="pricing")
-        for name, value in feeds.items():
-            req.inputs.add(name=name, datatype="INT64" if value.dtype == np.int64 else "FP32", shape=list(value.shape))
-            req.raw_input_contents.append(np.ascontiguousarray(value).tobytes())
-        out.append(req)
-    return out
-
-
-async def measure(address: str, quotes, v2_reqs, concurrency: int, duration: float, warmup: float, rounds: int):
-    from protos.inference import grpc_service_pb2_grpc as pb_grpc
-    from protos.pricing.v1 import pricing_pb2_grpc
-
-    channel = grpc.aio.insecure_channel(address)
-    pricing = pricing_pb2_grpc.PricingStub(channel)
-    v2 = pb_grpc.GRPCInferenceServiceStub(channel)
-    n = len(quotes)
-    out = await alternate({V2: lambda i: v2.ModelInfer(v2_reqs[i % n], timeout=10),
-                           "Quote": lambda i: pricing.Quote(quotes[i % n], timeout=10)},
-                          concurrency, duration, warmup, rounds, label="pricing-serving")
-    await channel.close()
+        out.append(build_request("pricing", feeds, {name: V2_OF_NUMPY[value.dtype] for name, value in feeds.items()}))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=float, default=8.0)
-    ap.add_argument("--warmup", type=float, default=2.0)
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", default="bench/results/pricing_serving.json")
-    args = ap.parse_args(argv)
+    args = arguments(__doc__, "bench/results/pricing_serving.json").parse_args(argv)
     from bench.eval_pricing import PricingLoop
+    from protos.pricing.v1 import pricing_pb2_grpc
     from ops.scenario_quote import quotes as make_quotes
 
     _, _, quotes = make_quotes(200, 2000)
@@ -80,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         loop = PricingLoop(Path(tmp), [], ["--exploration-seed", "0"]).start()
         try:
             v2_reqs = v2_requests(quotes, loop.registry, 21)
-            results = asyncio.run(measure(f"127.0.0.1:{loop.port}", quotes, v2_reqs, args.concurrency, args.duration,
-                                          args.warmup, args.rounds))
+            results = asyncio.run(measure(f"127.0.0.1:{loop.port}", "Quote",
+                                          lambda ch: pricing_pb2_grpc.PricingStub(ch).Quote, quotes, v2_reqs,
+                                          args.concurrency, args.duration, args.warmup, args.rounds,
+                                          label="pricing-serving"))
         finally:
             loop.stop()
     report = compare(results, "Quote", args.concurrency, TARGET_RATIO)

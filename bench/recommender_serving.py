@@ -12,7 +12,7 @@ title and category of a random real Ta Feng product (Ta Feng has no titles; the 
 title is its product subclass) with a price drawn around that product's real unit price;
 their ids are new to the model, so their vectors come from the text/category/price path,
 like any new item. Then, alternating the two services round by round, a closed loop
-(ops.loadtest's) of Recommend requests from the load-test scenario (real Ta Feng customers,
+(ops/loadgen.py) of Recommend requests from the load-test scenario (real Ta Feng customers,
 storefront page/device/hour mix, k = 10, a quarter with exclude_purchased; no outcomes
 reported, so only Recommend runs) at each concurrency. Prints a table and writes
 bench/results/recommender_serving.json (medians over rounds, every round's figures, the
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
 import tempfile
@@ -33,8 +32,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.machine import machine_info
-from ops.loadtest import Recorder, closed_loop, summary
+from bench.machine import machine_info, process_cpu_s
+from ops.loadgen import generate, summary
 from ops.procs import Proc, free_port, wait_serving
 from ops.scenario_recommend import scenario
 from protos.recommender.v1 import recommender_pb2 as pb
@@ -70,32 +69,24 @@ async def upsert_all(address: str, items: list[pb.Item]) -> dict:
             "catalog_size": size}
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def measure(address: str, pid: int, concurrency: int, duration: float, warmup: float, scenario_args) -> dict:
-    """Closed loop (ops.loadtest's) on Recommend; also the server's CPU per request over the
+    """Closed loop (ops/loadgen.py) on Recommend; also the server's CPU per request over the
     measured window (robust to a busy machine, unlike req/s: what one request costs the server)."""
     async with grpc.aio.insecure_channel(address) as ch:
         call, drain = await scenario(ch, scenario_args)
         await call(0)
-        rec = Recorder(time.perf_counter() + warmup)
-        cpu = {}
 
-        async def window() -> None:
-            await asyncio.sleep(max(0.0, rec.start - time.perf_counter()))
-            cpu["a"] = process_cpu_s(pid)
-            await asyncio.sleep(max(0.0, rec.start + duration - time.perf_counter()))
-            cpu["b"] = process_cpu_s(pid)
+        async def server_cpu_s(t_start: float, t_end: float) -> float:
+            cpu_a = process_cpu_s(pid)
+            await asyncio.sleep(max(0.0, t_end - time.perf_counter()))
+            return process_cpu_s(pid) - cpu_a
 
-        await asyncio.gather(closed_loop(call, concurrency, duration, warmup, rec), window())
+        rec = await generate(call, duration=duration, warmup=warmup, concurrency=concurrency, window=server_cpu_s)
         await drain()
-        out = summary(rec, duration)
-        out["server_cpu_us_per_req"] = round((cpu["b"] - cpu["a"]) / out["ok"] * 1e6, 1) if out["ok"] else None
-        out["server_cpu_cores"] = round((cpu["b"] - cpu["a"]) / duration, 2)
+        out = summary(rec)
+        cpu = rec.window_result
+        out["server_cpu_us_per_req"] = round(cpu / out["ok"] * 1e6, 1) if out["ok"] else None
+        out["server_cpu_cores"] = round(cpu / duration, 2)
         return out
 
 

@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -42,19 +41,16 @@ import numpy as np
 import onnxruntime as ort
 
 from bench import models
-from bench.loadgen import infer_once, latency_summary, make_inputs, run_load
+from bench.machine import machine_busy_s, machine_info as _machine_info, process_cpu_s, process_rss_mb, progress_printer
+from ops.loadgen import latency_summary, self_cpu_s
+from ops.procs import free_port
+from ops.scenario_v2 import infer_once, make_inputs, run_load
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pbg
-from bench.machine import machine_info as _machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "serving.json"
-HZ = os.sysconf("SC_CLK_TCK")
-T0 = time.monotonic()
-
-
-def progress(msg: str) -> None:
-    print(f"[bench {time.monotonic() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+progress = progress_printer("bench")
 
 
 @dataclasses.dataclass
@@ -82,35 +78,6 @@ class Options:
 
 
 # ---------------------------------------------------------------- /proc helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def proc_cpu_s(pid: int) -> float:
-    """utime + stime of process pid (all its threads), seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        s = f.read()
-    rest = s[s.rfind(")") + 2:].split()  # rest[0] is field 3 (state): utime = field 14, stime = 15
-    return (int(rest[11]) + int(rest[12])) / HZ
-
-
-def proc_rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-    except OSError:
-        return None
-
-
-def machine_busy_s() -> float:
-    """Busy CPU seconds of the whole machine (all cores) since boot."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (sum(v[:8]) - v[3] - v[4]) / HZ
-
-
 def listens_on(pid: int, port: int) -> bool:
     """Whether process pid holds a listening TCP socket on port (so a ready answer is its own)."""
     inodes = set()
@@ -131,11 +98,6 @@ def listens_on(pid: int, port: int) -> bool:
             if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port and f[9] in inodes:
                 return True
     return False
-
-
-def self_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 # ---------------------------------------------------------------- server subprocess
@@ -219,10 +181,10 @@ class Server:
                 await asyncio.sleep(0.1)
 
     def cpu_s(self) -> float:
-        return proc_cpu_s(self.pid)
+        return process_cpu_s(self.pid)
 
     def rss_mb(self) -> float | None:
-        return proc_rss_mb(self.pid)
+        return process_rss_mb(self.pid)
 
     def _scrape_sync(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:

@@ -24,7 +24,7 @@ from typing import Awaitable, Callable
 import grpc
 import numpy as np
 
-from ops.loadtest import Later
+from ops.loadgen import Later
 
 MAX_PRODUCTS = 300
 CHANGE_PCTS = (10.0, 20.0, 30.0)

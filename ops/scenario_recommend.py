@@ -23,7 +23,7 @@ from typing import Awaitable, Callable
 import grpc
 import numpy as np
 
-from ops.loadtest import Later
+from ops.loadgen import Later
 
 PAGES = (("home", 0.45), ("product", 0.25), ("category", 0.2), ("cart", 0.1))
 DEVICES = (("mobile", 0.55), ("desktop", 0.3), ("tablet", 0.05), ("app", 0.1))
