@@ -1,9 +1,9 @@
 """The settings of every process as one Markdown table, from the settings dataclasses
-themselves, so the README's table cannot drift from the code.
+themselves, so docs/SETTINGS.md cannot drift from the code.
 
     python -m ops.settings_table            # print the table
-    python -m ops.settings_table --write    # replace the table between the README's markers
-    python -m ops.settings_table --check    # exit 1 when the README's table is stale (a test runs it)
+    python -m ops.settings_table --write    # replace the table between docs/SETTINGS.md's markers
+    python -m ops.settings_table --check    # exit 1 when docs/SETTINGS.md's table is stale (a test runs it)
 
 Each row: the flag, its environment variable, the default and what it does, grouped by
 where the setting is declared (settings shared by every server, by every model server, by
@@ -11,17 +11,17 @@ every domain service, then each process's own).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import sys
 from pathlib import Path
 
+from ops.generated import cli
 from shared.settings import BaseSettings, DomainSettings, ServerSettings, ServingSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
-BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
+DOC = ROOT / "docs" / "SETTINGS.md"
+BLOCK = "settings"  # <!-- settings:begin --> ... <!-- settings:end -->
 
 # (heading, "module:Class") of each process's own settings, in the order `make up` starts them.
 PROCESSES = [
@@ -84,34 +84,8 @@ def table() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _replace(text: str, body: str) -> str:
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} markers")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{body}{END}{tail}"
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ops.settings_table", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="update README.md in place")
-    mode.add_argument("--check", action="store_true", help="fail when README.md's table is stale")
-    args = ap.parse_args(argv)
-    body = table()
-    if not (args.write or args.check):
-        sys.stdout.write(body)
-        return 0
-    text = README.read_text()
-    new = _replace(text, body)
-    if args.check:
-        if new != text:
-            print("README.md's settings table is stale: run `python -m ops.settings_table --write`", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(new)
-    return 0
+    return cli(argv, prog="python -m ops.settings_table", description=__doc__, path=DOC, name=BLOCK, body=table)
 
 
 if __name__ == "__main__":

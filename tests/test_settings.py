@@ -36,8 +36,9 @@ def test_as_env_round_trips():
     assert ServerSettings.load([], env=s.as_env()) == s
 
 
-def test_readme_settings_table_is_generated_from_the_settings_classes():
+def test_the_settings_doc_table_is_generated_from_the_settings_classes():
     from ops import settings_table
 
     assert settings_table.main(["--check"]) == 0, "run: python -m ops.settings_table --write"
     assert "`STOREFRONT_MAX_BATCH_SIZE`" in settings_table.table()
+    assert "`STOREFRONT_MAX_BATCH_SIZE`" in settings_table.DOC.read_text()
