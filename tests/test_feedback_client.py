@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,10 @@ from prometheus_client import REGISTRY
 
 from protos.feedback.v1 import feedback_pb2
 from protos.fraud.v1 import fraud_pb2
-from shared.feedback import (MAX_BATCH_BYTES, SEGMENT_SUFFIX, FeedbackClient, SpoolLockedError, encode_batch,
-                             tensor_to_numpy)
+from shared.feedback import MAX_BATCH_BYTES, FeedbackClient, SpoolLockedError, encode_batch, read_spool, tensor_to_numpy
+from shared.feedback.records import served_record
+from shared.feedback.spool import row_bytes
+from shared.feedback.spool_legacy import SEGMENT_MAGIC, SEGMENT_SUFFIX
 from tests.conftest import free_port
 from tests.fake_trainer import FakeTrainer
 
@@ -39,8 +43,9 @@ def outcome(i: int) -> feedback_pb2.Outcome:
                                 received_at=1_700_000_100.0 + i, fraud=fraud_pb2.FraudOutcome(prediction_id=f"p{i}"))
 
 
-def segments(spool: Path) -> list[Path]:
-    return sorted(spool.glob("*" + SEGMENT_SUFFIX))
+def on_disk(spool: Path) -> list[str]:
+    """The record ids in the spool's database on disk (read beside the client, read-only)."""
+    return [rid for rid, _ in read_spool(spool)]
 
 
 async def wait_for(cond, timeout: float = 10.0, what: str = "condition") -> None:
@@ -99,7 +104,7 @@ async def test_records_flow_and_are_acked(trainer, tmp_path):
                                      {"domain": "fraud", "status": "stored"}) >= 200
     await c.stop()
     assert REGISTRY.get_sample_value("storefront_feedback_connected", {"domain": "fraud"}) == 0
-    assert segments(tmp_path / "spool") == []
+    assert on_disk(tmp_path / "spool") == []
 
 
 async def test_out_of_order_acks_and_in_flight_bound(trainer, tmp_path):
@@ -122,7 +127,7 @@ async def test_trainer_down_at_start_spools_then_replays_in_order(trainer_down, 
     for i in range(200):
         served(c, i)
     await wait_for(lambda: c.stats()["spooled"] == 200, what="records spooled")
-    assert c.stats()["buffered"] == 0 and c.spool.pending == 200 and segments(spool)
+    assert c.stats()["buffered"] == 0 and c.spool.pending == 200 and len(on_disk(spool)) == 200
     assert c.stats()["connected"] == 0
     for i in range(200, 250):  # more while still down
         served(c, i)
@@ -132,8 +137,8 @@ async def test_trainer_down_at_start_spools_then_replays_in_order(trainer_down, 
     assert await c.flush(15)
     assert prediction_ids(trainer_down) == [f"p{i}" for i in range(300)]  # replayed in order, then new
     assert len(trainer_down.stored) == 300 and trainer_down.duplicates == 0
+    await wait_for(lambda: on_disk(spool) == [], what="acknowledged records deleted")
     assert c.stats()["spool_pending"] == 0 and c.stats()["spool_bytes"] == 0
-    assert segments(spool) == []  # acked segments are deleted
     await c.stop()
 
 
@@ -153,7 +158,8 @@ async def test_stream_broken_mid_flight_loses_nothing_stores_each_once(trainer, 
     assert sorted(prediction_ids(trainer), key=lambda p: int(p[1:])) == [f"p{i}" for i in range(400)]
     assert len(trainer.received) > 400 and trainer.duplicates >= 1  # resent, answered DUPLICATE
     assert st["duplicate"] == trainer.duplicates and st["stored"] + st["duplicate"] == 400
-    assert st["pending"] == 0 and segments(tmp_path / "spool") == []
+    assert st["pending"] == 0
+    await wait_for(lambda: on_disk(tmp_path / "spool") == [], what="acknowledged records deleted")
     await c.stop()
 
 
@@ -180,7 +186,7 @@ async def test_client_restart_replays_spool(trainer_down, tmp_path):
     for i in range(120):
         served(c1, i)
     await c1.stop(flush_timeout_s=0.3)  # trainer down: everything left goes to the spool
-    assert c1.spool.pending == 120 and segments(spool)
+    assert c1.spool.pending == 120 and len(on_disk(spool)) == 120
     first_ids = [f"{c1.instance_id}-{n:012d}" for n in range(1, 121)]
 
     c2 = make_client(trainer_down.port, spool)  # a new process on the same spool
@@ -195,7 +201,7 @@ async def test_client_restart_replays_spool(trainer_down, tmp_path):
     assert prediction_ids(trainer_down) == [f"p{i}" for i in range(130)]
     assert trainer_down.duplicates == 0
     await c2.stop()
-    assert segments(spool) == []
+    assert on_disk(spool) == []
 
 
 async def test_stop_flushes_and_spools_the_unacked(trainer, tmp_path):
@@ -205,7 +211,7 @@ async def test_stop_flushes_and_spools_the_unacked(trainer, tmp_path):
     for i in range(50):
         served(c, i)
     await c.stop(flush_timeout_s=5)  # trainer up: stop waits for every ack
-    assert len(trainer.stored) == 50 and segments(spool) == []
+    assert len(trainer.stored) == 50 and on_disk(spool) == []
 
     trainer.silent = True  # stores but never acks: stop times out and spools the rest
     c = make_client(trainer.port, spool)
@@ -221,30 +227,63 @@ async def test_stop_flushes_and_spools_the_unacked(trainer, tmp_path):
     assert await c.flush(10)
     assert trainer.duplicates == 50 and len(trainer.stored) == 100  # resent, stored once
     await c.stop()
-    assert segments(spool) == []
+    assert on_disk(spool) == []
 
 
-async def test_torn_final_entry_is_skipped(trainer_down, tmp_path, caplog):
+def write_legacy_segment(path: Path, frames: list[tuple[str, bytes]]) -> None:
+    """A segment of the spool format before SQLite (shared/feedback/spool_legacy.py), written
+    from its documented layout, as an older version left it on disk."""
+    parts = [SEGMENT_MAGIC]
+    for rid, payload in frames:
+        body = rid.encode() + payload
+        head8 = struct.pack("<HIH", 0xFB5B, len(body), len(rid))
+        parts += [head8, struct.pack("<I", zlib.crc32(body, zlib.crc32(head8))), body]
+    path.write_bytes(b"".join(parts))
+
+
+def served_payload(i: int, rid: str) -> bytes:
+    return served_record(rid, feedback_pb2.DOMAIN_FRAUD, f"p{i}", "fraud", "v1",
+                         {"features": np.full((1, 30), i, dtype=np.float32)}, {"probability": np.zeros((1, 1))})
+
+
+async def test_legacy_segments_are_imported_once_torn_final_frame_skipped(trainer_down, tmp_path, caplog):
     spool = tmp_path / "spool"
-    c1 = make_client(trainer_down.port, spool)
-    for i in range(20):
-        served(c1, i)
-    await c1.stop()  # never started: all 20 go to the spool
-    seg = segments(spool)[-1]
-    data = seg.read_bytes()
-    seg.write_bytes(data[:-7])  # a crash in the middle of writing the last frame
+    spool.mkdir()
+    write_legacy_segment(spool / f"{1:012d}{SEGMENT_SUFFIX}", [(f"old-{i}", served_payload(i, f"old-{i}"))
+                                                               for i in range(10)])
+    last = spool / f"{2:012d}{SEGMENT_SUFFIX}"
+    write_legacy_segment(last, [(f"old-{i}", served_payload(i, f"old-{i}")) for i in range(10, 20)])
+    last.write_bytes(last.read_bytes()[:-7])  # a crash in the middle of writing the last frame
+    (spool / f"{3:012d}{SEGMENT_SUFFIX}").write_bytes(b"not a segment")  # not ours: left alone
 
     with caplog.at_level(logging.WARNING, logger="shared.feedback"):
         c2 = make_client(trainer_down.port, spool)
     assert c2.spool.pending == 19 and c2.stats()["spool_torn"] == 1
     assert any("torn" in r.getMessage() for r in caplog.records)
+    assert any("not a spool segment" in r.getMessage() for r in caplog.records)
+    assert sorted(p.name for p in spool.glob("*" + SEGMENT_SUFFIX)) == [f"{3:012d}{SEGMENT_SUFFIX}"]
+    assert on_disk(spool) == [f"old-{i}" for i in range(19)]
     await trainer_down.start()
     c2.start()
     served(c2, 100)
     assert await c2.flush(10)
     assert prediction_ids(trainer_down) == [f"p{i}" for i in range(19)] + ["p100"]
     await c2.stop()
-    assert segments(spool) == []
+    assert on_disk(spool) == []
+
+
+async def test_legacy_import_interrupted_is_imported_again_once(trainer_down, tmp_path):
+    """A crash after the import committed, before the segment was deleted: the next open imports it
+    again and the record ids already there are kept once."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    frames = [(f"old-{i}", served_payload(i, f"old-{i}")) for i in range(5)]
+    write_legacy_segment(spool / f"{1:012d}{SEGMENT_SUFFIX}", frames)
+    make_client(trainer_down.port, spool).spool.close()
+    write_legacy_segment(spool / f"{1:012d}{SEGMENT_SUFFIX}", frames)  # as if never deleted
+    c = make_client(trainer_down.port, spool)
+    assert c.spool.pending == 5 and on_disk(spool) == [rid for rid, _ in frames]
+    c.spool.close()
 
 
 async def test_spool_limit_drops_are_counted_and_logged(trainer_down, tmp_path, caplog):
@@ -338,25 +377,28 @@ async def test_overflow_while_connected_keeps_order_and_loses_nothing(trainer, t
     assert c.stats()["spooled"] > 0
     assert await c.flush(20)
     assert prediction_ids(trainer) == [f"p{i}" for i in range(300)]
-    assert trainer.duplicates == 0 and segments(tmp_path / "spool") == []
+    assert trainer.duplicates == 0
+    await wait_for(lambda: on_disk(tmp_path / "spool") == [], what="acknowledged records deleted")
     await c.stop()
 
 
-async def test_spool_rotates_segments_and_deletes_acked_ones(trainer_down, tmp_path):
+async def test_spool_bytes_track_the_rows_and_files_shrink_once_drained(trainer_down, tmp_path):
     spool = tmp_path / "spool"
     c = make_client(trainer_down.port, spool, max_spool_bytes=256 << 10)
     c.start()
     for i in range(200):
         served(c, i)
     await wait_for(lambda: c.stats()["spooled"] == 200, what="records spooled")
-    assert len(segments(spool)) > 1
-    assert c.stats()["spool_bytes"] == sum(p.stat().st_size for p in segments(spool))
+    assert c.stats()["spool_bytes"] == sum(row_bytes(rid, payload) for rid, payload in read_spool(spool))
     assert REGISTRY.get_sample_value("storefront_feedback_spool_bytes", {"domain": "fraud"}) == c.stats()["spool_bytes"]
     assert REGISTRY.get_sample_value("storefront_feedback_spooled_total", {"domain": "fraud"}) >= 200
+    full = sum(p.stat().st_size for p in spool.iterdir())
+    assert full >= c.stats()["spool_bytes"]
     await trainer_down.start()
     assert await c.flush(15)
     assert prediction_ids(trainer_down) == [f"p{i}" for i in range(200)]
-    assert segments(spool) == [] and c.stats()["spool_bytes"] == 0
+    await wait_for(lambda: on_disk(spool) == [] and c.stats()["spool_bytes"] == 0, what="acknowledged rows deleted")
+    await wait_for(lambda: sum(p.stat().st_size for p in spool.iterdir()) < full // 2, what="files shrunk back")
     await c.stop()
 
 
@@ -388,24 +430,30 @@ async def test_record_from_other_threads(trainer, tmp_path):
     await c.stop()
 
 
-async def test_segment_damaged_after_startup_is_given_up_not_retried_forever(trainer_down, tmp_path, caplog):
+async def test_damaged_spool_is_set_aside_and_the_client_carries_on(trainer_down, tmp_path, caplog):
     spool = tmp_path / "spool"
     c = make_client(trainer_down.port, spool)
     for i in range(30):
         served(c, i)
     await c.stop()
-    c = make_client(trainer_down.port, spool)  # scans a good spool
-    seg = segments(spool)[0]
-    seg.write_bytes(seg.read_bytes()[: seg.stat().st_size // 2])  # then someone truncates it
+    db = spool / "spool.sqlite3"
+    data = db.read_bytes()
+    page = int.from_bytes(data[16:18], "big")
+    damaged = data[:page] + bytes(range(256)) * ((len(data) - page) // 256)  # every page after the schema
+    db.write_bytes(damaged)
+    with caplog.at_level(logging.ERROR, logger="shared.feedback"):
+        c = make_client(trainer_down.port, spool)
+    assert any("damaged" in r.getMessage() for r in caplog.records)
+    aside = list(spool.glob("spool.sqlite3.damaged-*"))
+    assert [p.read_bytes() for p in aside if not p.name.endswith(("-wal", "-shm"))] == [damaged]  # kept as found
+    assert c.spool.pending == 0  # nothing readable in it: not retried on every start
     await trainer_down.start()
     c.start()
     served(c, 100)
-    with caplog.at_level(logging.ERROR, logger="shared.feedback"):
-        assert await c.flush(10)
-    assert c.stats()["spool_lost"] > 0 and any("unreadable" in r.getMessage() for r in caplog.records)
-    assert "p100" in prediction_ids(trainer_down)
-    assert c.stats()["spool_lost"] < 30 and len(trainer_down.stored) == 31 - c.stats()["spool_lost"]
+    assert await c.flush(10)
+    assert prediction_ids(trainer_down) == ["p100"]
     await c.stop()
+    assert on_disk(spool) == []
 
 
 async def test_backlog_goes_in_full_batches_live_records_at_once(trainer, tmp_path):

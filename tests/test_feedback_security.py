@@ -28,7 +28,7 @@ from protos.fraud.v1 import fraud_pb2
 from protos.pricing.v1 import pricing_pb2
 from services.fraud.main import FraudSettings
 from shared.domain import PREDICTION_ID_LEN, PredictionIds, load_prediction_id_keys
-from shared.feedback import _HEAD, SEGMENT_MAGIC, SEGMENT_SUFFIX, TOKEN_METADATA, FeedbackClient, client_credentials
+from shared.feedback import TOKEN_METADATA, FeedbackClient, client_credentials, read_spool
 from shared.ratelimit import RateLimiter, is_loopback_peer, peer_host
 from tests.conftest import free_port, make_pki
 from tests.fake_trainer import FakeTrainer
@@ -317,18 +317,10 @@ async def test_durable_ack_outcome_is_in_the_spool_when_the_rpc_returns(fraud_wo
 
 
 def spooled_records(spool: Path) -> list[fb.FeedbackRecord]:
-    """Every record in the spool segments, read with the documented frame format (shared.feedback)."""
-    out = []
-    for path in sorted(spool.rglob(f"*{SEGMENT_SUFFIX}")):
-        data = path.read_bytes()
-        assert data.startswith(SEGMENT_MAGIC)
-        off = len(SEGMENT_MAGIC)
-        while off + _HEAD.size <= len(data):
-            _, body_len, id_len, _ = _HEAD.unpack_from(data, off)
-            body = data[off + _HEAD.size: off + _HEAD.size + body_len]
-            out.append(fb.FeedbackRecord.FromString(body[id_len:]))
-            off += _HEAD.size + body_len
-    return out
+    """Every record in the spool databases on disk under spool (one per worker), read beside the
+    running client (shared.feedback.read_spool)."""
+    return [fb.FeedbackRecord.FromString(payload) for db in sorted(spool.rglob("spool.sqlite3"))
+            for _, payload in read_spool(db.parent)]
 
 
 def test_domain_settings_validate_trainer_tls():

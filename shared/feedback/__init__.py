@@ -9,7 +9,7 @@ on fsync and never raise. A background asyncio task keeps one bidirectional
     record_* -> buffer (deque, max_buffer) --(stream of FeedbackBatch)--> trainer
                    |  full, or trainer away                 | AckBatch: one Ack per record_id
                    v                                        v
-                spool (disk segments, max_spool_bytes)   in-flight map (max_in_flight)
+                spool (SQLite on disk, max_spool_bytes)   in-flight map (max_in_flight)
 
 - Records are sent in order, in batches: each stream message (FeedbackBatch) carries
   whatever is ready, up to batch_max records and max_batch_bytes (the sender never waits
@@ -30,9 +30,10 @@ on fsync and never raise. A background asyncio task keeps one bidirectional
 - `stop()` sends what it can and waits for acks (flush_timeout_s), then spools the rest;
   the next process on the same spool_dir replays it.
 
-Spool (spool.py): records not yet acknowledged, on disk, one folder per client (a lock
-refuses a second client on it), bounded by max_spool_bytes (beyond that, records are
-dropped, counted and logged at ERROR), replayed oldest first after a restart.
+Spool (spool.py): records not yet acknowledged, in a SQLite database, one folder per client
+(a lock refuses a second client on it), bounded by max_spool_bytes (beyond that, records are
+dropped, counted and logged at ERROR), replayed oldest first after a restart; a crash
+mid-write loses only what was not yet synced, never a record before it.
 
 Identity: the trainer's collector accepts records only from a service it can name (trainer
 settings `feedback_tokens`, `tls_client_ca`): the client sends its service's token as gRPC
@@ -50,8 +51,8 @@ Delivery contract of an outcome (what a service's ReportOutcome answer promises)
 - durable (`record_outcome_durable`, service setting `outcome_ack_durable`): the outcome is
   appended to the spool and fsync'd before the RPC answers, so an answered outcome survives
   kill -9 and power loss of the service (it is replayed at the next start on the same
-  spool_dir). Costs one fsync per outcome call (concurrent calls share none): use it when a
-  caller cannot resend (no outbox of its own).
+  spool_dir). Costs at most one fsync per outcome call (concurrent calls share one): use it
+  when a caller cannot resend (no outbox of its own).
 In both modes a resend after a crash is harmless: the trainer de-duplicates by outcome identity.
 
 Ordering: records reach the trainer in the order they were recorded, except that after
@@ -60,18 +61,19 @@ records that were in flight at the break are resent after the ones that overflow
 The trainer's joiner matches by prediction_id, so it does not depend on order.
 
 Modules: client.py (FeedbackClient: the prediction path and lifecycle), sender.py (its
-background stream task), spool.py, framing.py (FeedbackBatch framing), records.py (building
-records), tensors.py (tensor encoding, shared with the trainer), domains.py (the record's
-domain and its metric label), identity.py (token and TLS credentials), metrics.py.
+background stream task), spool.py (and spool_legacy.py: the former format, imported once),
+framing.py (FeedbackBatch framing), records.py (building records), tensors.py (tensor
+encoding, shared with the trainer), domains.py (the record's domain and its metric label),
+identity.py (token and TLS credentials), metrics.py.
 """
 from shared.feedback.client import FeedbackClient
 from shared.feedback.domains import domain_label, domain_value
 from shared.feedback.framing import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, STREAM_METHOD, encode_batch
 from shared.feedback.identity import TOKEN_METADATA, client_credentials, read_secret
 from shared.feedback.records import ShadowRecord
-from shared.feedback.spool import _HEAD, SEGMENT_MAGIC, SEGMENT_SUFFIX, Spool, SpoolLockedError  # noqa: F401 (_HEAD: tests read segments)
+from shared.feedback.spool import Spool, SpoolLockedError, read_spool
 from shared.feedback.tensors import fill_tensor, tensor_to_numpy
 
-__all__ = ["FeedbackClient", "MAX_BATCH_BYTES", "MAX_BATCH_RECORDS", "SEGMENT_SUFFIX", "STREAM_METHOD", "ShadowRecord",
-           "Spool", "SpoolLockedError", "TOKEN_METADATA", "client_credentials", "domain_label", "domain_value",
-           "encode_batch", "fill_tensor", "read_secret", "tensor_to_numpy"]
+__all__ = ["FeedbackClient", "MAX_BATCH_BYTES", "MAX_BATCH_RECORDS", "STREAM_METHOD", "ShadowRecord", "Spool",
+           "SpoolLockedError", "TOKEN_METADATA", "client_credentials", "domain_label", "domain_value", "encode_batch",
+           "fill_tensor", "read_secret", "read_spool", "tensor_to_numpy"]

@@ -15,7 +15,9 @@ ACKED = Counter("storefront_feedback_acked_total", "Acks from the trainer by sta
 DROPPED = Counter("storefront_feedback_dropped_total",
                   "Feedback records lost, by reason: spool_full (buffer and spool both full), "
                   "invalid (could not be built), closed (recorded after stop)", ["domain", "reason"])
-SPOOL_BYTES = Gauge("storefront_feedback_spool_bytes", "Bytes of spool segments on disk", ["domain"])
+SPOOL_BYTES = Gauge("storefront_feedback_spool_bytes",
+                    "Bytes the spooled records take in the spool database (acknowledged ones until deleted)",
+                    ["domain"])
 CONNECTED = Gauge("storefront_feedback_connected", "1 while a stream to the trainer is open", ["domain"])
 
 ACK_LABEL = {

@@ -1,85 +1,119 @@
 """The feedback client's disk spool: records not yet acknowledged by the trainer, kept across
-outages and restarts.
+outages and restarts, in one SQLite database per client.
 
-Format (one folder per client; a lock file refuses a second client on it)::
+    <spool_dir>/.lock             flock'd by the one client using the folder (SpoolLockedError otherwise)
+    <spool_dir>/spool.sqlite3     table records(seq INTEGER PRIMARY KEY, record_id TEXT UNIQUE, payload BLOB)
+    <spool_dir>/spool.sqlite3-wal SQLite's write-ahead log (and -shm, its index)
 
-    <spool_dir>/<segment no, 12 digits>.fbspool   segments, numbered in write order
-      b"FBSPOOL1"                                  file magic and format version
-      frame*                                       append-only
-    frame = <u16 0xFB5B> <u32 body_len> <u16 id_len> <u32 crc32(first 8 header bytes + body)>
-            body = record_id (utf-8, id_len bytes) + serialized FeedbackRecord
-
-A segment is closed at ~max_spool_bytes/8 (16 MiB at most) and deleted once every frame
-in it is acknowledged, so the spool holds what is unacknowledged plus the acknowledged
-part of the few segments still holding unacknowledged frames, and never more than
-max_spool_bytes (beyond that, records are dropped, counted and logged at ERROR).
-Acknowledgements are kept in memory only: after a crash, a partly acknowledged segment
-is replayed whole and the trainer answers DUPLICATE for what it already has. On startup
-every segment is scanned; a torn final frame (crash mid-write) or a corrupt one ends
-that segment's readable part and is counted and logged; the frames before it are
-replayed.
+- Order: seq is the append order; replay reads oldest first.
+- Idempotent by record id: appending a record_id the spool already holds keeps the one copy.
+- Durability: `append` commits without fsync (it may run on the prediction path); `sync`
+  fsyncs the log once for everything appended before it (group commit), and a caller that
+  needs its record on disk (outcome_ack_durable) calls it after its append. A crash or power
+  loss mid-write loses at most the transactions not yet synced: SQLite's log frames carry
+  chained checksums, so recovery stops at the first torn frame and keeps every transaction
+  committed before it.
+- Bounded: `bytes` counts what the rows take (record id twice, for the row and its index
+  entry, the payload and ROW_OVERHEAD); an append that would take it over max_bytes stops
+  there and the caller drops, counts and logs the rest. Acknowledged rows are deleted at the
+  next `sync` (acknowledgements are kept in memory until then: after a crash they are replayed
+  and the trainer answers DUPLICATE); once the spool is empty its files shrink back.
+- Segments (*.fbspool) of the custom format this replaced are imported once on open (see
+  spool_legacy.py) and deleted only once their records are synced here.
+- A database found damaged is set aside (renamed *.damaged-<time>, never deleted), what can
+  still be read from it is copied to a fresh one, and the rest is counted as lost and logged.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
+import sqlite3
 import struct
 import threading
-import zlib
+import time
 from pathlib import Path
 from typing import Sequence
 
 from shared.feedback.framing import BATCH_FRAMING
+from shared.feedback.spool_legacy import SEGMENT_SUFFIX, read_segment
 
 log = logging.getLogger(__name__)
 
-SEGMENT_MAGIC = b"FBSPOOL1"
-SEGMENT_SUFFIX = ".fbspool"
-FRAME_MAGIC = 0xFB5B
-_HEAD = struct.Struct("<HIHI")  # magic, body length, id length, crc32(first 8 header bytes + body)
+DB_NAME = "spool.sqlite3"
 LOCK_NAME = ".lock"
+# What a row takes beyond its record id (stored twice: row and UNIQUE index) and payload: the
+# cell headers, seq (as rowid and in the index) and cell pointers. bench/spool.py measures the
+# real bytes on disk per record.
+ROW_OVERHEAD = 24
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_WAL_HEADER, _WAL_FRAME_HEADER = 32, 24
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY,
+    record_id TEXT NOT NULL UNIQUE,
+    payload BLOB NOT NULL
+)"""
+
+
+def row_bytes(record_id: str, payload: bytes) -> int:
+    return 2 * len(record_id) + len(payload) + ROW_OVERHEAD
+
 
 class SpoolLockedError(RuntimeError):
     pass
 
 
-class _Segment:
-    __slots__ = ("no", "path", "end", "disk", "count", "acked", "fd", "writable")
-
-    def __init__(self, no: int, path: Path) -> None:
-        self.no = no
-        self.path = path
-        self.end = len(SEGMENT_MAGIC)  # end of the readable (valid) frames
-        self.disk = 0  # bytes on disk (end plus any torn tail)
-        self.count = 0  # frames in it
-        self.acked: set[int] = set()  # offsets of frames acknowledged (or rejected)
-        self.fd: int | None = None
-        self.writable = False
+def _damaged(e: sqlite3.Error) -> bool:
+    return (getattr(e, "sqlite_errorcode", 0) & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
-def _frame(record_id: str, payload: bytes) -> bytes:
-    rid = record_id.encode()
-    body = rid + payload
-    head8 = struct.pack("<HIH", FRAME_MAGIC, len(body), len(rid))
-    return head8 + struct.pack("<I", zlib.crc32(body, zlib.crc32(head8))) + body
+def _checkpointer(path: Path) -> sqlite3.Connection:
+    """A second connection that only checkpoints, so a checkpoint never holds the writer's."""
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    try:
+        _configure(db)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _configure(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA journal_mode = WAL")
+    # NORMAL, not FULL: FULL would fsync inside every commit, while the connection is held, i.e.
+    # on the prediction path when the buffer overflows and on the event loop during an outage.
+    # With NORMAL a commit only write()s to the log: safe from a process crash (kill -9) at once,
+    # and from power loss after `sync`, which fsyncs the log file once for every commit before
+    # it, outside the lock (group commit). NORMAL still fsyncs the log before a checkpoint copies
+    # it into the database and the database after, so checkpoints never put synced data at risk.
+    db.execute("PRAGMA synchronous = NORMAL")
+    db.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints run in sync() (a thread), not in a commit
+    db.execute("PRAGMA journal_size_limit = 4194304")  # the log shrinks back to 4 MiB after a checkpoint
+    db.execute(_SCHEMA)
 
 
 class Spool:
-    """Append-only, crash-safe segments of (record_id, serialized FeedbackRecord) on disk.
+    """(record_id, serialized FeedbackRecord) rows on disk, oldest first; see the module docstring.
 
-    Thread-safe: record_* may spill into it from the prediction path while the sender
-    reads and acknowledges from the event loop. Writes are plain unbuffered appends;
-    `sync()` fsyncs what was written since the last call (group commit).
+    Thread-safe: record_* may spill into it from the prediction path while the sender reads and
+    acknowledges from the event loop and `sync` runs in a thread.
     """
 
-    def __init__(self, directory: str | Path, max_bytes: int, segment_bytes: int | None = None) -> None:
+    def __init__(self, directory: str | Path, max_bytes: int) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / DB_NAME
         self.max_bytes = int(max_bytes)
-        self.segment_bytes = segment_bytes or max(4096, min(16 << 20, self.max_bytes // 8))
-        self._lock = threading.Lock()
+        self.checkpoint_bytes = max(1 << 20, min(16 << 20, self.max_bytes // 8))  # log size that triggers one
+        self._lock = threading.Lock()  # the connection, the counters and the acked set
+        self._sync_lock = threading.Lock()  # one fsync (and checkpoint) at a time
         self._lock_fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -87,340 +121,355 @@ class Spool:
             os.close(self._lock_fd)
             raise SpoolLockedError(f"feedback spool {self.dir} is in use by another client (another process or "
                                    "worker on the same folder?): give every process its own spool_dir") from None
-        self._segs: dict[int, _Segment] = {}  # insertion order == segment order
-        self._active: _Segment | None = None
-        self._dirty: set[int] = set()  # segment numbers written since the last sync
-        self._dir_dirty = False
-        self.bytes = 0
-        self.pending = 0  # frames not acknowledged
-        self.torn = 0  # frames found torn or corrupt at startup
+        self.bytes = 0  # what the rows in the table take (acknowledged ones until deleted)
+        self.pending = 0  # rows not acknowledged
+        self.torn = 0  # torn writes found at startup (log tail, legacy frames)
         self.torn_bytes = 0
         self.write_errors = 0
-        self.lost = 0  # frames lost to a segment that became unreadable after startup
+        self.lost = 0  # records lost to a damaged database
         self.closed = False
-        self._next_no = 1
-        self._scan()
-
-    # ---- startup ----
-    def _scan(self) -> None:
-        paths = sorted(p for p in self.dir.iterdir() if p.name.endswith(SEGMENT_SUFFIX))
-        for path in paths:
-            try:
-                no = int(path.name[: -len(SEGMENT_SUFFIX)])
-                self._next_no = max(self._next_no, no + 1)
-                data = path.read_bytes()
-            except (ValueError, OSError) as e:
-                log.error("feedback spool: cannot read %s (%s); leaving it alone", path, e)
-                continue
-            seg = _Segment(no, path)
-            seg.disk = len(data)
-            if not data.startswith(SEGMENT_MAGIC):
-                if data and not SEGMENT_MAGIC.startswith(data):
-                    log.error("feedback spool: %s is not a spool segment (bad magic); leaving it alone", path)
-                    continue
-                path.unlink(missing_ok=True)  # created, crashed before its header was complete
-                continue
-            off, n = len(SEGMENT_MAGIC), len(data)
-            view = memoryview(data)
-            problem = None
-            while off < n:
-                if n - off < _HEAD.size:
-                    problem = "torn frame header"
-                    break
-                magic, body_len, id_len, crc = _HEAD.unpack_from(data, off)
-                if magic != FRAME_MAGIC or id_len > body_len:
-                    problem = "bad frame header"
-                    break
-                if n - off - _HEAD.size < body_len:
-                    problem = "torn frame"
-                    break
-                body = view[off + _HEAD.size: off + _HEAD.size + body_len]
-                if zlib.crc32(body, zlib.crc32(view[off: off + 8])) != crc:
-                    problem = "checksum mismatch"
-                    break
-                off += _HEAD.size + body_len
-                seg.count += 1
-            seg.end = off
-            if problem:
-                self.torn += 1
-                self.torn_bytes += n - off
-                where = "final frame" if path == paths[-1] else "frame"
-                log.warning("feedback spool: %s in %s at byte %d (%s; %d bytes skipped, likely a crash mid-write); "
-                            "replaying the %d frames before it", where, path.name, off, problem, n - off, seg.count)
-            if seg.count == 0:
-                path.unlink(missing_ok=True)
-                continue
-            self._segs[no] = seg
-            self.bytes += seg.disk
-            self.pending += seg.count
-        if self._segs:
+        self._acked: dict[int, int] = {}  # seq -> row bytes, acknowledged and not yet deleted
+        self._base_seq = 1  # acks for rows below it (a database set aside) are ignored
+        self._next_seq = 1
+        self._written = 0  # appends committed so far (a generation number) ...
+        self._synced = 0  # ... and how many of them an fsync covers
+        self._dir_dirty = True  # the database and its log are new entries in the folder
+        self._shrink = False  # the spool emptied: give the files' space back at the next sync
+        try:
+            self._check_torn_log()
+            self._open()
+            self._import_legacy()
+        except BaseException:
+            self._release_lock()
+            raise
+        if self.pending:
             log.info("feedback spool %s: %d records (%d bytes) from a previous run to replay",
                      self.dir, self.pending, self.bytes)
+
+    # ---- startup ----
+    def _check_torn_log(self) -> None:
+        """A log whose length is not a whole number of frames was cut mid-write (a crash): SQLite
+        drops the torn transaction when it opens it; count and log it here."""
+        wal = Path(f"{self.path}-wal")
+        try:
+            size = wal.stat().st_size
+            with wal.open("rb") as f:
+                head = f.read(_WAL_HEADER)
+        except FileNotFoundError:
+            return
+        if len(head) < _WAL_HEADER:
+            return  # created, nothing written yet
+        page_size = struct.unpack(">I", head[8:12])[0]
+        extra = (size - _WAL_HEADER) % (_WAL_FRAME_HEADER + page_size)
+        if extra:
+            self.torn += 1
+            self.torn_bytes += extra
+            log.warning("feedback spool: torn write at the end of %s (%d bytes, likely a crash mid-write); "
+                        "the records committed before it are kept", wal.name, extra)
+
+    def _open(self) -> None:
+        try:
+            self._db = _connect(self.path)
+            if self._db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("quick_check failed")
+        except sqlite3.DatabaseError as e:
+            if not _damaged(e) and str(e) != "quick_check failed":
+                raise
+            self._set_aside(e)
+        self._checkpointer = _checkpointer(self.path)
+        self._count()
+
+    def _count(self) -> None:
+        n, nbytes, last = self._db.execute(
+            "SELECT count(*), coalesce(sum(2 * length(record_id) + length(payload) + ?), 0), coalesce(max(seq), 0) "
+            "FROM records", (ROW_OVERHEAD,)).fetchone()
+        self.pending = n - len(self._acked)
+        self.bytes = nbytes
+        self._next_seq = max(self._next_seq, last + 1)
+
+    def _set_aside(self, e: Exception) -> None:
+        """Rename the damaged database (and its log) aside, copy what still reads into a fresh one
+        (renumbered after every seq handed out, so acks of rows read from the old one are ignored)."""
+        for conn in (getattr(self, "_db", None), getattr(self, "_checkpointer", None)):
+            if conn is not None:
+                conn.close()
+        aside = self.dir / f"{DB_NAME}.damaged-{int(time.time())}"
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+            except FileNotFoundError:
+                pass
+        self._db = _connect(self.path)
+        self._checkpointer = _checkpointer(self.path)
+        self._base_seq = seq = self._next_seq
+        salvaged = 0
+        try:
+            damaged = sqlite3.connect(f"file:{aside}?mode=ro", uri=True)
+            try:
+                rows = damaged.execute("SELECT record_id, payload FROM records ORDER BY seq")
+                while chunk := rows.fetchmany(256):
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._db.executemany("INSERT OR IGNORE INTO records VALUES (?, ?, ?)",
+                                         ((seq + i, rid, payload) for i, (rid, payload) in enumerate(chunk)))
+                    self._db.execute("COMMIT")
+                    seq += len(chunk)
+                    salvaged += len(chunk)
+            finally:
+                damaged.close()
+        except sqlite3.Error as read_error:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            log.debug("feedback spool: copying from the damaged spool stopped: %s", read_error)
+        self._next_seq = seq
+        lost = max(0, self.pending - salvaged)
+        self.lost += lost
+        self._acked.clear()
+        self._written += 1  # the fresh database needs an fsync
+        self._dir_dirty = True
+        log.error("feedback spool: %s is damaged or unreadable (%s); set aside as %s, %d records copied from it "
+                  "to a fresh spool%s", self.path, e, aside.name, salvaged,
+                  f", {lost} unacknowledged records lost" if lost else "")
+        self._count()
+
+    def _import_legacy(self) -> None:
+        """Segments of the custom format this spool replaced: into the table once, then deleted."""
+        for path in sorted(self.dir.glob("*" + SEGMENT_SUFFIX)):
+            frames, problem, skipped = read_segment(path)
+            if problem == "not a spool segment":
+                log.error("feedback spool: %s is not a spool segment (bad magic); leaving it alone", path)
+                continue
+            if problem:
+                self.torn += 1
+                self.torn_bytes += skipped
+                log.warning("feedback spool: %s in %s (%d bytes skipped, likely a crash mid-write); importing the "
+                            "%d frames before it", problem, path.name, skipped, len(frames))
+            if frames and self.append(frames) < len(frames):
+                log.error("feedback spool: %s does not fit under the spool's limit; leaving it for a later start",
+                          path.name)
+                break
+            if not self.sync():
+                break
+            path.unlink()
+            self._dir_dirty = True
+            log.info("feedback spool: imported %d records from %s (the former spool format)", len(frames), path.name)
 
     # ---- writing ----
     def room(self, nbytes: int) -> bool:
         return self.bytes + nbytes <= self.max_bytes
 
-    def _new_segment(self) -> _Segment:
-        no = self._next_no
-        self._next_no += 1
-        seg = _Segment(no, self.dir / f"{no:012d}{SEGMENT_SUFFIX}")
-        fd = os.open(seg.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-        try:
-            _write_all(fd, SEGMENT_MAGIC)
-        except OSError:
-            os.close(fd)
-            seg.path.unlink(missing_ok=True)
-            raise
-        seg.fd, seg.writable = fd, True
-        seg.disk = seg.end = len(SEGMENT_MAGIC)
-        self.bytes += seg.disk
-        self._segs[no] = seg
-        self._dir_dirty = True
-        return seg
-
-    def _close_active(self) -> None:
-        seg, self._active = self._active, None
-        if seg is not None:
-            seg.writable = False  # fd stays open for reading (and the pending sync) until deleted
-            self._maybe_delete(seg)
-
     def append(self, entries: Sequence[tuple[str, bytes]]) -> int:
-        """Append entries in order; returns how many were written (a prefix of entries).
+        """Append entries in order; returns how many are in the spool (a prefix of entries).
 
-        Stops at the first entry that does not fit under max_bytes or on a write error.
-        """
+        Stops at the first entry that does not fit under max_bytes; 0 on a write error (logged).
+        Not durable until `sync`."""
         if not entries:
             return 0
         with self._lock:
             if self.closed:
                 return 0
-            written = 0
-            chunk: list[bytes] = []
-            chunk_frames = 0
-            chunk_bytes = 0
-            seg = self._active
+            rows: list[tuple[int, str, bytes]] = []
+            nbytes = 0
+            seq = self._next_seq
+            for rid, payload in entries:
+                n = row_bytes(rid, payload)
+                if self.bytes + nbytes + n > self.max_bytes:
+                    break
+                rows.append((seq, rid, payload))
+                seq += 1
+                nbytes += n
+            if not rows:
+                return 0
+            db = self._db
             try:
-                for rid, payload in entries:
-                    frame = _frame(rid, payload)
-                    extra = len(frame) + (0 if seg is not None and seg.end + chunk_bytes < self.segment_bytes
-                                          else len(SEGMENT_MAGIC))
-                    if self.bytes + chunk_bytes + extra > self.max_bytes:
-                        break
-                    if seg is None or seg.end + chunk_bytes >= self.segment_bytes:
-                        if seg is not None:
-                            self._write_chunk(seg, chunk, chunk_frames)
-                            written += chunk_frames
-                            chunk, chunk_frames, chunk_bytes = [], 0, 0
-                            self._close_active()
-                        seg = self._active = self._new_segment()
-                    chunk.append(frame)
-                    chunk_frames += 1
-                    chunk_bytes += len(frame)
-                if chunk:
-                    self._write_chunk(seg, chunk, chunk_frames)
-                    written += chunk_frames
-            except OSError as e:
+                db.execute("BEGIN IMMEDIATE")
+                inserted = db.executemany("INSERT OR IGNORE INTO records VALUES (?, ?, ?)", rows).rowcount
+                db.execute("COMMIT")
+            except sqlite3.Error as e:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 self.write_errors += 1
-                log.error("feedback spool: write to %s failed (%s); %d of %d records not spooled",
-                          self.dir, e, len(entries) - written, len(entries))
-                self._close_active()
-            return written
-
-    def _write_chunk(self, seg: _Segment, chunk: list[bytes], frames: int) -> None:
-        data = b"".join(chunk)
-        try:
-            _write_all(seg.fd, data)
-        except OSError:
-            try:  # leave no half frame in the middle of a segment
-                os.ftruncate(seg.fd, seg.end)
-            except OSError:
-                pass
-            raise
-        seg.end += len(data)
-        seg.disk = seg.end
-        seg.count += frames
-        self.bytes += len(data)
-        self.pending += frames
-        self._dirty.add(seg.no)
+                log.error("feedback spool: write to %s failed (%s); %d records not spooled", self.path, e,
+                          len(entries))
+                if _damaged(e):
+                    self._set_aside(e)
+                return 0
+            self._next_seq = seq
+            self._written += 1
+            if inserted == len(rows):
+                self.pending += len(rows)
+                self.bytes += nbytes
+            else:  # some record ids were already here (kept once): count from the table
+                self._count()
+            return len(rows)
 
     @property
     def dirty(self) -> bool:
-        return bool(self._dirty) or self._dir_dirty
+        """Something for `sync` to do: appends to fsync, acknowledged rows to delete."""
+        return self._written != self._synced or bool(self._acked) or self._dir_dirty or self._shrink
 
     def sync(self) -> bool:
-        """fsync every segment written since the last call (and the folder for new ones); False
-        when an fsync failed (logged)."""
-        with self._lock:
-            fds = []
-            for no in self._dirty:
-                seg = self._segs.get(no)
-                if seg is not None and seg.fd is not None:
-                    fds.append(os.dup(seg.fd))
-            self._dirty.clear()
-            dir_dirty, self._dir_dirty = self._dir_dirty, False
-        ok = True
-        for fd in fds:  # outside the lock: record_* may append meanwhile
-            try:
-                os.fsync(fd)
-            except OSError as e:
-                ok = False
-                log.error("feedback spool: fsync failed: %s", e)
-            finally:
-                os.close(fd)
-        if dir_dirty:
-            try:
-                dfd = os.open(self.dir, os.O_RDONLY)
+        """Make every append so far durable (one fsync of the log for all of them) and delete the
+        acknowledged rows; False when that failed (logged)."""
+        with self._sync_lock:
+            with self._lock:
+                if self.closed:
+                    return self._synced == self._written
+                ok = self._delete_acked()
+                target = self._written
+                dir_dirty, self._dir_dirty = self._dir_dirty, False
+                shrink, self._shrink = self._shrink and self.pending == 0, False
+            # Outside the lock: appends go on meanwhile; an fsync begun after an append's commit
+            # covers it, so `target` (read before the fsync) is what this one makes durable.
+            if target != self._synced:
                 try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-            except OSError as e:
-                ok = False
-                log.error("feedback spool: fsync of %s failed: %s", self.dir, e)
-        return ok
+                    self._fsync(Path(f"{self.path}-wal"), missing_ok=True)
+                    self._synced = target
+                except OSError as e:
+                    log.error("feedback spool: fsync of %s failed: %s", self.path, e)
+                    ok = False
+            if dir_dirty:
+                try:
+                    self._fsync(self.dir)
+                except OSError as e:
+                    self._dir_dirty = True
+                    log.error("feedback spool: fsync of %s failed: %s", self.dir, e)
+                    ok = False
+            if ok:
+                self._checkpoint(shrink)
+            return ok
+
+    def _fsync(self, path: Path, missing_ok: bool = False) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # no log: every commit is already checkpointed (and fsync'd) into the database
+            if not missing_ok:
+                raise
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _delete_acked(self) -> bool:
+        """Under the lock: delete the acknowledged rows (no fsync: losing a delete means a duplicate)."""
+        if not self._acked:
+            return True
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            if self.pending == 0:
+                db.execute("DELETE FROM records")
+            else:
+                db.executemany("DELETE FROM records WHERE seq = ?", ((s,) for s in self._acked))
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            log.error("feedback spool: deleting acknowledged records from %s failed: %s", self.path, e)
+            if _damaged(e):
+                self._set_aside(e)
+            return False
+        if self.pending == 0:
+            self.bytes = 0
+            self._shrink = True
+        else:
+            self.bytes -= sum(self._acked.values())
+        self._acked.clear()
+        return True
+
+    def _checkpoint(self, shrink: bool) -> None:
+        """Copy the log into the database once it is large, and give the space back once the spool
+        is empty. On the second connection: a PASSIVE checkpoint never blocks the writer."""
+        try:
+            wal = os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            wal = 0
+        try:
+            if shrink:
+                with self._lock:
+                    if self.pending or self._acked or self.closed:
+                        return
+                    self._db.execute("VACUUM")  # of an empty table: rewrites a few pages
+                self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            elif wal > self.checkpoint_bytes:
+                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as e:
+            log.warning("feedback spool: checkpoint of %s failed (%s); retried at the next sync", self.path, e)
 
     # ---- reading and acknowledging ----
     def first_cursor(self) -> list[int]:
-        with self._lock:
-            first = next(iter(self._segs), self._next_no)
-            return [first, len(SEGMENT_MAGIC)]
+        """A replay cursor before the oldest row (read advances it)."""
+        return [0]
 
     def read(self, cursor: list[int], limit: int,
              max_bytes: int | None = None) -> list[tuple[str, bytes, tuple[int, int]]]:
-        """Up to limit unacknowledged frames from cursor on (cursor advances): (rid, payload, (seg, offset)).
+        """Up to limit unacknowledged rows after cursor, oldest first (cursor advances):
+        (record_id, payload, where) with where = (seq, row bytes), what `ack` takes.
 
-        With max_bytes, stops before a frame whose payload (plus its framing in a FeedbackBatch)
-        would take the payloads read over max_bytes; the first frame is always read."""
+        With max_bytes, stops before a row whose payload (plus its framing in a FeedbackBatch)
+        would take the payloads read over max_bytes; the first row is always read."""
         out: list[tuple[str, bytes, tuple[int, int]]] = []
         nbytes = 0
         with self._lock:
             if self.closed:
                 return out
-            while len(out) < limit:
-                seg = self._segs.get(cursor[0])
-                if seg is None:
-                    later = [no for no in self._segs if no > cursor[0]]
-                    if not later:
+            acked = self._acked
+            rows = self._db.execute("SELECT seq, record_id, payload FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
+                                    (cursor[0], limit + len(acked)))
+            try:
+                for seq, rid, payload in rows:
+                    if seq in acked:
+                        cursor[0] = seq
+                        continue
+                    if len(out) >= limit:
                         break
-                    cursor[0], cursor[1] = later[0], len(SEGMENT_MAGIC)
-                    continue
-                if cursor[1] >= seg.end:
-                    later = [no for no in self._segs if no > seg.no]
-                    if not later:
-                        break
-                    cursor[0], cursor[1] = later[0], len(SEGMENT_MAGIC)
-                    continue
-                off = cursor[1]
-                try:
-                    if seg.fd is None:
-                        seg.fd = os.open(seg.path, os.O_RDONLY)
-                    head = os.pread(seg.fd, _HEAD.size, off)
-                    _, body_len, id_len, _ = _HEAD.unpack(head)
-                    if max_bytes is not None and out and off not in seg.acked:
-                        if nbytes + body_len - id_len + BATCH_FRAMING > max_bytes:
-                            break  # cursor stays on this frame
-                    body = os.pread(seg.fd, body_len, off + _HEAD.size) if off not in seg.acked else b""
-                    if off not in seg.acked:
-                        if len(body) != body_len:
-                            raise ValueError(f"short read: {len(body)} of {body_len} bytes")
-                        rid = body[:id_len].decode()
-                except (OSError, ValueError, struct.error) as e:
-                    # Changed under us (never by this class): give up its rest rather than
-                    # failing every replay of the spool on it.
-                    self._give_up_tail(seg, off, e)
-                    continue
-                cursor[1] = off + _HEAD.size + body_len
-                if off in seg.acked:
-                    continue
-                out.append((rid, body[id_len:], (seg.no, off)))
-                nbytes += body_len - id_len + BATCH_FRAMING
+                    if max_bytes is not None and out and nbytes + len(payload) + BATCH_FRAMING > max_bytes:
+                        break  # cursor stays before this row
+                    out.append((rid, payload, (seq, row_bytes(rid, payload))))
+                    nbytes += len(payload) + BATCH_FRAMING
+                    cursor[0] = seq
+            except sqlite3.DatabaseError as e:
+                if not _damaged(e):
+                    raise
+                self._set_aside(e)
+                cursor[0] = self._base_seq - 1
+                return []
+            finally:
+                rows.close()  # ends the read transaction: checkpoints can complete
         return out
 
-    def _give_up_tail(self, seg: _Segment, off: int, e: Exception) -> None:
-        before, pos = 0, len(SEGMENT_MAGIC)
-        try:  # frames before off were read (they are in flight or acknowledged): keep them
-            while pos < off:
-                _, body_len, _, _ = _HEAD.unpack(os.pread(seg.fd, _HEAD.size, pos))
-                pos += _HEAD.size + body_len
-                before += 1
-        except (OSError, ValueError, TypeError, struct.error):
-            pos = -1
-        if pos == off:
-            acked_after = {a for a in seg.acked if a >= off}
-            lost = seg.count - before - len(acked_after)
-            seg.acked -= acked_after
-            seg.count, seg.end = before, off
-        else:  # cannot tell: all of it goes (acks still to come for it are ignored)
-            lost = seg.count - len(seg.acked)
-            seg.count = len(seg.acked)
-            seg.end = off
-        log.error("feedback spool: %s became unreadable at byte %d (%s); %d unacknowledged records in it are lost",
-                  seg.path, off, e, lost)
-        self.lost += lost
-        self.pending -= lost
-        if seg is self._active:
-            self._active = None
-            seg.writable = False
-        if pos != off:
-            self._segs.pop(seg.no, None)
-            self._delete(seg)
-        else:
-            self._maybe_delete(seg)
-
     def ack(self, where: tuple[int, int]) -> None:
-        """Forget one frame (acknowledged or rejected); a segment goes once all of it is."""
+        """Forget one row (acknowledged or rejected); it is deleted at the next sync."""
+        seq, nbytes = where
         with self._lock:
-            seg = self._segs.get(where[0])
-            if seg is None or where[1] in seg.acked:
+            if seq < self._base_seq or seq in self._acked or self.closed:
                 return
-            seg.acked.add(where[1])
+            self._acked[seq] = nbytes
             self.pending -= 1
-            if len(seg.acked) >= seg.count:
-                if seg is self._active:
-                    self._active = None
-                    seg.writable = False
-                self._maybe_delete(seg)
-
-    def _maybe_delete(self, seg: _Segment) -> None:
-        if seg.writable or len(seg.acked) < seg.count:
-            return
-        self._segs.pop(seg.no, None)
-        self._delete(seg)
-
-    def _delete(self, seg: _Segment) -> None:
-        self._dirty.discard(seg.no)
-        if seg.fd is not None:
-            os.close(seg.fd)
-            seg.fd = None
-        try:
-            seg.path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.error("feedback spool: cannot delete %s: %s", seg.path, e)
-        self.bytes -= seg.disk
-        self._dir_dirty = True
 
     def close(self) -> None:
         self.sync()
-        with self._lock:
+        with self._sync_lock, self._lock:
             if self.closed:
                 return
             self.closed = True
-            for seg in self._segs.values():
-                if seg.fd is not None:
-                    os.close(seg.fd)
-                    seg.fd = None
-            self._active = None
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
+            self._checkpointer.close()
+            self._db.close()  # the last connection: SQLite checkpoints the log into the database
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        os.close(self._lock_fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        if n <= 0:
-            raise OSError(errno.EIO, "short write")
-        view = view[n:]
+def read_spool(directory: str | Path) -> list[tuple[str, bytes]]:
+    """What a spool folder holds, oldest first (acknowledged rows not yet deleted included), read
+    only: for inspection (and tests), also while a client uses the folder."""
+    path = Path(directory) / DB_NAME
+    if not path.exists():
+        return []
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT record_id, payload FROM records ORDER BY seq").fetchall()
+    finally:
+        db.close()
