@@ -87,7 +87,8 @@ async def _timed(call: Call, i: int, rec: Recorder, measure: bool, scheduled: fl
 
 
 async def closed_loop(call: Call, concurrency: int, duration: float, warmup: float, rec: Recorder) -> None:
-    """`concurrency` workers from now until the window (which opens at rec.start) closes."""
+    """`concurrency` workers from now until the window closes; the warm-up is the time until the
+    window opens at rec.start (`warmup` says how long that is, as open_loop takes it)."""
     t_end = rec.start + duration
 
     async def worker(w: int) -> None:

@@ -6,7 +6,7 @@ Requests carry the inputs as raw_input_contents, seeded random for float inputs 
 for the others, the first axis = the batch, other dynamic axes = 1; so any model whose inputs
 have one batch axis works. `run_load` is the benchmarks' entry (bench.serving, bench.overload):
 a closed loop on one model that also counts which model version answered, and when each
-version first answered (hot swaps); keys in bench/README.md (LOAD_KEYS).
+version first answered (hot swaps); its keys are in its docstring and bench/README.md.
 """
 from __future__ import annotations
 
