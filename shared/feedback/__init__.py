@@ -61,10 +61,10 @@ records that were in flight at the break are resent after the ones that overflow
 The trainer's joiner matches by prediction_id, so it does not depend on order.
 
 Modules: client.py (FeedbackClient: the prediction path and lifecycle), sender.py (its
-background stream task), spool.py (and spool_legacy.py: the former format, imported once),
-framing.py (FeedbackBatch framing), records.py (building records), tensors.py (tensor
-encoding, shared with the trainer), domains.py (the record's domain and its metric label),
-identity.py (token and TLS credentials), metrics.py.
+background stream task), spool.py (with spool_recovery.py, and spool_legacy.py: the former
+format, imported once), framing.py (FeedbackBatch framing), records.py (building records),
+tensors.py (tensor encoding, shared with the trainer), domains.py (the record's domain and its
+metric label), identity.py (token and TLS credentials), metrics.py.
 """
 from shared.feedback.client import FeedbackClient
 from shared.feedback.domains import domain_label, domain_value

@@ -21,7 +21,8 @@ outages and restarts, in one SQLite database per client.
 - Segments (*.fbspool) of the custom format this replaced are imported once on open (see
   spool_legacy.py) and deleted only once their records are synced here.
 - A database found damaged is set aside (renamed *.damaged-<time>, never deleted), what can
-  still be read from it is copied to a fresh one, and the rest is counted as lost and logged.
+  still be read from it is copied to a fresh one, and the rest is counted as lost and logged
+  (spool_recovery.py).
 """
 from __future__ import annotations
 
@@ -29,14 +30,13 @@ import fcntl
 import logging
 import os
 import sqlite3
-import struct
 import threading
-import time
 from pathlib import Path
 from typing import Sequence
 
 from shared.feedback.framing import BATCH_FRAMING
 from shared.feedback.spool_legacy import SEGMENT_SUFFIX, read_segment
+from shared.feedback.spool_recovery import copy_readable, damaged, set_aside, torn_log_bytes
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,6 @@ LOCK_NAME = ".lock"
 # cell headers, seq (as rowid and in the index) and cell pointers. bench/spool.py measures the
 # real bytes on disk per record.
 ROW_OVERHEAD = 24
-_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
-_WAL_HEADER, _WAL_FRAME_HEADER = 32, 24
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -63,10 +61,6 @@ def row_bytes(record_id: str, payload: bytes) -> int:
 
 class SpoolLockedError(RuntimeError):
     pass
-
-
-def _damaged(e: sqlite3.Error) -> bool:
-    return (getattr(e, "sqlite_errorcode", 0) & 0xFF) in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
 def _checkpointer(path: Path) -> sqlite3.Connection:
@@ -148,24 +142,12 @@ class Spool:
 
     # ---- startup ----
     def _check_torn_log(self) -> None:
-        """A log whose length is not a whole number of frames was cut mid-write (a crash): SQLite
-        drops the torn transaction when it opens it; count and log it here."""
-        wal = Path(f"{self.path}-wal")
-        try:
-            size = wal.stat().st_size
-            with wal.open("rb") as f:
-                head = f.read(_WAL_HEADER)
-        except FileNotFoundError:
-            return
-        if len(head) < _WAL_HEADER:
-            return  # created, nothing written yet
-        page_size = struct.unpack(">I", head[8:12])[0]
-        extra = (size - _WAL_HEADER) % (_WAL_FRAME_HEADER + page_size)
-        if extra:
+        torn = torn_log_bytes(self.path)
+        if torn:
             self.torn += 1
-            self.torn_bytes += extra
-            log.warning("feedback spool: torn write at the end of %s (%d bytes, likely a crash mid-write); "
-                        "the records committed before it are kept", wal.name, extra)
+            self.torn_bytes += torn
+            log.warning("feedback spool: torn write at the end of %s-wal (%d bytes, likely a crash mid-write); "
+                        "the records committed before it are kept", self.path.name, torn)
 
     def _open(self) -> None:
         try:
@@ -173,7 +155,7 @@ class Spool:
             if self._db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("quick_check failed")
         except sqlite3.DatabaseError as e:
-            if not _damaged(e) and str(e) != "quick_check failed":
+            if not damaged(e) and str(e) != "quick_check failed":
                 raise
             self._set_aside(e)
         self._checkpointer = _checkpointer(self.path)
@@ -188,46 +170,24 @@ class Spool:
         self._next_seq = max(self._next_seq, last + 1)
 
     def _set_aside(self, e: Exception) -> None:
-        """Rename the damaged database (and its log) aside, copy what still reads into a fresh one
-        (renumbered after every seq handed out, so acks of rows read from the old one are ignored)."""
+        """A damaged database: set aside, what still reads copied to a fresh one (renumbered after
+        every seq handed out, so acks of rows read from the old one are ignored)."""
         for conn in (getattr(self, "_db", None), getattr(self, "_checkpointer", None)):
             if conn is not None:
                 conn.close()
-        aside = self.dir / f"{DB_NAME}.damaged-{int(time.time())}"
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
-            except FileNotFoundError:
-                pass
+        aside = set_aside(self.path)
         self._db = _connect(self.path)
         self._checkpointer = _checkpointer(self.path)
-        self._base_seq = seq = self._next_seq
-        salvaged = 0
-        try:
-            damaged = sqlite3.connect(f"file:{aside}?mode=ro", uri=True)
-            try:
-                rows = damaged.execute("SELECT record_id, payload FROM records ORDER BY seq")
-                while chunk := rows.fetchmany(256):
-                    self._db.execute("BEGIN IMMEDIATE")
-                    self._db.executemany("INSERT OR IGNORE INTO records VALUES (?, ?, ?)",
-                                         ((seq + i, rid, payload) for i, (rid, payload) in enumerate(chunk)))
-                    self._db.execute("COMMIT")
-                    seq += len(chunk)
-                    salvaged += len(chunk)
-            finally:
-                damaged.close()
-        except sqlite3.Error as read_error:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            log.debug("feedback spool: copying from the damaged spool stopped: %s", read_error)
-        self._next_seq = seq
-        lost = max(0, self.pending - salvaged)
+        self._base_seq = self._next_seq
+        copied, stopped = copy_readable(aside, self._db, self._base_seq)
+        self._next_seq += copied
+        lost = max(0, self.pending - copied)
         self.lost += lost
         self._acked.clear()
         self._written += 1  # the fresh database needs an fsync
         self._dir_dirty = True
         log.error("feedback spool: %s is damaged or unreadable (%s); set aside as %s, %d records copied from it "
-                  "to a fresh spool%s", self.path, e, aside.name, salvaged,
+                  "to a fresh spool%s%s", self.path, e, aside.name, copied, f" ({stopped})" if stopped else "",
                   f", {lost} unacknowledged records lost" if lost else "")
         self._count()
 
@@ -290,7 +250,7 @@ class Spool:
                 self.write_errors += 1
                 log.error("feedback spool: write to %s failed (%s); %d records not spooled", self.path, e,
                           len(entries))
-                if _damaged(e):
+                if damaged(e):
                     self._set_aside(e)
                 return 0
             self._next_seq = seq
@@ -366,7 +326,7 @@ class Spool:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             log.error("feedback spool: deleting acknowledged records from %s failed: %s", self.path, e)
-            if _damaged(e):
+            if damaged(e):
                 self._set_aside(e)
             return False
         if self.pending == 0:
@@ -429,7 +389,7 @@ class Spool:
                     nbytes += len(payload) + BATCH_FRAMING
                     cursor[0] = seq
             except sqlite3.DatabaseError as e:
-                if not _damaged(e):
+                if not damaged(e):
                     raise
                 self._set_aside(e)
                 cursor[0] = self._base_seq - 1
