@@ -15,7 +15,8 @@ import pytest
 
 from shared import metrics
 from shared.registry import ModelRegistry, RegistryError, __main__ as cli
-from shared.registry.registry import LEASES_DIR, TRASH_PREFIX, _tree_bytes
+from shared.registry.files import tree_bytes
+from shared.registry.registry import LEASES_DIR, TRASH_PREFIX
 from shared.reload import HotReloader
 from shared.runtime.model import ModelHandle, ModelLoader
 from shared.serving import ServedModel
@@ -77,7 +78,7 @@ def test_gc_keeps_current_rollback_target_pointers_pinned_leased_and_last_n(reg,
     clock.advance(1000)
     reg.write_lease(name, "replica-a", {"serving": "5", "previous": "4", "loading": None})
     before = removed_total(name)
-    sizes = {v: _tree_bytes(reg.version_dir(name, v)) for v in ("1", "2", "6", "8", "9", "10")}
+    sizes = {v: tree_bytes(reg.version_dir(name, v)) for v in ("1", "2", "6", "8", "9", "10")}
 
     report = reg.gc(name, keep_last=2, min_age_s=600, lease_ttl_s=300)
 
@@ -90,7 +91,7 @@ def test_gc_keeps_current_rollback_target_pointers_pinned_leased_and_last_n(reg,
     assert report.kept["5"] == ["leased by replica-a (serving)"]
     assert report.kept["7"] == ["named by CANARY"]
     assert report.bytes_freed == sum(sizes.values()) > 0
-    assert report.bytes_after == _tree_bytes(reg.model_dir(name))
+    assert report.bytes_after == tree_bytes(reg.model_dir(name))
     assert metrics.REGISTRY_BYTES.labels(name)._value.get() == report.bytes_after
     assert removed_total(name) == before + 6
     assert not [e for e in os.listdir(reg.model_dir(name)) if e.startswith(TRASH_PREFIX)]
@@ -345,12 +346,12 @@ async def test_publish_loop_with_gc_after_each_stays_under_a_disk_bound(reg, clo
     peak = 0
     for i in range(50):
         v = reg.publish(name, model_files["v_a"], linear_signature, extra_files=[blob]).version
-        per_version = per_version or _tree_bytes(reg.version_dir(name, v))
+        per_version = per_version or tree_bytes(reg.version_dir(name, v))
         if i % 5 == 0:
             await reloader.check_once()
         report = reg.gc(name, keep_last=keep_last, min_age_s=min_age_s)
         clock.advance(every_s)
-        peak = max(peak, _tree_bytes(reg.root))
+        peak = max(peak, tree_bytes(reg.root))
         assert report.bytes_after <= peak
     # kept at most: the last N, those younger than min_age (3 at one per 10 s), CURRENT's parent,
     # the replica's serving and previous versions; plus pointers, leases and manifests' slack.

@@ -151,7 +151,7 @@ def test_manifest_file_names_must_be_plain_names(registry, model_files, linear_s
     with pytest.raises(RegistryError) as e:
         registry.verify("m", "1")
     assert e.value.reason == "unsafe_name"
-    from shared.registry.registry import validate_file_name
+    from shared.registry.manifest import validate_file_name
 
     with pytest.raises(RegistryError):
         validate_file_name(fname)

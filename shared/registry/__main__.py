@@ -22,16 +22,9 @@ import json
 import os
 import sys
 
-from shared.registry.registry import (
-    GC_KEEP_LAST,
-    GC_MIN_AGE_S,
-    GC_ROLLBACK_DEPTH,
-    LEASE_TTL_S,
-    CANARY_MODES,
-    GcReport,
-    ModelRegistry,
-    RegistryError,
-)
+from shared.registry.canary import CANARY_MODES
+from shared.registry.manifest import RegistryError
+from shared.registry.registry import GC_KEEP_LAST, GC_MIN_AGE_S, GC_ROLLBACK_DEPTH, LEASE_TTL_S, GcReport, ModelRegistry
 
 
 def human_bytes(n: int) -> str:

@@ -1,4 +1,7 @@
 """A model registry on a plain folder (a shared volume when services run on several hosts).
+Long file: one class, ModelRegistry, whose verbs share the link-free descriptor walk and the
+per-model lock; what stands apart is in manifest.py (the version format), canary.py (the CANARY
+pointer) and files.py (crash-safe file operations).
 
 Layout::
 
@@ -66,17 +69,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from shared import metrics
+from shared.registry.canary import CANARY, CanaryState, check_canary
+from shared.registry.files import fsync_dir, remove_tree, tree_bytes, write_atomic
+from shared.registry.manifest import (CREATED_FORMAT, MANIFEST, NAME_RE, VERSION_RE, Manifest, RegistryError, Signature,
+                                      sha256_file, validate_file_name, validate_name, validate_version)
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-VERSION_RE = re.compile(r"^[1-9][0-9]{0,11}$")
 POINTER = "CURRENT"
-MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 MAX_POINTER_BYTES = 4096  # CURRENT is a few dozen bytes; a huge one is corrupt, not worth reading
 MAX_MANIFEST_BYTES = 16 << 20
 PINNED = "PINNED"
-CANARY = "CANARY"
-CANARY_MODES = ("canary", "shadow")
 LEASES_DIR = ".serving"
 LOCKS_DIR = ".locks"
 TRASH_PREFIX = ".trash-"
@@ -86,7 +88,6 @@ STAGING_PREFIX = ".staging-"
 POINTER_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,31}$")
 INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_SMALL_FILE_BYTES = 1 << 20  # PINNED, leases and other pointers are small; larger ones are corrupt
-CREATED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 # gc defaults (the trainer's settings and the CLI start from these)
 GC_KEEP_LAST = 10
@@ -105,246 +106,6 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO planted under a listed name must not hang the reader; it is
 # then refused as not a regular file.
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-class RegistryError(Exception):
-    """A registry operation that cannot be done (bad name, unknown version, bad files).
-
-    `reason` is a short stable label for metrics (storefront_registry_errors_total)."""
-
-    def __init__(self, message: str, reason: str = "invalid") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def validate_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise RegistryError(
-            f"invalid model name {name!r}: use 1-63 of a-z, 0-9, '_' and '-', starting with a letter or digit"
-        )
-    return name
-
-
-def validate_version(version: str) -> str:
-    if not isinstance(version, str) or not VERSION_RE.match(version):
-        raise RegistryError(f"invalid model version {version!r}: versions are positive integers")
-    return version
-
-
-def validate_file_name(fname: str) -> str:
-    """A file name from a manifest: one plain component inside the version folder."""
-    if (not isinstance(fname, str) or not fname or len(fname) > 255 or fname.startswith(".")
-            or any(c in fname for c in "/\\\x00") or fname == MANIFEST):
-        raise RegistryError(f"unsafe file name {fname!r} in manifest: file names must be plain names "
-                            f"inside the version folder", "unsafe_name")
-    return fname
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """One input or output: V2 datatype name and shape, -1 for a variable dimension.
-
-    value_range: the inclusive [min, max] every element must lie in, or None (any value of
-    the datatype). Declared for index inputs (ids into an embedding table, vocabulary
-    codes): a value outside the table makes ONNX Runtime's Gather fail for the whole
-    session run, so servers check it before a request can join a batch. In a manifest it
-    is the optional "range" field; manifests without it (older ones) read as None.
-    """
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    value_range: tuple[int | float, int | float] | None = None
-
-    def __post_init__(self) -> None:
-        if self.value_range is not None:
-            lo, hi = self.value_range
-            if not lo <= hi:
-                raise ValueError(f"tensor {self.name!r}: range [{lo}, {hi}] is empty")
-
-    def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
-        if self.value_range is not None:
-            d["range"] = list(self.value_range)
-        return d
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "TensorSpec":
-        return cls(str(d["name"]), str(d["datatype"]), tuple(int(x) for x in d["shape"]),
-                   parse_range(d.get("range"), str(d["name"])))
-
-    def with_range(self, value_range: "tuple[int | float, int | float] | None") -> "TensorSpec":
-        return dataclasses.replace(self, value_range=value_range)
-
-
-def parse_range(value: Any, name: str) -> tuple[int | float, int | float] | None:
-    """[min, max] from JSON (integers stay exact Python ints: int64 ids exceed a double's
-    53-bit mantissa); None stays None. Anything else is a RegistryError naming the tensor."""
-    if value is None:
-        return None
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        raise RegistryError(f"tensor {name!r}: range must be [min, max] numbers, got {value!r}")
-    lo, hi = value
-    if not lo <= hi:  # also refuses NaN bounds
-        raise RegistryError(f"tensor {name!r}: range [{lo}, {hi}] is empty")
-    return lo, hi
-
-
-def intersect_ranges(*ranges: "tuple[int | float, int | float] | None") -> tuple[int | float, int | float] | None:
-    """The tightest range all the declared ones allow (None: none declared). Disjoint
-    declarations give an empty range, which the caller must treat as a conflict."""
-    declared = [r for r in ranges if r is not None]
-    if not declared:
-        return None
-    return max(r[0] for r in declared), min(r[1] for r in declared)
-
-
-@dataclasses.dataclass(frozen=True)
-class Signature:
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs]}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Signature":
-        return cls(
-            tuple(TensorSpec.from_json(t) for t in d["inputs"]),
-            tuple(TensorSpec.from_json(t) for t in d["outputs"]),
-        )
-
-    def input_ranges(self) -> dict[str, tuple[int | float, int | float]]:
-        """Declared value ranges of inputs, by name (inputs without one are left out)."""
-        return {t.name: t.value_range for t in self.inputs if t.value_range is not None}
-
-    def with_input_ranges(self, ranges: Mapping[str, "tuple[int | float, int | float] | None"]) -> "Signature":
-        """This signature with the given input ranges set (names it lacks are ignored)."""
-        return dataclasses.replace(self, inputs=tuple(t.with_range(ranges[t.name]) if t.name in ranges else t
-                                                      for t in self.inputs))
-
-    def differences(self, other: "Signature") -> list[str]:
-        """Human-readable differences between this (expected) signature and other (found)."""
-        out = []
-        for kind, mine, theirs in (("input", self.inputs, other.inputs), ("output", self.outputs, other.outputs)):
-            a = {t.name: t for t in mine}
-            b = {t.name: t for t in theirs}
-            for name in sorted(a.keys() - b.keys()):
-                out.append(f"{kind} {name!r} is missing")
-            for name in sorted(b.keys() - a.keys()):
-                out.append(f"unexpected {kind} {name!r}")
-            for name in sorted(a.keys() & b.keys()):
-                if a[name].datatype != b[name].datatype:
-                    out.append(f"{kind} {name!r} has datatype {b[name].datatype}, expected {a[name].datatype}")
-                if not _shapes_compatible(a[name].shape, b[name].shape):
-                    out.append(f"{kind} {name!r} has shape {list(b[name].shape)}, expected {list(a[name].shape)}")
-        return out
-
-
-def _shapes_compatible(expected: tuple[int, ...], found: tuple[int, ...]) -> bool:
-    if len(expected) != len(found):
-        return False
-    return all(e == f or e == -1 and f == -1 for e, f in zip(expected, found))
-
-
-@dataclasses.dataclass(frozen=True)
-class Manifest:
-    """What one version is: enough to verify its files and to know where it came from."""
-
-    name: str
-    version: str
-    created: str
-    parent: str | None
-    signature: Signature
-    files: dict[str, str]  # file name -> sha256
-    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
-    learned_up_to: int | None = None  # event-log offset the model has learned up to
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # domain data (thresholds, feature names)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "created": self.created,
-            "parent": self.parent,
-            "signature": self.signature.to_json(),
-            "files": dict(self.files),
-            "metrics": dict(self.metrics),
-            "learned_up_to": self.learned_up_to,
-            "extra": dict(self.extra),
-        }
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Manifest":
-        try:
-            return cls(
-                name=validate_name(d["name"]),
-                version=validate_version(d["version"]),
-                created=str(d["created"]),
-                parent=d.get("parent"),
-                signature=Signature.from_json(d["signature"]),
-                files={str(k): str(v) for k, v in d["files"].items()},
-                metrics=dict(d.get("metrics") or {}),
-                learned_up_to=d.get("learned_up_to"),
-                extra=dict(d.get("extra") or {}),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise RegistryError(f"malformed manifest: {e!r}") from e
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tree_bytes(path: str | os.PathLike[str]) -> int:
-    """Bytes of the files under path (apparent sizes), never following a link; 0 if it is gone."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return 0
-    if not stat.S_ISDIR(st.st_mode):
-        return st.st_size
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
-        for fname in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            try:
-                total += os.lstat(os.path.join(dirpath, fname)).st_size
-            except OSError:  # removed meanwhile (a concurrent gc): it no longer counts
-                pass
-    return total
-
-
-def _remove_tree(path: Path) -> None:
-    """Delete a trash entry. A folder goes with shutil.rmtree, which on Linux works through
-    descriptors and never follows a link inside it; a link or file (a planted "version") is
-    unlinked, never followed. Entries already gone (another gc got there first) are fine."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-
-    def onerror(func, p, exc_info):
-        if not isinstance(exc_info[1], FileNotFoundError):
-            raise exc_info[1]
-
-    shutil.rmtree(path, onerror=onerror)
 
 
 def _versions_in(value: Any) -> set[str]:
@@ -383,61 +144,6 @@ class Lease:
     fresh: bool
 
 
-@dataclasses.dataclass(frozen=True)
-class CanaryState:
-    """What CANARY says: the candidate version, how it meets traffic, since when.
-
-    mode "canary": requests whose key hashes below `share` are answered by it (see
-    `canary_bucket`); "shadow": it scores every request and answers none (share is then 1).
-    started: registry clock (Unix seconds) when it was started; champion: CURRENT at that
-    moment (what it is compared with; a promote in between makes the canary stale)."""
-
-    version: str
-    mode: str
-    share: float
-    started: float
-    champion: str | None = None
-    note: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "mode": self.mode, "share": self.share, "started": self.started,
-                "started_utc": time.strftime(CREATED_FORMAT, time.gmtime(self.started)),
-                "champion": self.champion, "note": self.note}
-
-    @classmethod
-    def from_json(cls, d: Any) -> "CanaryState":
-        if not isinstance(d, Mapping):
-            raise RegistryError("CANARY is not a JSON object", "pointer_corrupt")
-        try:
-            state = cls(version=validate_version(d["version"]), mode=str(d["mode"]), share=float(d["share"]),
-                        started=float(d["started"]),
-                        champion=validate_version(d["champion"]) if d.get("champion") is not None else None,
-                        note=str(d.get("note") or ""))
-        except (KeyError, TypeError, ValueError, RegistryError) as e:
-            raise RegistryError(f"CANARY is malformed: {e}", "pointer_corrupt") from e
-        check_canary(state.mode, state.share)
-        return state
-
-
-def check_canary(mode: str, share: float) -> None:
-    """RegistryError unless mode is canary|shadow and share in (0, 1] (a finite number)."""
-    if mode not in CANARY_MODES:
-        raise RegistryError(f"canary mode {mode!r}: one of {', '.join(CANARY_MODES)}", "invalid")
-    if not (isinstance(share, (int, float)) and 0.0 < share <= 1.0):
-        raise RegistryError(f"canary share {share!r}: a number in (0, 1]", "invalid")
-
-
-def canary_bucket(name: str, version: str, key: str | bytes) -> float:
-    """Where a request key falls in [0, 1) for the canary of name/version: sha256 of the model,
-    the canary version and the key, first 8 bytes as a fraction. The same on every replica and
-    after restarts (no process state, no salt), so one key is always answered by the same
-    version while a canary runs; the version is part of it so that each canary draws its own
-    sample of keys (the same customers are not the guinea pigs of every candidate)."""
-    if isinstance(key, str):
-        key = key.encode("utf-8", "surrogatepass")
-    digest = hashlib.sha256(b"storefront-canary\x00%s\x00%s\x00%s" % (name.encode(), version.encode(), key)).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
 
 @dataclasses.dataclass
 class GcReport:
@@ -452,16 +158,6 @@ class GcReport:
     leftovers: list[str] = dataclasses.field(default_factory=list)  # trash/staging of crashed runs removed
     leases: list[Lease] = dataclasses.field(default_factory=list)
     pruned_leases: list[str] = dataclasses.field(default_factory=list)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class ModelRegistry:
@@ -712,8 +408,8 @@ class ModelRegistry:
                 learned_up_to=learned_up_to,
                 extra=dict(extra or {}),
             )
-            _write_atomic(staging / MANIFEST, json.dumps(manifest.to_json(), indent=2, sort_keys=True).encode())
-            _fsync_dir(staging)
+            write_atomic(staging / MANIFEST, json.dumps(manifest.to_json(), indent=2, sort_keys=True).encode())
+            fsync_dir(staging)
             try:
                 os.rename(staging, mdir / version)
             except OSError as e:
@@ -722,7 +418,7 @@ class ModelRegistry:
                     candidate += 1
                     continue
                 raise
-            _fsync_dir(mdir)
+            fsync_dir(mdir)
             return version
 
     def set_current(self, name: str, version: str) -> None:
@@ -737,7 +433,7 @@ class ModelRegistry:
     def _set_current_locked(self, name: str, version: str) -> None:
         self.manifest(name, version)  # must exist and be readable
         payload = {"version": version, "updated": time.strftime(CREATED_FORMAT, time.gmtime(self.clock()))}
-        _write_atomic(self.pointer_path(name), json.dumps(payload).encode())
+        write_atomic(self.pointer_path(name), json.dumps(payload).encode())
 
     # ---- canary: a candidate meeting live traffic beside CURRENT ----
     def canary(self, name: str) -> CanaryState | None:
@@ -1075,18 +771,18 @@ class ModelRegistry:
                                 pruned.append(lease.instance)
         # Outside the lock: deleting tens of MB must not hold up a publish waiting to flip CURRENT.
         if dry_run:
-            freed = sum(_tree_bytes(mdir / v) for v in doomed)
+            freed = sum(tree_bytes(mdir / v) for v in doomed)
             removed = doomed
         else:
             freed = 0
             for _, path in trash:
-                freed += _tree_bytes(path)
-                _remove_tree(path)
+                freed += tree_bytes(path)
+                remove_tree(path)
             for path in leftovers:
-                _remove_tree(path)
+                remove_tree(path)
             removed = [v for v, _ in trash]
         return GcReport(name=name, dry_run=dry_run, kept=keep, removed=removed, bytes_freed=freed,
-                        bytes_after=_tree_bytes(mdir), leftovers=[p.name for p in leftovers], leases=leases,
+                        bytes_after=tree_bytes(mdir), leftovers=[p.name for p in leftovers], leases=leases,
                         pruned_leases=pruned)
 
     def _keep_set(self, name: str, keep_last: int, min_age_s: float, rollback_depth: int, lease_ttl_s: float,

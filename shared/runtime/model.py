@@ -25,7 +25,7 @@ import numpy as np
 
 from shared.errors import InvalidArgument
 from shared.registry import Manifest, ModelRegistry, RegistryError, Signature
-from shared.registry.registry import intersect_ranges
+from shared.registry.manifest import intersect_ranges
 from shared.runtime.dtypes import NUMPY_OF_V2
 from shared.runtime.session import CreatedSession, ProviderError, RuntimeOptions, create_session
 from shared.runtime.signature import signature_of_session

@@ -15,7 +15,7 @@ from typing import Mapping
 import onnx
 
 from shared.registry import RegistryError, Signature, TensorSpec
-from shared.registry.registry import parse_range
+from shared.registry.manifest import parse_range
 from shared.runtime.dtypes import V2_OF_ONNX
 
 INPUT_RANGES_KEY = "storefront.input_ranges"
