@@ -129,12 +129,17 @@ def test_the_learner_adapts_its_rounds_while_in_drift(drifting_learner):
     entry = learner.round({"offset": 8000, "pending": []})
     assert entry["drift"] is True
     a = entry["adaptation"]
-    assert a == {"adapting": True, "replay_ratio": 1.0, "replay_recent_rows": a["replay_recent_rows"], "epochs": 2,
-                 "lr_factor": 3.0}
-    # replay is drawn from the rows labeled since the drift began: the alarm's window and later
-    assert 500 <= a["replay_recent_rows"] <= 500 + 2000
-    if "replayed_rows" in entry:
-        assert entry["replayed_rows"] <= a["replay_recent_rows"]
+    assert a == {"adapting": True, "replay_ratio": 1.0, "recent_since_offset": a["recent_since_offset"], "epochs": 2,
+                 "lr_factor": 3.0, "gate_min_positives": 10}
+    # the drift span's rows start with the alarm's window (the 500 labels up to the alarm, raised in
+    # the broken version's stretch 6001-8000; label n has offset n + 1): nothing older is trained on
+    # or replayed in this round
+    alarm_label = learner.drift.drift_since
+    assert 6000 < alarm_label <= 8000 and a["recent_since_offset"] == alarm_label - 500 + 1
+    assert entry["trained_new_rows"] <= 8000 - a["recent_since_offset"] + 1
+    assert entry["replayed_rows"] <= entry["trained_new_rows"]
+    # the gate's window keeps only the 10 frauds the drift setting asks for: the rest went to training
+    assert entry["evidence"]["min_positives"] == 10 and entry["evidence"]["window_positives"] >= 10
     d = entry["drift_detector"]
     assert d["in_drift"] and d["alarms"] == 1 and d["recent_loss"] > 2 * d["reference_loss"]
     # the higher step size was for that round only: the kept optimizer has its own
@@ -145,8 +150,8 @@ def test_the_learner_adapts_its_rounds_while_in_drift(drifting_learner):
     learner.add(Examples(X, y, broken(learner, X), np.arange(8001, 8501)))
     entry = learner.round({"offset": 8500, "pending": []})
     assert entry["drift"] is True and entry["adaptation"] == {"adapting": False, "replay_ratio": 1.0,
-                                                              "replay_recent_rows": None, "epochs": 1,
-                                                              "lr_factor": 1.0}
+                                                              "recent_since_offset": None, "epochs": 1,
+                                                              "lr_factor": 1.0, "gate_min_positives": None}
 
 
 def test_the_report_marks_the_drift_span(drifting_learner, tmp_path):

@@ -126,7 +126,7 @@ def test_after_a_drift_a_challenger_that_learned_the_new_concept_is_published(wo
         learner.add(rows(data, start, 8000, offset, drift=True))
         offset += 8000
         entry = learner.round({"offset": offset - 1, "pending": []})
-        assert entry["decision"] in ("published", "refused")
+        assert entry["decision"] in ("published", "refused", "deferred")
         pr = entry["evidence"]["metrics"]["pr_auc"]
         if entry["decision"] == "published" and pr["interval"][0] > 0:
             better = entry
@@ -194,7 +194,24 @@ def test_a_clearly_worse_challenger_is_refused_and_a_slightly_different_one_is_n
     decision, reasons, ev = gate.decide(spec(), y, p, worse, gate.GateRule(), seed=1)
     assert decision == "refused" and ev["metrics"]["pr_auc"]["interval"][1] < -0.02
     jitter = np.clip(p + rng.normal(0, 1e-4, len(p)), 0, 1).astype(np.float32)
-    assert gate.decide(spec(), y, p, jitter, gate.GateRule(), seed=1)[0] == "published"
+    assert gate.decide(spec(), y, p, jitter, gate.GateRule(), seed=1)[0] != "refused"
+    assert gate.decide(spec(), y, p, jitter, gate.GateRule(publish_margin=None), seed=1)[0] == "published"
+
+
+def test_a_challenger_behind_on_the_window_but_not_worse_with_confidence_is_deferred_not_published():
+    y, p = synthetic()
+    behind = p.copy()
+    behind[np.flatnonzero(y > 0.5)[:2]] = 0.02  # two frauds fall among the legitimate scores
+    decision, reasons, ev = gate.decide(spec(), y, p, behind, gate.GateRule(), seed=1)
+    pr = ev["metrics"]["pr_auc"]
+    assert pr["relative_difference"] < 0 and not pr["worse_with_confidence"]  # the confidence rule lets it pass
+    assert decision == "deferred" and "not better yet" in reasons[0] and ev["publish_margin"] == 0.0
+    # a margin wider than the gap, or no point rule, publishes it; the reverse comparison publishes
+    assert gate.decide(spec(), y, p, behind, gate.GateRule(publish_margin=0.05), seed=1)[0] == "published"
+    assert gate.decide(spec(), y, p, behind, gate.GateRule(publish_margin=None), seed=1)[0] == "published"
+    assert gate.decide(spec(), y, behind, p, gate.GateRule(), seed=1)[0] == "published"
+    with pytest.raises(ValueError):
+        gate.GateRule(publish_margin=-0.1).validate()
 
 
 def test_the_decision_is_deferred_below_the_window_sizes_and_falls_back_between():

@@ -21,8 +21,14 @@ Three parts, each small enough to test on its own:
   positive = better. The challenger is *refused* when the whole `confidence` interval of that
   difference lies below -margin: worse with confidence, by more than a relative margin (a
   relative margin, not an absolute tolerance: a loss of 0.011 and a PR-AUC of 0.8 need the
-  same rule). Otherwise it is *published*. When the window cannot decide yet (too few rows,
-  or too few positives for any metric of the domain) the decision is *deferred*.
+  same rule). It is *published* only when, besides, its point estimate on every decided metric
+  is no worse than -publish_margin: "not worse with confidence" alone let through candidates
+  that were a little worse on the window and, judged later on rows that arrived after the
+  decision, stayed worse (bench/delivery.py). A challenger between the two (below the point
+  rule, not worse with confidence) is *deferred*: the learner keeps training it, unpublished,
+  and the next round judges it again against the same champion. When the window cannot decide
+  yet (too few rows, or too few positives for any metric of the domain) the decision is
+  *deferred* too.
 
 Each domain names its storefront metrics (decided on when the window has `min_positives`)
 and optionally a fallback: a strictly proper score (log loss) that needs far fewer positives,
@@ -73,10 +79,15 @@ class GateRule:
     confidence: float = 0.95
     margin: float = 0.02  # relative: the challenger may be this share worse before "worse" counts
     chunk: int = 100  # resamples scored at once (bounds memory: chunk x window rows)
+    # relative: publish only when every decided metric's point estimate is at least -publish_margin
+    # (0 = no worse than the champion on the window); None = no point rule (publish unless refused)
+    publish_margin: float | None = 0.0
 
     def validate(self) -> None:
         if self.resamples < 50 or not 0.5 < self.confidence < 1.0 or not -1.0 <= self.margin < 1.0:
             raise ValueError("gate: resamples >= 50, confidence in (0.5, 1), margin in [-1, 1)")
+        if self.publish_margin is not None and not 0.0 <= self.publish_margin < 1.0:
+            raise ValueError("gate: publish_margin in [0, 1) or None")
 
 
 # ---------------------------------------------------------------- window sizing
@@ -241,8 +252,12 @@ def decide(spec: GateSpec, y: np.ndarray, p_champion: np.ndarray, p_challenger: 
     evidence: dict[str, Any] = {
         "window_rows": n, "window_positives": n_pos, "min_rows": min_rows, "min_positives": min_pos,
         "resamples": rule.resamples, "confidence": rule.confidence, "margin": rule.margin, "seed": seed,
+        "publish_margin": rule.publish_margin,
         "rule": f"refuse when the {rule.confidence:.0%} paired-bootstrap interval of the relative difference "
-                f"lies below -{rule.margin:g}; defer below {min_rows} rows or too few positives"}
+                f"lies below -{rule.margin:g}; "
+                + ("" if rule.publish_margin is None else
+                   f"defer when a point estimate is below -{rule.publish_margin:g} (learning goes on); ")
+                + f"defer below {min_rows} rows or too few positives"}
     if n < min_rows:
         evidence["decided_on"] = []
         return "deferred", [f"window holds {n} rows < {min_rows}: cannot tell yet"], evidence
@@ -261,7 +276,15 @@ def decide(spec: GateSpec, y: np.ndarray, p_champion: np.ndarray, p_challenger: 
                f"[{r['interval'][0]:+.2%}, {r['interval'][1]:+.2%}] below -{rule.margin:.1%}): "
                f"worse than serving with confidence"
                for name, r in results.items() if r["worse_with_confidence"]]
-    return ("refused" if reasons else "published"), reasons, evidence
+    if reasons:
+        return "refused", reasons, evidence
+    if rule.publish_margin is not None:
+        behind = [f"{name} {r['challenger']:.4f} vs champion {r['champion']:.4f} ({r['relative_difference']:+.2%} "
+                  f"< -{rule.publish_margin:.1%}, not worse with confidence): not better yet, learning goes on"
+                  for name, r in results.items() if r["relative_difference"] < -rule.publish_margin]
+        if behind:
+            return "deferred", behind, evidence
+    return "published", [], evidence
 
 
 def parse_per_domain(spec: str, what: str) -> dict[str, int]:

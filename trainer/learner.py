@@ -154,6 +154,9 @@ class LearnerConfig:
     gate_resamples: int = 500  # paired bootstrap resamples per round
     gate_confidence: float = 0.95  # two-sided interval of the relative difference
     gate_margin: float = 0.02  # refuse when the interval lies below -margin (relative)
+    # publish only when no decided metric's point estimate is below -this (relative; None = off): a
+    # challenger behind the champion on the window but not worse with confidence is deferred
+    gate_publish_margin: float | None = 0.0
     parity_tol: float = 1e-4
     latency_budget_ms: float = 5.0
     drift_cadence_factor: float = 0.25  # while drift lasts, rounds start after this share of min_events
@@ -170,6 +173,11 @@ class LearnerConfig:
     drift_replay_recent: bool = True  # ... drawn only from rows labeled since the drift began (not the old concept)
     drift_epochs: int = 3  # passes over each round's rows while in drift
     drift_lr_factor: float = 1.0  # step size multiplier while in drift
+    # positives the gate's window holds while in drift (None: as outside drift). A window sized for 30
+    # frauds keeps ~15k of the newest transactions out of training, and right after a drift most of
+    # them are of the old concept: the post-drift frauds reach training ~30 frauds late and the gate
+    # judges on the old concept. A smaller window releases them into training and judges on new rows
+    drift_gate_min_positives: int | None = 10
     prequential_window: int = 5000  # labels the prequential metrics of each round are computed over
     # delivery of a version that passed the gate (trainer/canary.py): "canary" publishes it and starts it
     # as the registry's CANARY (live labels then promote or roll it back); "direct" makes it CURRENT.
@@ -251,6 +259,10 @@ class Learner:
         self.canary_version: str | None = None
         self.drift = LossDrift(model.name, window=self.config.drift_window, margin=self.config.drift_margin,
                                clear_tolerance=self.config.drift_clear_tolerance)
+        # event offsets of the newest drift_window labels the detector saw; at an alarm the oldest of
+        # them is where the drift span's rows start (Learner.adaptation trains on rows from there on)
+        self._detector_offsets = np.zeros(0, np.int64)
+        self.drift_start_offset: int | None = None
         self.last_round = time.monotonic()
         self.net: torch.nn.Module | None = None
         self.opt: torch.optim.Optimizer | None = None
@@ -345,7 +357,13 @@ class Learner:
         # prequential error of what was served, for the drift detector
         known = ~np.isnan(examples.served_p)
         if known.any():
-            self.drift.update_many(self.model.prequential_loss(examples.y[known], examples.served_p[known]))
+            # offsets of the labels the detector holds: the buffer's last entry is its label number labels - 1
+            offsets = np.concatenate([self._detector_offsets, examples.offsets[known]])
+            if self.drift.update_many(self.model.prequential_loss(examples.y[known], examples.served_p[known])):
+                first = self.drift.drift_since - self.drift.window  # label number where the alarm's window starts
+                at = max(0, first - (self.drift.labels - len(offsets)))
+                self.drift_start_offset = int(offsets[at:].min())
+            self._detector_offsets = offsets[-self.drift.window:]
 
     def due(self) -> bool:
         need = self.config.min_events
@@ -362,12 +380,14 @@ class Learner:
         concept (bench/drift.py measures the recovery with and without)."""
         c = self.config
         if c.drift_adapt and self.drift.in_drift:
-            # rows labeled since the drift began: the alarm's window plus everything after it
-            recent = self.drift.window + self.drift.labels_in_drift if c.drift_replay_recent else None
-            return {"adapting": True, "replay_ratio": c.drift_replay_ratio, "replay_recent_rows": recent,
-                    "epochs": c.drift_epochs, "lr_factor": c.drift_lr_factor}
-        return {"adapting": False, "replay_ratio": c.replay_ratio, "replay_recent_rows": None, "epochs": c.epochs,
-                "lr_factor": 1.0}
+            # rows labeled since the drift began (the alarm's window and everything after it), by event
+            # offset: the replay buffer's tail is not that (rows reach it only when the window lets them go)
+            since = self.drift_start_offset if c.drift_replay_recent else None
+            return {"adapting": True, "replay_ratio": c.drift_replay_ratio, "recent_since_offset": since,
+                    "epochs": c.drift_epochs, "lr_factor": c.drift_lr_factor,
+                    "gate_min_positives": c.drift_gate_min_positives}
+        return {"adapting": False, "replay_ratio": c.replay_ratio, "recent_since_offset": None, "epochs": c.epochs,
+                "lr_factor": 1.0, "gate_min_positives": None}
 
     def round(self, progress: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """One update-gate-publish round over the pending examples. Returns the decision.
@@ -385,8 +405,9 @@ class Learner:
         self.pending = Examples.empty(self.model.width)
         prequential = self._prequential(new)
         # the new labels join the window; the rows it no longer needs leave it into training
+        adapt = self.adaptation()
         held = self.window.concat(new)
-        start = self._window_start(held)
+        start = self._window_start(held, adapt["gate_min_positives"])
         train, window = held.take(slice(0, start)), held.take(slice(start, len(held)))
         seed_dropped = int((train.offsets == SEED).sum())
         if seed_dropped:
@@ -397,11 +418,18 @@ class Learner:
         opt = self.model.optimizer(candidate)
         opt.load_state_dict(self.opt.state_dict())
         X, y = train.X, train.y
-        adapt = self.adaptation()
-        # the replay buffer keeps its newest rows last (older ones thinned uniformly): the pool is its tail
-        pool = self.replay.take(slice(max(0, len(self.replay) - (adapt["replay_recent_rows"] or len(self.replay))), None))
-        if len(pool) and len(train) and adapt["replay_ratio"] > 0:
-            k = min(len(pool), max(1, int(len(train) * adapt["replay_ratio"])))
+        since = adapt["recent_since_offset"]
+        pool = self.replay
+        if since is not None:
+            # in drift: rows of the old concept are neither trained on nor replayed (they are still
+            # remembered in the replay buffer, for after the drift)
+            old = train.offsets < since
+            if old.any():
+                X, y = train.X[~old], train.y[~old]
+            pool = self.replay.take(self.replay.offsets >= since)
+        trained_new = len(y)
+        if len(pool) and trained_new and adapt["replay_ratio"] > 0:
+            k = min(len(pool), max(1, int(trained_new * adapt["replay_ratio"])))
             idx = self._rng.choice(len(pool), size=k, replace=False)
             X, y = np.concatenate([X, pool.X[idx]]), np.concatenate([y, pool.y[idx]])
         if len(y):
@@ -419,12 +447,13 @@ class Learner:
             self.progress = dict(progress)
         up_to = int(max(new.offsets.max(), self.offset, self.progress.get("offset", 0)))
         figures: dict[str, Any] = {"round": self.rounds, "new_labels": len(new), "trained_rows": len(train),
-                                   "replayed_rows": len(y) - len(train), "window_rows": len(window),
+                                   "trained_new_rows": trained_new, "replayed_rows": len(y) - trained_new,
+                                   "window_rows": len(window),
                                    "seed_rows_dropped": seed_dropped,
                                    "offsets": [int(new.offsets.min()), int(new.offsets.max())],
                                    "drift": self.drift.in_drift, "drift_detector": self.drift.figures(),
                                    "adaptation": adapt, "prequential": prequential}
-        decision, reasons, evidence = self._gate(champion, candidate, window)
+        decision, reasons, evidence = self._gate(champion, candidate, window, adapt["gate_min_positives"])
         figures["evidence"] = evidence
         primary = next(iter(evidence.get("metrics", {}).items()), None)
         if primary is not None:  # the learning report's chart: candidate vs serving on the main metric
@@ -459,24 +488,32 @@ class Learner:
     # ---- the gate ----
     def _gate_rule(self) -> GateRule:
         c = self.config
-        return GateRule(resamples=c.gate_resamples, confidence=c.gate_confidence, margin=c.gate_margin)
+        return GateRule(resamples=c.gate_resamples, confidence=c.gate_confidence, margin=c.gate_margin,
+                        publish_margin=c.gate_publish_margin)
 
-    def _window_start(self, rows: Examples) -> int:
-        """Where the window starts in rows (arrival order): what the gate's metric needs."""
+    def _min_positives(self, in_drift: int | None = None) -> int:
         spec: GateSpec = self.model.gate_spec()
-        min_pos = spec.min_positives if self.config.gate_min_positives is None else self.config.gate_min_positives
+        if in_drift is not None:
+            return in_drift
+        return spec.min_positives if self.config.gate_min_positives is None else self.config.gate_min_positives
+
+    def _window_start(self, rows: Examples, in_drift_positives: int | None = None) -> int:
+        """Where the window starts in rows (arrival order): what the gate's metric needs (while
+        adapting to a drift: in_drift_positives)."""
+        spec: GateSpec = self.model.gate_spec()
+        min_pos = self._min_positives(in_drift_positives)
         min_rows = spec.min_rows if self.config.gate_min_rows is None else self.config.gate_min_rows
         return window_start(spec.positive(rows.y), min_pos, min_rows, max(spec.max_rows, min_rows))
 
-    def _gate(self, champion: torch.nn.Module, challenger: torch.nn.Module, window: Examples
-              ) -> tuple[str, list[str], dict[str, Any]]:
+    def _gate(self, champion: torch.nn.Module, challenger: torch.nn.Module, window: Examples,
+              in_drift_positives: int | None = None) -> tuple[str, list[str], dict[str, Any]]:
         """Champion vs challenger on the window (rows neither trained on): the decision, its
         reasons and evidence. A fixed seed per round: the same round decides the same way."""
         spec = self.model.gate_spec()
         p_champion = self.model.predict(champion, window.X) if len(window) else np.zeros(0)
         p_challenger = self.model.predict(challenger, window.X) if len(window) else np.zeros(0)
         return decide(spec, window.y, p_champion, p_challenger, self._gate_rule(), seed=self.rounds,
-                      min_positives=self.config.gate_min_positives, min_rows=self.config.gate_min_rows)
+                      min_positives=self._min_positives(in_drift_positives), min_rows=self.config.gate_min_rows)
 
     def _revert_to_champion(self) -> None:
         """A refused candidate is dropped: the working weights go back to the published ones
