@@ -17,7 +17,8 @@ outages and restarts, in one SQLite database per client.
   entry, the payload and ROW_OVERHEAD); an append that would take it over max_bytes stops
   there and the caller drops, counts and logs the rest. Acknowledged rows are deleted at the
   next `sync` (acknowledgements are kept in memory until then: after a crash they are replayed
-  and the trainer answers DUPLICATE); once the spool is empty its files shrink back.
+  and the trainer answers DUPLICATE); once the spool is empty its files shrink back. The files
+  take up to checkpoint_bytes (max_bytes/8, 16 MiB at most) more: the log between checkpoints.
 - Segments (*.fbspool) of the custom format this replaced are imported once on open (see
   spool_legacy.py) and deleted only once their records are synced here.
 - A database found damaged is set aside (renamed *.damaged-<time>, never deleted), what can
