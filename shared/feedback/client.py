@@ -181,7 +181,7 @@ class FeedbackClient(StreamSender):
         self.n_recorded += 1
         self.n_spooled += 1
         self._m_spooled.inc()
-        self._set_wake()  # the sender reads new spool frames on its next turn
+        self._set_wake()  # the sender reads new spool rows on its next turn
         return True
 
     @property

@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 DB_NAME = "spool.sqlite3"
 LOCK_NAME = ".lock"
 # What a row takes beyond its record id (stored twice: row and UNIQUE index) and payload: the
-# cell headers, seq (as rowid and in the index) and cell pointers. bench/spool.py measures the
-# real bytes on disk per record.
+# cell headers, seq (as rowid and in the index) and cell pointers. An estimate on the safe side:
+# bench/spool.py measured 283 bytes on disk per 223-byte served record (row_bytes: 297).
 ROW_OVERHEAD = 24
 
 _SCHEMA = """
