@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainer.domains.fraud_attacks import fgsm_std, pgd_std
+
 FEATURES = [f"V{i}" for i in range(1, 29)]
 AMOUNT = "amount"
 INPUT_NAMES = FEATURES + [AMOUNT]  # column order of the model input
@@ -193,11 +195,12 @@ class FraudModel(DomainModel):
     Adversarial training (adv_epsilon > 0): each mini-batch is augmented with adversarial
     copies of `adv_share` of its rows (its frauds always among them), made against the
     current weights by `adv_method` ("pgd" with `adv_steps` steps, or one-step "fgsm") inside
-    an L-infinity ball of radius adv_epsilon in standardized feature space (see
-    trainer/adversarial.py); the loss covers the clean and the adversarial logits, with the
-    same class weighting. Measured (python -m trainer.adversarial, 3 seeds, last 40% of the
-    stream): radius 1.0 keeps clean PR-AUC (+0.002) and raises recall at 1% FPR under a
-    10-step PGD attack of radius 1.0 from 0.62 to 0.76, at about -0.03 clean recall."""
+    an L-infinity ball of radius adv_epsilon in standardized feature space (the attacks:
+    trainer/domains/fraud_attacks.py; the threat model: trainer/adversarial.py); the loss covers
+    the clean and the adversarial logits, with the same class weighting. Measured (python -m
+    trainer.adversarial, 3 seeds, last 40% of the stream): radius 1.0 keeps clean PR-AUC
+    (+0.002) and raises recall at 1% FPR under a 10-step PGD attack of radius 1.0 from 0.62 to
+    0.76, at about -0.03 clean recall."""
 
     name = MODEL_NAME
     width = N_INPUTS
@@ -250,8 +253,6 @@ class FraudModel(DomainModel):
         n_adv = int(round(self.adv_share * len(yb))) if self.adv_epsilon > 0 else 0
         if n_adv == 0:
             return net(xb), yb
-        from trainer.adversarial import fgsm_std, pgd_std
-
         frauds_first = torch.argsort((yb <= 0.5).to(torch.int8), stable=True)
         sel = frauds_first[:max(n_adv, int((yb > 0.5).sum()))]
         z = net.standardize(xb)
