@@ -61,7 +61,10 @@ STEPS = [
          "open loop at 2.5x it, with admission control on (defaults) and off; medians of 2 rounds.",
          in_default=False),
     Step("eval-recommender", "Recommender: prequential evaluation on Ta Feng", ("-m", "bench.eval_recommender"),
-         "HR@10 / NDCG@10 by day: incremental model vs full retrain vs popularity vs buy-again; cold start."),
+         "HR@10 / NDCG@10 over the last 30 days, every ranking by the exported ONNX graphs of the version the "
+         "registry serves, one production learning round (joined outcomes, gate, export, publish) a day, against "
+         "popularity, buy-again by distinct days, recency-weighted buy-again and TIFU-KNN on the same (customer, day)s; "
+         "the model / strongest-baseline ratio with a paired bootstrap interval (about an hour on 2 busy cores)."),
     Step("eval-fraud", "Fraud: prequential evaluation on the creditcard stream", ("-m", "bench.eval_fraud"),
          "PR-AUC, ROC-AUC, recall at 0.1 % / 1 % FPR: incremental loop vs full retrain vs River; robustness "
          "under PGD (about 11 minutes).", in_default=False),
