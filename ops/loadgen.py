@@ -166,14 +166,16 @@ async def generate(call: Call, *, duration: float, warmup: float = 0.0, concurre
     if duration <= 0 or warmup < 0 or concurrency < 1 or rate < 0 or max_in_flight < 1:
         raise ValueError("need duration > 0, warmup >= 0, concurrency >= 1, rate >= 0, max_in_flight >= 1")
     rec = Recorder(time.perf_counter() + warmup, duration, on_response)
-    ticker = asyncio.ensure_future(_print_progress(rec, duration, progress_label)) if progress_label else None
+    helpers = [asyncio.ensure_future(_watch_window(rec, duration, window))]
+    if progress_label:
+        helpers.append(asyncio.ensure_future(_print_progress(rec, duration, progress_label)))
     try:
-        load = (open_loop(call, rate, duration, warmup, rec, max_in_flight, seed, poisson) if rate
-                else closed_loop(call, concurrency, duration, warmup, rec))
-        await asyncio.gather(load, _watch_window(rec, duration, window))
-    finally:
-        if ticker is not None:
-            ticker.cancel()
+        await (open_loop(call, rate, duration, warmup, rec, max_in_flight, seed, poisson) if rate
+               else closed_loop(call, concurrency, duration, warmup, rec))
+        await helpers[0]
+    finally:  # a failed load leaves no task behind
+        for task in helpers:
+            task.cancel()
     return rec
 
 
