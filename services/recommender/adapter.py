@@ -30,6 +30,7 @@ from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2
 from protos.recommender.v1 import recommender_pb2 as pb
 from services.recommender.catalog import Catalog, CatalogSnapshot, ItemRecord
+from services.recommender.catalog_records import MAX_DEPARTMENT_CHARS, items_of_request
 from services.recommender.history import UserHistory
 from services.recommender.item_index import VersionItems
 from shared.domain import DomainService, Prepared, check_id, event_time, finite
@@ -45,7 +46,7 @@ MAX_CANDIDATES = 10_000
 MAX_UPSERT = 1_000  # default items per UpsertItems (setting upsert_max_items)
 MAX_TITLE_CHARS = 300  # default title bound (setting title_max_chars): ~60 tokens, ~20 ms of encoder CPU
 MAX_CATEGORY_CHARS = 128
-MAX_ITEM_ID_CHARS = 128
+MAX_DEPARTMENTS = 16  # department names per Recommend
 EMBED_CHUNK_CHARS = 4096  # title characters per encoder call: deadline/cancellation is checked between calls
 EMBED_CHUNK_TITLES = 64
 MIN_BUCKET = 64  # smallest padded width of a non-empty restrict/exclude list
@@ -250,6 +251,10 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
             raise InvalidArgument(f"k must be 1..{self.max_k}, got {request.k}")
         if len(request.candidate_item_ids) > MAX_CANDIDATES:
             raise InvalidArgument(f"candidate_item_ids has {len(request.candidate_item_ids)} ids; at most {MAX_CANDIDATES}")
+        if len(request.departments) > MAX_DEPARTMENTS:
+            raise InvalidArgument(f"departments has {len(request.departments)} names; at most {MAX_DEPARTMENTS}")
+        for i, name in enumerate(request.departments):
+            check_id(name, f"departments[{i}]", MAX_DEPARTMENT_CHARS, required=False)
         state: VersionItems = model.prepared
         snap = self.catalog.current
         if snap.size == 0:
@@ -267,6 +272,18 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
                 shown = ", ".join(repr(u[:128]) for u in unknown[:5])
                 raise InvalidArgument(f"candidate_item_ids: {len(unknown)} id(s) not in the catalog: {shown}"
                                       + (" ..." if len(unknown) > 5 else ""))
+        restrict_set = frozenset(restrict) if restrict else None
+        if request.departments:
+            # scoped: the graph ranks only the scope's rows, the model and the popularity fallback
+            # alike (both are the same graph); postprocess checks the rows again
+            rows, row_set = snap.scope(request.departments)
+            if restrict:
+                restrict = [r for r in restrict if r in row_set]
+                restrict_set = frozenset(restrict)
+            else:
+                restrict, restrict_set = rows, row_set
+            if len(restrict) == 0:  # nothing in scope: the graph needs some row, postprocess keeps none
+                restrict, restrict_set = [0], frozenset()
         index = state.index_for(snap)
         user_code = state.user_code.get(user_id, 0) if user_id else 0
         # ids -> rows of this snapshot (rows >= size were added after it): hot path, inlined lookups
@@ -294,7 +311,7 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
                  "exclude": padded(exclude, empty=self.exclude_width, at_least=self.exclude_width)}
         extra = RecoRequest(snap, request.k, user_id, history_ids,
                             fallback=user_code == 0 and not history_rows,
-                            restrict=frozenset(restrict) if restrict else None, exclude=frozenset(exclude))
+                            restrict=restrict_set, exclude=frozenset(exclude))
         return Prepared(feeds, 1, extra, shared={"item_vectors": index.vectors})
 
     def postprocess(self, request, prepared: Prepared, outputs, model: LoadedModel,
@@ -379,26 +396,7 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
 
     # ---- catalog updates ----
     def validate_items(self, request: pb.UpsertItemsRequest) -> list[ItemRecord]:
-        """Bounded: items per call, and title/category lengths (a title's encoder cost grows
-        with its length up to 128 tokens: ~60 ms of CPU at 1,000 characters)."""
-        n = len(request.items)
-        if not 1 <= n <= self.upsert_max_items:
-            raise InvalidArgument(f"items must hold 1..{self.upsert_max_items} items, got {n}")
-        out, seen = [], set()
-        for i, it in enumerate(request.items):
-            check_id(it.item_id, f"items[{i}].item_id", MAX_ITEM_ID_CHARS)
-            check_id(it.title, f"items[{i}].title", self.title_max_chars)
-            if not it.title.strip():
-                raise InvalidArgument(f"items[{i}].title is blank")
-            check_id(it.category, f"items[{i}].category", self.category_max_chars, required=False)
-            price = finite(it.price, f"items[{i}].price")
-            if price < 0:
-                raise InvalidArgument(f"items[{i}].price must be >= 0, got {price}")
-            if it.item_id in seen:
-                raise InvalidArgument(f"items[{i}].item_id {it.item_id!r} appears twice")
-            seen.add(it.item_id)
-            out.append(ItemRecord(it.item_id, it.title, it.category, float(price)))
-        return out
+        return items_of_request(request, self.upsert_max_items, self.title_max_chars, self.category_max_chars)
 
     async def upsert(self, request: pb.UpsertItemsRequest, deadline: float | None = None) -> pb.UpsertItemsResponse:
         """Embed the new titles, then journal (fsync), compute the item vectors of every loaded

@@ -19,8 +19,14 @@ is compacted once dead entries outnumber live ones: new arrays, rows remapped, m
 by the live items however often the same ids are replaced. The per-version item vectors
 (item tower output) are not here: see services.recommender.item_index.ItemIndex.
 
+Departments: every item is in one department (a namespace such as "grocery" or "films");
+the default one is "" (items upserted without one, every item of a model version's
+catalog.jsonl, every journal line written before departments existed). A snapshot gives the
+rows of a set of departments (cached per snapshot), which a Recommend scoped to departments
+restricts the ranking to. Department names are few and never compacted.
+
 Durability: every upsert is appended to the journal (one JSON object per line: item_id,
-title, category, price) and fsync'd before it is applied, so an answered UpsertItems
+title, category, price, and department when not the default) and fsync'd before it is applied, so an answered UpsertItems
 survives a crash. Lines are written and read line-safe (shared.jsonl: ASCII-escaped,
 split on b"\n" only), and an unreadable line is skipped, logged and counted, never fatal:
 one bad append (ours or a feed's) must not stop the follower or a restart. At start the
@@ -32,17 +38,18 @@ the same file (with the same shared.jsonl reader) to learn items it has not seen
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from shared.jsonl import dumps_line, read_records
+from services.recommender.catalog_records import ItemRecord, _fsync_dir, read_jsonl, write_jsonl
+from shared.jsonl import read_records
+
+__all__ = ["COMPACT_MIN_DEAD", "Catalog", "CatalogSnapshot", "ItemRecord", "read_jsonl", "write_jsonl"]
 
 log = logging.getLogger(__name__)
 
@@ -52,44 +59,6 @@ TEXT_DIM = 384
 # entries: amortised O(1) per replaced title.
 COMPACT_MIN_DEAD = 256
 Embed = Callable[[Sequence[str]], np.ndarray]  # titles -> float32 [n, TEXT_DIM]
-
-
-@dataclasses.dataclass(frozen=True)
-class ItemRecord:
-    item_id: str
-    title: str
-    category: str
-    price: float
-
-    def to_json(self) -> str:
-        """One journal line without its newline (ASCII-escaped: see shared.jsonl)."""
-        return dumps_line({"item_id": self.item_id, "title": self.title, "category": self.category,
-                           "price": self.price})[:-1]
-
-    @classmethod
-    def from_json(cls, d: Any) -> "ItemRecord":
-        """A record from a parsed line; ValueError/TypeError for anything that is not an item
-        (a JSON fragment such as `5`, a title that is not a string, ...), so the reader skips
-        the line instead of failing on it."""
-        if not isinstance(d, dict):
-            raise TypeError(f"a catalog line must be a JSON object, got {type(d).__name__}")
-        item_id, title, category = d.get("item_id"), d.get("title"), d.get("category") or ""
-        if isinstance(item_id, int) and not isinstance(item_id, bool):
-            item_id = str(item_id)  # numeric ids from a feed: the id is their decimal form
-        if not isinstance(item_id, str) or not isinstance(title, str) or not isinstance(category, str):
-            raise TypeError("item_id, title and category must be strings")
-        if not item_id or not title:
-            raise ValueError("item_id and title are required")
-        price = d.get("price", 0.0)
-        if isinstance(price, bool) or not isinstance(price, (int, float)):
-            raise TypeError(f"price must be a number, got {type(price).__name__}")
-        try:
-            price = float(price)
-        except OverflowError:  # a huge JSON integer
-            raise ValueError("price is out of range") from None
-        if not math.isfinite(price) or price < 0:
-            raise ValueError(f"price must be finite and >= 0, got {price}")
-        return cls(item_id, title, category, price)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -106,6 +75,24 @@ class CatalogSnapshot:
     text_row: np.ndarray  # int32 [size]: row of the title's embedding in `texts`
     texts: np.ndarray  # float32 [T, TEXT_DIM]
     revision: np.ndarray  # int64 [size]: generation that last wrote each row
+    departments: list[str]  # shared, append-only department names
+    department: np.ndarray  # int32 [size]: index into departments
+    _scopes: dict = dataclasses.field(default_factory=dict, repr=False)  # departments -> rows (cache)
+
+    def scope(self, names: Iterable[str]) -> tuple[np.ndarray, frozenset[int]]:
+        """Rows (ascending, and as a set) of the items in any of these departments; names not in
+        the catalog add none. Cached per snapshot: requests scoped to a department cost one scan
+        of the department column per catalog change, not one per request."""
+        key = frozenset(names)
+        got = self._scopes.get(key)
+        if got is None:
+            codes = [i for i, name in enumerate(self.departments) if name in key]
+            rows = np.flatnonzero(np.isin(self.department, codes)) if codes else np.zeros(0, np.int64)
+            got = (rows, frozenset(rows.tolist()))
+            if len(self._scopes) >= 64:  # bounded: scopes are few (pages); a flood of new ones must not grow it
+                self._scopes.clear()
+            self._scopes[key] = got
+        return got
 
     def row(self, item_id: str) -> int | None:
         r = self.row_of.get(item_id)
@@ -147,6 +134,9 @@ class Catalog:
         self._text_refs: list[int] = []  # per text-table row: catalog rows using it (0 = dead)
         self._live_texts = 0
         self._category_refs: list[int] = []  # per category: catalog rows in it
+        self._departments: list[str] = [""]  # append-only; "" (code 0) is the default department
+        self._department_index: dict[str, int] = {"": 0}
+        self._department = np.zeros(0, np.int32)
         self._live_categories = 0
         self.compactions = 0  # text-table/category compactions (tests, logs)
         self._category = np.zeros(0, np.int32)
@@ -164,7 +154,8 @@ class Catalog:
     def _snapshot(self, generation: int, size: int) -> CatalogSnapshot:
         return CatalogSnapshot(generation, size, self._ids, self._row_of, self._categories,
                                self._category[:size], self._price[:size], self._text_row[:size],
-                               self._texts[: self._n_texts], self._revision[:size])
+                               self._texts[: self._n_texts], self._revision[:size], self._departments,
+                               self._department[:size])
 
     def __len__(self) -> int:
         return self.current.size
@@ -285,7 +276,8 @@ class Catalog:
         if row is None:
             return True
         return (self._titles[row] != it.title or self._categories[self._category[row]] != it.category
-                or float(self._price[row]) != np.float32(it.price))
+                or float(self._price[row]) != np.float32(it.price)
+                or self._departments[self._department[row]] != it.department)
 
     # ---- writing ----
     def plan(self, items: Sequence[ItemRecord]) -> tuple[int, int, list[str]]:
@@ -342,11 +334,13 @@ class Catalog:
             self._price = self._price.copy()
             self._text_row = self._text_row.copy()
             self._revision = self._revision.copy()
+            self._department = self._department.copy()
         size = old_size + sum(1 for it in items if it.item_id not in self._row_of)
         self._category = _grow(self._category, size)
         self._price = _grow(self._price, size)
         self._text_row = _grow(self._text_row, size)
         self._revision = _grow(self._revision, size)
+        self._department = _grow(self._department, size)
         new_titles = [t for t in dict.fromkeys(it.title for it in items) if t not in self._text_row_of]
         if new_titles:
             self._texts = _grow(self._texts, self._n_texts + len(new_titles))
@@ -376,6 +370,11 @@ class Catalog:
             self._price[row] = it.price
             self._text_row[row] = t
             self._revision[row] = generation
+            dept = self._department_index.get(it.department)
+            if dept is None:
+                dept = self._department_index[it.department] = len(self._departments)
+                self._departments.append(it.department)
+            self._department[row] = dept
         self._compact_tables(size)
         self.latest = self._snapshot(generation, size)
         return self.latest
@@ -426,44 +425,3 @@ class Catalog:
             self._category = category
             self.compactions += 1
             log.info("catalog: compacted the category list: %d live, %d unused dropped", len(keep), dead_categories)
-
-
-def read_jsonl(path: str | os.PathLike[str]) -> list[ItemRecord]:
-    """Items of a catalog JSONL file (a model version's catalog.jsonl: an artifact, so strict);
-    a torn last line (crash mid-append) is skipped with a warning, any other bad line is an
-    error naming the line. Split on b"\n" only, as shared.jsonl does (see there why)."""
-    out: list[ItemRecord] = []
-    lines = Path(path).read_bytes().split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(ItemRecord.from_json(json.loads(line.decode("utf-8"))))
-        except (ValueError, KeyError, TypeError) as e:
-            if i == len(lines) - 1:
-                log.warning("catalog %s: skipping a torn last line: %s", path, e)
-                continue
-            raise ValueError(f"{path}:{i + 1}: bad catalog line: {e}") from e
-    return out
-
-
-def write_jsonl(path: str | os.PathLike[str], items: Iterable[ItemRecord], fsync: bool = False) -> None:
-    with open(path, "w", encoding="ascii") as f:
-        for it in items:
-            f.write(it.to_json() + "\n")
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -25,31 +25,31 @@ _sym_db = _symbol_database.Default()
 from protos.common.v1 import common_pb2 as protos_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'protos/recommender/v1/recommender.proto\x12\x19storefront.recommender.v1\x1a\x1dprotos/common/v1/common.proto\"Q\n\x07\x43ontext\x12\x0c\n\x04page\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x18\n\x0bhour_of_day\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_hour_of_day\"\x9a\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x33\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\".storefront.recommender.v1.Context\x12\t\n\x01k\x18\x03 \x01(\r\x12\x1a\n\x12\x63\x61ndidate_item_ids\x18\x04 \x03(\t\x12\x19\n\x11\x65xclude_purchased\x18\x05 \x01(\x08\"e\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x19\n\x11\x63lick_probability\x18\x03 \x01(\x01\x12\x1c\n\x14purchase_probability\x18\x04 \x01(\x01\"\xa1\x01\n\x11RecommendResponse\x12\x15\n\rprediction_id\x18\x01 \x01(\t\x12\x34\n\x05items\x18\x02 \x03(\x0b\x32%.storefront.recommender.v1.ScoredItem\x12-\n\x05model\x18\x03 \x01(\x0b\x32\x1e.storefront.common.v1.ModelRef\x12\x10\n\x08\x66\x61llback\x18\x04 \x01(\x08\"\x85\x01\n\x15RecommendationOutcome\x12\x15\n\rprediction_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12/\n\x05\x65vent\x18\x03 \x01(\x0e\x32 .storefront.recommender.v1.Event\x12\x13\n\x0boccurred_at\x18\x04 \x01(\x01\"G\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05price\x18\x04 \x01(\x01\"D\n\x12UpsertItemsRequest\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.storefront.recommender.v1.Item\"N\n\x13UpsertItemsResponse\x12\x10\n\x08inserted\x18\x01 \x01(\r\x12\x0f\n\x07updated\x18\x02 \x01(\r\x12\x14\n\x0c\x63\x61talog_size\x18\x03 \x01(\r*p\n\x05\x45vent\x12\x15\n\x11\x45VENT_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45VENT_IMPRESSION\x10\x01\x12\x0f\n\x0b\x45VENT_CLICK\x10\x02\x12\x15\n\x11\x45VENT_ADD_TO_CART\x10\x03\x12\x12\n\x0e\x45VENT_PURCHASE\x10\x04\x32\xce\x03\n\x0bRecommender\x12h\n\tRecommend\x12+.storefront.recommender.v1.RecommendRequest\x1a,.storefront.recommender.v1.RecommendResponse\"\x00\x12p\n\rReportOutcome\x12\x30.storefront.recommender.v1.RecommendationOutcome\x1a+.storefront.common.v1.ReportOutcomeResponse\"\x00\x12s\n\x0eStreamOutcomes\x12\x30.storefront.recommender.v1.RecommendationOutcome\x1a+.storefront.common.v1.ReportOutcomeResponse\"\x00(\x01\x12n\n\x0bUpsertItems\x12-.storefront.recommender.v1.UpsertItemsRequest\x1a..storefront.recommender.v1.UpsertItemsResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'protos/recommender/v1/recommender.proto\x12\x19storefront.recommender.v1\x1a\x1dprotos/common/v1/common.proto\"Q\n\x07\x43ontext\x12\x0c\n\x04page\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x18\n\x0bhour_of_day\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_hour_of_day\"\xaf\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x33\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\".storefront.recommender.v1.Context\x12\t\n\x01k\x18\x03 \x01(\r\x12\x1a\n\x12\x63\x61ndidate_item_ids\x18\x04 \x03(\t\x12\x19\n\x11\x65xclude_purchased\x18\x05 \x01(\x08\x12\x13\n\x0b\x64\x65partments\x18\x06 \x03(\t\"e\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x19\n\x11\x63lick_probability\x18\x03 \x01(\x01\x12\x1c\n\x14purchase_probability\x18\x04 \x01(\x01\"\xa1\x01\n\x11RecommendResponse\x12\x15\n\rprediction_id\x18\x01 \x01(\t\x12\x34\n\x05items\x18\x02 \x03(\x0b\x32%.storefront.recommender.v1.ScoredItem\x12-\n\x05model\x18\x03 \x01(\x0b\x32\x1e.storefront.common.v1.ModelRef\x12\x10\n\x08\x66\x61llback\x18\x04 \x01(\x08\"\x85\x01\n\x15RecommendationOutcome\x12\x15\n\rprediction_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12/\n\x05\x65vent\x18\x03 \x01(\x0e\x32 .storefront.recommender.v1.Event\x12\x13\n\x0boccurred_at\x18\x04 \x01(\x01\"[\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05price\x18\x04 \x01(\x01\x12\x12\n\ndepartment\x18\x05 \x01(\t\"D\n\x12UpsertItemsRequest\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.storefront.recommender.v1.Item\"N\n\x13UpsertItemsResponse\x12\x10\n\x08inserted\x18\x01 \x01(\r\x12\x0f\n\x07updated\x18\x02 \x01(\r\x12\x14\n\x0c\x63\x61talog_size\x18\x03 \x01(\r*p\n\x05\x45vent\x12\x15\n\x11\x45VENT_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45VENT_IMPRESSION\x10\x01\x12\x0f\n\x0b\x45VENT_CLICK\x10\x02\x12\x15\n\x11\x45VENT_ADD_TO_CART\x10\x03\x12\x12\n\x0e\x45VENT_PURCHASE\x10\x04\x32\xce\x03\n\x0bRecommender\x12h\n\tRecommend\x12+.storefront.recommender.v1.RecommendRequest\x1a,.storefront.recommender.v1.RecommendResponse\"\x00\x12p\n\rReportOutcome\x12\x30.storefront.recommender.v1.RecommendationOutcome\x1a+.storefront.common.v1.ReportOutcomeResponse\"\x00\x12s\n\x0eStreamOutcomes\x12\x30.storefront.recommender.v1.RecommendationOutcome\x1a+.storefront.common.v1.ReportOutcomeResponse\"\x00(\x01\x12n\n\x0bUpsertItems\x12-.storefront.recommender.v1.UpsertItemsRequest\x1a..storefront.recommender.v1.UpsertItemsResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.recommender.v1.recommender_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENT']._serialized_start=967
-  _globals['_EVENT']._serialized_end=1079
+  _globals['_EVENT']._serialized_start=1008
+  _globals['_EVENT']._serialized_end=1120
   _globals['_CONTEXT']._serialized_start=101
   _globals['_CONTEXT']._serialized_end=182
   _globals['_RECOMMENDREQUEST']._serialized_start=185
-  _globals['_RECOMMENDREQUEST']._serialized_end=339
-  _globals['_SCOREDITEM']._serialized_start=341
-  _globals['_SCOREDITEM']._serialized_end=442
-  _globals['_RECOMMENDRESPONSE']._serialized_start=445
-  _globals['_RECOMMENDRESPONSE']._serialized_end=606
-  _globals['_RECOMMENDATIONOUTCOME']._serialized_start=609
-  _globals['_RECOMMENDATIONOUTCOME']._serialized_end=742
-  _globals['_ITEM']._serialized_start=744
-  _globals['_ITEM']._serialized_end=815
-  _globals['_UPSERTITEMSREQUEST']._serialized_start=817
-  _globals['_UPSERTITEMSREQUEST']._serialized_end=885
-  _globals['_UPSERTITEMSRESPONSE']._serialized_start=887
-  _globals['_UPSERTITEMSRESPONSE']._serialized_end=965
-  _globals['_RECOMMENDER']._serialized_start=1082
-  _globals['_RECOMMENDER']._serialized_end=1544
+  _globals['_RECOMMENDREQUEST']._serialized_end=360
+  _globals['_SCOREDITEM']._serialized_start=362
+  _globals['_SCOREDITEM']._serialized_end=463
+  _globals['_RECOMMENDRESPONSE']._serialized_start=466
+  _globals['_RECOMMENDRESPONSE']._serialized_end=627
+  _globals['_RECOMMENDATIONOUTCOME']._serialized_start=630
+  _globals['_RECOMMENDATIONOUTCOME']._serialized_end=763
+  _globals['_ITEM']._serialized_start=765
+  _globals['_ITEM']._serialized_end=856
+  _globals['_UPSERTITEMSREQUEST']._serialized_start=858
+  _globals['_UPSERTITEMSREQUEST']._serialized_end=926
+  _globals['_UPSERTITEMSRESPONSE']._serialized_start=928
+  _globals['_UPSERTITEMSRESPONSE']._serialized_end=1006
+  _globals['_RECOMMENDER']._serialized_start=1123
+  _globals['_RECOMMENDER']._serialized_end=1585
 # @@protoc_insertion_point(module_scope)

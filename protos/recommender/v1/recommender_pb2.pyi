@@ -32,18 +32,20 @@ class Context(_message.Message):
     def __init__(self, page: _Optional[str] = ..., device: _Optional[str] = ..., hour_of_day: _Optional[int] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "context", "k", "candidate_item_ids", "exclude_purchased")
+    __slots__ = ("user_id", "context", "k", "candidate_item_ids", "exclude_purchased", "departments")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_PURCHASED_FIELD_NUMBER: _ClassVar[int]
+    DEPARTMENTS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     context: Context
     k: int
     candidate_item_ids: _containers.RepeatedScalarFieldContainer[str]
     exclude_purchased: bool
-    def __init__(self, user_id: _Optional[str] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., k: _Optional[int] = ..., candidate_item_ids: _Optional[_Iterable[str]] = ..., exclude_purchased: _Optional[bool] = ...) -> None: ...
+    departments: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user_id: _Optional[str] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., k: _Optional[int] = ..., candidate_item_ids: _Optional[_Iterable[str]] = ..., exclude_purchased: _Optional[bool] = ..., departments: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score", "click_probability", "purchase_probability")
@@ -82,16 +84,18 @@ class RecommendationOutcome(_message.Message):
     def __init__(self, prediction_id: _Optional[str] = ..., item_id: _Optional[str] = ..., event: _Optional[_Union[Event, str]] = ..., occurred_at: _Optional[float] = ...) -> None: ...
 
 class Item(_message.Message):
-    __slots__ = ("item_id", "title", "category", "price")
+    __slots__ = ("item_id", "title", "category", "price", "department")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     PRICE_FIELD_NUMBER: _ClassVar[int]
+    DEPARTMENT_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     title: str
     category: str
     price: float
-    def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., category: _Optional[str] = ..., price: _Optional[float] = ...) -> None: ...
+    department: str
+    def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., category: _Optional[str] = ..., price: _Optional[float] = ..., department: _Optional[str] = ...) -> None: ...
 
 class UpsertItemsRequest(_message.Message):
     __slots__ = ("items",)
