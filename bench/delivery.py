@@ -366,10 +366,13 @@ class Cloner:
         rec.record_id = f"{self.domain}-bench-o-{pid}"
         o = rec.outcome
         o.prediction_id, o.occurred_at, o.received_at = pid, at, at
-        member = getattr(o, o.WhichOneof("outcome"))
+        from trainer.plugins import default_domains
+
+        member = default_domains()[rec.domain].unpack_outcome(o)  # the domain's outcome message
         member.prediction_id = pid
-        if hasattr(member, "occurred_at"):
+        if "occurred_at" in member.DESCRIPTOR.fields_by_name:
             member.occurred_at = at
+        o.domain_outcome.Pack(member)
         return rec.SerializeToString()
 
 

@@ -35,7 +35,7 @@ def v2_requests(rows: np.ndarray) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments(__doc__, "bench/results/fraud_serving.json").parse_args(argv)
-    from trainer.bootstrap import fraud_split
+    from trainer.domains.fraud_bootstrap import fraud_split
     from trainer.domains import fraud
 
     data = fraud.load_creditcard()

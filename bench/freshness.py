@@ -27,7 +27,7 @@ from trainer.eventlog import SqliteEventLog
 
 
 def measure(duration_s: float, rate: float, workdir: Path, trainer_args: list[str] = ()) -> dict:
-    from trainer.bootstrap import fraud_split
+    from trainer.domains.fraud_bootstrap import fraud_split
     from trainer.domains import fraud
 
     data = fraud.load_creditcard()

@@ -66,6 +66,7 @@ from google.protobuf import any_pb2
 from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2 as fb
 from protos.fraud.v1 import fraud_pb2
+from shared.feedback.records import feedback_outcome
 from bench.machine import machine_info as _machine_info, progress_printer
 from ops.loadgen import self_cpu_s
 
@@ -111,17 +112,16 @@ def fraud_served(record_id: str, prediction_id: str, served_at: float, *, rng: n
         outputs=[fb.Tensor(name="probability", datatype="FP32", shape=[1, 1],
                            raw_data=np.array([[p]], dtype=np.float32).tobytes())],
         request=_pack(request), response=_pack(response))
-    return fb.FeedbackRecord(record_id=record_id, domain=fb.DOMAIN_FRAUD, served=served)
+    return fb.FeedbackRecord(record_id=record_id, domain="fraud", served=served)
 
 
 def fraud_outcome(record_id: str, prediction_id: str, occurred_at: float, *, is_fraud: bool = False,
                   received_at: float | None = None, source: str = "chargeback") -> fb.FeedbackRecord:
     """A fraud outcome record (a label) as the fraud service forwards it."""
-    outcome = fb.Outcome(prediction_id=prediction_id, occurred_at=occurred_at,
-                         received_at=occurred_at if received_at is None else received_at,
-                         fraud=fraud_pb2.FraudOutcome(prediction_id=prediction_id, is_fraud=is_fraud,
-                                                      occurred_at=occurred_at, source=source))
-    return fb.FeedbackRecord(record_id=record_id, domain=fb.DOMAIN_FRAUD, outcome=outcome)
+    outcome = feedback_outcome(fraud_pb2.FraudOutcome(prediction_id=prediction_id, is_fraud=is_fraud,
+                                                      occurred_at=occurred_at, source=source),
+                               occurred_at, occurred_at if received_at is None else received_at)
+    return fb.FeedbackRecord(record_id=record_id, domain="fraud", outcome=outcome)
 
 
 def fraud_stream(n: int, *, seed: int = 0, instance: str = "fraud-bench-1", label_lag: int = 256,

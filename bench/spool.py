@@ -39,7 +39,6 @@ from typing import Any, Callable
 import numpy as np
 
 from bench.machine import machine_info, progress_printer
-from protos.feedback.v1 import feedback_pb2
 from shared.feedback.records import served_record
 from shared.feedback.spool import Spool as SqliteSpool
 
@@ -65,7 +64,7 @@ def records(n: int, prefix: str) -> list[tuple[str, bytes]]:
     for i in range(n):
         rid = f"{prefix}-{i:012d}"
         x = np.full((1, 30), i, dtype=np.float32)
-        out.append((rid, served_record(rid, feedback_pb2.DOMAIN_FRAUD, f"p{i}", "fraud", "v1", {"features": x},
+        out.append((rid, served_record(rid, "fraud", f"p{i}", "fraud", "v1", {"features": x},
                                        {"probability": x[:, :1]}, served_at=1_700_000_000.0 + i)))
     return out
 

@@ -16,7 +16,7 @@ def fraud_request(row: np.ndarray, transaction_id: str) -> fraud_pb2.ScoreTransa
 
 def fraud_requests(rows: int) -> tuple[list[fraud_pb2.ScoreTransactionRequest], list[bool]]:
     """Requests and labels from the part of the stream the bootstrap did not train on."""
-    from trainer.bootstrap import fraud_stream_rows
+    from trainer.domains.fraud_bootstrap import fraud_stream_rows
 
     X, y, _ = fraud_stream_rows()
     n = min(rows, len(y))

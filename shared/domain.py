@@ -1,9 +1,12 @@
 """The template every domain service follows: preprocess -> inference -> postprocess.
 
-A domain (fraud, recommender, pricing) subclasses DomainService and writes only what is
-particular to it: `preprocess` (validate the request, build model inputs), `postprocess`
-(turn outputs into its response, apply its rules) and `outcome_key` (what makes two
-outcomes the same). The template does the rest the same way everywhere: the deadline,
+A domain (fraud, recommender, pricing, or any other: the runtime names none) subclasses
+DomainService, names itself by its registered domain name (`domain`: the name its trainer
+plug-in registers, trainer/plugins.py), and writes only what is particular to it:
+`preprocess` (validate the request, build model inputs), `postprocess` (turn outputs into its
+response, apply its rules) and `outcome_to_feedback` (validate an outcome, say what makes two
+outcomes the same, pack it with `feedback_outcome`). `attach_domain` wires it into its server.
+The template does the rest the same way everywhere: the deadline,
 the batcher, a prediction id unique across replicas and restarts, recording what was
 served and what happened for the trainer, and de-duplicating repeated outcomes.
 
@@ -60,6 +63,7 @@ from google.protobuf.message import Message
 from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2
 from shared import logs
+from shared.feedback.records import feedback_outcome  # noqa: F401 (the domains' way to pack an outcome)
 from shared.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
 from shared.metrics import OUTCOMES_REJECTED
 from shared.prediction_ids import PREDICTION_ID_LEN  # noqa: F401 (importable from here, as before the move)
@@ -111,6 +115,13 @@ class SeenOutcomes:
         self._seen.pop(key, None)
 
 
+def check_domain_name(name: str) -> str:
+    """The name when it is a registered domain name ([a-z][a-z0-9_]{0,31}), else ValueError."""
+    from shared.feedback.domains import domain_value
+
+    return domain_value(name)
+
+
 def finite(value: float, field: str) -> float:
     if not math.isfinite(value):
         raise InvalidArgument(f"{field} must be a finite number, got {value}")
@@ -140,17 +151,21 @@ def event_time(value: float, field: str, now: float, allow_future: bool = False)
 class DomainService(abc.ABC, Generic[Req, Resp]):
     """What a domain servicer delegates to; the gRPC servicer stays a thin adapter."""
 
-    domain: int  # feedback_pb2.Domain value
+    domain: str  # the registered domain name (FeedbackRecord.domain, metrics, its trainer plug-in's name)
+    # the number this domain's prediction ids were signed with before domains were named (the
+    # retired feedback.proto enum), so that ids issued then still verify; None for a newer domain
+    prediction_id_legacy_domain: int | None = None
 
     def __init__(self, served: ServedModel, feedback=None) -> None:
         self.served = served
         self.feedback = feedback  # shared.feedback.FeedbackClient, or None when not learning
-        self.ids = PredictionIds(domain=self.domain)  # configure_outcomes gives it the deployment's keys
+        self._domain_label = check_domain_name(self.domain)
+        # configure_outcomes gives it the deployment's keys
+        self.ids = PredictionIds(domain=self.domain, legacy_domain=self.prediction_id_legacy_domain)
         self.served_ids = ServedIds()
         self.seen_outcomes = SeenOutcomes()
         self.outcome_limiter = RateLimiter(0, 1)  # off until configure_outcomes
         self.outcome_ack_durable = False
-        self._domain_label = feedback_pb2.Domain.Name(self.domain)[len("DOMAIN_"):].lower()
         self._m_rejected: dict[str, Any] = {}
 
     # ---- what a domain writes ----
@@ -165,7 +180,8 @@ class DomainService(abc.ABC, Generic[Req, Resp]):
 
     @abc.abstractmethod
     def outcome_to_feedback(self, outcome: Message, now: float) -> tuple[Hashable, feedback_pb2.Outcome]:
-        """Validate one outcome; return its identity (for duplicates) and the feedback record."""
+        """Validate one outcome; return its identity (for duplicates) and the feedback record
+        (`feedback_outcome`; the identity must agree with its trainer plug-in's outcome_identity)."""
 
     def served_record(self, request: Req, prepared: Prepared, outputs: Mapping[str, np.ndarray],
                       response: Resp) -> tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]:
@@ -389,9 +405,18 @@ def configure_outcomes(service: DomainService, settings) -> None:
     outcome ack mode, from DomainSettings."""
     path = settings.prediction_id_key_file or str(Path(settings.registry_dir).resolve().parent / "secrets"
                                                   / "prediction-ids.key")
-    service.ids = PredictionIds(load_prediction_id_keys(path), domain=service.domain)
+    service.ids = PredictionIds(load_prediction_id_keys(path), domain=service.domain,
+                                legacy_domain=service.prediction_id_legacy_domain)
     service.outcome_limiter = RateLimiter(settings.outcome_rate_per_s, settings.outcome_burst)
     service.outcome_ack_durable = settings.outcome_ack_durable
+
+
+def attach_domain(app, service: "DomainService", settings) -> None:
+    """Wire a domain service into its server app from DomainSettings: prediction id keys, outcome
+    rate limit and ack mode (`configure_outcomes`), and its feedback stream to the trainer
+    (`attach_feedback`, under the service's domain name)."""
+    configure_outcomes(service, settings)
+    service.feedback = attach_feedback(app, settings, service.domain)
 
 
 def attach_feedback(app, settings, domain: str):

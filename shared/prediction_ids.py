@@ -28,17 +28,22 @@ class PredictionIds:
 
     keys: the first signs new ids, all verify (list a new key first and keep the old one while
     its ids may still get outcomes, to rotate). None: a random key held in memory only, so ids
-    verify only in this process (tests; a deployment passes its key file's keys). The domain is
-    part of the MAC, so a fraud id is no pricing id even under one key."""
+    verify only in this process (tests; a deployment passes its key file's keys). The domain's
+    name is part of the MAC, so a fraud id is no pricing id even under one key.
+    legacy_domain: the number the domain's ids were signed with before domains were named
+    (feedback.proto's retired enum); ids signed so still verify (a chargeback comes weeks later)."""
 
-    def __init__(self, keys: list[bytes] | None = None, domain: int = 0) -> None:
+    def __init__(self, keys: list[bytes] | None = None, domain: str = "", legacy_domain: int | None = None) -> None:
         self.keys = list(keys) if keys else [secrets.token_bytes(32)]
         if any(len(k) < 16 for k in self.keys):
             raise ValueError("prediction id keys must have at least 128 bits")
-        self._tag = b"storefront-prediction-id\x00%d\x00" % int(domain)
+        self._tag = b"storefront-prediction-id\x00" + domain.encode() + b"\x00"
+        self._tags = [self._tag]
+        if legacy_domain is not None:
+            self._tags.append(b"storefront-prediction-id\x00%d\x00" % int(legacy_domain))
 
-    def _mac(self, key: bytes, nonce: bytes) -> bytes:
-        return hmac.new(key, self._tag + nonce, hashlib.sha256).digest()[:_MAC_BYTES]
+    def _mac(self, key: bytes, nonce: bytes, tag: bytes | None = None) -> bytes:
+        return hmac.new(key, (self._tag if tag is None else tag) + nonce, hashlib.sha256).digest()[:_MAC_BYTES]
 
     def next(self) -> str:
         nonce = secrets.token_bytes(_RANDOM_BYTES)
@@ -60,8 +65,9 @@ class PredictionIds:
         if f"{_b64(nonce)}.{_b64(mac)}" != prediction_id:
             return False
         ok = False
-        for key in self.keys:  # every key, so the time taken does not tell which one matched
-            ok |= hmac.compare_digest(self._mac(key, nonce), mac)
+        for key in self.keys:  # every key and tag, so the time taken does not tell which one matched
+            for tag in self._tags:
+                ok |= hmac.compare_digest(self._mac(key, nonce, tag), mac)
         return ok
 
 

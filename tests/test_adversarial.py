@@ -95,14 +95,14 @@ def test_adversarial_training_options_are_validated_and_fgsm_trains():
 
 
 def test_trainer_settings_pass_adversarial_options_to_the_fraud_model():
-    from trainer.service import DOMAIN_MODELS, TrainerSettings
+    from trainer.service import TrainerSettings
 
     s = TrainerSettings()
     assert (s.adv_epsilon, s.adv_share, s.adv_method, s.adv_steps) == (ADV_EPSILON, ADV_SHARE, ADV_METHOD, ADV_STEPS)
     d = FraudModel()
     assert (d.adv_epsilon, d.adv_share, d.adv_method, d.adv_steps) == (ADV_EPSILON, ADV_SHARE, ADV_METHOD, ADV_STEPS)
     s = TrainerSettings.load(["--adv-epsilon", "0.5", "--adv-method", "fgsm"], env={"STOREFRONT_ADV_SHARE": "0.25"})
-    m = DOMAIN_MODELS["fraud"](s)
+    m = s.domain_model("fraud")  # the fraud plug-in's model from these settings
     assert (m.adv_epsilon, m.adv_share, m.adv_method) == (0.5, 0.25, "fgsm")
     with pytest.raises(SystemExit):
         TrainerSettings.load(["--adv-method", "cw"], env={})

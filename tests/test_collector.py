@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from bench.ingest import fraud_outcome, fraud_served
 from protos.feedback.v1 import feedback_pb2 as fb
+from shared.feedback.records import feedback_outcome
 from protos.feedback.v1 import feedback_pb2_grpc as fb_grpc
 from shared.feedback import FeedbackClient, encode_batch
 from trainer.collector import SERVICE_NAME, FeedbackCollector, add_collector, split_batch
@@ -118,16 +119,16 @@ async def test_duplicates_are_acked_duplicate(tmp_path: Path):
 
 async def test_bad_records_are_rejected_and_the_stream_goes_on(tmp_path: Path):
     wrong_domain = fraud_outcome("bad-2", "p1", T)
-    wrong_domain.domain = fb.DOMAIN_PRICING
-    records = [fraud_served("ok-1", "p1", T), fb.FeedbackRecord(record_id="bad-1", domain=fb.DOMAIN_FRAUD),
-               wrong_domain, fraud_outcome("ok-2", "p1", T + 3), fb.FeedbackRecord(domain=fb.DOMAIN_FRAUD)]
+    wrong_domain.domain = "pricing"
+    records = [fraud_served("ok-1", "p1", T), fb.FeedbackRecord(record_id="bad-1", domain="fraud"),
+               wrong_domain, fraud_outcome("ok-2", "p1", T + 3), fb.FeedbackRecord(domain="fraud")]
     before = REGISTRY.get_sample_value("storefront_trainer_records_total",
                                        {"domain": "fraud", "kind": "unknown", "result": "rejected"}) or 0
     async with Harness(tmp_path / "events.db") as h:
         acks = {a.record_id: a for a in await h.send(records)}
         assert acks["ok-1"].status == acks["ok-2"].status == fb.ACK_STATUS_STORED
         assert acks["bad-1"].status == fb.ACK_STATUS_REJECTED and "payload" in acks["bad-1"].message
-        assert acks["bad-2"].status == fb.ACK_STATUS_REJECTED and "outcome.fraud" in acks["bad-2"].message
+        assert acks["bad-2"].status == fb.ACK_STATUS_REJECTED and "outcome.domain_outcome: packs" in acks["bad-2"].message
         assert acks[""].status == fb.ACK_STATUS_REJECTED and "record_id" in acks[""].message
         assert [e.record_id for e in h.log.read(0, 10)] == ["ok-1", "ok-2"]
         assert h.collector.rejected == 3
@@ -325,8 +326,9 @@ async def test_feedback_client_through_the_collector(tmp_path: Path):
         for i in range(500):  # recorded before start: a backlog, sent in full batches
             assert client.record_served(f"p{i}", "fraud", "v1", {"features": x}, {"probability": x[:, :1]},
                                         served_at=T + i)
-        assert client.record_outcome(fb.Outcome(prediction_id="p0", occurred_at=T, received_at=T,
-                                                fraud=fraud_pb2.FraudOutcome(prediction_id="other")))  # REJECTED
+        mismatch = feedback_outcome(fraud_pb2.FraudOutcome(prediction_id="other"), T, T)
+        mismatch.prediction_id = "p0"  # not the packed outcome's: REJECTED
+        assert client.record_outcome(mismatch)
         client.start()
         assert await client.flush(15)
         for i in range(500, 520):  # live: whatever is ready goes at once

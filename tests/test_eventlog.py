@@ -15,10 +15,12 @@ from google.protobuf import any_pb2
 
 from bench.ingest import fraud_outcome, fraud_served
 from protos.feedback.v1 import feedback_pb2 as fb
+from shared.feedback.records import feedback_outcome
+from protos.fraud.v1 import fraud_pb2
 from protos.pricing.v1 import pricing_pb2
 from protos.recommender.v1 import recommender_pb2
-from trainer.eventlog import (DUPLICATE, OUTCOME, REJECTED, SERVED, STORED, EventLog, SqliteEventLog,
-                              outcome_key)
+from trainer.eventlog import DUPLICATE, OUTCOME, REJECTED, SERVED, STORED, EventLog, SqliteEventLog
+from trainer.plugins import default_domains
 
 REPO = Path(__file__).resolve().parents[1]
 T = 1.7e9
@@ -31,10 +33,15 @@ def log(tmp_path: Path):
 
 
 def rec_outcome(rid: str, pid: str, item: str = "i1", event=recommender_pb2.EVENT_CLICK, at: float = T + 5):
-    o = fb.Outcome(prediction_id=pid, occurred_at=at, received_at=at,
-                   recommendation=recommender_pb2.RecommendationOutcome(prediction_id=pid, item_id=item, event=event,
-                                                                        occurred_at=at))
-    return fb.FeedbackRecord(record_id=rid, domain=fb.DOMAIN_RECOMMENDER, outcome=o)
+    o = feedback_outcome(recommender_pb2.RecommendationOutcome(prediction_id=pid, item_id=item, event=event,
+                                                                        occurred_at=at), at, at)
+    return fb.FeedbackRecord(record_id=rid, domain="recommender", outcome=o)
+
+
+def outcome_key(domain: str, outcome: fb.Outcome) -> str:
+    """The identity key the log stores for an outcome (its domain plug-in's)."""
+    plugin = default_domains()[domain]
+    return plugin.outcome_key(outcome.prediction_id, plugin.unpack_outcome(outcome))
 
 
 def test_implements_the_interface(log):
@@ -65,7 +72,8 @@ def test_append_and_read(log):
     assert (e.record_id, e.domain, e.kind, e.prediction_id, e.event_time) == ("r0", "fraud", SERVED, "p0", T)
     assert e.record == records[0]
     assert e.received_at > T
-    assert entries[5].event_time == T + 100 and entries[5].record.outcome.fraud.is_fraud is False
+    assert entries[5].event_time == T + 100
+    assert default_domains()["fraud"].unpack_outcome(entries[5].record.outcome).is_fraud is False
 
     assert [e.offset for e in log.read(2, 3)] == [3, 4, 5]
     assert [e.offset for e in log.read(0, 100, kind=OUTCOME)] == [6, 7, 8]
@@ -128,26 +136,29 @@ def _bad_records() -> list[tuple[object, str]]:
     wrong_request.served.request.Pack(pricing_pb2.QuoteRequest())
     wrong_domain = fb.FeedbackRecord()
     wrong_domain.CopyFrom(good)
-    wrong_domain.domain = fb.DOMAIN_RECOMMENDER  # a fraud request in a recommender record
+    wrong_domain.domain = "recommender"  # a fraud request in a recommender record
 
     pricing_in_fraud = fraud_outcome("o1", "px", T)
-    pricing_in_fraud.outcome.pricing.CopyFrom(pricing_pb2.PricingOutcome(prediction_id="px", sold=False,
-                                                                         occurred_at=T))
+    pricing_in_fraud.outcome.domain_outcome.Pack(pricing_pb2.PricingOutcome(prediction_id="px", sold=False,
+                                                                            occurred_at=T))
     pid_mismatch = fraud_outcome("o2", "px", T)
-    pid_mismatch.outcome.fraud.prediction_id = "other"
+    pid_mismatch.outcome.domain_outcome.Pack(fraud_pb2.FraudOutcome(prediction_id="other", occurred_at=T))
     no_member = fraud_outcome("o3", "px", T)
-    no_member.outcome.ClearField("fraud")
+    no_member.outcome.ClearField("domain_outcome")
+    not_parsing = fraud_outcome("o4", "px", T)
+    not_parsing.outcome.domain_outcome.value = b"\xff\xff"
     bytes_tensor = fb.FeedbackRecord()
     bytes_tensor.CopyFrom(good)
     bytes_tensor.served.inputs.add(name="title", datatype="BYTES", shape=[1, 2],
                                    raw_data=(3).to_bytes(4, "little") + b"abc")  # 1 element, shape says 2
 
     return [
-        (fb.FeedbackRecord(domain=fb.DOMAIN_FRAUD, served=good.served), "record_id"),
+        (fb.FeedbackRecord(domain="fraud", served=good.served), "record_id"),
         (served(record_id="r" * 257), "record_id"),
         (fb.FeedbackRecord(record_id="x", served=good.served), "domain"),
-        (fb.FeedbackRecord(record_id="x", domain=7, served=good.served), "domain"),
-        (fb.FeedbackRecord(record_id="x", domain=fb.DOMAIN_FRAUD), "payload"),
+        (fb.FeedbackRecord(record_id="x", domain="toys", served=good.served), "domain"),
+        (fb.FeedbackRecord(record_id="x", domain="Fraud!", served=good.served), "domain"),
+        (fb.FeedbackRecord(record_id="x", domain="fraud"), "payload"),
         (served(prediction_id=""), "served.prediction_id"),
         (served(prediction_id="p" * 65), "served.prediction_id"),
         (no_version, "served.model"),
@@ -163,9 +174,10 @@ def _bad_records() -> list[tuple[object, str]]:
         (fraud_outcome("o0", "", T), "outcome.prediction_id"),
         (fraud_outcome("o0", "px", 0.0), "outcome.occurred_at"),
         (fraud_outcome("o0", "px", T, received_at=-1.0), "outcome.received_at"),
-        (pricing_in_fraud, "outcome.pricing"),
-        (pid_mismatch, "outcome.fraud.prediction_id"),
-        (no_member, "outcome"),
+        (pricing_in_fraud, "outcome.domain_outcome: packs 'storefront.pricing.v1.PricingOutcome'"),
+        (pid_mismatch, "outcome.domain_outcome.prediction_id"),
+        (no_member, "outcome.domain_outcome: required"),
+        (not_parsing, "outcome.domain_outcome: the bytes"),
         (b"\xff\xff\xff", "FeedbackRecord"),
     ]
 
@@ -211,20 +223,19 @@ def test_outcome_identity_follows_the_contracts():
     f1 = fraud_outcome("a", "p", T, is_fraud=True).outcome
     f2 = fraud_outcome("b", "p", T + 50, is_fraud=True, source="manual_review").outcome
     f3 = fraud_outcome("c", "p", T, is_fraud=False).outcome
-    assert outcome_key(fb.DOMAIN_FRAUD, f1) == outcome_key(fb.DOMAIN_FRAUD, f2)  # (prediction_id, is_fraud)
-    assert outcome_key(fb.DOMAIN_FRAUD, f1) != outcome_key(fb.DOMAIN_FRAUD, f3)
+    assert outcome_key("fraud", f1) == outcome_key("fraud", f2)  # (prediction_id, is_fraud)
+    assert outcome_key("fraud", f1) != outcome_key("fraud", f3)
     r1, r2 = rec_outcome("a", "p", at=T).outcome, rec_outcome("b", "p", at=T + 9).outcome
-    assert outcome_key(fb.DOMAIN_RECOMMENDER, r1) == outcome_key(fb.DOMAIN_RECOMMENDER, r2)
+    assert outcome_key("recommender", r1) == outcome_key("recommender", r2)
     r3 = rec_outcome("c", "p", event=recommender_pb2.EVENT_PURCHASE).outcome
-    assert outcome_key(fb.DOMAIN_RECOMMENDER, r1) != outcome_key(fb.DOMAIN_RECOMMENDER, r3)
+    assert outcome_key("recommender", r1) != outcome_key("recommender", r3)
 
     def pricing(units, at):
-        return fb.Outcome(prediction_id="p", occurred_at=at, received_at=at,
-                          pricing=pricing_pb2.PricingOutcome(prediction_id="p", sold=True, units=units, price=9.5,
-                                                             occurred_at=at))
-    assert outcome_key(fb.DOMAIN_PRICING, pricing(1, T)) == outcome_key(fb.DOMAIN_PRICING, pricing(1, T))
-    assert outcome_key(fb.DOMAIN_PRICING, pricing(1, T)) != outcome_key(fb.DOMAIN_PRICING, pricing(2, T))
-    assert outcome_key(fb.DOMAIN_PRICING, pricing(1, T)) != outcome_key(fb.DOMAIN_PRICING, pricing(1, T + 1))
+        return feedback_outcome(pricing_pb2.PricingOutcome(prediction_id="p", sold=True, units=units, price=9.5,
+                                                             occurred_at=at), at, at)
+    assert outcome_key("pricing", pricing(1, T)) == outcome_key("pricing", pricing(1, T))
+    assert outcome_key("pricing", pricing(1, T)) != outcome_key("pricing", pricing(2, T))
+    assert outcome_key("pricing", pricing(1, T)) != outcome_key("pricing", pricing(1, T + 1))
 
 
 def test_consumer_offsets_persist_across_reopen(tmp_path: Path):
@@ -349,10 +360,16 @@ def test_an_any_with_the_right_type_is_accepted(log):
 from trainer.eventlog import RetentionPolicy  # noqa: E402
 
 WINDOWS = {"fraud": 14 * 86400.0, "recommender": 3600.0, "pricing": 86400.0}
+LEARNED = frozenset({"fraud", "pricing"})  # one label per prediction (their plug-ins say so)
+
+
+def test_the_built_in_plug_ins_declare_the_windows_and_learned_domains_retention_uses():
+    assert default_domains().windows() == WINDOWS
+    assert default_domains().one_label_per_prediction() == LEARNED
 
 
 def rec_served(rid: str, pid: str, at: float) -> fb.FeedbackRecord:
-    r = fb.FeedbackRecord(record_id=rid, domain=fb.DOMAIN_RECOMMENDER)
+    r = fb.FeedbackRecord(record_id=rid, domain="recommender")
     r.served.prediction_id, r.served.served_at = pid, at
     r.served.model.name, r.served.model.version = "recommender", "v1"
     return r
@@ -376,7 +393,7 @@ def test_retention_keeps_whatever_a_consumer_or_a_label_window_still_needs(log):
     # recommender: a prediction clicked inside its window, and one of another consumer-less domain
     log.append_batch([rec_served("rs1", "rp1", now - 10), rec_outcome("ro1", "rp1", at=now - 5)])
     log.commit_offset("learner-fraud", 10, {"domain": "fraud", "offset": 10, "pending": [10]})
-    policy = RetentionPolicy(windows=WINDOWS, slack_s=60)
+    policy = RetentionPolicy(windows=WINDOWS, slack_s=60, learned_domains=LEARNED)
     report = log.retain(policy, now=now)
     # learned predictions and their processed labels went; the pending label, the unprocessed one,
     # their predictions, unlabeled predictions inside the window and every recommender event stayed
@@ -470,5 +487,5 @@ def test_retention_policy_validation():
     with pytest.raises(ValueError):
         RetentionPolicy(windows=WINDOWS, max_bytes=10, hard_max_bytes=5).validate()
     with pytest.raises(ValueError):
-        RetentionPolicy(windows=WINDOWS, learned_domains=frozenset({"ads"})).validate()
+        RetentionPolicy(windows=WINDOWS, learned_domains=frozenset({"ads"})).validate(default_domains())
     RetentionPolicy(windows=WINDOWS).validate()

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from protos.feedback.v1 import feedback_pb2
+from shared.feedback.records import feedback_outcome
 from protos.fraud.v1 import fraud_pb2
 from shared.feedback import MAX_BATCH_BYTES, FeedbackClient, SpoolLockedError, encode_batch, read_spool, tensor_to_numpy
 from shared.feedback.records import served_record
@@ -25,7 +26,7 @@ FAST = dict(reconnect_backoff_s=(0.02, 0.1))
 
 
 def make_client(port: int, spool: Path, **kw) -> FeedbackClient:
-    args = dict(domain=feedback_pb2.DOMAIN_FRAUD, spool_dir=spool, **FAST)
+    args = dict(domain="fraud", spool_dir=spool, **FAST)
     args.update(kw)
     return FeedbackClient(f"127.0.0.1:{port}", **args)
 
@@ -39,8 +40,7 @@ def served(client: FeedbackClient, i: int) -> None:
 
 
 def outcome(i: int) -> feedback_pb2.Outcome:
-    return feedback_pb2.Outcome(prediction_id=f"p{i}", occurred_at=1_700_000_100.0 + i,
-                                received_at=1_700_000_100.0 + i, fraud=fraud_pb2.FraudOutcome(prediction_id=f"p{i}"))
+    return feedback_outcome(fraud_pb2.FraudOutcome(prediction_id=f"p{i}"), 1_700_000_100.0 + i, 1_700_000_100.0 + i)
 
 
 def on_disk(spool: Path) -> list[str]:
@@ -91,14 +91,15 @@ async def test_records_flow_and_are_acked(trainer, tmp_path):
     ids = list(trainer.stored)
     assert ids == [f"{c.instance_id}-{n:012d}" for n in range(1, 201)]
     first = trainer.stored[ids[0]]
-    assert first.domain == feedback_pb2.DOMAIN_FRAUD and first.served.prediction_id == "p0"
+    assert first.domain == "fraud" and first.served.prediction_id == "p0"
     assert first.served.model.name == "fraud" and first.served.model.version == "v1"
     assert first.served.served_at == 1_700_000_000.0
     np.testing.assert_array_equal(tensor_to_numpy(first.served.inputs[0]), np.zeros((1, 30), np.float32))
     assert first.served.inputs[0].name == "features" and first.served.inputs[0].datatype == "FP32"
     req = fraud_pb2.ScoreTransactionRequest()
     assert first.served.request.Unpack(req) and req.transaction_id == "t0"
-    assert trainer.stored[ids[1]].outcome.fraud.prediction_id == "p0"
+    label = fraud_pb2.FraudOutcome()
+    assert trainer.stored[ids[1]].outcome.domain_outcome.Unpack(label) and label.prediction_id == "p0"
     assert REGISTRY.get_sample_value("storefront_feedback_connected", {"domain": "fraud"}) == 1
     assert REGISTRY.get_sample_value("storefront_feedback_acked_total",
                                      {"domain": "fraud", "status": "stored"}) >= 200
@@ -242,7 +243,7 @@ def write_legacy_segment(path: Path, frames: list[tuple[str, bytes]]) -> None:
 
 
 def served_payload(i: int, rid: str) -> bytes:
-    return served_record(rid, feedback_pb2.DOMAIN_FRAUD, f"p{i}", "fraud", "v1",
+    return served_record(rid, "fraud", f"p{i}", "fraud", "v1",
                          {"features": np.full((1, 30), i, dtype=np.float32)}, {"probability": np.zeros((1, 1))})
 
 
@@ -524,9 +525,9 @@ def test_batch_limits_are_checked(tmp_path):
 
 
 def test_encode_batch_is_a_feedback_batch():
-    recs = [feedback_pb2.FeedbackRecord(record_id=f"r{i}", domain=feedback_pb2.DOMAIN_FRAUD,
+    recs = [feedback_pb2.FeedbackRecord(record_id=f"r{i}", domain="fraud",
                                         outcome=outcome(i)) for i in range(3)]
-    big = feedback_pb2.FeedbackRecord(record_id="big", domain=feedback_pb2.DOMAIN_FRAUD)
+    big = feedback_pb2.FeedbackRecord(record_id="big", domain="fraud")
     big.served.inputs.add(name="x", datatype="UINT8", shape=[1, 70000], raw_data=bytes(70000))  # 3-byte varint
     recs.append(big)
     raw = encode_batch([r.SerializeToString() for r in recs])

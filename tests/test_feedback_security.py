@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY
 from bench.ingest import fraud_outcome, fraud_served
 from ops.up import SERVICES, TRAINER, Suite
 from protos.feedback.v1 import feedback_pb2 as fb
+from shared.feedback.records import feedback_outcome
 from protos.fraud.v1 import fraud_pb2
 from protos.pricing.v1 import pricing_pb2
 from services.fraud.main import FraudSettings
@@ -66,9 +67,8 @@ class Collector(Harness):
 
 
 def pricing_outcome(rid: str, pid: str) -> fb.FeedbackRecord:
-    o = fb.Outcome(prediction_id=pid, occurred_at=T, received_at=T,
-                   pricing=pricing_pb2.PricingOutcome(prediction_id=pid, sold=True, units=1, price=9.0, occurred_at=T))
-    return fb.FeedbackRecord(record_id=rid, domain=fb.DOMAIN_PRICING, outcome=o)
+    o = feedback_outcome(pricing_pb2.PricingOutcome(prediction_id=pid, sold=True, units=1, price=9.0, occurred_at=T), T, T)
+    return fb.FeedbackRecord(record_id=rid, domain="pricing", outcome=o)
 
 
 # ---------------------------------------------------------------- the collector names its clients
@@ -126,10 +126,10 @@ def test_loopback_only_without_tokens():
 
 def test_record_head_reads_id_and_domain_like_protobuf():
     rec = fraud_served("r-1", "p1", T)
-    assert record_head(rec.SerializeToString()) == ("r-1", fb.DOMAIN_FRAUD)
+    assert record_head(rec.SerializeToString()) == ("r-1", "fraud")
     # The last occurrence of a field wins, as when the log parses it: no smuggling a second domain.
-    twice = rec.SerializeToString() + fb.FeedbackRecord(domain=fb.DOMAIN_PRICING).SerializeToString()
-    assert record_head(twice) == ("r-1", fb.DOMAIN_PRICING) and fb.FeedbackRecord.FromString(twice).domain == 3
+    twice = rec.SerializeToString() + fb.FeedbackRecord(domain="pricing").SerializeToString()
+    assert record_head(twice) == ("r-1", "pricing") and fb.FeedbackRecord.FromString(twice).domain == "pricing"
     assert record_head(b"\x0a\xff") is None
 
 
@@ -198,13 +198,35 @@ async def test_fraud_service_delivers_to_an_mtls_trainer(fraud_world, pki, tmp_p
 # ---------------------------------------------------------------- outcomes at the service
 
 def test_prediction_ids_are_random_signed_and_short():
-    ids = PredictionIds(domain=fb.DOMAIN_FRAUD)
+    ids = PredictionIds(domain="fraud")
     a, b = ids.next(), ids.next()
     assert a != b and len(a) == PREDICTION_ID_LEN <= 64 and a.isascii()
     assert ids.verify(a) and not ids.verify(a[:-1] + ("A" if a[-1] != "A" else "B"))
-    assert not PredictionIds(ids.keys, domain=fb.DOMAIN_PRICING).verify(a)  # a fraud id is no pricing id
-    rotated = PredictionIds([os.urandom(32), *ids.keys], domain=fb.DOMAIN_FRAUD)
+    assert not PredictionIds(ids.keys, domain="pricing").verify(a)  # a fraud id is no pricing id
+    rotated = PredictionIds([os.urandom(32), *ids.keys], domain="fraud")
     assert rotated.verify(a) and rotated.verify(rotated.next()) and not ids.verify(rotated.next())
+
+
+def test_prediction_ids_issued_before_domains_were_named_still_verify():
+    """Ids were signed with the retired feedback.proto enum number of their domain; a service that
+    declares that number (prediction_id_legacy_domain) still admits their outcomes (chargebacks
+    come weeks later), and no other domain's service does."""
+    import base64
+    import hashlib
+    import hmac
+
+    key = os.urandom(32)
+    nonce = os.urandom(16)
+    mac = hmac.new(key, b"storefront-prediction-id\x001\x00" + nonce, hashlib.sha256).digest()[:16]  # 1: DOMAIN_FRAUD
+    old_fraud_id = ".".join(base64.urlsafe_b64encode(b).rstrip(b"=").decode() for b in (nonce, mac))
+    assert PredictionIds([key], domain="fraud", legacy_domain=1).verify(old_fraud_id)
+    assert not PredictionIds([key], domain="fraud").verify(old_fraud_id)
+    assert not PredictionIds([key], domain="pricing", legacy_domain=3).verify(old_fraud_id)
+    from services.fraud.adapter import FraudService
+    from services.pricing.adapter import PricingService
+    from services.recommender.adapter import RecommenderService
+
+    assert [c.prediction_id_legacy_domain for c in (FraudService, RecommenderService, PricingService)] == [1, 2, 3]
 
 
 def test_key_file_is_created_once_and_private(tmp_path):
@@ -220,7 +242,7 @@ async def test_guessed_prediction_ids_are_rejected_at_the_service(fraud_world): 
     try:
         resp = await stub.ScoreTransaction(request_for(data, 5))
         pid = resp.prediction_id
-        other_deployment = PredictionIds(domain=fb.DOMAIN_FRAUD).next()
+        other_deployment = PredictionIds(domain="fraud").next()
         guesses = [pid[:-2] + ("AA" if pid[-2:] != "AA" else "BB"),  # tampered signature
                    other_deployment,                                 # signed with another key
                    "0123456789abcdef-2", pid.split(".")[0]]          # the old <instance>-<counter> form, no MAC

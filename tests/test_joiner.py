@@ -9,10 +9,15 @@ import pytest
 from bench.ingest import fraud_outcome, fraud_served
 from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2 as fb
+from protos.fraud.v1 import fraud_pb2
+from shared.feedback.records import feedback_outcome
 from protos.pricing.v1 import pricing_pb2
 from protos.recommender.v1 import recommender_pb2
-from trainer.eventlog import STORED, SqliteEventLog
-from trainer.joiner import DEFAULT_WINDOWS, Joiner, parse_windows
+from trainer.eventlog import REJECTED, STORED, SqliteEventLog
+from trainer.joiner import Joiner, parse_windows
+from trainer.plugins import default_domains
+
+DEFAULT_WINDOWS = default_domains().windows()
 
 T = 1.7e9
 DAY = 86400.0
@@ -40,21 +45,19 @@ def rec_served(rid: str, pid: str, at: float) -> fb.FeedbackRecord:
     s = fb.ServedPrediction(prediction_id=pid, model=common_pb2.ModelRef(name="recommender", version="v3"),
                             served_at=at)
     s.inputs.add(name="user", datatype="INT64", shape=[1, 1], raw_data=np.array([[7]], np.int64).tobytes())
-    return fb.FeedbackRecord(record_id=rid, domain=fb.DOMAIN_RECOMMENDER, served=s)
+    return fb.FeedbackRecord(record_id=rid, domain="recommender", served=s)
 
 
 def rec_outcome(rid: str, pid: str, at: float, item: str = "i1", event=recommender_pb2.EVENT_CLICK):
-    o = fb.Outcome(prediction_id=pid, occurred_at=at, received_at=at,
-                   recommendation=recommender_pb2.RecommendationOutcome(prediction_id=pid, item_id=item,
-                                                                        event=event, occurred_at=at))
-    return fb.FeedbackRecord(record_id=rid, domain=fb.DOMAIN_RECOMMENDER, outcome=o)
+    o = feedback_outcome(recommender_pb2.RecommendationOutcome(prediction_id=pid, item_id=item,
+                                                                        event=event, occurred_at=at), at, at)
+    return fb.FeedbackRecord(record_id=rid, domain="recommender", outcome=o)
 
 
 def pricing_outcome(rid: str, pid: str, at: float, units: int = 1):
-    o = fb.Outcome(prediction_id=pid, occurred_at=at, received_at=at,
-                   pricing=pricing_pb2.PricingOutcome(prediction_id=pid, sold=True, units=units, price=4.2,
-                                                      occurred_at=at))
-    return fb.FeedbackRecord(record_id=rid, domain=fb.DOMAIN_PRICING, outcome=o)
+    o = feedback_outcome(pricing_pb2.PricingOutcome(prediction_id=pid, sold=True, units=units, price=4.2,
+                                                      occurred_at=at), at, at)
+    return fb.FeedbackRecord(record_id=rid, domain="pricing", outcome=o)
 
 
 def test_matches_outcomes_to_what_was_served(log):
@@ -63,7 +66,7 @@ def test_matches_outcomes_to_what_was_served(log):
     append(log, fraud_outcome("o1", "p1", T + DAY, is_fraud=True), fraud_outcome("o3", "p3", T + 3 + 60))
     j = Joiner(log)
     out = j.poll()
-    assert [(x.prediction_id, x.outcome.fraud.is_fraud) for x in out] == [("p1", True), ("p3", False)]
+    assert [(x.prediction_id, x.label.is_fraud) for x in out] == [("p1", True), ("p3", False)]
     x = out[0]
     assert x.domain == "fraud" and x.offset == 6 and x.served_offset == 2
     assert x.served == served[1].served  # exactly the features that were served
@@ -200,7 +203,7 @@ def test_domain_filter_and_pricing(log):
     append(log, fraud_served("s1", "p1", T), rec_served("s2", "q1", T))
     s = fb.ServedPrediction(prediction_id="z1", model=common_pb2.ModelRef(name="pricing", version="v1"),
                             served_at=T)
-    append(log, fb.FeedbackRecord(record_id="s3", domain=fb.DOMAIN_PRICING, served=s))
+    append(log, fb.FeedbackRecord(record_id="s3", domain="pricing", served=s))
     append(log, fraud_outcome("o1", "p1", T + 1), rec_outcome("o2", "q1", T + 1),
            pricing_outcome("o3", "z1", T + 3600), pricing_outcome("o4", "z1", T + 3600),
            pricing_outcome("o5", "z1", T + 3600, units=2))
@@ -224,12 +227,12 @@ def test_prediction_ids_are_per_domain(log):
 
 
 def test_parse_windows():
-    w = parse_windows("fraud=100, recommender=1800")
-    assert w == {"fraud": 100.0, "recommender": 1800.0, "pricing": DEFAULT_WINDOWS["pricing"]}
-    assert parse_windows("") == DEFAULT_WINDOWS
+    w = parse_windows("fraud=100, recommender=1800", DEFAULT_WINDOWS)
+    assert w == {"fraud": 100.0, "recommender": 1800.0, "pricing": 86400.0}
+    assert parse_windows("", DEFAULT_WINDOWS) == DEFAULT_WINDOWS
     for bad in ("fraud", "shoes=1", "fraud=0", "fraud=x"):
         with pytest.raises(ValueError):
-            parse_windows(bad)
+            parse_windows(bad, DEFAULT_WINDOWS)
 
 
 def test_fraud_two_labels_of_one_prediction_only_the_latest_is_joined(log):
@@ -242,7 +245,7 @@ def test_fraud_two_labels_of_one_prediction_only_the_latest_is_joined(log):
            fraud_outcome("p2-fraud-early", "p2", T + 5, is_fraud=True))
     j = Joiner(log)
     out = j.poll()
-    assert [(x.prediction_id, x.outcome.fraud.is_fraud) for x in out] == [("p1", False), ("p2", False)]
+    assert [(x.prediction_id, x.label.is_fraud) for x in out] == [("p1", False), ("p2", False)]
     assert j.superseded == 2 and j.matched == 2
 
 
@@ -250,10 +253,10 @@ def test_a_late_correction_is_emitted_and_names_what_it_supersedes(log):
     append(log, fraud_served("s1", "p1", T), fraud_outcome("o1", "p1", T + 5, is_fraud=True))
     j = Joiner(log)
     first = j.poll()
-    assert [x.outcome.fraud.is_fraud for x in first] == [True] and first[0].supersedes == ()
+    assert [x.label.is_fraud for x in first] == [True] and first[0].supersedes == ()
     append(log, fraud_outcome("o2", "p1", T + 9, is_fraud=False))
     second = j.poll()
-    assert [x.outcome.fraud.is_fraud for x in second] == [False]
+    assert [x.label.is_fraud for x in second] == [False]
     assert second[0].supersedes == (first[0].offset,)
     # An older label that arrives after a newer one was handled is dropped.
     append(log, fraud_outcome("o0", "p1", T + 1, is_fraud=True))  # same identity as o1: a duplicate anyway
@@ -269,4 +272,40 @@ def test_a_pending_label_superseded_before_its_prediction_arrives_is_dropped(log
     append(log, fraud_outcome("o2", "p1", T + 9, is_fraud=False))
     assert j.poll() == [] and j.pending_offsets == [2] and j.superseded == 1
     append(log, fraud_served("s1", "p1", T))
-    assert [x.outcome.fraud.is_fraud for x in j.poll()] == [False]
+    assert [x.label.is_fraud for x in j.poll()] == [False]
+
+
+def _legacy_outcome_payload(rid: str, pid: str, at: float, field: int, message) -> bytes:
+    """A FeedbackRecord outcome as the enum version of feedback.proto wrote it: `Domain domain = 2`
+    (a varint) and the domain message in Outcome field 4, 5 or 6 (the retired oneof)."""
+    body = message.SerializeToString()
+    outcome = fb.Outcome(prediction_id=pid, occurred_at=at, received_at=at).SerializeToString()
+    outcome += bytes([field << 3 | 2, len(body)]) + body
+    record = fb.FeedbackRecord(record_id=rid).SerializeToString()
+    record += bytes([2 << 3 | 0, 1])  # the retired enum field; its value no longer matters
+    return record + bytes([4 << 3 | 2, len(outcome)]) + outcome  # FeedbackRecord.outcome is still field 4
+
+
+def test_outcomes_stored_before_domain_plug_ins_still_join(log):
+    """An event log written by the enum version: its rows name the domain, so the outcome in a
+    retired field is read as that domain's message (feedback.proto, "Upgrade")."""
+    append(log, fraud_served("s1", "p1", T), fraud_served("s2", "p2", T))
+    legacy = [(_legacy_outcome_payload("o1", "p1", T + 60, 4, fraud_pb2.FraudOutcome(
+                   prediction_id="p1", is_fraud=True, occurred_at=T + 60)), "p1"),
+              (_legacy_outcome_payload("o2", "p2", T + 70, 4, fraud_pb2.FraudOutcome(
+                   prediction_id="p2", is_fraud=False, occurred_at=T + 70)), "p2")]
+    plugin = default_domains()["fraud"]
+    with log._write_lock:  # the rows as the old trainer stored them (append_batch now rejects them)
+        for i, (payload, pid) in enumerate(legacy):
+            label = plugin.unpack_outcome(fb.FeedbackRecord.FromString(payload).outcome)
+            log._writer.execute(
+                "INSERT INTO events (record_id, domain, kind, prediction_id, event_time, received_at, outcome_key, "
+                "payload) VALUES (?, 'fraud', 'outcome', ?, ?, ?, ?, ?)",
+                (f"o{i + 1}", pid, T + 60, T + 60, plugin.outcome_key(pid, label), payload))
+    assert log.append_batch([legacy[0][0]])[0].status == REJECTED  # on the wire: drain spools first
+    out = Joiner(log).poll()
+    assert [(x.prediction_id, x.label.is_fraud) for x in out] == [("p1", True), ("p2", False)]
+    # and a resent copy of a legacy outcome, in the new form, is recognised as its duplicate
+    append(log, fraud_outcome("o1-again", "p1", T + 60, is_fraud=True))
+    j = Joiner(log)
+    assert [x.prediction_id for x in j.poll()] == ["p1", "p2"] and j.duplicates == 1

@@ -11,14 +11,14 @@ from protos.feedback.v1 import feedback_pb2
 from protos.pricing.v1 import pricing_pb2, pricing_pb2_grpc
 from services.pricing.adapter import PricingService
 from shared.feedback import fill_tensor
+from shared.feedback.records import feedback_outcome
 from shared.runtime.model import ModelLoader
 from tests.loop_harness import wait_until
 from tests.pricing_fixtures import quote, small_world
-from trainer.bootstrap import DOMAINS
 from trainer.domains import pricing
 from trainer.joiner import JoinedExample
 from trainer.learner import LearnerConfig
-from trainer.service import DOMAIN_MODELS
+from trainer.plugins import default_domains
 
 
 def served_quotes(world, product: str, n: int, buy_rate: float, seed: int = 0, first_offset: int = 100):
@@ -49,9 +49,12 @@ def served_quotes(world, product: str, n: int, buy_rate: float, seed: int = 0, f
         _, outcome = service.outcome_to_feedback(pricing_pb2.PricingOutcome(
             prediction_id=resp.prediction_id, sold=sold, units=1 if sold else 0, price=resp.price if sold else 0.0,
             occurred_at=1.7e9 + i + 5), now=1.7e9 + n + 10)
+        label = pricing_pb2.PricingOutcome()
+        assert outcome.domain_outcome.Unpack(label)
         joined.append(JoinedExample(domain="pricing", prediction_id=resp.prediction_id, offset=first_offset + 2 * i,
                                     served_offset=first_offset + 2 * i - 1, served=served, outcome=outcome,
-                                    model_name=model.name, model_version=model.version, label_delay_s=5.0))
+                                    model_name=model.name, model_version=model.version, label_delay_s=5.0,
+                                    label=label))
         responses.append(resp)
     return joined, responses
 
@@ -62,8 +65,9 @@ def world(tmp_path):
 
 
 def test_registered_with_the_trainer():
-    assert isinstance(DOMAIN_MODELS["pricing"](None), pricing.PricingModel)
-    assert "pricing" in DOMAINS
+    plugin = default_domains()["pricing"]
+    assert isinstance(plugin.model(None), pricing.PricingModel)
+    assert plugin.bootstrap is not None and plugin.outcome_type is pricing_pb2.PricingOutcome
 
 
 def test_bootstrap_learned_real_price_sensitivity(world):
@@ -189,13 +193,15 @@ def test_live_trainer_and_service_learn_from_reported_sales(tmp_path):
 def test_the_latest_outcome_of_a_quote_counts(world):
     joined, _ = served_quotes(world, world.products[2], 3, buy_rate=0.0)
     first = joined[0]
-    corrected = feedback_pb2.Outcome()
-    corrected.CopyFrom(first.outcome)
-    corrected.pricing.sold, corrected.pricing.units, corrected.pricing.price = True, 1, 9.99
-    corrected.pricing.occurred_at = first.outcome.pricing.occurred_at + 60
+    corrected = pricing_pb2.PricingOutcome()
+    corrected.CopyFrom(first.label)
+    corrected.sold, corrected.units, corrected.price = True, 1, 9.99
+    corrected.occurred_at = first.label.occurred_at + 60
     later = JoinedExample(domain="pricing", prediction_id=first.prediction_id, offset=joined[-1].offset + 2,
-                          served_offset=first.served_offset, served=first.served, outcome=corrected,
-                          model_name=first.model_name, model_version=first.model_version, label_delay_s=65.0)
+                          served_offset=first.served_offset, served=first.served,
+                          outcome=feedback_outcome(corrected, corrected.occurred_at, corrected.occurred_at),
+                          model_name=first.model_name, model_version=first.model_version, label_delay_s=65.0,
+                          label=corrected)
     ex = world.learner.model.examples(joined + [later])
     assert len(ex) == 3 and ex.y.tolist() == [0.0, 0.0, 1.0]
     assert ex.offsets.tolist() == [joined[1].offset, joined[2].offset, later.offset]

@@ -71,6 +71,13 @@ def ids(resp) -> list[str]:
     return [it.item_id for it in resp.items]
 
 
+def label_of(record) -> pb.RecommendationOutcome:
+    """The recommendation outcome a feedback record carries (packed in Outcome.domain_outcome)."""
+    label = pb.RecommendationOutcome()
+    assert record.outcome.domain_outcome.Unpack(label)
+    return label
+
+
 async def test_recommend_ranks_the_catalog_for_known_and_unknown_users(world):
     root, registry = world
     async with Running(settings(root, registry, "rank")) as (app, stub):
@@ -326,8 +333,8 @@ async def test_outcomes_are_validated_deduplicated_and_reach_the_trainer_with_wh
         hist = {t.name: t for t in later.inputs}["history_ids"]
         assert list(hist.shape) == [1, 4]  # the click and the purchase of `item`, then the training history
         assert hist.raw_data[4:4 + len(item)] == item.encode()  # the clicked/bought item is now the most recent
-        got = sorted((r.outcome.recommendation.item_id, r.outcome.recommendation.event)
-                     for r in trainer.stored.values() if r.WhichOneof("payload") == "outcome")
+        labels = [label_of(r) for r in trainer.stored.values() if r.WhichOneof("payload") == "outcome"]
+        got = sorted((o.item_id, o.event) for o in labels)
         assert got == sorted([(item, pb.EVENT_CLICK), (item, pb.EVENT_PURCHASE), ("sku-1", pb.EVENT_IMPRESSION),
                               ("sku-2", pb.EVENT_ADD_TO_CART)])
     finally:
@@ -364,7 +371,7 @@ async def test_the_load_test_scenario_recommends_for_real_customers_and_reports_
             # these customers are unknown to this small model (fallback answers) and its items are not
             # Ta Feng products: every shown item gets a window-shopping click (click_rate 1.0), no purchase
             assert len(clicks) >= 3 * out["ok"]
-            assert {r.outcome.recommendation.event for r in clicks} == {pb.EVENT_CLICK}
+            assert {label_of(r).event for r in clicks} == {pb.EVENT_CLICK}
     finally:
         await trainer.stop()
 

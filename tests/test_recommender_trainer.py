@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from protos.feedback.v1 import feedback_pb2 as fb
+from shared.feedback.records import feedback_outcome
 from protos.recommender.v1 import recommender_pb2 as rec
 from shared.feedback import fill_tensor
 from shared.runtime.signature import signature_of_onnx
@@ -235,11 +236,10 @@ def joined_example(offset, prediction_id, user_id, history_ids, item_ids, outcom
     fill_tensor(served.outputs.add(), "click", np.linspace(0.5, 0.1, len(item_ids), dtype=np.float32).reshape(1, -1))
     fill_tensor(served.outputs.add(), "purchase", np.linspace(0.2, 0.01, len(item_ids), dtype=np.float32).reshape(1, -1))
     served.request.Pack(rec.RecommendRequest(user_id=user_id, k=len(item_ids)))
-    outcome = fb.Outcome(prediction_id=prediction_id, occurred_at=1001.0 + offset, received_at=1001.0 + offset,
-                         recommendation=rec.RecommendationOutcome(prediction_id=prediction_id, item_id=outcome_item,
-                                                                  event=event))
+    label = rec.RecommendationOutcome(prediction_id=prediction_id, item_id=outcome_item, event=event)
+    outcome = feedback_outcome(label, 1001.0 + offset, 1001.0 + offset)
     return JoinedExample("recommender", prediction_id, offset, offset - 1, served, outcome, "recommender",
-                         served_version, 1.0)
+                         served_version, 1.0, label)
 
 
 def test_an_incremental_round_on_joined_examples_publishes(world, tmp_path):

@@ -13,6 +13,7 @@ import numpy as np
 
 from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2 as fb
+from shared.feedback.records import feedback_outcome
 from protos.fraud.v1 import fraud_pb2
 from shared.feedback import fill_tensor
 from tests.fraud_fixtures import bootstrap_small_fraud
@@ -45,7 +46,7 @@ def served_record(i: int, pid: str, x: np.ndarray, p: float, version: str, at: f
     response = fraud_pb2.ScoreTransactionResponse(
         prediction_id=pid, fraud_probability=p, decision=fraud_pb2.DECISION_ALLOW,
         model=common_pb2.ModelRef(name="fraud", version=version), review_threshold=0.5, block_threshold=0.9)
-    rec = fb.FeedbackRecord(record_id=f"fraud-1-s{i:09d}", domain=fb.DOMAIN_FRAUD)
+    rec = fb.FeedbackRecord(record_id=f"fraud-1-s{i:09d}", domain="fraud")
     s = rec.served
     s.prediction_id, s.served_at = pid, at
     s.model.name, s.model.version = "fraud", version
@@ -57,10 +58,9 @@ def served_record(i: int, pid: str, x: np.ndarray, p: float, version: str, at: f
 
 
 def outcome_record(i: int, pid: str, is_fraud: bool, at: float) -> fb.FeedbackRecord:
-    o = fb.Outcome(prediction_id=pid, occurred_at=at, received_at=at,
-                   fraud=fraud_pb2.FraudOutcome(prediction_id=pid, is_fraud=is_fraud, occurred_at=at,
-                                                source="chargeback"))
-    return fb.FeedbackRecord(record_id=f"fraud-1-o{i:09d}", domain=fb.DOMAIN_FRAUD, outcome=o)
+    o = feedback_outcome(fraud_pb2.FraudOutcome(prediction_id=pid, is_fraud=is_fraud, occurred_at=at,
+                                                source="chargeback"), at, at)
+    return fb.FeedbackRecord(record_id=f"fraud-1-o{i:09d}", domain="fraud", outcome=o)
 
 
 def test_the_event_log_stays_bounded_while_the_loop_learns_for_many_rounds(tmp_path):
@@ -147,6 +147,7 @@ def test_a_label_not_yet_processed_keeps_its_prediction_past_the_window(tmp_path
         log.append_batch([served_record(0, "p0", np.zeros(29, np.float32), 0.01, "1", T0)])  # offset 1
         log.commit_offset("learner-fraud", 1, {"domain": "fraud", "offset": 1, "pending": []})
         log.append_batch([outcome_record(0, "p0", True, T0 + 100)])  # offset 2: inside the 120 s window
-        log.retain(RetentionPolicy(windows={"fraud": 120.0}, slack_s=10.0), now=T0 + 200)
+        log.retain(RetentionPolicy(windows={"fraud": 120.0}, slack_s=10.0, learned_domains=frozenset({"fraud"})),
+                   now=T0 + 200)
         # the learner has not processed offset 2: after a restart its joiner needs p0 to learn that label
         assert set(log.served_for(["p0"], domain="fraud")) == {"p0"}

@@ -35,9 +35,9 @@ each stream the collector identifies the client, in this order:
   (compared in constant time): missing -> UNAUTHENTICATED, unknown -> UNAUTHENTICATED. The
   stream may then send records of the token's domain only. Under mTLS as well, a client
   certificate whose CN is a domain name must name that same domain (else PERMISSION_DENIED);
-- no tokens, a client certificate (the server requires mTLS): its CN must be a domain name
-  ("fraud", "recommender", "pricing"), the one domain the stream may send; any other CN ->
-  PERMISSION_DENIED;
+- no tokens, a client certificate (the server requires mTLS): its CN must be the name of a
+  domain this trainer knows (its plug-ins, trainer/plugins.py: "fraud", ...), the one domain
+  the stream may send; any other CN -> PERMISSION_DENIED;
 - neither: only loopback peers (127.0.0.0/8, ::1, Unix sockets) are accepted, for every domain
   (one machine, `make up` without configuration; the trainer logs a warning at start); any
   other peer -> UNAUTHENTICATED.
@@ -68,7 +68,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from protos.feedback.v1 import feedback_pb2 as fb
 from shared.feedback import TOKEN_METADATA
 from shared.ratelimit import is_loopback_peer
-from trainer.eventlog import DOMAIN_NAMES, DOMAINS, REJECTED, AppendResult, EventLog
+from trainer.eventlog import REJECTED, AppendResult, EventLog
+from trainer.plugins import default_domains
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,8 @@ def split_batch(raw: bytes) -> list[bytes]:
     batch's framing is broken."""
     return list(_RawFeedbackBatch.FromString(raw).records)
 
-_DOMAIN_VALUE = {name: value for value, name in DOMAIN_NAMES.items()}
-_ALL_DOMAINS = frozenset(DOMAIN_NAMES)
+_DOMAIN_FIELD = fb.FeedbackRecord.DESCRIPTOR.fields_by_name["domain"].number
+_RECORD_ID_FIELD = fb.FeedbackRecord.DESCRIPTOR.fields_by_name["record_id"].number
 
 _STATUS_NAME = {fb.ACK_STATUS_STORED: "stored", fb.ACK_STATUS_DUPLICATE: "duplicate",
                 fb.ACK_STATUS_REJECTED: "rejected"}
@@ -128,26 +129,26 @@ REFUSED = Counter("storefront_trainer_feedback_refused_total",
                   ["reason"])
 
 
-def record_head(raw: bytes) -> tuple[str, int] | None:
+def record_head(raw: bytes) -> tuple[str, str] | None:
     """(record_id, domain) of a serialized FeedbackRecord, read off the wire without decoding the
     payload (a few top-level fields). Like protobuf parsing, the last occurrence of a field wins.
     None when the top-level framing does not parse."""
-    rid, domain = "", 0
+    rid, domain = "", ""
     pos, n = 0, len(raw)
     try:
         while pos < n:
             tag, pos = _varint(raw, pos)
             field, wire = tag >> 3, tag & 7
             if wire == 0:
-                value, pos = _varint(raw, pos)
-                if field == 2:
-                    domain = value if value < 1 << 31 else value - (1 << 64)  # int32 enum, sign-extended
+                _, pos = _varint(raw, pos)
             elif wire == 2:
                 length, pos = _varint(raw, pos)
                 if pos + length > n:
                     return None
-                if field == 1:
+                if field == _RECORD_ID_FIELD:
                     rid = raw[pos:pos + length].decode()
+                elif field == _DOMAIN_FIELD:
+                    domain = raw[pos:pos + length].decode()
                 pos += length
             elif wire == 1:
                 pos += 8
@@ -181,9 +182,11 @@ class Refused(Exception):
         self.code, self.reason, self.message = code, reason, message
 
 
-def parse_tokens(spec: str) -> dict[str, str]:
+def parse_tokens(spec: str, known=None) -> dict[str, str]:
     """'fraud=<token>,pricing=<token>' (commas, spaces or newlines between) -> {domain: token}.
-    A token is at least 16 characters; one token per domain."""
+    A token is at least 16 characters; one token per domain; each domain one of `known`
+    (default: the built-in domain plug-ins)."""
+    known = tuple(default_domains() if known is None else known)
     out: dict[str, str] = {}
     for part in spec.replace("\n", ",").replace(" ", ",").split(","):
         part = part.strip()
@@ -191,8 +194,8 @@ def parse_tokens(spec: str) -> dict[str, str]:
             continue
         name, sep, token = part.partition("=")
         name = name.strip()
-        if not sep or name not in DOMAINS:
-            raise ValueError(f"feedback token entry {name!r}: expected <domain>=<token> with domain one of {DOMAINS}")
+        if not sep or name not in known:
+            raise ValueError(f"feedback token entry {name!r}: expected <domain>=<token> with domain one of {list(known)}")
         if len(token) < 16:
             raise ValueError(f"feedback token of {name}: at least 16 characters")
         if name in out:
@@ -209,7 +212,7 @@ class _Stream:
     """One open Stream RPC: its buffer, its acks to write, its backpressure state."""
     __slots__ = ("buf", "queued", "inflight", "space", "acks", "reader_done", "peer", "domains")
 
-    def __init__(self, peer: str, domains: frozenset[int] | None = None) -> None:
+    def __init__(self, peer: str, domains: frozenset[str] | None = None) -> None:
         self.buf: list[bytes] = []           # read, not yet handed to the committer
         self.queued = False                  # in the committer's ready queue
         self.inflight = 0                    # read and not yet acked
@@ -218,7 +221,7 @@ class _Stream:
         self.acks: asyncio.Queue = asyncio.Queue()  # lists of AppendResult, None (wake-up) or an exception
         self.reader_done = False
         self.peer = peer
-        self.domains = domains  # Domain values this stream may send; None: any
+        self.domains = domains  # domain names this stream may send; None: any
 
 
 class FeedbackCollector:
@@ -231,7 +234,7 @@ class FeedbackCollector:
     linger_s: when a group is smaller than max_batch, wait this long for more before committing
       (0: commit at once; groups still form while the previous commit runs). It adds at most
       this much to an ack's latency.
-    tokens: service domain ("fraud", ...) -> its feedback token; empty: no token identity (then a
+    tokens: domain name ("fraud", ...; one of the log's domains) -> its service's feedback token; empty: no token identity (then a
       client certificate's CN, or else loopback only; see the module docstring).
     """
 
@@ -243,10 +246,11 @@ class FeedbackCollector:
         self.max_batch = max_batch
         self.max_inflight = max_inflight_per_stream
         self.linger_s = linger_s
-        unknown = set(tokens or ()) - set(DOMAINS)
+        self.domains = frozenset(getattr(log, "domains", None) or default_domains())
+        unknown = set(tokens or ()) - self.domains
         if unknown:
-            raise ValueError(f"tokens for unknown domain(s) {sorted(unknown)}; known: {DOMAINS}")
-        self._tokens = [(_DOMAIN_VALUE[d], t.encode()) for d, t in (tokens or {}).items()]
+            raise ValueError(f"tokens for unknown domain(s) {sorted(unknown)}; known: {sorted(self.domains)}")
+        self._tokens = [(d, t.encode()) for d, t in (tokens or {}).items()]
         self.refused = 0  # streams and records refused for identity (totals since start)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eventlog-writer")
         self._ready: collections.deque[_Stream] = collections.deque()
@@ -360,8 +364,8 @@ class FeedbackCollector:
 
     # ------------------------------------------------------------ identity
 
-    def identify(self, context: grpc.aio.ServicerContext) -> frozenset[int]:
-        """The Domain values this stream may send; Refused when it may send none."""
+    def identify(self, context: grpc.aio.ServicerContext) -> frozenset[str] | None:
+        """The domain names this stream may send (None: any); Refused when it may send none."""
         cn = None
         try:
             names = (context.auth_context() or {}).get("x509_common_name")
@@ -383,24 +387,24 @@ class FeedbackCollector:
                     domains.add(domain)
             if not domains:
                 raise Refused(grpc.StatusCode.UNAUTHENTICATED, "bad_token", "unknown feedback token")
-            if cn in _DOMAIN_VALUE and _DOMAIN_VALUE[cn] not in domains:
+            if cn in self.domains and cn not in domains:
                 raise Refused(grpc.StatusCode.PERMISSION_DENIED, "certificate_mismatch",
                               f"the client certificate (CN={cn}) and the token name different services")
             return frozenset(domains)
         if cn is not None:
-            if cn in _DOMAIN_VALUE:
-                return frozenset((_DOMAIN_VALUE[cn],))
+            if cn in self.domains:
+                return frozenset((cn,))
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, "unknown_certificate",
-                          f"client certificate CN={cn[:64]!r} names no service; expected one of {list(DOMAINS)}")
+                          f"client certificate CN={cn[:64]!r} names no service; expected one of {sorted(self.domains)}")
         if is_loopback_peer(context.peer() or ""):
-            return _ALL_DOMAINS
+            return None
         raise Refused(grpc.StatusCode.UNAUTHENTICATED, "not_loopback",
                       "this trainer has no feedback tokens configured and accepts feedback only from loopback")
 
     def _check_domains(self, st: _Stream, records: list[bytes]) -> list[bytes]:
         """The records this stream may send; the others are acked REJECTED here, never stored."""
         allowed = st.domains
-        if allowed is None or allowed == _ALL_DOMAINS:
+        if allowed is None:
             return records
         keep: list[bytes] = []
         bad: list[AppendResult] = []
@@ -410,11 +414,11 @@ class FeedbackCollector:
                 bad.append(AppendResult("", REJECTED, "not a serialized storefront.feedback.v1.FeedbackRecord"))
                 REFUSED.labels("unreadable_domain").inc()
             elif head[1] not in allowed:
-                name = DOMAIN_NAMES.get(head[1], "")
-                mine = ", ".join(sorted(DOMAIN_NAMES[d] for d in allowed))
+                name = head[1] if head[1] in self.domains else ""
+                mine = ", ".join(sorted(allowed))
                 bad.append(AppendResult(head[0][:256], REJECTED,
                                         f"domain: this stream is authenticated for {mine}, not "
-                                        f"{name or f'domain value {head[1]}'}", domain=name))
+                                        f"{head[1][:40]!r}", domain=name))
                 REFUSED.labels("wrong_domain").inc()
             else:
                 keep.append(raw)

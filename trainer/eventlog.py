@@ -15,14 +15,17 @@ Model
 - Validation: a malformed record is REJECTED with a message naming the field; it never raises
   and never affects the other records of its batch.
 - Group commit: `append_batch` stores a whole batch in one transaction, with one fsync.
-- Outcome identity: for each outcome the log stores its identity key (`outcome_key`, from the
-  domain contracts: fraud (prediction_id, is_fraud); recommender (prediction_id, item_id,
-  event); pricing every field). The joiner emits only the first occurrence (lowest offset) of
+- Domains: the log knows no domain itself. It validates each record against the domain
+  plug-in its name registers (trainer/plugins.py; `domains`, default the built-in ones): a
+  record of an unknown domain, or one packing another outcome / request / response type than
+  its plug-in declares, is REJECTED.
+- Outcome identity: for each outcome the log stores its identity key (`TrainerDomain.outcome_key`:
+  the domain, the prediction id and the identity fields its plug-in names, e.g. fraud
+  (prediction_id, is_fraud)). The joiner emits only the first occurrence (lowest offset) of
   each key, which is a pure function of the log: stable across restarts and replays.
-- Outcome slot (`outcome_slot`): what one label is about, where the domain contract says the
-  latest outcome wins: fraud and pricing one slot per prediction (a chargeback later reversed,
-  a sale later refunded: "the trainer uses the one with the latest occurred_at"); recommender
-  (prediction_id, item_id, event), the same as its identity. `outcomes_for` returns every
+- Outcome slot (`TrainerDomain.outcome_slot`): what one label is about. Where the plug-in says
+  the latest outcome wins (fraud: a chargeback later reversed), one slot per prediction; else
+  the outcome's identity (recommender: each item and event). `outcomes_for` returns every
   outcome of some predictions so the joiner can keep the latest of each slot.
 - Consumer offsets: a named consumer stores the offset it has processed up to, with a small
   JSON document (`commit_offset` / `committed`).
@@ -38,7 +41,7 @@ read but whose prediction has not arrived). A domain no consumer ever committed 
 0: nothing of it goes except under the hard size cap. At or below the safe offset:
 - a served prediction goes once no outcome can still count for it: served_at is older than the
   domain's label window plus `slack_s` (outcomes delivered late, e.g. from a client's spool);
-  or, in the `learned_domains` (one label per prediction: fraud, pricing), as soon as one of its
+  or, in the `learned_domains` (one label per prediction, as each plug-in declares), as soon as one of its
   outcomes was processed (a later correction of that label then finds no prediction and is
   counted unmatched: the price of not keeping every transaction for the 14-day fraud window);
 - an outcome goes once its served prediction is gone (or never came): while the prediction is
@@ -69,6 +72,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
 from protos.feedback.v1 import feedback_pb2 as fb
+from trainer.plugins import NAME as DOMAIN_NAME, Domains, TrainerDomain, default_domains
 
 log = logging.getLogger(__name__)
 
@@ -86,21 +90,9 @@ SERVED = "served"
 OUTCOME = "outcome"
 KINDS = (SERVED, OUTCOME)
 
-# Domain enum value -> the name used in the log, in metrics and in the joiner's windows.
-DOMAIN_NAMES = {fb.DOMAIN_FRAUD: "fraud", fb.DOMAIN_RECOMMENDER: "recommender", fb.DOMAIN_PRICING: "pricing"}
-DOMAINS = tuple(DOMAIN_NAMES.values())
-
 MAX_RECORD_ID = 256       # feedback.proto: record_id 1..256 characters
 MAX_PREDICTION_ID = 64    # common.proto: prediction_id at most 64 characters
 
-# The Outcome oneof member and the packed request / response types each domain must use.
-_OUTCOME_FIELD = {fb.DOMAIN_FRAUD: "fraud", fb.DOMAIN_RECOMMENDER: "recommendation", fb.DOMAIN_PRICING: "pricing"}
-_REQUEST_TYPE = {fb.DOMAIN_FRAUD: "storefront.fraud.v1.ScoreTransactionRequest",
-                 fb.DOMAIN_RECOMMENDER: "storefront.recommender.v1.RecommendRequest",
-                 fb.DOMAIN_PRICING: "storefront.pricing.v1.QuoteRequest"}
-_RESPONSE_TYPE = {fb.DOMAIN_FRAUD: "storefront.fraud.v1.ScoreTransactionResponse",
-                  fb.DOMAIN_RECOMMENDER: "storefront.recommender.v1.RecommendResponse",
-                  fb.DOMAIN_PRICING: "storefront.pricing.v1.QuoteResponse"}
 # Element size in bytes of each KServe V2 datatype (BYTES: variable, length-prefixed).
 _ELEMENT_SIZE = {"BOOL": 1, "UINT8": 1, "UINT16": 2, "UINT32": 4, "UINT64": 8, "INT8": 1, "INT16": 2,
                  "INT32": 4, "INT64": 8, "FP16": 2, "FP32": 4, "FP64": 8, "BYTES": 0}
@@ -115,7 +107,7 @@ class AppendResult:
     status: int              # STORED, DUPLICATE or REJECTED (feedback.v1.AckStatus values)
     message: str = ""        # why it was rejected, naming the field; empty otherwise
     offset: int | None = None  # where it is stored (STORED, DUPLICATE); None when REJECTED
-    domain: str = ""         # "fraud" | "recommender" | "pricing"; "" when unknown (rejected)
+    domain: str = ""         # the domain's registered name; "" when unknown (rejected)
     kind: str = ""           # "served" | "outcome"; "" when unknown (rejected)
 
 
@@ -152,23 +144,24 @@ class RetentionPolicy:
     """What `SqliteEventLog.retain` may delete (see the module docstring)."""
     windows: dict[str, float]                 # label window per domain, seconds (the joiner's)
     slack_s: float = 600.0                    # kept beyond the window for outcomes delivered late
-    learned_domains: frozenset[str] = frozenset({"fraud", "pricing"})  # prediction goes once its label is processed
+    learned_domains: frozenset[str] = frozenset()  # prediction goes once its label is processed (plug-ins say which)
     max_age_s: float = 0.0                    # 0 = no age limit
     max_bytes: int = 0                        # pages in use; oldest processed events go beyond it; 0 = none
     hard_max_bytes: int = 0                   # beyond it even unprocessed events go (counted); 0 = none
     batch_rows: int = 5000                    # rows per delete transaction
     reclaim_always: bool = False              # give free pages back even when this pass deleted nothing
 
-    def validate(self) -> None:
+    def validate(self, known: Iterable[str] | None = None) -> None:
+        """ValueError naming the problem; `known`: the domain names learned_domains may name."""
         if self.slack_s < 0 or self.max_age_s < 0 or self.max_bytes < 0 or self.hard_max_bytes < 0:
             raise ValueError("retention: slack_s, max_age_s, max_bytes, hard_max_bytes must be >= 0")
         if self.batch_rows < 1:
             raise ValueError("retention: batch_rows must be >= 1")
         if self.hard_max_bytes and self.max_bytes and self.hard_max_bytes < self.max_bytes:
             raise ValueError("retention: hard_max_bytes must be >= max_bytes (or 0)")
-        unknown = set(self.learned_domains) - set(DOMAINS)
+        unknown = set(self.learned_domains) - set(known) if known is not None else set()
         if unknown:
-            raise ValueError(f"retention: unknown learned domain(s) {sorted(unknown)}; known: {DOMAINS}")
+            raise ValueError(f"retention: unknown learned domain(s) {sorted(unknown)}; known: {sorted(known)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,35 +269,13 @@ def _check_any(a, expected: str, path: str) -> str | None:
     return None
 
 
-def outcome_key(domain: int, outcome: fb.Outcome) -> str:
-    """The identity of an outcome as its domain contract defines it (for duplicates):
-    fraud (prediction_id, is_fraud); recommender (prediction_id, item_id, event);
-    pricing every field. `outcome` must hold the domain's message."""
-    pid = outcome.prediction_id
-    if domain == fb.DOMAIN_FRAUD:
-        return f"fraud\x1f{pid}\x1f{int(outcome.fraud.is_fraud)}"
-    if domain == fb.DOMAIN_RECOMMENDER:
-        r = outcome.recommendation
-        return f"recommender\x1f{pid}\x1f{r.item_id}\x1f{int(r.event)}"
-    p = outcome.pricing
-    return f"pricing\x1f{pid}\x1f{int(p.sold)}\x1f{p.units}\x1f{p.price!r}\x1f{p.occurred_at!r}"
-
-
-def outcome_slot(domain: int, outcome: fb.Outcome) -> str:
-    """What one label is about (the latest outcome of a slot wins; see the module docstring)."""
-    pid = outcome.prediction_id
-    if domain == fb.DOMAIN_RECOMMENDER:
-        r = outcome.recommendation
-        return f"recommender\x1f{pid}\x1f{r.item_id}\x1f{int(r.event)}"
-    return f"{DOMAIN_NAMES.get(domain, domain)}\x1f{pid}"
-
-
 # (record_id, domain, kind, prediction_id, event_time, outcome_key, payload)
 _Row = tuple[str, str, str, str, float, "str | None", bytes]
 
 
-def prepare(item: fb.FeedbackRecord | bytes) -> _Row | AppendResult:
-    """Validate one record: the row to store, or a REJECTED AppendResult naming the field."""
+def prepare(item: fb.FeedbackRecord | bytes, domains: Domains) -> _Row | AppendResult:
+    """Validate one record against its domain's plug-in: the row to store, or a REJECTED
+    AppendResult naming the field."""
     if isinstance(item, (bytes, bytearray, memoryview)):
         payload = bytes(item)
         try:
@@ -320,10 +291,14 @@ def prepare(item: fb.FeedbackRecord | bytes) -> _Row | AppendResult:
     if len(rid) > MAX_RECORD_ID:
         return AppendResult(rid[:MAX_RECORD_ID], REJECTED,
                             f"record_id: {len(rid)} characters, at most {MAX_RECORD_ID}")
-    dom = rec.domain
-    dname = DOMAIN_NAMES.get(dom)
-    if dname is None:
-        return AppendResult(rid, REJECTED, "domain: required" if dom == 0 else f"domain: unknown value {dom}")
+    dname = rec.domain
+    plugin: TrainerDomain | None = domains.get(dname)
+    if plugin is None:
+        if not dname:
+            return AppendResult(rid, REJECTED, "domain: required")
+        if not DOMAIN_NAME.match(dname):
+            return AppendResult(rid, REJECTED, f"domain: {dname[:40]!r} is not a domain name ([a-z][a-z0-9_]{{0,31}})")
+        return AppendResult(rid, REJECTED, f"domain: {dname!r} is not a domain this trainer knows ({', '.join(domains)})")
     which = rec.WhichOneof("payload")
     if which is None:
         return AppendResult(rid, REJECTED, "payload: exactly one of served, outcome is required", domain=dname)
@@ -350,29 +325,32 @@ def prepare(item: fb.FeedbackRecord | bytes) -> _Row | AppendResult:
                     if problem:
                         break
             if not problem and s.HasField("request"):
-                problem = _check_any(s.request, _REQUEST_TYPE[dom], "served.request")
+                problem = _check_any(s.request, plugin.request_type_name, "served.request")
             if not problem and s.HasField("response"):
-                problem = _check_any(s.response, _RESPONSE_TYPE[dom], "served.response")
+                problem = _check_any(s.response, plugin.response_type_name, "served.response")
         kind = SERVED
     else:
         o = rec.outcome
         pid = o.prediction_id
         event_time = o.occurred_at
-        member = o.WhichOneof("outcome")
         if not pid or len(pid) > MAX_PREDICTION_ID:
             problem = f"outcome.prediction_id: required, 1..{MAX_PREDICTION_ID} characters"
         elif not _finite_positive(event_time):
             problem = "outcome.occurred_at: required, finite and > 0"
         elif not _finite_positive(o.received_at):
             problem = "outcome.received_at: required, finite and > 0"
-        elif member is None:
-            problem = f"outcome: the domain outcome ({_OUTCOME_FIELD[dom]}) is required"
-        elif member != _OUTCOME_FIELD[dom]:
-            problem = f"outcome.{member}: does not match domain {fb.Domain.Name(dom)}"
-        elif getattr(o, member).prediction_id != pid:
-            problem = f"outcome.{member}.prediction_id: must equal outcome.prediction_id"
+        elif not o.HasField("domain_outcome"):
+            problem = f"outcome.domain_outcome: required (a packed {plugin.outcome_type_name})"
         else:
-            key = outcome_key(dom, o)
+            try:
+                message = plugin.unpack_outcome(o)
+            except ValueError as e:
+                problem = f"outcome.domain_outcome: {e}"
+            else:
+                if message.prediction_id != pid:
+                    problem = "outcome.domain_outcome.prediction_id: must equal outcome.prediction_id"
+                else:
+                    key = plugin.outcome_key(pid, message)
         kind = OUTCOME
     if problem:
         return AppendResult(rid, REJECTED, problem, domain=dname, kind=kind)
@@ -434,8 +412,9 @@ class SqliteEventLog:
     wait for the writer's fsync). Several processes may open the same file; writes serialize on
     SQLite's write lock (busy_timeout_s)."""
 
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0) -> None:
+    def __init__(self, path: str | Path, *, domains: Domains | None = None, busy_timeout_s: float = 10.0) -> None:
         self.path = Path(path)
+        self.domains = default_domains() if domains is None else domains
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._busy_ms = int(busy_timeout_s * 1000)
         self._write_lock = threading.Lock()
@@ -515,7 +494,7 @@ class SqliteEventLog:
         first_in_batch: dict[str, int] = {}
         later_copies: list[tuple[int, str]] = []  # same record_id twice in one batch
         for i, item in enumerate(records):
-            prepared = prepare(item)
+            prepared = prepare(item, self.domains)
             if isinstance(prepared, AppendResult):
                 results[i] = prepared
             elif prepared[0] in first_in_batch:
@@ -683,9 +662,16 @@ class SqliteEventLog:
         return {(d, k): n for d, k, n in self._reader().execute(
             "SELECT domain, kind, COUNT(*) FROM events GROUP BY domain, kind")}
 
+    def domain_names(self) -> list[str]:
+        """The domains of the plug-ins and every domain that has events stored (a domain whose plug-in
+        is no longer loaded still has its events retained by the same rules)."""
+        stored = [r[0] for r in self._reader().execute("SELECT DISTINCT domain FROM events")]
+        return list(dict.fromkeys([*self.domains, *sorted(stored)]))
+
     def safe_offsets(self) -> dict[str, tuple[int, str]]:
         """domain -> (offset at or below which every consumer of the domain is done, the consumer
         that holds it lowest). See the module docstring; 0 when no consumer committed."""
+        names = self.domain_names()
         safe: dict[str, tuple[int, str]] = {}
         for consumer, offset, meta in self._reader().execute("SELECT consumer, offset, meta FROM consumer_offsets"):
             doc = json.loads(meta) if meta else {}
@@ -694,11 +680,11 @@ class SqliteEventLog:
             pending = [int(o) for o in doc.get("pending") or () if isinstance(o, (int, float))]
             if pending:  # read but still waiting for its prediction: it (and its prediction) must stay
                 limit = min(limit, min(pending) - 1)
-            domains = (doc["domain"],) if doc.get("domain") in DOMAINS else DOMAINS
+            domains = (doc["domain"],) if doc.get("domain") in names else names
             for d in domains:
                 if d not in safe or limit < safe[d][0]:
                     safe[d] = (max(0, limit), consumer)
-        return {d: safe.get(d, (0, "")) for d in DOMAINS}
+        return {d: safe.get(d, (0, "")) for d in names}
 
     def _delete(self, offsets: list[int], batch_rows: int) -> int:
         """Delete these events in transactions of batch_rows (the writer lock is released between
@@ -817,7 +803,7 @@ class SqliteEventLog:
         tally: dict[tuple[str, str], int] = {}
         reader = self._reader()
         age_cut = now - policy.max_age_s if policy.max_age_s > 0 else None
-        for d in DOMAINS:
+        for d in bounds:
             bound = bounds[d]
             if bound <= 0:
                 continue
@@ -863,7 +849,7 @@ class SqliteEventLog:
         for (d, reason), n in tally.items():
             LOG_DELETED.labels(d, reason).inc(n)
         rows = self.rows_by_kind()
-        for d in DOMAINS:
+        for d in bounds:
             for k in KINDS:
                 LOG_ROWS.labels(d, k).set(rows.get((d, k), 0))
         bytes_after = self.disk_bytes()

@@ -7,13 +7,13 @@ prediction by prediction_id through the log's index, and returns JoinedExamples.
   (occurred_at - served_at <= window) -> emitted;
 - late: the label came after the window (a chargeback after the fraud window, a click long after
   the recommendation was shown) -> counted and dropped;
-- duplicate: an outcome with the same identity (its domain contract's: fraud (prediction_id,
-  is_fraud); recommender (prediction_id, item_id, event); pricing every field) is stored at a
-  lower offset -> counted and dropped. The first occurrence in log order is the one emitted;
+- duplicate: an outcome with the same identity (as its domain's plug-in defines it,
+  trainer/plugins.py: e.g. fraud (prediction_id, is_fraud)) is stored at a lower offset ->
+  counted and dropped. The first occurrence in log order is the one emitted;
   that is a pure function of the log, so a resent outcome (new record_id, same label) is never
   emitted twice, not across restarts either, without the joiner keeping any state of its own;
-- superseded: the domain contract says the latest outcome wins (fraud: a chargeback later
-  reversed; pricing: a sale later corrected; `eventlog.outcome_slot`): an outcome is dropped when
+- superseded: the domain's plug-in says the latest outcome wins (fraud: a chargeback later
+  reversed; pricing: a sale later corrected; `TrainerDomain.outcome_slot`): an outcome is dropped when
   its slot holds a non-duplicate outcome with a later occurred_at (ties: the higher offset) in the
   log already. So when both labels of a prediction are in the log before the joiner gets to them,
   only the latest is learned. A correction that arrives after the earlier label was emitted is
@@ -42,17 +42,13 @@ from typing import Any, Callable, Iterable, Mapping
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from google.protobuf.message import Message
+
 from protos.feedback.v1 import feedback_pb2 as fb
-from trainer.eventlog import DOMAINS, OUTCOME, EventLog, LogEntry, outcome_key, outcome_slot
+from trainer.eventlog import OUTCOME, EventLog, LogEntry
+from trainer.plugins import Domains, default_domains
 
 log = logging.getLogger(__name__)
-
-# Label windows, seconds: how long after a prediction was served its outcome still counts.
-DEFAULT_WINDOWS: dict[str, float] = {
-    "fraud": 14 * 86400.0,        # chargebacks take weeks
-    "recommender": 3600.0,        # clicks within minutes, purchases within the session
-    "pricing": 86400.0,           # a quote is honoured for at most a day
-}
 
 JOINED = Counter("storefront_trainer_joined_total",
                  "Outcomes processed by the joiner, by domain and result (matched, late, unmatched, duplicate, "
@@ -65,14 +61,15 @@ LABEL_DELAY = Histogram("storefront_trainer_label_delay_seconds",
                                              30 * 86400))
 
 
-def parse_windows(spec: str, base: Mapping[str, float] | None = None) -> dict[str, float]:
-    """'fraud=1209600,recommender=1800' -> windows (seconds), over `base` (DEFAULT_WINDOWS)."""
-    out = dict(DEFAULT_WINDOWS if base is None else base)
+def parse_windows(spec: str, base: Mapping[str, float]) -> dict[str, float]:
+    """'fraud=1209600,recommender=1800' -> windows (seconds), over `base` (each domain's plug-in
+    window: `Domains.windows()`); a domain not in base is an error."""
+    out = dict(base)
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, sep, value = part.partition("=")
         name = name.strip()
-        if not sep or name not in DOMAINS:
-            raise ValueError(f"window {part!r}: expected <domain>=<seconds> with domain one of {DOMAINS}")
+        if not sep or name not in base:
+            raise ValueError(f"window {part!r}: expected <domain>=<seconds> with domain one of {list(base)}")
         seconds = float(value)
         if not seconds > 0:
             raise ValueError(f"window {part!r}: seconds must be > 0")
@@ -83,15 +80,16 @@ def parse_windows(spec: str, base: Mapping[str, float] | None = None) -> dict[st
 @dataclasses.dataclass(frozen=True, slots=True)
 class JoinedExample:
     """One outcome with the prediction it belongs to, exactly as served."""
-    domain: str                      # "fraud" | "recommender" | "pricing"
+    domain: str                      # the domain's registered name
     prediction_id: str
     offset: int                      # log offset of the outcome (the learner's progress marker)
     served_offset: int               # log offset of the served prediction
     served: fb.ServedPrediction      # model inputs/outputs, domain request/response, model version
-    outcome: fb.Outcome              # the label, with its domain message
+    outcome: fb.Outcome              # the label as forwarded (times, the packed domain message)
     model_name: str
     model_version: str               # the version that served the prediction
     label_delay_s: float             # outcome.occurred_at - served.served_at (>= 0; clocks may skew)
+    label: Message                   # the domain outcome message, unpacked (its plug-in's outcome_type)
     supersedes: tuple[int, ...] = ()  # offsets of earlier labels of the same slot this one corrects
 
 
@@ -104,8 +102,9 @@ class _Pending:
 class Joiner:
     """Outcome x served-prediction join over an EventLog.
 
-    log: the event log. windows: label window per domain, seconds (missing domains get
-    DEFAULT_WINDOWS). domain: join only this domain's outcomes (None: all). consumer: the name
+    log: the event log (its `domains` are the plug-ins the joiner asks about identity and windows;
+    outcomes of other domains are skipped). windows: label window per domain, seconds (missing
+    domains get their plug-in's). domain: join only this domain's outcomes (None: all). consumer: the name
     its checkpoints are committed under. grace_s: how long (after the log received an outcome)
     to wait for its served prediction. max_pending: most outcomes kept waiting. clock: time.time.
     """
@@ -113,12 +112,13 @@ class Joiner:
     def __init__(self, log: EventLog, windows: Mapping[str, float] | None = None, *, domain: str | None = None,
                  consumer: str | None = None, grace_s: float = 60.0, max_pending: int = 100_000,
                  clock: Callable[[], float] = time.time) -> None:
-        if domain is not None and domain not in DOMAINS:
-            raise ValueError(f"domain {domain!r}: one of {DOMAINS}")
+        self.domains: Domains = getattr(log, "domains", None) or default_domains()
+        if domain is not None and domain not in self.domains:
+            raise ValueError(f"domain {domain!r}: one of {list(self.domains)}")
         if grace_s < 0 or max_pending < 0:
             raise ValueError("grace_s and max_pending must be >= 0")
         self.log = log
-        self.windows = {**DEFAULT_WINDOWS, **(windows or {})}
+        self.windows = {**self.domains.windows(), **(windows or {})}
         self.domain = domain
         self.consumer = consumer or ("joiner" if domain is None else f"joiner-{domain}")
         self.grace_s = grace_s
@@ -193,6 +193,8 @@ class Joiner:
         upto = self.log.end_offset()
         new = self.log.read(self._position, limit, domain=self.domain, kind=OUTCOME, upto=upto)
         next_position = new[-1].offset if len(new) >= limit else max(upto, self._position)
+        if self.domain is None:  # a domain whose plug-in this trainer did not load is not joined
+            new = [e for e in new if e.domain in self.domains]
 
         now = self.clock()
         waiting = list(self._pending.values()) if upto > self._pending_checked_upto else []
@@ -228,11 +230,11 @@ class Joiner:
             s = served.get((p.entry.domain, p.entry.prediction_id))
             if s is not None:
                 del self._pending[p.entry.offset]
-                self._judge(p.entry, s, out, slots.earlier(p.entry))
+                self._judge(p.entry, s, out, slots)
         for e in fresh:
             s = served.get((e.domain, e.prediction_id))
             if s is not None:
-                self._judge(e, s, out, slots.earlier(e))
+                self._judge(e, s, out, slots)
             else:
                 self._pending[e.offset] = _Pending(e, e.received_at + self.grace_s)
 
@@ -262,7 +264,7 @@ class Joiner:
         everything: list[LogEntry] = []
         for domain, pids in by_domain.items():
             everything += self.log.outcomes_for(pids, domain, upto=upto)
-        return _Slots(everything)
+        return _Slots(everything, self.domains)
 
     def _served(self, entries: list[LogEntry]) -> dict[tuple[str, str], LogEntry]:
         by_domain: dict[str, list[str]] = collections.defaultdict(list)
@@ -274,7 +276,7 @@ class Joiner:
                 out[(domain, pid)] = s
         return out
 
-    def _judge(self, e: LogEntry, s: LogEntry, out: list[JoinedExample], supersedes: tuple[int, ...] = ()) -> None:
+    def _judge(self, e: LogEntry, s: LogEntry, out: list[JoinedExample], slots: "_Slots") -> None:
         outcome = e.record.outcome
         served = s.record.served
         delay = outcome.occurred_at - served.served_at
@@ -287,9 +289,9 @@ class Joiner:
         self._count(e.domain, "matched")
         LABEL_DELAY.labels(e.domain).observe(delay)
         out.append(JoinedExample(domain=e.domain, prediction_id=e.prediction_id, offset=e.offset,
-                                 served_offset=s.offset, served=served, outcome=outcome,
+                                 served_offset=s.offset, served=served, outcome=outcome, label=slots.label(e),
                                  model_name=served.model.name, model_version=served.model.version,
-                                 label_delay_s=delay, supersedes=supersedes))
+                                 label_delay_s=delay, supersedes=slots.earlier(e)))
 
     def stats(self) -> dict[str, int]:
         return {"position": self._position, "matched": self.matched, "late": self.late,
@@ -300,23 +302,29 @@ class Joiner:
 class _Slots:
     """Identity and slot facts about a set of outcomes (all those of some predictions)."""
 
-    def __init__(self, entries: list[LogEntry]) -> None:
+    def __init__(self, entries: list[LogEntry], domains: Domains) -> None:
         self._first: dict[str, int] = {}        # identity key -> lowest offset
+        self._label: dict[int, Message] = {}    # offset -> the domain outcome message
         self._key: dict[int, str] = {}          # offset -> identity key
         self._slot: dict[int, str] = {}         # offset -> slot
         self._members: dict[str, list[LogEntry]] = collections.defaultdict(list)  # slot -> non-duplicates
         for e in sorted(entries, key=lambda x: x.offset):
-            rec = e.record
-            key = outcome_key(rec.domain, rec.outcome)
+            plugin = domains[e.domain]
+            label = plugin.unpack_outcome(e.record.outcome)  # validated when it was appended
+            self._label[e.offset] = label
+            key = plugin.outcome_key(e.prediction_id, label)
             self._key[e.offset] = key
             if key in self._first:
                 continue  # a duplicate never wins a slot
             self._first[key] = e.offset
-            slot = outcome_slot(rec.domain, rec.outcome)
+            slot = plugin.outcome_slot(e.prediction_id, label)
             self._slot[e.offset] = slot
             self._members[slot].append(e)
         self._latest = {slot: max(m, key=lambda x: (x.event_time, x.offset)).offset
                         for slot, m in self._members.items()}
+
+    def label(self, e: LogEntry) -> Message:
+        return self._label[e.offset]
 
     def is_duplicate(self, e: LogEntry) -> bool:
         key = self._key.get(e.offset)

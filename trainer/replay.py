@@ -55,7 +55,7 @@ def export_fraud(out: Path, start_row: int | None, rows: int, label_delay_s: flo
 
     The dataset's clock (seconds since its first transaction) is shifted so that the first
     exported event happens at t0 (default: so that the last one happens now)."""
-    from trainer.bootstrap import fraud_stream_rows
+    from trainer.domains.fraud_bootstrap import fraud_stream_rows
     from trainer.domains.fraud import FEATURES
 
     X, y, t = fraud_stream_rows()

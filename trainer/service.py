@@ -8,6 +8,12 @@ the durable event log and acks. For each domain with a model checkpoint (made by
 examples to the learner, and runs an update-gate-publish round when one is due. Rounds
 run in a worker thread, so the collector keeps acknowledging while a model trains.
 
+Domains are plug-ins (trainer/plugins.py): the `domain_modules` setting lists the modules
+that declare them (default the built-in three); this file names none. A plug-in's own
+settings (fraud: adv_*, recommender: catalog_path) are trainer settings under their own
+names: `TrainerSettings` is the trainer's settings plus those of the built-in plug-ins, and
+`TrainerSettings.load` adds those of the modules its `--domain-modules` names.
+
 Retention: every `retention_interval_s` the event log deletes what no consumer needs any more
 (trainer/eventlog.py); each domain loop commits its learner's checkpointed progress as the log
 consumer `learner-<domain>`, which is what retention goes by.
@@ -24,12 +30,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import math
+import os
+import sys
 import threading
 import time
+import typing
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Mapping, Sequence
 
 from prometheus_client import Counter, Gauge
 
@@ -37,10 +47,10 @@ from shared.registry import GC_KEEP_LAST, GC_MIN_AGE_S, LEASE_TTL_S, ModelRegist
 from shared.server import ServerApp
 from shared.settings import ServerSettings, setting
 from trainer.collector import FeedbackCollector, add_collector
-from trainer.domains.fraud import ADV_EPSILON, ADV_METHOD, ADV_SHARE, ADV_STEPS
 from trainer.eventlog import RetentionPolicy, SqliteEventLog
-from trainer.joiner import DEFAULT_WINDOWS, Joiner, parse_windows
+from trainer.joiner import Joiner, parse_windows
 from trainer.learner import Learner, LearnerConfig
+from trainer.plugins import DEFAULT_DOMAIN_MODULES, Domains, TrainerDomain, load_domains, parse_modules
 from trainer.report import write_report
 from trainer.shutdown import RoundCancel, RoundCancelled
 
@@ -54,14 +64,20 @@ DRIFT = Gauge("storefront_trainer_drift", "1 while the drift detector reports dr
 TRAINED = Gauge("storefront_trainer_trained_rows", "Labels the current checkpoint has learned from", ["domain"])
 
 
+DOMAIN_MODULES_HELP = ("comma list of the modules whose TRAINER_DOMAIN plug-ins (trainer/plugins.py) this trainer "
+                       "knows; a plug-in's own settings become trainer settings")
+
+
 @dataclasses.dataclass
-class TrainerSettings(ServerSettings):
+class CoreTrainerSettings(ServerSettings):
     """The trainer: feedback collector, event log, joiner, learner, gate, publisher."""
 
     port: int = setting(50050, "gRPC port of the feedback collector")
     workdir: str = setting("var/trainer", "event log, checkpoints, decision logs")
-    domains: str = setting("fraud,recommender,pricing", "comma list of domains to learn")
-    windows: str = setting("", "label windows, e.g. 'fraud=1209600,recommender=3600' (seconds)")
+    domain_modules: str = setting(DEFAULT_DOMAIN_MODULES, DOMAIN_MODULES_HELP)
+    domains: str = setting("", "comma list of domains to learn (empty = every domain of domain_modules)")
+    windows: str = setting("", "label windows, e.g. 'fraud=1209600,recommender=3600' (seconds; empty = each "
+                           "domain's own)")
     join_grace_s: float = setting(60.0, "how long an outcome waits for its served prediction")
     min_events: int = setting(200, "a round starts after this many new labels ...")
     max_interval_s: float = setting(30.0, "... or this long after the last round, with at least one")
@@ -79,9 +95,9 @@ class TrainerSettings(ServerSettings):
     delivery: str = setting("canary", "what happens to a candidate that passed the gate: canary = published and started "
                             "as the registry's CANARY, promoted or rolled back on live labels (trainer/canary.py); "
                             "direct = published as CURRENT at once")
-    canary_modes: str = setting("fraud=shadow,recommender=canary,pricing=canary",
-                                "per domain, how a candidate meets traffic: canary (answers canary_share of request "
-                                "keys) or shadow (scores every request, answers none; paired comparison)")
+    canary_modes: str = setting("", "per domain, how a candidate meets traffic, e.g. 'fraud=shadow,pricing=canary': "
+                                "canary (answers canary_share of request keys) or shadow (scores every request, "
+                                "answers none; paired comparison); a domain not named: its plug-in's default")
     canary_share: float = setting(0.1, "canary mode: share of request keys the candidate answers, (0, 1]")
     canary_min_labels: int = setting(200, "canary decision: labels each version needs (shadow: labeled pairs) first")
     canary_min_positives: int = setting(5, "canary decision: positives each version needs first")
@@ -91,11 +107,6 @@ class TrainerSettings(ServerSettings):
     bootstrap: bool = setting(True, "bootstrap a domain from its real dataset when it has no checkpoint")
     poll_interval_s: float = setting(0.5, "how often a domain loop looks for new joined labels")
     report_interval_s: float = setting(10.0, "refresh each domain's learning report (workdir/reports) at most this often; 0 = off")
-    catalog_path: str = setting("var/catalog/items.jsonl", "recommender: the service's catalog journal (JSONL), read for the features of new items")
-    adv_epsilon: float = setting(ADV_EPSILON, "fraud adversarial training: L-inf radius in standardized units (0 = off)")
-    adv_share: float = setting(ADV_SHARE, "fraud adversarial training: share of each mini-batch given an adversarial copy")
-    adv_method: str = setting(ADV_METHOD, "fraud adversarial training: attack, 'pgd' or 'fgsm'")
-    adv_steps: int = setting(ADV_STEPS, "fraud adversarial training: PGD steps")
     feedback_tokens: str = setting("", "each service's feedback token, 'fraud=<t>,recommender=<t>,pricing=<t>' (a stream "
                                    "may send its token's domain only); '@<file>' reads them from a file; empty = no "
                                    "tokens: only loopback peers (or mTLS clients whose certificate CN is the domain) "
@@ -110,9 +121,9 @@ class TrainerSettings(ServerSettings):
     retention_interval_s: float = setting(60.0, "event log retention: run a pass this often (0 = never delete)")
     retention_slack_s: float = setting(600.0, "event log retention: predictions are kept this long beyond their "
                                        "domain's label window, for outcomes delivered late")
-    retention_learned_domains: str = setting("fraud,pricing", "event log retention: domains with one label per "
-                                             "prediction, whose prediction goes as soon as its label is learned "
-                                             "(a later correction then counts unmatched)")
+    retention_learned_domains: str = setting("", "event log retention: domains with one label per prediction, whose "
+                                             "prediction goes as soon as its label is learned (a later correction "
+                                             "then counts unmatched); empty = those whose plug-in says so")
     retention_max_age_s: float = setting(15 * 86400.0, "event log retention: processed events older than this go "
                                          "(0 = no age limit)")
     retention_max_mb: float = setting(1024.0, "event log retention: above this size the oldest processed events go, "
@@ -123,17 +134,39 @@ class TrainerSettings(ServerSettings):
                                             "and publish; then it is abandoned without publishing (its labels are "
                                             "learned after the restart)")
 
+    @classmethod
+    def load(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
+             description: str | None = None):
+        """Like BaseSettings.load, with the settings of the plug-ins `--domain-modules` (or
+        STOREFRONT_DOMAIN_MODULES) names: they are read first, to know which flags exist."""
+        args = list(sys.argv[1:] if argv is None else argv)
+        spec = _flag_value(args, "--domain-modules")
+        if spec is None:
+            spec = (os.environ if env is None else env).get(cls.env_name("domain_modules"), DEFAULT_DOMAIN_MODULES)
+        try:
+            target = trainer_settings_class(parse_modules(spec))
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"domain_modules: {e}") from None
+        return super(CoreTrainerSettings, target).load(args, env, description)
+
+    def loaded_domains(self) -> Domains:
+        """The plug-ins of domain_modules."""
+        return load_domains(self.domain_modules)
+
+    def plugin(self, domain: str) -> TrainerDomain:
+        return self.loaded_domains()[domain]
+
     @property
     def event_log_path(self) -> Path:
         return Path(self.workdir) / "events.db"
 
     def label_windows(self) -> dict[str, float]:
-        return parse_windows(self.windows) if self.windows else dict(DEFAULT_WINDOWS)
+        return parse_windows(self.windows, self.loaded_domains().windows())
 
     def retention_policy(self) -> RetentionPolicy:
+        learned = frozenset(d.strip() for d in self.retention_learned_domains.split(",") if d.strip())
         return RetentionPolicy(windows=self.label_windows(), slack_s=self.retention_slack_s + self.join_grace_s,
-                               learned_domains=frozenset(d.strip() for d in self.retention_learned_domains.split(",")
-                                                         if d.strip()),
+                               learned_domains=learned or self.loaded_domains().one_label_per_prediction(),
                                max_age_s=self.retention_max_age_s, max_bytes=int(self.retention_max_mb * 2**20),
                                hard_max_bytes=int(self.retention_hard_max_mb * 2**20))
 
@@ -151,13 +184,25 @@ class TrainerSettings(ServerSettings):
     def canary_config(self, domain: str | None = None):
         from trainer.canary import CanaryConfig, parse_modes
 
-        return CanaryConfig(mode=parse_modes(self.canary_modes).get(domain, "canary"), share=self.canary_share,
+        default = self.plugin(domain).canary_mode if domain in self.loaded_domains() else "canary"
+        return CanaryConfig(mode=parse_modes(self.canary_modes).get(domain, default), share=self.canary_share,
                             min_labels=self.canary_min_labels, min_positives=self.canary_min_positives,
                             timeout_s=self.canary_timeout_s, margin=self.canary_margin,
                             confidence=self.gate_confidence, resamples=self.gate_resamples)
 
     def validate(self) -> list[str]:
         p = super().validate()
+        try:
+            domains = self.loaded_domains()
+        except (ValueError, TypeError) as e:
+            return [*p, f"domain_modules: {e}"]
+        unknown = set(self.domain_list) - set(domains)
+        if unknown:
+            p.append(f"unknown domain(s) {sorted(unknown)}; known: {list(domains)} (domain_modules)")
+        for plugin in domains.values():
+            view = plugin.settings_view(self) if _has_fields(self, plugin) else None
+            if view is not None and hasattr(view, "validate"):
+                p += [f"{plugin.name}: {problem}" for problem in view.validate()]
         if self.min_events < 1 or self.epochs < 1 or self.poll_interval_s <= 0:
             p.append("min_events and epochs must be >= 1, poll_interval_s > 0")
         if self.gc_keep_last < 0 or self.gc_min_age_s < 0 or self.gc_lease_ttl_s <= 0:
@@ -177,7 +222,8 @@ class TrainerSettings(ServerSettings):
         if self.retention_interval_s < 0 or self.shutdown_round_grace_s < 0:
             p.append("retention_interval_s and shutdown_round_grace_s must be >= 0")
         try:
-            self.retention_policy().validate()
+            self.label_windows()
+            self.retention_policy().validate(domains)
         except ValueError as e:
             p.append(str(e))
         if self.delivery not in ("canary", "direct"):
@@ -187,17 +233,10 @@ class TrainerSettings(ServerSettings):
                 self.canary_config(domain).validate()
         except ValueError as e:
             p.append(str(e))
-        if self.adv_epsilon < 0 or not 0.0 <= self.adv_share <= 1.0 or self.adv_steps < 1:
-            p.append("adv_epsilon must be >= 0, adv_share in [0, 1], adv_steps >= 1")
-        if self.adv_method not in ("pgd", "fgsm"):
-            p.append(f"adv_method must be 'pgd' or 'fgsm', not {self.adv_method!r}")
         try:
             self.tokens()
         except (OSError, ValueError) as e:
             p.append(f"feedback_tokens: {e}")
-        unknown = set(self.domain_list) - set(DOMAIN_MODELS)
-        if unknown:
-            p.append(f"unknown domain(s) {sorted(unknown)}; known: {sorted(DOMAIN_MODELS)}")
         return p
 
     def tokens(self) -> dict[str, str]:
@@ -205,39 +244,62 @@ class TrainerSettings(ServerSettings):
         from shared.feedback import read_secret
         from trainer.collector import parse_tokens
 
-        return parse_tokens(read_secret(self.feedback_tokens))
+        return parse_tokens(read_secret(self.feedback_tokens), self.loaded_domains())
 
     @property
     def domain_list(self) -> list[str]:
-        return [d.strip() for d in self.domains.split(",") if d.strip()]
+        """The domains to learn: those `domains` names, else every loaded plug-in's."""
+        named = [d.strip() for d in self.domains.split(",") if d.strip()]
+        return named or list(self.loaded_domains())
+
+    def domain_model(self, domain: str):
+        """The DomainModel of a domain, from its plug-in and these settings."""
+        return self.plugin(domain).model(self)
 
 
-def _fraud_model(s: TrainerSettings | None = None):
-    from trainer.domains.fraud import FraudModel
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of `flag` in argv ('--flag value' or '--flag=value'; the last one wins), or None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+    return value
 
-    if s is None:
-        return FraudModel()
-    return FraudModel(adv_epsilon=s.adv_epsilon, adv_share=s.adv_share, adv_method=s.adv_method,
-                      adv_steps=s.adv_steps)
 
+def _has_fields(settings, plugin: TrainerDomain) -> bool:
+    """Whether these settings carry the plug-in's settings fields (a settings object made for other modules does not)."""
+    return plugin.settings is not None and all(hasattr(settings, f.name) for f in dataclasses.fields(plugin.settings))
+
+
+@functools.lru_cache(maxsize=None)
+def trainer_settings_class(modules: tuple[str, ...]) -> type[CoreTrainerSettings]:
+    """The trainer's settings class for these domain modules: CoreTrainerSettings plus each
+    plug-in's settings fields (same names, help and defaults), with domain_modules defaulting to
+    these modules. A name two of them declare is an error."""
+    domains = load_domains(modules)
+    owner = {f.name: "the trainer" for f in dataclasses.fields(CoreTrainerSettings)}
+    fields: list[tuple] = [("domain_modules", str, setting(",".join(modules), DOMAIN_MODULES_HELP))]
+    for plugin in domains.values():
+        if plugin.settings is None:
+            continue
+        hints = typing.get_type_hints(plugin.settings)
+        for f in dataclasses.fields(plugin.settings):
+            if f.name in owner:
+                raise ValueError(f"setting {f.name!r} of domain {plugin.name} is declared by {owner[f.name]} too")
+            owner[f.name] = f"domain {plugin.name}"
+            kwargs = {"default": f.default} if f.default is not dataclasses.MISSING else {
+                "default_factory": f.default_factory}
+            fields.append((f.name, hints[f.name], dataclasses.field(metadata=f.metadata, **kwargs)))
+    return dataclasses.make_dataclass("TrainerSettings", fields, bases=(CoreTrainerSettings,),
+                                      namespace={"__doc__": CoreTrainerSettings.__doc__, "__module__": __name__})
+
+
+# The trainer's settings with the built-in plug-ins' (what `python -m trainer serve` loads by default).
+TrainerSettings = trainer_settings_class(parse_modules(DEFAULT_DOMAIN_MODULES))
 
 ROUND_LOCK = threading.Lock()  # see DomainLoop._round
-
-def _recommender_model(s: TrainerSettings | None = None):
-    from trainer.domains.recommender import model_from_settings
-
-    return model_from_settings(s)
-
-
-def _pricing_model(s: TrainerSettings | None = None):
-    from trainer.domains.pricing import PricingModel
-
-    return PricingModel()
-
-
-# domain -> factory(settings or None) of its DomainModel (imported lazily: each pulls in torch
-# code of its own, and a trainer learns only the domains it is given)
-DOMAIN_MODELS = {"fraud": _fraud_model, "recommender": _recommender_model, "pricing": _pricing_model}
 
 
 def _in_daemon_thread(fn: Callable, *args, name: str) -> asyncio.Future:
@@ -272,11 +334,10 @@ class DomainLoop:
 
     def __init__(self, domain: str, log_: SqliteEventLog, registry: ModelRegistry, s: TrainerSettings) -> None:
         self.domain = domain
-        self.learner = Learner(DOMAIN_MODELS[domain](s), registry, Path(s.workdir), s.learner_config(domain))
+        self.learner = Learner(s.domain_model(domain), registry, Path(s.workdir), s.learner_config(domain))
         if not self.learner.restore():
             raise FileNotFoundError(f"{domain}: no checkpoint in {self.learner.checkpoint.path}")
-        self.joiner = Joiner(log_, parse_windows(s.windows) if s.windows else None, domain=domain,
-                             grace_s=s.join_grace_s)
+        self.joiner = Joiner(log_, s.label_windows(), domain=domain, grace_s=s.join_grace_s)
         # The learner's checkpoint is the truth for where learning resumes.
         self.joiner.restore(self.learner.progress.get("offset", 0), self.learner.progress.get("pending", ()))
         # ... and what the log's retention goes by: committed as this domain's consumer (again at
@@ -438,7 +499,7 @@ class TrainerApp(ServerApp):
 
 def make_app(s: TrainerSettings) -> ServerApp:
     Path(s.workdir).mkdir(parents=True, exist_ok=True)
-    event_log = SqliteEventLog(s.event_log_path)
+    event_log = SqliteEventLog(s.event_log_path, domains=s.loaded_domains())
     registry = ModelRegistry(s.registry_dir)
     tokens = s.tokens()
     collector = FeedbackCollector(event_log, tokens=tokens)
@@ -494,11 +555,11 @@ def make_app(s: TrainerSettings) -> ServerApp:
             from trainer.bootstrap import bootstrap
 
             missing = [d for d in s.domain_list
-                       if not Learner(DOMAIN_MODELS[d](s), registry, Path(s.workdir)).checkpoint.exists()]
+                       if not Learner(s.domain_model(d), registry, Path(s.workdir)).checkpoint.exists()]
             if missing:
-                log.info("bootstrapping %s from the bundled real data", missing)
+                log.info("bootstrapping %s, each from its own data", missing)
                 await asyncio.to_thread(bootstrap, registry, Path(s.workdir), missing, force=True,
-                                        models={d: DOMAIN_MODELS[d](s) for d in missing})
+                                        models={d: s.domain_model(d) for d in missing}, plugins=s.loaded_domains())
         for domain in s.domain_list:
             try:
                 loop = DomainLoop(domain, event_log, registry, s)

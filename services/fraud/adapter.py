@@ -18,7 +18,7 @@ import numpy as np
 from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2
 from protos.fraud.v1 import fraud_pb2
-from shared.domain import DomainService, Prepared, check_id, event_time, finite
+from shared.domain import DomainService, Prepared, check_id, event_time, feedback_outcome, finite
 from shared.errors import InvalidArgument, echo_names
 from shared.registry import Manifest, Signature, TensorSpec
 from shared.runtime.model import LoadedModel
@@ -62,7 +62,8 @@ def check_outputs(outputs: Mapping[str, np.ndarray]) -> str | None:
 
 
 class FraudService(DomainService[fraud_pb2.ScoreTransactionRequest, fraud_pb2.ScoreTransactionResponse]):
-    domain = feedback_pb2.DOMAIN_FRAUD
+    domain = "fraud"
+    prediction_id_legacy_domain = 1  # ids issued before domains were named still verify
 
     def __init__(self, served, feedback=None, *, review_threshold: float = -1.0, block_threshold: float = -1.0,
                  max_reasons: int = 3) -> None:
@@ -151,7 +152,7 @@ class FraudService(DomainService[fraud_pb2.ScoreTransactionRequest, fraud_pb2.Sc
         check_id(outcome.prediction_id, "prediction_id", 64)
         check_id(outcome.source, "source", 64, required=False)
         occurred = event_time(outcome.occurred_at, "occurred_at", now)
-        record = feedback_pb2.Outcome(prediction_id=outcome.prediction_id, occurred_at=occurred)
-        record.fraud.CopyFrom(outcome)
-        record.fraud.occurred_at = occurred
-        return (outcome.prediction_id, outcome.is_fraud), record
+        message = fraud_pb2.FraudOutcome()
+        message.CopyFrom(outcome)
+        message.occurred_at = occurred
+        return (outcome.prediction_id, outcome.is_fraud), feedback_outcome(message, occurred)

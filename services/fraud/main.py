@@ -9,7 +9,7 @@ import sys
 
 from services.fraud.adapter import SIGNATURE, FraudService, check_manifest, check_outputs
 from services.fraud.servicer import FraudServicer, register
-from shared.domain import attach_feedback, configure_outcomes
+from shared.domain import attach_domain
 from shared.runtime.model import ModelLoader
 from shared.server import ServerApp, run_app
 from shared.serving import ServedModel
@@ -44,8 +44,7 @@ def make_app(s: FraudSettings) -> ServerApp:
     service = FraudService(served, review_threshold=s.review_threshold, block_threshold=s.block_threshold,
                            max_reasons=s.max_reasons)
     app = ServerApp("fraud", s, {s.model_name: served}, register(FraudServicer(service)))
-    configure_outcomes(service, s)  # prediction id keys, outcome rate limit, durable acks
-    service.feedback = attach_feedback(app, s, "fraud")
+    attach_domain(app, service, s)  # prediction id keys, outcome rate limit, durable acks, feedback stream
     return app
 
 

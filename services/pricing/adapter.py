@@ -43,7 +43,7 @@ from prometheus_client import Counter, Histogram
 from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2
 from protos.pricing.v1 import pricing_pb2
-from shared.domain import DomainService, Prepared, check_id, event_time, finite
+from shared.domain import DomainService, Prepared, check_id, event_time, feedback_outcome, finite
 from shared.errors import InvalidArgument
 from shared.registry import Manifest, Signature, TensorSpec
 from shared.runtime.model import LoadedModel
@@ -118,7 +118,8 @@ def candidate_grid(ref: float, lo: float, hi: float, size: int) -> np.ndarray:
 
 
 class PricingService(DomainService[pricing_pb2.QuoteRequest, pricing_pb2.QuoteResponse]):
-    domain = feedback_pb2.DOMAIN_PRICING
+    domain = "pricing"
+    prediction_id_legacy_domain = 3  # ids issued before domains were named still verify
 
     def __init__(self, served, feedback=None, *, exploration_share: float = 0.2, max_step_pct: float = 10.0,
                  wide_step_share: float = 0.2, grid_size: int = 21, seed: int = -1) -> None:
@@ -269,11 +270,12 @@ class PricingService(DomainService[pricing_pb2.QuoteRequest, pricing_pb2.QuoteRe
         elif outcome.units != 0:
             raise InvalidArgument(f"units must be 0 when sold is false, got {outcome.units}")
         occurred = event_time(outcome.occurred_at, "occurred_at", now)
-        record = feedback_pb2.Outcome(prediction_id=outcome.prediction_id, occurred_at=occurred)
-        record.pricing.CopyFrom(outcome)
-        record.pricing.occurred_at = occurred
+        message = pricing_pb2.PricingOutcome()
+        message.CopyFrom(outcome)
+        message.occurred_at = occurred
         if not outcome.sold:
-            record.pricing.price = 0.0  # ignored when unsold: do not carry whatever was sent
+            message.price = 0.0  # ignored when unsold: do not carry whatever was sent
+        record = feedback_outcome(message, occurred)
         key = (outcome.prediction_id, outcome.sold, outcome.units, outcome.price if outcome.sold else 0.0,
                outcome.occurred_at)
         return key, record

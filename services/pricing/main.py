@@ -9,7 +9,7 @@ import sys
 
 from services.pricing.adapter import SIGNATURE, PricingService, check_manifest, check_outputs
 from services.pricing.servicer import PricingServicer, register
-from shared.domain import attach_feedback, configure_outcomes
+from shared.domain import attach_domain
 from shared.runtime.model import ModelLoader
 from shared.server import ServerApp, run_app
 from shared.serving import ServedModel
@@ -50,8 +50,7 @@ def make_app(s: PricingSettings) -> ServerApp:
     service = PricingService(served, exploration_share=s.exploration_share, max_step_pct=s.max_step_pct,
                              wide_step_share=s.wide_step_share, grid_size=s.grid_size, seed=s.exploration_seed)
     app = ServerApp("pricing", s, {s.model_name: served}, register(PricingServicer(service)))
-    configure_outcomes(service, s)  # prediction id keys, outcome rate limit, durable acks
-    service.feedback = attach_feedback(app, s, "pricing")
+    attach_domain(app, service, s)  # prediction id keys, outcome rate limit, durable acks, feedback stream
     app.service = service  # for in-process callers (tests, benchmarks)
     return app
 

@@ -33,7 +33,7 @@ from services.recommender.catalog import Catalog, CatalogSnapshot, ItemRecord
 from services.recommender.catalog_records import MAX_DEPARTMENT_CHARS, items_of_request
 from services.recommender.history import UserHistory
 from services.recommender.item_index import VersionItems
-from shared.domain import DomainService, Prepared, check_id, event_time, finite
+from shared.domain import DomainService, Prepared, check_id, event_time, feedback_outcome, finite
 from shared.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from shared.registry import Manifest
 from shared.runtime.model import LoadedModel, ModelRejected
@@ -153,7 +153,8 @@ class RecentPredictions:
 
 
 class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse]):
-    domain = feedback_pb2.DOMAIN_RECOMMENDER
+    domain = "recommender"
+    prediction_id_legacy_domain = 2  # ids issued before domains were named still verify
 
     def __init__(self, served, catalog: Catalog, history: UserHistory, feedback=None, *,
                  options: RuntimeOptions | None = None, max_k: int = MAX_K, prediction_memory: int = 200_000,
@@ -382,10 +383,10 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
             raise InvalidArgument(f"event must be EVENT_IMPRESSION, EVENT_CLICK, EVENT_ADD_TO_CART or "
                                   f"EVENT_PURCHASE, got {outcome.event}")
         occurred = event_time(outcome.occurred_at, "occurred_at", now)
-        record = feedback_pb2.Outcome(prediction_id=outcome.prediction_id, occurred_at=occurred)
-        record.recommendation.CopyFrom(outcome)
-        record.recommendation.occurred_at = occurred
-        return (outcome.prediction_id, outcome.item_id, int(outcome.event)), record
+        message = pb.RecommendationOutcome()
+        message.CopyFrom(outcome)
+        message.occurred_at = occurred
+        return (outcome.prediction_id, outcome.item_id, int(outcome.event)), feedback_outcome(message, occurred)
 
     def outcome_accepted(self, outcome: pb.RecommendationOutcome, record) -> None:
         if outcome.event not in INTERACTIONS:

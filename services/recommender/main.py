@@ -20,7 +20,7 @@ from services.recommender.adapter import (MAX_CATEGORY_CHARS, MAX_K, MAX_TITLE_C
 from services.recommender.catalog import Catalog
 from services.recommender.history import UserHistory
 from services.recommender.servicer import RecommenderServicer, register
-from shared.domain import attach_feedback, configure_outcomes
+from shared.domain import attach_domain
 from shared.runtime.model import ModelLoader
 from shared.server import ServerApp, run_app
 from shared.serving import ServedModel
@@ -84,8 +84,7 @@ def build(s: RecommenderSettings) -> tuple[ServerApp, RecommenderService]:
     loader.prepare = service.prepare
     loader.warmup_feeds = service.warmup_feeds
     app = ServerApp("recommender", s, {s.model_name: served}, register(RecommenderServicer(service)), v2=False)
-    configure_outcomes(service, s)  # prediction id keys, outcome rate limit, durable acks
-    service.feedback = attach_feedback(app, s, "recommender")
+    attach_domain(app, service, s)  # prediction id keys, outcome rate limit, durable acks, feedback stream
     if s.catalog_poll_s > 0:
         follower: list[asyncio.Task] = []
 

@@ -36,7 +36,7 @@ class FeedbackClient(StreamSender):
     spool (survives kill -9). Identity towards the trainer: `metadata` carries the service's
     token ((TOKEN_METADATA, token)) and `channel_credentials` its TLS client certificate."""
 
-    def __init__(self, target: str, *, domain: int | str, spool_dir: str | Path, instance_id: str | None = None,
+    def __init__(self, target: str, *, domain: str, spool_dir: str | Path, instance_id: str | None = None,
                  max_buffer: int = 10000, max_in_flight: int = 2000, max_spool_bytes: int = 256 << 20,
                  batch_max: int = 256, max_batch_bytes: int = MAX_BATCH_BYTES, reconnect_backoff_s: tuple[float, float] = (0.2, 5.0),
                  channel_credentials: grpc.ChannelCredentials | None = None,

@@ -1,32 +1,23 @@
-"""The domain a feedback record belongs to: its proto value and its metric/log label.
+"""The domain a feedback record belongs to: its registered name, which is also its metric/log label.
 
-The one place that maps a domain name to `FeedbackRecord.domain` and back, so a change of
-how the record names its domain (an enum today) touches only this file.
+Domains are plug-ins: a record names its domain by the name the domain registers
+(FeedbackRecord.domain, feedback.proto), [a-z][a-z0-9_]{0,31}, e.g. "fraud". The runtime keeps
+no list of them; the trainer checks the name against the domain plug-ins it loaded.
 """
 from __future__ import annotations
 
-from protos.feedback.v1 import feedback_pb2
+import re
+
+DOMAIN_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}\Z")
 
 
-def domain_value(domain: int | str) -> int:
-    """A feedback_pb2.Domain value from the value itself, its name, or the short name ("fraud")."""
-    if isinstance(domain, str):
-        name = domain.upper()
-        if not name.startswith("DOMAIN_"):
-            name = "DOMAIN_" + name
-        try:
-            value = feedback_pb2.Domain.Value(name)
-        except ValueError:
-            raise ValueError(f"unknown domain {domain!r}") from None
-    else:
-        value = int(domain)
-        if value not in feedback_pb2.Domain.values():
-            raise ValueError(f"unknown domain {domain!r}")
-    if value == feedback_pb2.DOMAIN_UNSPECIFIED:
-        raise ValueError("domain must not be DOMAIN_UNSPECIFIED")
+def domain_value(domain: str) -> str:
+    """FeedbackRecord.domain for a domain: its registered name, checked; ValueError when it is not one."""
+    if not isinstance(domain, str) or not DOMAIN_NAME.match(domain):
+        raise ValueError(f"domain {str(domain)[:40]!r}: expected a registered domain name, [a-z][a-z0-9_]{{0,31}}")
+    return domain
+
+
+def domain_label(value: str) -> str:
+    """The `domain` label of the feedback metrics: the domain's name."""
     return value
-
-
-def domain_label(value: int) -> str:
-    """The short name of a domain_value ("fraud"): the `domain` label of the feedback metrics."""
-    return feedback_pb2.Domain.Name(value)[len("DOMAIN_"):].lower()

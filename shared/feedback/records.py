@@ -26,7 +26,7 @@ class ShadowRecord:
         self.latency_ms = latency_ms
 
 
-def served_record(record_id: str, domain: int, prediction_id: str, model_name: str, model_version: str,
+def served_record(record_id: str, domain: str, prediction_id: str, model_name: str, model_version: str,
                   inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
                   request: Message | None = None, response: Message | None = None,
                   served_at: float | None = None, shadow: ShadowRecord | None = None) -> bytes:
@@ -58,6 +58,17 @@ def served_record(record_id: str, domain: int, prediction_id: str, model_name: s
     return rec.SerializeToString()
 
 
-def outcome_record(record_id: str, domain: int, outcome: feedback_pb2.Outcome) -> bytes:
+def outcome_record(record_id: str, domain: str, outcome: feedback_pb2.Outcome) -> bytes:
     """One serialized FeedbackRecord for an outcome."""
     return feedback_pb2.FeedbackRecord(record_id=record_id, domain=domain, outcome=outcome).SerializeToString()
+
+
+def feedback_outcome(message: Message, occurred_at: float, received_at: float = 0.0) -> feedback_pb2.Outcome:
+    """The feedback Outcome of a domain outcome message: its prediction_id and occurred_at copied
+    out (so the trainer's joiner needs not unpack it) and the message packed as domain_outcome
+    (whose own occurred_at the caller has set to occurred_at). received_at: when the service
+    received it (0: the service template sets it on admission)."""
+    record = feedback_pb2.Outcome(prediction_id=message.prediction_id, occurred_at=occurred_at,
+                                  received_at=received_at)
+    record.domain_outcome.Pack(message)
+    return record

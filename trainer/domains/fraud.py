@@ -293,8 +293,6 @@ class FraudModel(DomainModel):
 
         X, y, p, off = [], [], [], []
         for j in joined:
-            if j.outcome.WhichOneof("outcome") != "fraud":
-                continue
             tensors = {t.name: t for t in j.served.inputs}
             outputs = {t.name: t for t in j.served.outputs}
             if "features" not in tensors:
@@ -303,7 +301,7 @@ class FraudModel(DomainModel):
             if row.shape != (N_INPUTS,) or not np.isfinite(row).all():
                 continue  # served by a model of another shape: not this learner's input
             X.append(row)
-            y.append(1.0 if j.outcome.fraud.is_fraud else 0.0)
+            y.append(1.0 if j.label.is_fraud else 0.0)
             p.append(float(tensor_to_numpy(outputs["probability"]).reshape(-1)[0]) if "probability" in outputs else np.nan)
             off.append(j.offset)
         if not X:

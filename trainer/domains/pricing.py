@@ -286,8 +286,6 @@ class PricingModel(DomainModel):
 
         latest: dict[str, tuple[float, tuple]] = {}
         for j in joined:
-            if j.outcome.WhichOneof("outcome") != "pricing":
-                continue
             tensors = {t.name: t for t in j.served.inputs}
             if not {"product", "segment", "hour"} <= tensors.keys():
                 continue
@@ -303,11 +301,11 @@ class PricingModel(DomainModel):
             if not (0 <= codes[0] < PRODUCT_CAPACITY and 0 <= codes[1] < N_SEGMENTS and 0 <= codes[2] < NO_HOUR):
                 continue  # served by a model of another vocabulary shape: not this learner's input
             x = math.log(resp.price / req.reference_price)
-            sold = 1.0 if j.outcome.pricing.sold else 0.0
+            sold = 1.0 if j.label.sold else 0.0
             row = (*codes, x, sold, resp.expected_conversion, j.offset)
             seen = latest.get(j.prediction_id)
-            if seen is None or j.outcome.pricing.occurred_at >= seen[0]:
-                latest[j.prediction_id] = (j.outcome.pricing.occurred_at, row)
+            if seen is None or j.label.occurred_at >= seen[0]:
+                latest[j.prediction_id] = (j.label.occurred_at, row)
         out = sorted((row for _, row in latest.values()), key=lambda r: r[-1])
         if not out:
             return Examples.empty(WIDTH)
@@ -367,7 +365,7 @@ def bootstrap_pricing(registry, workdir: Path, *, force: bool = False, model: Pr
     vocab, (X, y), (hX, hy) = bootstrap_data(limit)
     model.vocab = vocab
     if show_progress:
-        from trainer.bootstrap import progress_bar
+        from trainer.progress import progress_bar
 
         bar = progress_bar("pricing bootstrap (L-BFGS iterations)")
         model.progress = bar

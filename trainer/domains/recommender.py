@@ -385,9 +385,7 @@ class RecommenderModel(DomainModel):
 
         best: dict[tuple[str, str], tuple[int, Any]] = {}
         for j in joined:
-            if j.outcome.WhichOneof("outcome") != "recommendation":
-                continue
-            o = j.outcome.recommendation
+            o = j.label
             level = EVENT_LEVEL.get(int(o.event))
             if level is None or not o.item_id:
                 continue
@@ -452,8 +450,8 @@ class RecommenderModel(DomainModel):
 
 
 def model_from_settings(s=None) -> RecommenderModel:
-    """The trainer's recommender (DOMAIN_MODELS): the registry's text encoder, the service's
-    catalog journal (TrainerSettings.catalog_path)."""
+    """The trainer's recommender (its plug-in's model): the registry's text encoder, the service's
+    catalog journal (the recommender plug-in's catalog_path setting)."""
     if s is None:
         return RecommenderModel()
     return RecommenderModel(registry_dir=s.registry_dir, catalog_path=s.catalog_path)

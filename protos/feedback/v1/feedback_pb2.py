@@ -24,38 +24,33 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from protos.common.v1 import common_pb2 as protos_dot_common_dot_v1_dot_common__pb2
-from protos.fraud.v1 import fraud_pb2 as protos_dot_fraud_dot_v1_dot_fraud__pb2
-from protos.pricing.v1 import pricing_pb2 as protos_dot_pricing_dot_v1_dot_pricing__pb2
-from protos.recommender.v1 import recommender_pb2 as protos_dot_recommender_dot_v1_dot_recommender__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/feedback/v1/feedback.proto\x12\x16storefront.feedback.v1\x1a\x19google/protobuf/any.proto\x1a\x1dprotos/common/v1/common.proto\x1a\x1bprotos/fraud/v1/fraud.proto\x1a\x1fprotos/pricing/v1/pricing.proto\x1a\'protos/recommender/v1/recommender.proto\"H\n\rFeedbackBatch\x12\x37\n\x07records\x18\x01 \x03(\x0b\x32&.storefront.feedback.v1.FeedbackRecord\"5\n\x08\x41\x63kBatch\x12)\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x1b.storefront.feedback.v1.Ack\"\xce\x01\n\x0e\x46\x65\x65\x64\x62\x61\x63kRecord\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12.\n\x06\x64omain\x18\x02 \x01(\x0e\x32\x1e.storefront.feedback.v1.Domain\x12:\n\x06served\x18\x03 \x01(\x0b\x32(.storefront.feedback.v1.ServedPredictionH\x00\x12\x32\n\x07outcome\x18\x04 \x01(\x0b\x32\x1f.storefront.feedback.v1.OutcomeH\x00\x42\t\n\x07payload\"I\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x10\n\x08raw_data\x18\x04 \x01(\x0c\"\xd5\x02\n\x10ServedPrediction\x12\x15\n\rprediction_id\x18\x01 \x01(\t\x12-\n\x05model\x18\x02 \x01(\x0b\x32\x1e.storefront.common.v1.ModelRef\x12\x11\n\tserved_at\x18\x03 \x01(\x01\x12.\n\x06inputs\x18\x04 \x03(\x0b\x32\x1e.storefront.feedback.v1.Tensor\x12/\n\x07outputs\x18\x05 \x03(\x0b\x32\x1e.storefront.feedback.v1.Tensor\x12%\n\x07request\x18\x06 \x01(\x0b\x32\x14.google.protobuf.Any\x12&\n\x08response\x18\x07 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x38\n\x06shadow\x18\x08 \x01(\x0b\x32(.storefront.feedback.v1.ShadowPrediction\"\xc5\x01\n\x10ShadowPrediction\x12-\n\x05model\x18\x01 \x01(\x0b\x32\x1e.storefront.common.v1.ModelRef\x12.\n\x06inputs\x18\x02 \x03(\x0b\x32\x1e.storefront.feedback.v1.Tensor\x12/\n\x07outputs\x18\x03 \x03(\x0b\x32\x1e.storefront.feedback.v1.Tensor\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\"\x8f\x02\n\x07Outcome\x12\x15\n\rprediction_id\x18\x01 \x01(\t\x12\x13\n\x0boccurred_at\x18\x02 \x01(\x01\x12\x13\n\x0breceived_at\x18\x03 \x01(\x01\x12\x32\n\x05\x66raud\x18\x04 \x01(\x0b\x32!.storefront.fraud.v1.FraudOutcomeH\x00\x12J\n\x0erecommendation\x18\x05 \x01(\x0b\x32\x30.storefront.recommender.v1.RecommendationOutcomeH\x00\x12\x38\n\x07pricing\x18\x06 \x01(\x0b\x32%.storefront.pricing.v1.PricingOutcomeH\x00\x42\t\n\x07outcome\"\\\n\x03\x41\x63k\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x31\n\x06status\x18\x02 \x01(\x0e\x32!.storefront.feedback.v1.AckStatus\x12\x0f\n\x07message\x18\x03 \x01(\t*^\n\x06\x44omain\x12\x16\n\x12\x44OMAIN_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x44OMAIN_FRAUD\x10\x01\x12\x16\n\x12\x44OMAIN_RECOMMENDER\x10\x02\x12\x12\n\x0e\x44OMAIN_PRICING\x10\x03*q\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x43K_STATUS_STORED\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_DUPLICATE\x10\x02\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x03\x32\x63\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12W\n\x06Stream\x12%.storefront.feedback.v1.FeedbackBatch\x1a .storefront.feedback.v1.AckBatch\"\x00(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/feedback/v1/feedback.proto\x12\x16storefront.feedback.v1\x1a\x19google/protobuf/any.proto\x1a\x1dprotos/common/v1/common.proto\"H\n\rFeedbackBatch\x12\x37\n\x07records\x18\x01 \x03(\x0b\x32&.storefront.feedback.v1.FeedbackRecord\"5\n\x08\x41\x63kBatch\x12)\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x1b.storefront.feedback.v1.Ack\"\xb4\x01\n\x0e\x46\x65\x65\x64\x62\x61\x63kRecord\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x05 \x01(\t\x12:\n\x06served\x18\x03 \x01(\x0b\x32(.storefront.feedback.v1.ServedPredictionH\x00\x12\x32\n\x07outcome\x18\x04 \x01(\x0b\x32\x1f.storefront.feedback.v1.OutcomeH\x00\x42\t\n\x07payloadJ\x04\x08\x02\x10\x03\"I\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x10\n\x08raw_data\x18\x04 \x01(\x0c\"\xd5\x02\n\x10ServedPrediction\x12\x15\n\rprediction_id\x18\x01 \x01(\t\x12-\n\x05model\x18\x02 \x01(\x0b\x32\x1e.storefront.common.v1.ModelRef\x12\x11\n\tserved_at\x18\x03 \x01(\x01\x12.\n\x06inputs\x18\x04 \x03(\x0b\x32\x1e.storefront.feedback.v1.Tensor\x12/\n\x07outputs\x18\x05 \x03(\x0b\x32\x1e.storefront.feedback.v1.Tensor\x12%\n\x07request\x18\x06 \x01(\x0b\x32\x14.google.protobuf.Any\x12&\n\x08response\x18\x07 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x38\n\x06shadow\x18\x08 \x01(\x0b\x32(.storefront.feedback.v1.ShadowPrediction\"\xc5\x01\n\x10ShadowPrediction\x12-\n\x05model\x18\x01 \x01(\x0b\x32\x1e.storefront.common.v1.ModelRef\x12.\n\x06inputs\x18\x02 \x03(\x0b\x32\x1e.storefront.feedback.v1.Tensor\x12/\n\x07outputs\x18\x03 \x03(\x0b\x32\x1e.storefront.feedback.v1.Tensor\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\"\x8a\x01\n\x07Outcome\x12\x15\n\rprediction_id\x18\x01 \x01(\t\x12\x13\n\x0boccurred_at\x18\x02 \x01(\x01\x12\x13\n\x0breceived_at\x18\x03 \x01(\x01\x12,\n\x0e\x64omain_outcome\x18\x07 \x01(\x0b\x32\x14.google.protobuf.AnyJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\"\\\n\x03\x41\x63k\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x31\n\x06status\x18\x02 \x01(\x0e\x32!.storefront.feedback.v1.AckStatus\x12\x0f\n\x07message\x18\x03 \x01(\t*q\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x43K_STATUS_STORED\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_DUPLICATE\x10\x02\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x03\x32\x63\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12W\n\x06Stream\x12%.storefront.feedback.v1.FeedbackBatch\x1a .storefront.feedback.v1.AckBatch\"\x00(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.feedback.v1.feedback_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DOMAIN']._serialized_start=1547
-  _globals['_DOMAIN']._serialized_end=1641
-  _globals['_ACKSTATUS']._serialized_start=1643
-  _globals['_ACKSTATUS']._serialized_end=1756
-  _globals['_FEEDBACKBATCH']._serialized_start=222
-  _globals['_FEEDBACKBATCH']._serialized_end=294
-  _globals['_ACKBATCH']._serialized_start=296
-  _globals['_ACKBATCH']._serialized_end=349
-  _globals['_FEEDBACKRECORD']._serialized_start=352
-  _globals['_FEEDBACKRECORD']._serialized_end=558
-  _globals['_TENSOR']._serialized_start=560
-  _globals['_TENSOR']._serialized_end=633
-  _globals['_SERVEDPREDICTION']._serialized_start=636
-  _globals['_SERVEDPREDICTION']._serialized_end=977
-  _globals['_SHADOWPREDICTION']._serialized_start=980
-  _globals['_SHADOWPREDICTION']._serialized_end=1177
-  _globals['_OUTCOME']._serialized_start=1180
-  _globals['_OUTCOME']._serialized_end=1451
-  _globals['_ACK']._serialized_start=1453
-  _globals['_ACK']._serialized_end=1545
-  _globals['_FEEDBACK']._serialized_start=1758
-  _globals['_FEEDBACK']._serialized_end=1857
+  _globals['_ACKSTATUS']._serialized_start=1285
+  _globals['_ACKSTATUS']._serialized_end=1398
+  _globals['_FEEDBACKBATCH']._serialized_start=119
+  _globals['_FEEDBACKBATCH']._serialized_end=191
+  _globals['_ACKBATCH']._serialized_start=193
+  _globals['_ACKBATCH']._serialized_end=246
+  _globals['_FEEDBACKRECORD']._serialized_start=249
+  _globals['_FEEDBACKRECORD']._serialized_end=429
+  _globals['_TENSOR']._serialized_start=431
+  _globals['_TENSOR']._serialized_end=504
+  _globals['_SERVEDPREDICTION']._serialized_start=507
+  _globals['_SERVEDPREDICTION']._serialized_end=848
+  _globals['_SHADOWPREDICTION']._serialized_start=851
+  _globals['_SHADOWPREDICTION']._serialized_end=1048
+  _globals['_OUTCOME']._serialized_start=1051
+  _globals['_OUTCOME']._serialized_end=1189
+  _globals['_ACK']._serialized_start=1191
+  _globals['_ACK']._serialized_end=1283
+  _globals['_FEEDBACK']._serialized_start=1400
+  _globals['_FEEDBACK']._serialized_end=1499
 # @@protoc_insertion_point(module_scope)

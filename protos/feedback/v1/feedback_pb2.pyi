@@ -1,8 +1,5 @@
 from google.protobuf import any_pb2 as _any_pb2
 from protos.common.v1 import common_pb2 as _common_pb2
-from protos.fraud.v1 import fraud_pb2 as _fraud_pb2
-from protos.pricing.v1 import pricing_pb2 as _pricing_pb2
-from protos.recommender.v1 import recommender_pb2 as _recommender_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -12,23 +9,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class Domain(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    DOMAIN_UNSPECIFIED: _ClassVar[Domain]
-    DOMAIN_FRAUD: _ClassVar[Domain]
-    DOMAIN_RECOMMENDER: _ClassVar[Domain]
-    DOMAIN_PRICING: _ClassVar[Domain]
-
 class AckStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ACK_STATUS_UNSPECIFIED: _ClassVar[AckStatus]
     ACK_STATUS_STORED: _ClassVar[AckStatus]
     ACK_STATUS_DUPLICATE: _ClassVar[AckStatus]
     ACK_STATUS_REJECTED: _ClassVar[AckStatus]
-DOMAIN_UNSPECIFIED: Domain
-DOMAIN_FRAUD: Domain
-DOMAIN_RECOMMENDER: Domain
-DOMAIN_PRICING: Domain
 ACK_STATUS_UNSPECIFIED: AckStatus
 ACK_STATUS_STORED: AckStatus
 ACK_STATUS_DUPLICATE: AckStatus
@@ -53,10 +39,10 @@ class FeedbackRecord(_message.Message):
     SERVED_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     record_id: str
-    domain: Domain
+    domain: str
     served: ServedPrediction
     outcome: Outcome
-    def __init__(self, record_id: _Optional[str] = ..., domain: _Optional[_Union[Domain, str]] = ..., served: _Optional[_Union[ServedPrediction, _Mapping]] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ...) -> None: ...
+    def __init__(self, record_id: _Optional[str] = ..., domain: _Optional[str] = ..., served: _Optional[_Union[ServedPrediction, _Mapping]] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("name", "datatype", "shape", "raw_data")
@@ -105,20 +91,16 @@ class ShadowPrediction(_message.Message):
     def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., score: _Optional[float] = ..., latency_ms: _Optional[float] = ...) -> None: ...
 
 class Outcome(_message.Message):
-    __slots__ = ("prediction_id", "occurred_at", "received_at", "fraud", "recommendation", "pricing")
+    __slots__ = ("prediction_id", "occurred_at", "received_at", "domain_outcome")
     PREDICTION_ID_FIELD_NUMBER: _ClassVar[int]
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
-    FRAUD_FIELD_NUMBER: _ClassVar[int]
-    RECOMMENDATION_FIELD_NUMBER: _ClassVar[int]
-    PRICING_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_OUTCOME_FIELD_NUMBER: _ClassVar[int]
     prediction_id: str
     occurred_at: float
     received_at: float
-    fraud: _fraud_pb2.FraudOutcome
-    recommendation: _recommender_pb2.RecommendationOutcome
-    pricing: _pricing_pb2.PricingOutcome
-    def __init__(self, prediction_id: _Optional[str] = ..., occurred_at: _Optional[float] = ..., received_at: _Optional[float] = ..., fraud: _Optional[_Union[_fraud_pb2.FraudOutcome, _Mapping]] = ..., recommendation: _Optional[_Union[_recommender_pb2.RecommendationOutcome, _Mapping]] = ..., pricing: _Optional[_Union[_pricing_pb2.PricingOutcome, _Mapping]] = ...) -> None: ...
+    domain_outcome: _any_pb2.Any
+    def __init__(self, prediction_id: _Optional[str] = ..., occurred_at: _Optional[float] = ..., received_at: _Optional[float] = ..., domain_outcome: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("record_id", "status", "message")

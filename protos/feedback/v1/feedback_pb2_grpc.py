@@ -58,7 +58,7 @@ class FeedbackServicer:
         not name its service (no or an unknown x-storefront-feedback-token metadata
         where the trainer has tokens; a non-loopback peer where it has neither tokens
         nor mTLS); PERMISSION_DENIED when a client certificate names no service (its CN
-        must be the domain) or another service than the token. A record of a domain
+        must be the domain's name) or another service than the token. A record of a domain
         the stream is not authenticated for gets ACK_STATUS_REJECTED. A malformed record does not
         end the stream: it gets ACK_STATUS_REJECTED, and the other records of its batch
         are stored as usual.
