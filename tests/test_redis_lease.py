@@ -180,3 +180,22 @@ async def test_tokens_and_the_lease_survive_a_redis_kill(tmp_path, redis_server,
     assert await standby.fence() == 4
     await holder.release()
     assert await standby.try_acquire() == 5
+
+
+async def test_a_standby_waits_out_a_redis_restart_and_then_acquires(redis_server, client):
+    holder = LearnerLease(client, "pricing", "trainer-a", ttl_s=60)
+    token = await holder.try_acquire()
+    redis_server.kill()
+    standby = LearnerLease(client, "pricing", "trainer-b", ttl_s=60, poll_s=0.05)
+    waiting = asyncio.ensure_future(standby.acquire())
+    # the standby keeps trying while Redis is down instead of giving up
+    await until(lambda: standby.acquire_errors >= 1, "the standby to find Redis down")
+    assert not waiting.done()
+    redis_server.start()
+    await until(lambda: _observed_holder(standby) == "trainer-a", "the standby to see the holder again")
+    await holder.release()  # the AOF kept the lease; a clean release lets the standby in
+    assert await asyncio.wait_for(waiting, 30) == token + 1
+
+
+def _observed_holder(lease: LearnerLease) -> str | None:
+    return lease.observed.owner if lease.observed else None

@@ -136,6 +136,7 @@ class LearnerLease:
         self.valid_until = 0.0  # monotonic: past this, this process does not count on holding it
         self.observed: Holder | None = None  # the other holder, as the last failed acquire saw it
         self.renewals = 0
+        self.acquire_errors = 0  # attempts that could not reach Redis (acquire() waits them out)
         self.lost = asyncio.Event()  # set when a held lease is lost (not on release)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
@@ -172,13 +173,23 @@ class LearnerLease:
         return None
 
     async def acquire(self, stop: asyncio.Event | None = None) -> int | None:
-        """Wait until this process holds the lease (a standby's loop); None when stop was set first."""
+        """Wait until this process holds the lease (a standby's loop); None when stop was set first.
+        Redis being unreachable (a restart, a failover) is waited out, not raised: a standby that
+        gave up would leave the domain with no learner once the holder dies."""
         while stop is None or not stop.is_set():
-            token = await self.try_acquire()
-            if token is not None:
-                return token
-            # poll again after poll_s, or as soon as the holder's lease would run out
-            wait = min(self.poll_s, max(0.005, self.observed.expires_in_s))
+            try:
+                token = await self.try_acquire()
+            except (RedisError, OSError) as e:
+                self.acquire_errors += 1
+                if self.acquire_errors == 1 or self.acquire_errors % 60 == 0:
+                    log.warning("%s: cannot reach Redis for the learner lease (%s: %s); retrying every %.1f s "
+                                "(%d failures)", self.domain, type(e).__name__, e, self.poll_s, self.acquire_errors)
+                wait = self.poll_s
+            else:
+                if token is not None:
+                    return token
+                # poll again after poll_s, or as soon as the holder's lease would run out
+                wait = min(self.poll_s, max(0.005, self.observed.expires_in_s))
             if stop is None:
                 await asyncio.sleep(wait)
             else:
@@ -201,7 +212,8 @@ class LearnerLease:
 
     async def check(self, token: int) -> None:
         """Raise LeaseLost unless this process holds the lease with `token` now, by Redis and by
-        its own clock: what a writer calls right before a registry publish."""
+        its own clock: what a writer calls right before a registry publish. A RedisError (Redis
+        unreachable) propagates: either way, do not publish."""
         if token != self.token or not self.held:
             raise LeaseLost(f"{self.domain}: token {token} is not held by {self.owner} (held: {self.token}, "
                             f"{'lost' if self.lost.is_set() else 'expired by the local clock'})")
