@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 import socket
@@ -137,6 +138,7 @@ class LearnerLease:
         self.observed: Holder | None = None  # the other holder, as the last failed acquire saw it
         self.renewals = 0
         self.acquire_errors = 0  # attempts that could not reach Redis (acquire() waits them out)
+        self._last_error_log = -math.inf
         self.lost = asyncio.Event()  # set when a held lease is lost (not on release)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
@@ -181,7 +183,8 @@ class LearnerLease:
                 token = await self.try_acquire()
             except (RedisError, OSError) as e:
                 self.acquire_errors += 1
-                if self.acquire_errors == 1 or self.acquire_errors % 60 == 0:
+                if time.monotonic() - self._last_error_log >= 60.0:  # one line a minute at most
+                    self._last_error_log = time.monotonic()
                     log.warning("%s: cannot reach Redis for the learner lease (%s: %s); retrying every %.1f s "
                                 "(%d failures)", self.domain, type(e).__name__, e, self.poll_s, self.acquire_errors)
                 wait = self.poll_s
