@@ -49,6 +49,8 @@ class RedisServer:
         self.port = port or free_port()
         self._port_chosen_here = port is None
         self.appendfsync = appendfsync
+        if password and not password.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("a test password is letters, digits, '-' and '_' (it goes into redis.conf unquoted)")
         self.password = password
         self.start_timeout_s = start_timeout_s
         self.process: subprocess.Popen | None = None
@@ -131,7 +133,7 @@ class RedisServer:
         """One PING over a plain socket (RESP by hand: the test helper depends on no client)."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
             if self.password:
-                s.sendall(f"AUTH {self.password}\r\n".encode())
+                s.sendall(f"*2\r\n$4\r\nAUTH\r\n${len(self.password)}\r\n{self.password}\r\n".encode())
                 reply = s.recv(64)
                 if not reply.startswith(b"+OK"):
                     raise RuntimeError(f"redis-server refused AUTH: {reply!r}")
