@@ -29,16 +29,25 @@ state instead of refusing writes.
 
 Every write is one script or one SET, so a client retry after a lost reply repeats at most one
 interaction; purchases are a set, so a repeated purchase changes nothing.
+
+The catalog journal (RedisCatalogJournal, below) replaces the catalog's JSONL file: a hash of
+every item (what a starting replica loads) and a capped stream of upserts (what the other
+replicas follow with a blocking read). Its keys have no TTL, so `volatile-lru` never evicts them.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from redis.asyncio import Redis
+
+from services.recommender.catalog_records import ItemRecord
+from shared.jsonl import read_records
 
 PREFIX = "storefront:reco"
 DEFAULT_HISTORY_TTL_S = 30 * 86400.0
@@ -212,3 +221,134 @@ class RedisPredictionMemory:
 
     async def get(self, prediction_id: str) -> str | None:
         return await self.client.get(prediction_key(prediction_id, self.prefix))
+
+
+# ---- the catalog journal ----
+# KEYS: items (hash), log (stream), seq (counter). ARGV: maxlen, n, then n (item_id, line) pairs.
+# One upsert: every item into the hash and one stream entry with all its lines, atomically.
+_APPEND = """
+local n = tonumber(ARGV[2])
+for first = 3, 2 + 2 * n, 1000 do
+  redis.call('HSET', KEYS[1], unpack(ARGV, first, math.min(first + 999, 2 + 2 * n)))
+end
+local lines = {}
+for i = 4, 2 + 2 * n, 2 do
+  lines[#lines + 1] = ARGV[i]
+end
+local seq = redis.call('INCR', KEYS[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'seq', seq, 'items', table.concat(lines, '\\n'))
+return seq
+"""
+
+# KEYS: items, log, seq. ARGV: maxlen, n, pairs. Fills an empty catalog only (the first replica of
+# a model version wins; a catalog that has items keeps them). The entry asks followers to reload
+# (a whole catalog is no stream entry to replay line by line).
+_SEED_CATALOG = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+local n = tonumber(ARGV[2])
+for first = 3, 2 + 2 * n, 1000 do
+  redis.call('HSET', KEYS[1], unpack(ARGV, first, math.min(first + 999, 2 + 2 * n)))
+end
+local seq = redis.call('INCR', KEYS[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'seq', seq, 'reload', 1)
+return seq
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogPosition:
+    """Where a replica is in the catalog's change stream: the last entry it applied and that
+    entry's sequence number (a gap in the numbers means entries were trimmed unread)."""
+    stream_id: str = "0-0"
+    seq: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogChanges:
+    items: list[ItemRecord]  # in upsert order (a later line of the same item wins)
+    position: CatalogPosition
+    reload: bool  # the change cannot be replayed (a seed, or entries trimmed unread): load snapshot()
+
+
+class RedisCatalogJournal:
+    """The catalog journal on Redis, shared by every replica (the file journal's role in
+    catalog.Catalog: what an upsert writes before it is applied, what a restart replays, what the
+    other writers' follower reads), so an upsert on one replica is recommendable on every replica
+    as soon as they read the stream (a blocking read: milliseconds).
+
+        storefront:reco:{catalog}:items   hash item_id -> journal line (catalog_records.ItemRecord.to_json)
+        storefront:reco:{catalog}:log     stream: one entry per upsert (its lines), capped near maxlen
+        storefront:reco:{catalog}:seq     counter: every entry's sequence number
+
+    The hash is the catalog (what a starting replica loads: no replay of history, no compaction
+    to run); the stream is only the recent changes, for followers. An upsert writes both in one
+    script; with `appendfsync always` it is on disk before the reply, as the fsync'd file journal
+    was. A follower that fell behind the capped stream sees a gap in the sequence numbers and
+    loads the hash again. Lines are read with the file journal's reader: an unreadable one is
+    skipped, logged and counted, never fatal."""
+
+    def __init__(self, client: Redis, *, prefix: str = PREFIX, maxlen: int = 10_000) -> None:
+        if maxlen < 1:
+            raise ValueError("maxlen must be >= 1")
+        self.client = client
+        base = f"{prefix}:{{catalog}}"
+        self.items_key, self.log_key, self.seq_key = base + ":items", base + ":log", base + ":seq"
+        self.maxlen = maxlen
+        self._append = client.register_script(_APPEND)
+        self._seed = client.register_script(_SEED_CATALOG)
+
+    @staticmethod
+    def _pairs(items: Sequence[ItemRecord]) -> list[str]:
+        last = {it.item_id: it for it in items}  # one upsert names an item once: its last line
+        return [v for it in last.values() for v in (it.item_id, it.to_json())]
+
+    async def append(self, items: Sequence[ItemRecord]) -> int:
+        """Write one upsert (ItemRecords); returns its sequence number."""
+        pairs = self._pairs(items)
+        if not pairs:
+            raise ValueError("an upsert needs at least one item")
+        return int(await self._append(keys=[self.items_key, self.log_key, self.seq_key],
+                                      args=[self.maxlen, len(pairs) // 2, *pairs]))
+
+    async def seed(self, items: Sequence[ItemRecord]) -> bool:
+        """Fill an empty catalog (a model version's catalog.jsonl); False when it had items."""
+        pairs = self._pairs(items)
+        if not pairs:
+            return False
+        return bool(await self._seed(keys=[self.items_key, self.log_key, self.seq_key],
+                                     args=[self.maxlen, len(pairs) // 2, *pairs]))
+
+    async def snapshot(self) -> tuple[list[ItemRecord], CatalogPosition]:
+        """Every item (sorted by id: rows are process-local, any order serves) and the position
+        to follow from, read in one transaction so no change falls between them."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            lines, last, seq = await pipe.hgetall(self.items_key).xrevrange(self.log_key, count=1) \
+                .get(self.seq_key).execute()
+        items = _parse_lines("\n".join(lines[k] for k in sorted(lines)), f"catalog {self.items_key}")
+        position = CatalogPosition(last[0][0] if last else "0-0", int(seq or 0))
+        return items, position
+
+    async def changes(self, after: CatalogPosition, block_s: float = 1.0, count: int = 100) -> CatalogChanges:
+        """The upserts after `after` (waiting up to block_s for one; none: an empty list at the
+        same position)."""
+        reply = await self.client.xread({self.log_key: after.stream_id}, count=count,
+                                        block=max(1, round(block_s * 1000)) if block_s > 0 else None)
+        items: list[ItemRecord] = []
+        position = after
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                seq = int(fields.get("seq", 0))
+                if seq != position.seq + 1 or "reload" in fields:
+                    return CatalogChanges([], CatalogPosition(entry_id, seq), reload=True)
+                items.extend(_parse_lines(fields.get("items", ""), f"catalog {self.log_key} entry {entry_id}"))
+                position = CatalogPosition(entry_id, seq)
+        return CatalogChanges(items, position, reload=False)
+
+
+def _parse_lines(text: str, source: str) -> list[ItemRecord]:
+    if not text:
+        return []
+    records, _ = read_records((text + "\n").encode("utf-8"), source, "recommender", ItemRecord.from_json)
+    return records
