@@ -68,3 +68,14 @@ def test_relative_links_lead_to_files_and_anchors_that_exist(doc):
 def _anchor(heading: str) -> str:
     """GitHub's anchor of a Markdown heading."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_new_recommender_protocol_replaces_the_earlier_ones_row(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(headline.RESULTS, results)
+    (results / "recommender.json").write_text(json.dumps({"date": "2026-01-01", "targets": {}}))  # unreadable if used
+    (results / "eval_recommender.json").write_text(json.dumps({"date": "2031-01-01T00:00:00+00:00", "comparison": {
+        "all": {"strongest_baseline": "tifu-knn", "model_hr@10": 0.5, "baseline_hr@10": 0.45, "ratio": 1.11,
+                "target_ratio": 1.1, "met": True}}}))
+    (row,) = [r for r in headline.rows(results) if r.section == "eval-recommender"]
+    assert row.measured == "0.500 / 0.450 (1.11x)" and row.date == "2031-01-01" and "tifu-knn" in row.what
