@@ -1,4 +1,5 @@
 """The trainer's feedback endpoint: storefront.feedback.v1.Feedback/Stream (bidirectional).
+Long file: one servicer whose streams, group committer and ack writers share buffers and backpressure state.
 
 Every serving replica keeps one stream open and sends FeedbackBatch messages (each up to 1024
 records); the collector answers one Ack per record, in AckBatch messages, only after the record

@@ -1,4 +1,5 @@
 """The trainer's durable event log: every FeedbackRecord the collector acknowledged, in order.
+Long file: one SQLite log whose appends, reads and retention share its connections, its write lock and its schema.
 
 `EventLog` is the interface the collector, the joiner and the learner use; `SqliteEventLog` is
 the embedded default (one SQLite file, WAL mode, synchronous=FULL). A distributed log (Redis
