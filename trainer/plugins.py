@@ -223,15 +223,3 @@ def load_domains(modules: str | Sequence[str] = DEFAULT_DOMAIN_MODULES) -> Domai
 def default_domains() -> Domains:
     """The built-in domains (DEFAULT_DOMAIN_MODULES)."""
     return load_domains(DEFAULT_DOMAIN_MODULES)
-
-
-def parse_per_domain(spec: str, known: Sequence[str], what: str, value: Callable[[str], Any]) -> dict[str, Any]:
-    """'fraud=1209600,recommender=1800' -> {domain: value(text)}, each domain one of `known`."""
-    out: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, sep, text = part.partition("=")
-        name = name.strip()
-        if not sep or name not in known:
-            raise ValueError(f"{what} {part!r}: expected <domain>=<value> with domain one of {list(known)}")
-        out[name] = value(text.strip())
-    return out
