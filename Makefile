@@ -53,7 +53,8 @@ serve-onnx: setup
 	  exec $(PY) -m shared.serve_onnx --registry-dir "$(REGISTRY)" --name "$(NAME)" --port "$(PORT)"; \
 	fi
 
-# Serving, hot swap, ingest, freshness, domain serving, recommender evaluation -> docs/BENCHMARKS.md.
+# Serving, hot swap, ingest, freshness, domain serving, recommender evaluation, safe delivery (scaled
+# down, ~10 minutes of the total) -> docs/BENCHMARKS.md.
 bench: setup
 	$(PY) -m bench.suite
 
@@ -64,7 +65,8 @@ bench-loop: setup
 	$(PY) -m bench.suite loop
 
 # Gate, canary, drift recovery, bytes per event / version, disk under retention (bench/results/delivery.json;
-# also bench/results/drift.json). ~27 minutes on 2 cores: on demand, not in `make bench`.
+# also bench/results/drift.json). Part of `make bench`, at the scaled-down default it prints (~10 minutes on
+# 2 cores); `$(PY) -m bench.delivery --full` runs the whole creditcard stream (about an hour).
 bench-delivery: setup
 	$(PY) -m bench.suite delivery
 

@@ -1,19 +1,24 @@
 """Safe continuous delivery (issue 12): the gate, canary decisions, drift recovery, bytes kept.
 
-    python -m bench.delivery [--rows 120000 --drift-row 60000] [--log-hours 1.25] [--skip gate,canary,...]
+    python -m bench.delivery [--full] [--rows N --drift-row N] [--log-hours 1.25] [--skip gate,canary,...]
 
-Every part goes through the production path, scaled down so the whole bench takes about ten
-minutes on 2 cores (each part prints its scale):
+Every part goes through the production path. The default is scaled down so the whole bench
+takes about ten minutes on 2 cores (`make bench`); --full replays the whole creditcard stream
+(about an hour). The scale is printed first and recorded in the results.
 
 (a) gate + (c) drift: bench/drift.py's measurement, called in this process (its creditcard
     replay, its injected abrupt drift, its runs `action on` / `action off` / frozen; the
     production Learner's rounds: replay, the gate, ONNX export, parity, latency, publish). During
     the `action on` run every round's decision is counted, and every published candidate is
-    judged again one round later: the challenger (the published version) against the champion
-    it replaced, on the NEXT round's gate window (rows neither trained on), with the gate's own
-    metric and rule (Learner._gate: paired bootstrap). "Worse" = a lower point estimate of the
-    first metric the gate decides on; "worse with confidence" = the gate would refuse it.
-    The run's results are also written to bench/results/drift.json.
+    judged again LATER, on rows disjoint from the gate window that decided it: frozen copies of
+    the challenger (the published version) and of the champion it replaced, on the labels that
+    arrive after the decision (no model trained on them), oldest first, until they hold the
+    positives and rows the gate's window needs outside drift (fraud: 30 frauds, 2,000 rows), with
+    the gate's metrics and rule (trainer.gate.decide). "Worse" = a lower point estimate of the
+    first metric the gate decides on (PR-AUC); "beyond the margin" = more than the gate's relative
+    margin (2 %) lower; "with confidence" = the gate would refuse it there. --gate-baseline (on with
+    --full) adds a run with the gate's rule before the point rule (publish unless worse with
+    confidence), judged the same way. The runs' results are also written to bench/results/drift.json.
 (b) canary: a real trainer process (delivery canary, canary mode for fraud, share 0.5; rounds
     off so only the two candidates below run) and a real fraud service process over one
     registry; 32 concurrent clients score real creditcard transactions and report their real
@@ -64,6 +69,10 @@ from bench.machine import machine_info
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "delivery.json"
 PARTS = ("gate", "canary", "bytes", "disk")
+BASELINE_RUN = "action on, gate without the point rule"
+# `make bench` runs the default; --full replays the whole creditcard stream (about an hour on 2 cores)
+SCALES = {"default": {"rows": 100_000, "drift_row": 50_000, "gate_baseline": False},
+          "full": {"rows": 0, "drift_row": 80_000, "gate_baseline": True}}
 T0 = time.monotonic()
 
 
@@ -76,70 +85,130 @@ def du(path: Path) -> int:
 
 
 # ------------------------------------------------------------------------- (a) + (c)
-class NextWindow:
+class LaterWindow:
     """Watches the Learner's rounds (bench/drift.py's observer): counts decisions and judges each
-    published candidate against the champion it replaced on the next round's gate window."""
+    published candidate against the champion it replaced on a LATER window, disjoint from the gate
+    window that decided it: the labels that arrive after the decision (Learner.pending at the
+    following rounds, before anything trains on them), oldest first, until they hold as many
+    positives and rows as the gate's window needs outside drift (fraud: 30 frauds, 2,000 rows). Both
+    models are frozen copies taken at the decision, so neither trained on a row of that window. The
+    comparison is the gate's own (trainer.gate.decide, same metrics, bootstrap and margins)."""
 
     def __init__(self) -> None:
         self.decisions: list[dict[str, Any]] = []
         self.judged: list[dict[str, Any]] = []
         self._champion = None
-        self._waiting: dict[str, Any] | None = None
+        self._waiting: list[dict[str, Any]] = []
 
     def before_round(self, learner) -> None:
         self._champion = copy.deepcopy(learner.champion if learner.champion is not None else learner.net)
+        new = learner.pending  # labels that arrived since the last decision: no model has seen them
+        still = []
+        for w in self._waiting:
+            w["rows"] = w["rows"].concat(new)
+            if not self._judge(learner, w):
+                still.append(w)
+        self._waiting = still
+
+    def _judge(self, learner, w: dict[str, Any]) -> bool:
+        from trainer.gate import decide
+
+        spec = learner.model.gate_spec()
+        need = learner._min_positives()
+        min_rows = spec.min_rows if learner.config.gate_min_rows is None else learner.config.gate_min_rows
+        rows = w["rows"]
+        pos = np.cumsum(spec.positive(rows.y))
+        if not len(pos) or pos[-1] < need or len(rows) < min_rows:
+            return False
+        n = max(int(np.searchsorted(pos, need)) + 1, min_rows)
+        later = rows.take(slice(0, n))
+        p_champion = learner.model.predict(w["champion"], later.X)
+        p_challenger = learner.model.predict(w["candidate"], later.X)
+        rule = learner._gate_rule()
+        decision, _, ev = decide(spec, later.y, p_champion, p_challenger, rule, seed=w["round"],
+                                 min_positives=need, min_rows=min_rows)
+        metrics = ev["metrics"]
+        first = ev["decided_on"][0]
+        r = metrics[first]
+        self.judged.append({
+            "published_round": w["round"], "version": w["version"], "drift": w["drift"],
+            "later_window_rows": n, "later_window_positives": int(ev["window_positives"]),
+            "later_window_offsets": [int(later.offsets.min()), int(later.offsets.max())],
+            "rows_shared_with_deciding_window": int(np.isin(later.offsets, w["window_offsets"]).sum()),
+            "metric": first, "tier": ev["tier"],
+            "metrics": {k: {"champion": v["champion"], "challenger": v["challenger"],
+                            "relative_difference": v["relative_difference"], "interval": v["interval"]}
+                        for k, v in metrics.items()},
+            "gate_relative_difference": w["gate_relative_difference"],
+            "worse": bool(r["relative_difference"] < 0),
+            "worse_on_any_metric": any(v["relative_difference"] < 0 for v in metrics.values()),
+            "worse_beyond_margin": bool(r["relative_difference"] < -rule.margin),
+            "worse_with_confidence": decision == "refused"})
+        return True
 
     def after_round(self, learner, entry: dict[str, Any]) -> None:
-        if self._waiting is not None and len(learner.window):
-            w = self._waiting
-            decision, _, ev = learner._gate(w["champion"], w["candidate"], learner.window)
-            first = (ev.get("decided_on") or [None])[0]
-            r = ev["metrics"][first] if first else None
-            seen = np.isin(learner.window.offsets, w["window_offsets"])
-            self.judged.append({
-                "published_round": w["round"], "version": w["version"], "next_window_rows": len(learner.window),
-                "next_window_positives": int(ev["window_positives"]),
-                "share_of_rows_in_publishing_window": round(float(seen.mean()), 3), "metric": first,
-                "tier": ev.get("tier"), "champion": r and r["champion"], "challenger": r and r["challenger"],
-                "relative_difference": r and r["relative_difference"], "interval": r and r["interval"],
-                "worse": bool(r is not None and r["relative_difference"] < 0),
-                "worse_with_confidence": decision == "refused", "undecided": r is None})
-            self._waiting = None
+        from trainer.learner import Examples
+
+        ev = entry.get("evidence") or {}
         self.decisions.append({"round": entry.get("round"), "decision": entry["decision"],
                                "drift": bool(entry.get("drift")), "window_rows": entry.get("window_rows"),
-                               "tier": (entry.get("evidence") or {}).get("tier")})
+                               "window_positives": ev.get("window_positives"), "tier": ev.get("tier")})
         if entry["decision"] == "published":
-            self._waiting = {"champion": self._champion, "candidate": copy.deepcopy(learner.net),
-                             "round": entry.get("round"), "version": entry.get("version"),
-                             "window_offsets": learner.window.offsets.copy()}
+            first = (ev.get("decided_on") or [None])[0]
+            self._waiting.append({
+                "champion": self._champion, "candidate": copy.deepcopy(learner.net), "round": entry.get("round"),
+                "version": entry.get("version"), "drift": bool(entry.get("drift")),
+                "window_offsets": learner.window.offsets.copy(),
+                "gate_relative_difference": first and ev["metrics"][first]["relative_difference"],
+                "rows": Examples.empty(learner.model.width)})
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, margin: float) -> dict[str, Any]:
         count = {d: sum(1 for x in self.decisions if x["decision"] == d) for d in ("published", "refused", "deferred")}
-        judged = [j for j in self.judged if not j["undecided"]]
-        worse = sum(j["worse"] for j in judged)
+        judged = self.judged
+
+        def share(key: str) -> float | None:
+            return round(sum(j[key] for j in judged) / len(judged), 4) if judged else None
+
         return {"rounds": len(self.decisions), **count,
-                "published_judged_on_next_window": len(judged),
+                "published_in_drift": sum(1 for x in self.decisions if x["decision"] == "published" and x["drift"]),
+                "published_judged_on_later_window": len(judged),
                 "published_not_judged": count["published"] - len(judged),
-                "worse_on_next_window": worse,
-                "worse_share": round(worse / len(judged), 4) if judged else None,
-                "worse_with_confidence_on_next_window": sum(j["worse_with_confidence"] for j in judged),
-                "median_relative_difference": round(statistics.median(j["relative_difference"] for j in judged), 4)
+                "metric": judged[0]["metric"] if judged else None,
+                "worse_on_later_window": sum(j["worse"] for j in judged), "worse_share": share("worse"),
+                "worse_on_any_metric": sum(j["worse_on_any_metric"] for j in judged),
+                "worse_on_any_metric_share": share("worse_on_any_metric"),
+                "worse_beyond_margin": sum(j["worse_beyond_margin"] for j in judged),
+                "worse_beyond_margin_share": share("worse_beyond_margin"), "margin": margin,
+                "worse_with_confidence": sum(j["worse_with_confidence"] for j in judged),
+                "median_relative_difference": round(statistics.median(j["metrics"][j["metric"]]["relative_difference"]
+                                                                      for j in judged), 4) if judged else None,
+                "rows_shared_with_deciding_windows": sum(j["rows_shared_with_deciding_window"] for j in judged),
+                "median_later_window_rows": int(statistics.median(j["later_window_rows"] for j in judged))
                 if judged else None,
-                "median_share_of_next_window_rows_seen_by_the_gate": round(statistics.median(
-                    j["share_of_rows_in_publishing_window"] for j in judged), 3) if judged else None,
                 "target_worse_share": 0.05}
 
 
 def gate_and_drift(args) -> tuple[dict[str, Any], dict[str, Any]]:
+    from trainer.learner import LearnerConfig
+
     cfg = drift_bench.Config(rows=args.rows, drift_row=args.drift_row)
-    observer = NextWindow()
+    observer = LaterWindow()
+    extra = ()
+    baseline = LaterWindow() if args.gate_baseline else None
+    if baseline is not None:  # the same run with the gate's rule before the point rule: refuse only worse with confidence
+        extra = ((BASELINE_RUN, {"gate_publish_margin": None}, baseline),)
     drift_bench.quiet_logs()
-    progress(f"(a)+(c) drift replay: {args.rows:,} rows, drift at {args.drift_row:,}, rounds of {cfg.round_labels} labels")
-    report = drift_bench.measure(cfg, observer=observer)
+    progress(f"(a)+(c) drift replay: {f'{args.rows:,}' if args.rows else 'all'} rows, drift at {args.drift_row:,}, rounds of {cfg.round_labels} "
+             f"labels; runs action on / off / frozen{' / ' + BASELINE_RUN if baseline else ''}")
+    report = drift_bench.measure(cfg, observer=observer, extra=extra)
     drift_bench.write(report)
-    gate = {"summary": observer.summary(), "decisions": observer.decisions, "judged": observer.judged,
+    margin = LearnerConfig().gate_margin
+    gate = {"summary": observer.summary(margin), "decisions": observer.decisions, "judged": observer.judged,
             "stream": f"creditcard, first {report['protocol']['rows']:,} rows, drift injected at row "
                       f"{cfg.drift_row:,} (bench/drift.py), run `action on`"}
+    if baseline is not None:
+        gate["baseline"] = {"run": BASELINE_RUN, **baseline.summary(margin)}
+        gate["baseline_judged"] = baseline.judged
     return gate, report
 
 
@@ -463,19 +532,34 @@ def render(rep: dict[str, Any]) -> str:
     out: list[str] = []
     if "gate" in rep:
         g, s = rep["gate"], rep["gate"]["summary"]
-        share = "-" if s["worse_share"] is None else f"{100 * s['worse_share']:.1f} %"
+
+        def pct(v: float | None) -> str:
+            return "-" if v is None else f"{100 * v:.1f} %"
+
         median = "-" if s["median_relative_difference"] is None else f"{100 * s['median_relative_difference']:+.2f} %"
+        s = {**s, "metric": s["metric"] or "the first gate metric"}
         out += ["### (a) Gate decisions on a creditcard replay with an injected drift", "",
-                f"{g['stream']}. Every round of the production Learner (gate: paired bootstrap on the rolling window). "
-                "Each published candidate is judged again on the NEXT round's gate window, against the champion it "
-                "replaced, with the gate's metric and rule. Target: <= 5 % of published candidates worse there.", "",
-                "| rounds | published | refused | deferred | published judged on the next window | worse there "
-                "(point estimate) | share | worse with confidence | median relative difference | median share of "
-                "next-window rows the gate had seen |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-                f"| {s['rounds']} | {s['published']} | {s['refused']} | {s['deferred']} | "
-                f"{s['published_judged_on_next_window']} | {s['worse_on_next_window']} | {share} | "
-                f"{s['worse_with_confidence_on_next_window']} | {median} | "
-                f"{s['median_share_of_next_window_rows_seen_by_the_gate']} |", ""]
+                f"{g['stream']}. Every round of the production Learner (gate: paired bootstrap on the rolling window; "
+                "refused when worse with confidence, deferred when a point estimate is behind the champion). Each "
+                "published candidate is judged again, against the champion it replaced, on a LATER window disjoint "
+                "from the one that decided it: the labels that arrived after the decision, until they hold the gate's "
+                f"positives (median {s['median_later_window_rows'] or 0:,} rows; rows shared with the deciding windows: "
+                f"{s['rows_shared_with_deciding_windows']}), with the gate's metrics and rule. Target: <= 5 % of "
+                f"published candidates worse there. \"Worse\": lower {s['metric']} (point estimate); beyond the "
+                f"margin: more than {100 * s['margin']:g} % lower; with confidence: the gate would refuse it.", "",
+                "| rounds | published (in drift) | refused | deferred | judged on a later window | worse "
+                f"({s['metric']}) | worse on any gate metric | worse beyond the margin | worse with confidence | "
+                "median relative difference |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                f"| {s['rounds']} | {s['published']} ({s['published_in_drift']}) | {s['refused']} | {s['deferred']} | "
+                f"{s['published_judged_on_later_window']} | {s['worse_on_later_window']} ({pct(s['worse_share'])}) | "
+                f"{s['worse_on_any_metric']} ({pct(s['worse_on_any_metric_share'])}) | {s['worse_beyond_margin']} "
+                f"({pct(s['worse_beyond_margin_share'])}) | {s['worse_with_confidence']} | {median} |", ""]
+        if "baseline" in g:
+            b = g["baseline"]
+            out += [f"Before the point rule (publish unless worse with confidence), same run and measurement: "
+                    f"{b['published']} published, {b['worse_on_later_window']} of "
+                    f"{b['published_judged_on_later_window']} judged worse ({pct(b['worse_share'])}), "
+                    f"{b['worse_beyond_margin']} beyond the margin, {b['worse_with_confidence']} with confidence.", ""]
     if "canary" in rep:
         c = rep["canary"]
         out += ["### (b) Canary on live labels under load (c=32)", "",
@@ -544,8 +628,13 @@ def render(rep: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.delivery", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=120_000, help="(a)/(c): first N creditcard rows")
-    ap.add_argument("--drift-row", type=int, default=60_000, help="(a)/(c): where the drift is injected")
+    ap.add_argument("--full", action="store_true",
+                    help=f"the full scale {SCALES['full']} instead of the default {SCALES['default']}")
+    ap.add_argument("--rows", type=int, default=None, help="(a)/(c): first N creditcard rows (0: all; default: the scale's)")
+    ap.add_argument("--drift-row", type=int, default=None, help="(a)/(c): where the drift is injected (default: the scale's)")
+    ap.add_argument("--gate-baseline", action=argparse.BooleanOptionalAction, default=None,
+                    help="(a): also run the replay with the gate's rule before the point rule (publish unless worse "
+                         "with confidence), judged the same way (default: the scale's)")
     ap.add_argument("--canary-share", type=float, default=0.5)
     ap.add_argument("--canary-timeout-s", type=float, default=180.0, help="(b): give up waiting for a decision")
     ap.add_argument("--noise", type=float, default=1.0,
@@ -555,13 +644,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", default="", help=f"comma list of parts to skip: {','.join(PARTS)}")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    scale = SCALES["full" if args.full else "default"]
+    for key, value in scale.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.rows = args.rows or None  # 0: the whole stream
     skip = {p.strip() for p in args.skip.split(",") if p.strip()}
     if skip - set(PARTS):
         ap.error(f"--skip: unknown part(s) {sorted(skip - set(PARTS))}")
     started = time.time()
     rep: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                           "scale": {"rows": args.rows, "drift_row": args.drift_row, "demo_s": args.demo_s,
-                                     "log_hours": args.log_hours, "canary_share": args.canary_share}}
+                           "scale": {"name": "full" if args.full else "default", "rows": args.rows or "all",
+                                     "drift_row": args.drift_row, "gate_baseline": args.gate_baseline,
+                                     "demo_s": args.demo_s, "log_hours": args.log_hours,
+                                     "canary_share": args.canary_share}}
+    progress(f"scale: {rep['scale']}")
     if "gate" not in skip:
         rep["gate"], rep["drift"] = gate_and_drift(args)
     if "canary" not in skip:
@@ -575,7 +672,10 @@ def main(argv: list[str] | None = None) -> int:
     rep["machine"] = machine_info()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rep, indent=2, default=float) + "\n")
-    print(f"Scale: creditcard replay of {args.rows:,} rows (drift at {args.drift_row:,}); canary share "
+    rows = f"{args.rows:,}" if args.rows else "all"
+    print(f"Scale ({'--full' if args.full else 'default, scaled down; --full for the whole stream'}): creditcard "
+          f"replay of {rows} rows (drift at {args.drift_row:,}"
+          f"{', and the gate baseline run' if args.gate_baseline else ''}); canary share "
           f"{args.canary_share:g}; {args.demo_s:g} s demo; {args.log_hours:g} h of record time for the disk curve. "
           f"{rep['machine']['cpus_usable']} CPUs, {rep['seconds_total']:.0f} s in all.\n")
     print(render(rep))

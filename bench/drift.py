@@ -63,10 +63,11 @@ FPR = 0.01  # the operating point: the fraud service's "review" threshold (train
 # the default (LearnerConfig's drift_* fields) is the one that recovered fastest without
 # hurting the pre-drift level.
 ACTIONS: dict[str, dict[str, Any]] = {
-    "no replay, 3 epochs": dict(drift_replay_ratio=0.0, drift_replay_recent=False, drift_epochs=3, drift_lr_factor=1.0),
-    "replay recent 1.0, 3 epochs, lr x3": dict(drift_replay_ratio=1.0, drift_replay_recent=True, drift_epochs=3,
-                                               drift_lr_factor=3.0),
+    "recent rows only, gate window as outside drift (30 frauds)": dict(drift_gate_min_positives=None),
+    "recent rows only, 10-fraud window, lr x3": dict(drift_lr_factor=3.0),
+    "no replay, all rows, 10-fraud window": dict(drift_replay_ratio=0.0, drift_replay_recent=False),
 }
+ACTION_FIELDS = ("drift_replay_ratio", "drift_replay_recent", "drift_epochs", "drift_lr_factor", "drift_gate_min_positives")
 
 
 @dataclasses.dataclass
@@ -233,10 +234,12 @@ def summarize(name: str, y, p, cfg: Config, run: dict[str, Any] | None) -> dict[
     return row
 
 
-def measure(cfg: Config, compare_actions: bool = False, observer: Any = None) -> dict[str, Any]:
+def measure(cfg: Config, compare_actions: bool = False, observer: Any = None,
+            extra: tuple[tuple[str, dict[str, Any], Any], ...] = ()) -> dict[str, Any]:
     """The whole measurement in this process: the replay with the drift injected, runs `action on`
     (watched by `observer`, if given), `action off`, the frozen model (and the candidate actions
-    with compare_actions). Returns the report drift.json holds (render() prints its table)."""
+    with compare_actions, and `extra` runs: (name, LearnerConfig overrides, observer or None)).
+    Returns the report drift.json holds (render() prints its table)."""
     from trainer.domains.fraud import load_creditcard
     from trainer.learner import LearnerConfig
 
@@ -249,15 +252,18 @@ def measure(cfg: Config, compare_actions: bool = False, observer: Any = None) ->
     progress(f"{len(y):,} rows ({int(y.sum())} frauds), warm-up {cfg.warmup:,}, drift at row {cfg.drift_row:,}: "
              f"{', '.join(f'{a}<-{b}' for a, b in zip(drift['features'], drift['become']))}")
     defaults = LearnerConfig()
-    action = {k: getattr(defaults, k) for k in ("drift_replay_ratio", "drift_replay_recent", "drift_epochs",
-                                                "drift_lr_factor")}
+    action = {k: getattr(defaults, k) for k in ACTION_FIELDS}
     runs: list[tuple[str, dict[str, Any]]] = [("action on", {}), ("action off", {"drift_adapt": False})]
     if compare_actions:
-        runs += [(f"candidate: {k}", v) for k, v in ACTIONS.items() if v != action]
+        runs += [(f"candidate: {k}", v) for k, v in ACTIONS.items() if {**action, **v} != action]
+    observers = {"action on": observer}
+    for name, overrides, watcher in extra:
+        runs.append((name, overrides))
+        observers[name] = watcher
     rows = []
     frozen_scores = None
     for name, overrides in runs:
-        run = run_learner(cfg, X, y, t, overrides, name, observer if name == "action on" else None)
+        run = run_learner(cfg, X, y, t, overrides, name, observers.get(name))
         rows.append(summarize(name, y, run["scores"], cfg, run) | {"config": overrides or action})
         if frozen_scores is None:
             frozen_scores = run["frozen"]
