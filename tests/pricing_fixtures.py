@@ -1,17 +1,17 @@
 """A real pricing model for tests: the real learner's bootstrap on the first Ta Feng lines
-(small and fast), published to a registry under tmp; plus real products to quote."""
+(small and fast, made once per test process), copied into a registry under tmp; plus real
+products to quote."""
 from __future__ import annotations
 
 import dataclasses
 import functools
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from protos.pricing.v1 import pricing_pb2
 from shared.registry import ModelRegistry
+from tests.first_versions import bootstrap_is_default, build_folder, copy_first_version
 from trainer.domains import pricing
 from trainer.learner import Learner, LearnerConfig
 
@@ -26,21 +26,31 @@ class PricingWorld:
     references: dict[str, float]  # their reference (list) prices
 
 
-def bootstrap_small_pricing(root: Path, config: LearnerConfig | None = None) -> PricingWorld:
-    from trainer.domains import pricing_data
-    from trainer.tafeng import load_tafeng
-
+def _train_pricing(root: Path, config: LearnerConfig | None) -> list[str]:
+    """Bootstrap into root; returns the products with training rows."""
     model = pricing.PricingModel(bootstrap_iterations=25)
     vocab, (X, y), (hX, hy) = pricing.bootstrap_data(limit=LINES, min_lines=40)
     model.vocab = vocab
     registry = ModelRegistry(root / "registry")
-    learner = Learner(model, registry, root / "trainer", config)
-    learner.bootstrap(X, y, hX, hy, epochs=1)
+    Learner(model, registry, root / "trainer", config).bootstrap(X, y, hX, hy, epochs=1)
     codes = np.unique(X[:, pricing.COL_PRODUCT]).astype(int)
-    products = [vocab.products[c - 1] for c in codes]
+    return [vocab.products[c - 1] for c in codes]
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_once() -> tuple[Path, tuple[str, ...]]:
+    root = build_folder("pricing-first-version-")
+    return root, tuple(_train_pricing(root, None))
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_prices() -> dict[str, float]:
+    from trainer.domains import pricing_data
+    from trainer.tafeng import load_tafeng
+
     refs = pricing_data.reference_prices(load_tafeng(LINES))
     refs.index = refs.index.astype(str)
-    return PricingWorld(registry, learner, products, {p: float(refs[p]) for p in products})
+    return {str(p): float(v) for p, v in refs.items()}
 
 
 def quote(product: str, ref: float, pct: float | None = 20.0, **kw) -> pricing_pb2.QuoteRequest:
@@ -59,20 +69,20 @@ def quote(product: str, ref: float, pct: float | None = 20.0, **kw) -> pricing_p
     return req
 
 
-@functools.lru_cache(maxsize=1)
-def _built_once() -> tuple[Path, list[str], dict[str, float]]:
-    root = Path(tempfile.mkdtemp(prefix="pricing-fixture-"))
-    world = bootstrap_small_pricing(root)
-    return root, world.products, world.references
-
-
 def small_world(root: Path, config: LearnerConfig | None = None) -> PricingWorld:
-    """A copy under root of one bootstrap made once per test process (registry and trainer
-    workdir), with a restored learner: tests may publish and learn without rebuilding it."""
-    built, products, references = _built_once()
-    for name in ("registry", "trainer"):
-        shutil.copytree(built / name, root / name)
+    """Version 1 of pricing in root/registry and its checkpoint in root/trainer: a copy of the
+    bootstrap made once per test process (tests/first_versions.py), with a learner restored
+    from it, so tests may publish and learn without rebuilding it; a config that changes what
+    the bootstrap does trains afresh. Products: those with training rows (known to the model)."""
+    root = Path(root)
+    if bootstrap_is_default(config):
+        built, products = _trained_once()
+        copy_first_version(built, root)
+        products = list(products)
+    else:
+        products = _train_pricing(root, config)
     registry = ModelRegistry(root / "registry")
     learner = Learner(pricing.PricingModel(), registry, root / "trainer", config)
     assert learner.restore()
-    return PricingWorld(registry, learner, products, references)
+    references = _reference_prices()
+    return PricingWorld(registry, learner, products, {p: references[p] for p in products})

@@ -3,20 +3,17 @@ and (bootstrap_small_recommender) a recommender trained by the real learner on a
 of the real Ta Feng data, published with the encoder into a registry under tmp."""
 from __future__ import annotations
 
-import atexit
 import functools
-import shutil
-import tempfile
 from pathlib import Path
 
+from tests.first_versions import bootstrap_is_default, build_folder, copy_first_version
 from trainer.text_encoder import export_text_encoder
 
 
 @functools.lru_cache(maxsize=1)
 def exported_text_encoder() -> tuple[Path, float]:
     """(path, ONNX-vs-PyTorch max abs diff) of the encoder, exported once per process (~10 s)."""
-    folder = Path(tempfile.mkdtemp(prefix="text-encoder-"))
-    atexit.register(shutil.rmtree, folder, True)
+    folder = build_folder("text-encoder-")
     return export_text_encoder(folder / "model.onnx")
 
 
@@ -35,21 +32,47 @@ def recommender_test_settings(root: Path, registry, name: str, **kw):
 SMALL_LINES = 40_000  # the first ~6 days of Ta Feng: ~6k customers, ~9k products
 
 
-def bootstrap_small_recommender(root: Path, config=None, limit: int = SMALL_LINES, epochs: int = 1):
-    """Train a real `recommender` on the first `limit` Ta Feng lines (a few seconds) with the
-    real learner and publish it, and the real `text-encoder`, into root/registry.
-    Returns (registry, learner, purchase lines used)."""
+def _train_recommender(root: Path, config, limit: int, epochs: int):
     from shared.registry import ModelRegistry
     from trainer.domains.recommender import RecommenderModel
     from trainer.domains.recommender_bootstrap import bootstrap_recommender
-    from trainer.tafeng import load_tafeng
 
     registry = ModelRegistry(root / "registry")
     model = RecommenderModel(registry_dir=registry.root)
-    from trainer.learner import Learner
-
     bootstrap_recommender(registry, root / "trainer", epochs=epochs, limit=limit, force=True, show_progress=False,
                           model=model, holdout_days=1, text_encoder=exported_text_encoder(), config=config)
-    learner = Learner(model, registry, root / "trainer", config)
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_once(limit: int, epochs: int) -> Path:
+    root = build_folder("recommender-first-version-")
+    _train_recommender(root, None, limit, epochs)
+    return root
+
+
+@functools.lru_cache(maxsize=None)
+def _lines(limit: int):
+    from trainer.tafeng import load_tafeng
+
+    return load_tafeng(limit)
+
+
+def bootstrap_small_recommender(root: Path, config=None, limit: int = SMALL_LINES, epochs: int = 1):
+    """A real `recommender` trained on the first `limit` Ta Feng lines with the real learner,
+    published with the real `text-encoder` into root/registry (its checkpoint in root/trainer).
+    Trained once per process for each (limit, epochs) and copied here (tests/first_versions.py);
+    a config that changes what the bootstrap does trains afresh.
+    Returns (registry, learner restored with config, a copy of the purchase lines used)."""
+    from shared.registry import ModelRegistry
+    from trainer.domains.recommender import RecommenderModel
+    from trainer.learner import Learner
+
+    root = Path(root)
+    if bootstrap_is_default(config):
+        copy_first_version(_trained_once(limit, epochs), root)
+    else:
+        _train_recommender(root, config, limit, epochs)
+    registry = ModelRegistry(root / "registry")
+    learner = Learner(RecommenderModel(registry_dir=registry.root), registry, root / "trainer", config)
     assert learner.restore()
-    return registry, learner, load_tafeng(limit)
+    return registry, learner, _lines(limit).copy()
