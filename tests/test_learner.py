@@ -16,7 +16,12 @@ def examples(data, start, n, first_offset=1):
 
 @pytest.fixture
 def world(tmp_path):
-    registry, learner, data = bootstrap_small_fraud(tmp_path, LearnerConfig(min_events=100, epochs=1))
+    # a window of 5 frauds, so a round's few thousand labels reach training (with 30 the window keeps
+    # them all and the candidate is the champion, which is not published); no point rule: these tests
+    # are about the steps after the gate (tests/test_gate.py tests the rule)
+    registry, learner, data = bootstrap_small_fraud(tmp_path, LearnerConfig(min_events=100, epochs=1,
+                                                                            gate_min_positives=5,
+                                                                            gate_publish_margin=None))
     return tmp_path, registry, learner, data
 
 
@@ -51,12 +56,12 @@ def test_gate_refusals_keep_the_serving_version(world, config, words):
     _, registry, learner, data = world
     for k, v in config.items():
         setattr(learner.config, k, v)
-    learner.add(examples(data, TRAIN_ROWS + 10_000, 2000))
-    entry = learner.round({"offset": 2000, "pending": []})
+    learner.add(examples(data, TRAIN_ROWS + 10_000, 4000))
+    entry = learner.round({"offset": 4000, "pending": []})
     assert entry["decision"] == "refused" and any(words in r for r in entry["reasons"]), entry["reasons"]
     assert registry.current_version("fraud") == "1"
     assert learner.decisions.read()[-1]["decision"] == "refused"
-    assert learner.labels_seen == 2000  # consumed once, even though not published
+    assert learner.labels_seen == 4000  # consumed once, even though not published
 
 
 def test_checkpoint_restores_exactly(world):
