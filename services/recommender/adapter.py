@@ -10,6 +10,15 @@ Variable-length inputs are padded with -1 so that requests of different lengths 
 a few shapes and can be batched together: restrict (candidate rows) to 1 (none) or a
 bucket width (64 x a power of 4), exclude (purchased rows, bounded by
 history_max_purchased) always to the one width that holds the largest purchased set.
+
+Departments: a request scoped to departments restricts the graph to their rows (the model and
+the popularity fallback alike: both are the graph). Exploration: while the catalog holds items
+the serving version has no id for (brand-new items, scored by their title, category and price
+and the cold-item popularity prior), a request gets a second graph row ranking only those
+items, and the best of them take at most floor(k x explore_share) of the last places when the
+ranking itself shows fewer (realised share: explored_items_total / served_items_total). The
+extra row is only run while unlearned items exist, i.e. until the next round learns them.
+Catalog updates (UpsertItems, the journal follower): services.recommender.catalog_updates.
 """
 from __future__ import annotations
 
@@ -24,17 +33,18 @@ import time
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter
 
 from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2
 from protos.recommender.v1 import recommender_pb2 as pb
-from services.recommender.catalog import Catalog, CatalogSnapshot, ItemRecord
-from services.recommender.catalog_records import MAX_DEPARTMENT_CHARS, items_of_request
+from services.recommender.catalog import Catalog, CatalogSnapshot
+from services.recommender.catalog_records import MAX_DEPARTMENT_CHARS
+from services.recommender.catalog_updates import CATALOG_ITEMS, CatalogUpdates
 from services.recommender.history import UserHistory
 from services.recommender.item_index import VersionItems
-from shared.domain import DomainService, Prepared, check_id, event_time, feedback_outcome, finite
-from shared.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from shared.domain import DomainService, Prepared, check_id, event_time, feedback_outcome
+from shared.errors import InvalidArgument, Unavailable
 from shared.registry import Manifest
 from shared.runtime.model import LoadedModel, ModelRejected
 from shared.runtime.session import RuntimeOptions
@@ -47,40 +57,18 @@ MAX_UPSERT = 1_000  # default items per UpsertItems (setting upsert_max_items)
 MAX_TITLE_CHARS = 300  # default title bound (setting title_max_chars): ~60 tokens, ~20 ms of encoder CPU
 MAX_CATEGORY_CHARS = 128
 MAX_DEPARTMENTS = 16  # department names per Recommend
-EMBED_CHUNK_CHARS = 4096  # title characters per encoder call: deadline/cancellation is checked between calls
-EMBED_CHUNK_TITLES = 64
+EXPLORE_SHARE = 0.1  # default share of k given to not-yet-learned items at most (setting explore_share)
 MIN_BUCKET = 64  # smallest padded width of a non-empty restrict/exclude list
 EVENTS = {pb.EVENT_IMPRESSION, pb.EVENT_CLICK, pb.EVENT_ADD_TO_CART, pb.EVENT_PURCHASE}
 INTERACTIONS = {pb.EVENT_CLICK, pb.EVENT_ADD_TO_CART, pb.EVENT_PURCHASE}  # what feeds the user's history
 
 
-CATALOG_ITEMS = Gauge("storefront_recommender_catalog_items", "Items in the recommender's catalog")
-UPSERTED = Counter("storefront_recommender_upserted_items_total", "Items upserted, by kind (inserted, updated)",
-                   ["kind"])
 FALLBACKS = Counter("storefront_recommender_fallback_total",
                     "Recommend answers that used the popularity fallback (user unknown to the model, no history)")
-UPSERTS_ABANDONED = Counter("storefront_recommender_upserts_abandoned_total",
-                            "UpsertItems (or journal catch-ups) stopped before anything was written, by reason "
-                            "(deadline, cancelled)", ["reason"])
-
-
-def embed_chunks(titles: Sequence[str], max_chars: int = EMBED_CHUNK_CHARS,
-                 max_titles: int = EMBED_CHUNK_TITLES) -> list[list[str]]:
-    """Titles in groups of about max_chars characters (at least one title each): each group
-    is one encoder call, short enough (~0.5 s of CPU at most) that a deadline or a
-    cancellation is noticed soon after it passes."""
-    out: list[list[str]] = []
-    chunk: list[str] = []
-    chars = 0
-    for t in titles:
-        if chunk and (chars + len(t) > max_chars or len(chunk) >= max_titles):
-            out.append(chunk)
-            chunk, chars = [], 0
-        chunk.append(t)
-        chars += len(t)
-    if chunk:
-        out.append(chunk)
-    return out
+SERVED_ITEMS = Counter("storefront_recommender_served_items_total", "Items returned by Recommend")
+EXPLORED = Counter("storefront_recommender_explored_items_total",
+                   "Items returned by Recommend through the exploration slot (items the serving version has not "
+                   "learned yet); the realised exploration share is this over served_items_total")
 
 
 def bucket(n: int, empty: int = 1) -> int:
@@ -133,6 +121,7 @@ class RecoRequest:
     fallback: bool
     restrict: frozenset[int] | None
     exclude: frozenset[int]
+    explore: int = 0  # exploration slots (feeds and outputs have a second row: not-yet-learned items)
 
 
 class RecentPredictions:
@@ -152,14 +141,15 @@ class RecentPredictions:
         return self._users.get(prediction_id)
 
 
-class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse]):
+class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.RecommendResponse]):
     domain = "recommender"
     prediction_id_legacy_domain = 2  # ids issued before domains were named still verify
 
     def __init__(self, served, catalog: Catalog, history: UserHistory, feedback=None, *,
                  options: RuntimeOptions | None = None, max_k: int = MAX_K, prediction_memory: int = 200_000,
                  text_cache_size: int = 200_000, upsert_max_items: int = MAX_UPSERT,
-                 title_max_chars: int = MAX_TITLE_CHARS, category_max_chars: int = MAX_CATEGORY_CHARS) -> None:
+                 title_max_chars: int = MAX_TITLE_CHARS, category_max_chars: int = MAX_CATEGORY_CHARS,
+                 explore_share: float = EXPLORE_SHARE) -> None:
         super().__init__(served, feedback)
         self.catalog = catalog
         self.history = history
@@ -174,6 +164,7 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
         self.upsert_max_items = upsert_max_items
         self.title_max_chars = title_max_chars
         self.category_max_chars = category_max_chars
+        self.explore_share = explore_share
         self.titles_embedded = 0  # titles the upsert path has sent to the encoder (tests, logs)
 
     # ---- per-version preparation (loader thread) ----
@@ -310,36 +301,77 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
                  # one width for every request (the purchased set is bounded): exclusions never split a
                  # batch, and scattering a few hundred -1s costs nothing next to scoring the catalog
                  "exclude": padded(exclude, empty=self.exclude_width, at_least=self.exclude_width)}
+        slots = int(request.k * self.explore_share)
+        unlearned = index.unlearned
+        if slots and len(unlearned):
+            if restrict_set is not None:
+                unlearned = np.fromiter((r for r in unlearned.tolist() if r in restrict_set), np.int64)
+            if len(unlearned):
+                feeds = self._with_explore_row(feeds, unlearned, slots)
         extra = RecoRequest(snap, request.k, user_id, history_ids,
                             fallback=user_code == 0 and not history_rows,
-                            restrict=restrict_set, exclude=frozenset(exclude))
-        return Prepared(feeds, 1, extra, shared={"item_vectors": index.vectors})
+                            restrict=restrict_set, exclude=frozenset(exclude),
+                            explore=slots if len(feeds["user"]) == 2 else 0)
+        return Prepared(feeds, len(feeds["user"]), extra, shared={"item_vectors": index.vectors})
+
+    @staticmethod
+    def _with_explore_row(feeds: dict[str, np.ndarray], unlearned: np.ndarray, slots: int) -> dict[str, np.ndarray]:
+        """A second row for the exploration slot: the same user, history and context, ranking
+        only the items this version has not learned yet (their content score: title, category,
+        price, and the cold-item popularity prior). Both rows share one restrict width (-1
+        padding: the first row stays as it was)."""
+        explore = padded(unlearned)
+        width = max(explore.shape[1], feeds["restrict"].shape[1])
+        restrict = np.full((2, width), -1, np.int64)
+        restrict[0, :feeds["restrict"].shape[1]] = feeds["restrict"][0]
+        restrict[1, :explore.shape[1]] = explore[0]
+        out = {name: np.repeat(a, 2, axis=0) for name, a in feeds.items() if name != "restrict"}
+        out["restrict"] = restrict
+        out["k"][1, 0] = slots
+        return out
 
     def postprocess(self, request, prepared: Prepared, outputs, model: LoadedModel,
                     prediction_id: str) -> pb.RecommendResponse:
         r: RecoRequest = prepared.extra
         resp = pb.RecommendResponse(prediction_id=prediction_id, fallback=r.fallback,
                                     model=common_pb2.ModelRef(name=model.name, version=model.version))
-        rows, score = outputs["items"][0], outputs["score"][0]
-        click, purchase = outputs["click"][0], outputs["purchase"][0]
-        seen: set[int] = set()
-        for j in range(len(rows)):
-            row, s = int(rows[j]), float(score[j])
-            # the graph marks filtered entries with -inf; the rules are checked again here
-            if not math.isfinite(s) or not 0 <= row < r.snapshot.size or row in seen or row in r.exclude \
-                    or (r.restrict is not None and row not in r.restrict):
-                continue
-            seen.add(row)
-            resp.items.add(item_id=r.snapshot.ids[row], score=s,
-                           click_probability=min(1.0, max(0.0, float(click[j]))),
-                           purchase_probability=min(1.0, max(0.0, float(purchase[j]))))
-            if len(resp.items) == r.k:
-                break
+        ranked = self._ranked(r, outputs, 0, r.k)
+        if r.explore:
+            # the exploration slot: the best not-yet-learned items (for this user) take the last
+            # places when the ranking itself shows fewer than `explore` of them; they scored below
+            # every item they displace, so the list stays best first
+            unlearned = set(prepared.feeds["restrict"][1].tolist())
+            shown = sum(1 for e in ranked if e[0] in unlearned)
+            rows = {e[0] for e in ranked}
+            extra = [e for e in self._ranked(r, outputs, 1, r.k) if e[0] not in rows][:max(0, r.explore - shown)]
+            if extra:
+                ranked = ranked[:max(0, min(len(ranked), r.k - len(extra)))] + extra
+                EXPLORED.inc(len(extra))
+        for row, s, c, p in ranked:
+            resp.items.add(item_id=r.snapshot.ids[row], score=s, click_probability=c, purchase_probability=p)
+        SERVED_ITEMS.inc(len(ranked))
         if r.user_id:
             self.predictions.add(prediction_id, r.user_id)
         if r.fallback:
             FALLBACKS.inc()
         return resp
+
+    @staticmethod
+    def _ranked(r: RecoRequest, outputs, b: int, k: int) -> list[tuple[int, float, float, float]]:
+        """(row, score, click, purchase) of output row b, at most k, filtered: the graph marks
+        filtered entries with -inf; the rules are checked again here."""
+        rows, score, click, purchase = (outputs[n][b] for n in ("items", "score", "click", "purchase"))
+        out, seen = [], set()
+        for j in range(len(rows)):
+            row, s = int(rows[j]), float(score[j])
+            if not math.isfinite(s) or not 0 <= row < r.snapshot.size or row in seen or row in r.exclude \
+                    or (r.restrict is not None and row not in r.restrict):
+                continue
+            seen.add(row)
+            out.append((row, s, min(1.0, max(0.0, float(click[j]))), min(1.0, max(0.0, float(purchase[j])))))
+            if len(out) == k:
+                break
+        return out
 
     def served_record(self, request, prepared: Prepared, outputs, response):
         """What the trainer learns from: the user code, the history as item ids (catalog rows
@@ -347,9 +379,9 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
         probabilities. Never the catalog matrix."""
         r: RecoRequest = prepared.extra
         ids = [it.item_id for it in response.items]
-        inputs = {"user": prepared.feeds["user"],
+        inputs = {"user": prepared.feeds["user"][:1],  # the exploration row repeats them
                   "history_ids": np.array(r.history_ids, dtype=object).reshape(1, -1),
-                  "context": prepared.feeds["context"]}
+                  "context": prepared.feeds["context"][:1]}
         if request.candidate_item_ids:
             # the candidate list itself is not recorded (recorded_request drops it: up to
             # MAX_CANDIDATES ids, ~7.7 KB a record); a reference is: how many there were and a
@@ -394,99 +426,3 @@ class RecommenderService(DomainService[pb.RecommendRequest, pb.RecommendResponse
         user_id = self.predictions.get(outcome.prediction_id)
         if user_id:  # unknown prediction (another replica, or forgotten): the trainer still learns it
             self.history.record(user_id, outcome.item_id, purchase=outcome.event == pb.EVENT_PURCHASE)
-
-    # ---- catalog updates ----
-    def validate_items(self, request: pb.UpsertItemsRequest) -> list[ItemRecord]:
-        return items_of_request(request, self.upsert_max_items, self.title_max_chars, self.category_max_chars)
-
-    async def upsert(self, request: pb.UpsertItemsRequest, deadline: float | None = None) -> pb.UpsertItemsResponse:
-        """Embed the new titles, then journal (fsync), compute the item vectors of every loaded
-        version, and publish catalog and vectors together: a Recommend that starts after the
-        answer sees them. deadline: time.monotonic() by which the caller stops waiting."""
-        items = self.validate_items(request)
-        if self.served.current is None or not self.catalog.loaded:
-            raise Unavailable(f"model {self.served.name!r} is not loaded yet")
-        inserted, updated, size = await self._apply_items(items, journal=True, deadline=deadline)
-        return pb.UpsertItemsResponse(inserted=inserted, updated=updated, catalog_size=size)
-
-    async def _apply_items(self, items: list[ItemRecord], journal: bool,
-                           deadline: float | None = None) -> tuple[int, int, int]:
-        """Two phases. Embedding (the expensive part: the sentence encoder) runs in chunks and
-        stops at the deadline (DEADLINE_EXCEEDED) or when the call is cancelled (the client
-        went away, or the server is stopping past its grace), having written nothing: the
-        encoder's cache is all it leaves. The commit (journal, apply, item vectors, publish)
-        is cheap by comparison and runs to its end even if cancelled meanwhile: once a line is
-        in the journal it will be applied at the next start anyway, so memory must match it."""
-        async with self._upsert_lock:
-            inserted, updated, titles = self.catalog.plan(items)
-            try:
-                vectors = await self._embed(titles, deadline)
-            except asyncio.CancelledError:
-                UPSERTS_ABANDONED.labels("cancelled").inc()
-                log.info("catalog: upsert of %d items cancelled while embedding; nothing written", len(items))
-                raise
-            commit = asyncio.ensure_future(self._commit(items, vectors, journal))
-            try:
-                snap = await asyncio.shield(commit)
-            except asyncio.CancelledError:
-                while not commit.done():  # keep the lock until the commit is published
-                    try:
-                        await asyncio.wait({commit})
-                    except asyncio.CancelledError:
-                        continue
-                raise
-        CATALOG_ITEMS.set(snap.size)
-        UPSERTED.labels("inserted").inc(inserted)
-        UPSERTED.labels("updated").inc(updated)
-        return inserted, updated, snap.size
-
-    async def _embed(self, titles: list[str], deadline: float | None) -> dict[str, np.ndarray]:
-        vectors: dict[str, np.ndarray] = {}
-        if not titles:
-            return vectors
-        encoder = self.text_encoder()
-        for chunk in embed_chunks(titles):
-            if deadline is not None and time.monotonic() >= deadline:
-                UPSERTS_ABANDONED.labels("deadline").inc()
-                log.info("catalog: upsert deadline passed after %d of %d titles embedded; nothing written",
-                         len(vectors), len(titles))
-                raise DeadlineExceeded(f"deadline exceeded after embedding {len(vectors)} of {len(titles)} "
-                                       "new titles; nothing was written")
-            self.titles_embedded += len(chunk)
-            vectors.update(zip(chunk, await asyncio.to_thread(encoder.encode, chunk)))
-        if deadline is not None and time.monotonic() >= deadline:
-            UPSERTS_ABANDONED.labels("deadline").inc()
-            raise DeadlineExceeded("deadline exceeded before the items were written; nothing was written")
-        return vectors
-
-    async def _commit(self, items: list[ItemRecord], vectors: dict[str, np.ndarray],
-                      journal: bool) -> CatalogSnapshot:
-        snap = await asyncio.to_thread(self.catalog.upsert, items, vectors, journal)
-        states = []
-        for m in self.served.loaded_models():  # the canary's vectors too: it answers requests
-            if isinstance(m.prepared, VersionItems) and m.prepared not in states:
-                states.append(m.prepared)
-        built = [(st, await asyncio.to_thread(st.build, snap)) for st in states]
-        for st, idx in built:  # no await from here: readers see catalog and vectors change together
-            st.publish(idx)
-        self.catalog.publish(snap)
-        return snap
-
-    async def follow_journal(self, interval_s: float) -> None:
-        """Apply what other writers append to the catalog journal (the other workers of a
-        `--workers N` service, a catalog feed writing JSONL lines), every interval_s. This
-        process's own appends read back unchanged and cost nothing."""
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                if self.served.current is None:
-                    continue
-                items = await asyncio.to_thread(self.catalog.read_appended)
-                if items:
-                    await self._apply_items(items, journal=False)
-                    log.info("catalog: applied %d items written to %s by another writer", len(items),
-                             self.catalog.path)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bad feed must not stop serving; the next round retries
-                log.exception("catalog: following %s failed", self.catalog.path)

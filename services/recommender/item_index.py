@@ -45,6 +45,9 @@ class ItemIndex:
     vectors: np.ndarray  # buffer[:size]: the shared model input (one object per index)
     revisions: np.ndarray  # the catalog row revisions these vectors were computed from
     appended: bool = False  # a later index already appended into this buffer (the next one copies)
+    # rows (ascending) of items this version has no id for: brand-new items, served on their
+    # title/category/price alone (the candidates of the exploration slot)
+    unlearned: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 class VersionItems:
@@ -108,7 +111,9 @@ class VersionItems:
             if base is None or base.generation > snap.generation or base.size > snap.size:
                 rows = np.arange(snap.size)
                 buffer = np.zeros((max(snap.size, 1), self.dim), np.float32)
+                first_new, known = 0, np.zeros(0, np.int64)
             else:
+                first_new, known = base.size, base.unlearned
                 changed = np.flatnonzero(snap.revision[: base.size] != base.revisions)
                 rows = np.concatenate([changed, np.arange(base.size, snap.size)])
                 buffer = base.buffer
@@ -121,7 +126,11 @@ class VersionItems:
                     base.appended = True  # rows beyond base.size are invisible to base's view
             if len(rows):
                 buffer[rows] = self.tower_vectors(snap, rows)
-            return ItemIndex(snap.generation, snap.size, buffer, buffer[: snap.size], snap.revision.copy())
+            # a row's item id never changes: only rows added since the base can be new unlearned ones
+            added = [r for r in range(first_new, snap.size) if snap.ids[r] not in self.item_code]
+            unlearned = np.concatenate([known, np.asarray(added, np.int64)])
+            return ItemIndex(snap.generation, snap.size, buffer, buffer[: snap.size], snap.revision.copy(),
+                             unlearned=unlearned)
 
     def publish(self, index: ItemIndex) -> None:
         with self._lock:

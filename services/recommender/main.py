@@ -15,8 +15,8 @@ import asyncio
 import dataclasses
 import sys
 
-from services.recommender.adapter import (MAX_CATEGORY_CHARS, MAX_K, MAX_TITLE_CHARS, MAX_UPSERT, RecommenderService,
-                                          check_manifest, check_outputs)
+from services.recommender.adapter import (EXPLORE_SHARE, MAX_CATEGORY_CHARS, MAX_K, MAX_TITLE_CHARS, MAX_UPSERT,
+                                          RecommenderService, check_manifest, check_outputs)
 from services.recommender.catalog import Catalog
 from services.recommender.history import UserHistory
 from services.recommender.servicer import RecommenderServicer, register
@@ -45,6 +45,8 @@ class RecommenderSettings(DomainSettings):
     upsert_max_items: int = setting(MAX_UPSERT, "most items one UpsertItems may carry (larger loads: several calls)")
     title_max_chars: int = setting(MAX_TITLE_CHARS, "longest item title UpsertItems accepts (encoder CPU grows with it, up to 128 tokens)")
     category_max_chars: int = setting(MAX_CATEGORY_CHARS, "longest item category UpsertItems accepts")
+    explore_share: float = setting(EXPLORE_SHARE, "most of a Recommend's k slots given to items the serving version "
+                                   "has not learned yet (new items, by title/category/price), floor(k x share); 0 = off")
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -58,6 +60,8 @@ class RecommenderSettings(DomainSettings):
                 p.append(f"{name} must be >= 0")
         if not self.catalog_path:
             p.append("catalog_path is required")
+        if not 0 <= self.explore_share <= 1:
+            p.append("explore_share must be in 0..1")
         if self.catalog_poll_s < 0:
             p.append("catalog_poll_s must be >= 0")
         for name in ("upsert_max_items", "title_max_chars", "category_max_chars"):
@@ -78,7 +82,8 @@ def build(s: RecommenderSettings) -> tuple[ServerApp, RecommenderService]:
     service = RecommenderService(served, Catalog(s.catalog_path), history, options=s.runtime_options(),
                                  max_k=s.max_k, prediction_memory=s.prediction_memory,
                                  text_cache_size=s.text_cache_size, upsert_max_items=s.upsert_max_items,
-                                 title_max_chars=s.title_max_chars, category_max_chars=s.category_max_chars)
+                                 title_max_chars=s.title_max_chars, category_max_chars=s.category_max_chars,
+                                 explore_share=s.explore_share)
     # per-version state (catalog item vectors from the version's own item tower), built
     # in the loader thread before the version serves; warm-up runs on the real catalog
     loader.prepare = service.prepare

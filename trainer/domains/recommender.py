@@ -71,11 +71,15 @@ class RecommenderModel(DomainModel):
     def __init__(self, dims: RecoDims = RecoDims(), *, batch_size: int = 1024, lr: float = 5e-3,
                  sparse_lr: float = 5e-3,
                  negatives: int = 256, user_dropout: float = 0.1, id_dropout: float = 0.25,
-                 esmm_weight: float = 0.3, encoder: Callable[[Sequence[str]], np.ndarray] | None = None,
+                 esmm_weight: float = 0.3, cold_items: bool = True,
+                 encoder: Callable[[Sequence[str]], np.ndarray] | None = None,
                  registry_dir: str | Path | None = None, catalog_path: str | Path | None = None,
                  latency_catalog: int = LATENCY_CATALOG, seed: int = 0, threads: int = 1) -> None:
         self.dims, self.batch_size, self.lr, self.sparse_lr, self.negatives = dims, batch_size, lr, sparse_lr, negatives
         self.user_dropout, self.id_dropout, self.esmm_weight = user_dropout, id_dropout, esmm_weight
+        # items whose id is dropped in training also lose their recent sales: they look exactly
+        # like a brand-new item (see recommender_training); False: ids only (the former rule)
+        self.cold_items = cold_items
         self.state = RecoState()
         self._encoder = encoder
         self.registry_dir = registry_dir

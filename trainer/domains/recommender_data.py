@@ -73,6 +73,7 @@ class RecoState:
     """Vocabulary, catalog features, title embeddings and interactions (see the module doc)."""
 
     def __init__(self) -> None:
+        self.cold_prior = True  # items not yet interacted with get the cold-item prior (see popularity)
         self.users: list[str] = []
         self.items: list[str] = []
         self.categories: list[str] = []
@@ -191,9 +192,24 @@ class RecoState:
     def latest_day(self) -> int | None:
         return max(self.sales) if self.sales else None
 
+    def first_sold(self) -> np.ndarray:
+        """int64 [n_items + 1]: the first day each item code was clicked or bought (a huge value
+        for never, and for row 0)."""
+        first = np.full(self.n_items + 1, np.iinfo(np.int64).max, np.int64)
+        for day, c in self.sales.items():
+            items = np.fromiter(c.keys(), np.int64, len(c))
+            items = items[items <= self.n_items]
+            first[items] = np.minimum(first[items], day)
+        return first
+
     def popularity(self, days: Sequence[int]) -> dict[int, np.ndarray]:
         """day -> float32 [n_items + 1, len(POPULARITY_TAU_DAYS)]: each item's sales before that
-        day, decayed by exp(-age / tau) (row 0, the unknown item: 0). Cached per sales revision."""
+        day, decayed by exp(-age / tau). Items nobody had interacted with before that day (row 0,
+        the unknown item, too) get the cold-item prior instead of 0: the geometric mean of the
+        recent sales of the items that sold (per timescale), so that a brand-new item is not
+        ranked as the least popular item of the catalog before anyone could buy it; its content
+        path learns the offset from there (cold-item simulation, recommender_training). Cached
+        per sales revision."""
         if self._popularity_cache is None or self._popularity_cache[0] != self.sales_revision:
             self._popularity_cache = (self.sales_revision, {})
         cache = self._popularity_cache[1]
@@ -205,6 +221,7 @@ class RecoState:
             acc = np.zeros((n, len(taus)), np.float64)
             at = wanted[0] - POPULARITY_HORIZON_DAYS
             k = 0
+            first = self.first_sold()
             for day in wanted:
                 while k < len(sale_days) and sale_days[k] < day:
                     s = sale_days[k]
@@ -216,7 +233,11 @@ class RecoState:
                     ok = items < n
                     acc[items[ok]] += counts[ok, None]  # items are distinct keys: no repeated index
                     k += 1
-                cache[day] = (acc * np.exp(-(day - at) / taus)).astype(np.float32)
+                table = (acc * np.exp(-(day - at) / taus)).astype(np.float32)
+                sold = table.sum(1) > 0
+                if self.cold_prior and sold.any():
+                    table[first >= day] = np.expm1(np.log1p(table[sold]).mean(0))
+                cache[day] = table
         return {int(d): cache[int(d)] for d in days}
 
     def history(self, user_code: int, length: int = HISTORY_LEN) -> np.ndarray:

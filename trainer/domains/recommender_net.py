@@ -11,10 +11,13 @@ Item tower (exported alone as item_tower.onnx; the service runs it once per cata
   days (trainer.domains.recommender_data.POPULARITY_TAU_DAYS), a snapshot taken at export
   (a buffer of the graph, by item code; 0 for an unknown item), weighted by learned weights in
   both heads: grocery demand follows promotions and seasons, which a daily update of the item
-  biases follows too slowly. Dv = 2d + 5. During training the id embedding is dropped for a
-  share of the items of each batch, so the content path alone ranks well: that is what serves
-  an item before anyone interacted with it; training rows carry their day, and each row's
-  items get the sales as of that day (no look-ahead).
+  biases follows too slowly. Dv = 2d + 5. An item nobody has interacted with yet (and the
+  unknown item, code 0) gets the cold-item prior as its recent sales: the geometric mean of the
+  selling items' (RecoState.popularity). During training the id embedding AND the sales of a
+  share of the items of each batch are dropped (the sales replaced by the prior): such an item
+  looks exactly like a brand-new one, so the content path alone learns to rank it: that is
+  what serves an item before anyone interacted with it; training rows carry their day, and
+  each row's items get the sales as of that day (no look-ahead).
 
 User tower: user id embedding (code 0 = unknown user, trained by dropping ids, so the
   fallback is context + popularity) + projection of the recency-weighted mean of the item

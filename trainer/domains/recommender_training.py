@@ -99,14 +99,23 @@ def train_epochs(model, net, opt, X, y, epochs, seed) -> None:
             mm = len(negs)
             codes = torch.cat([item, hist[valid], negs])
             uniq, inv = torch.unique(codes, return_inverse=True)
+            # cold-item simulation: a dropped item loses its id embedding AND its recent sales,
+            # which get the cold-item prior (row 0 of the sales table: RecoState.popularity) as a
+            # brand-new item has when it is served (no id row, the prior in the exported
+            # snapshot), so the content path (title, category, price) learns to score a new item
+            # on its own instead of only as a correction to an id and sales
             keep = (torch.rand(len(uniq), generator=g) >= model.id_dropout).to(torch.float32)
+            code = torch.arange(n_items + 1)  # item code -> the row of the sales table its features use
+            if model.cold_items:
+                code[uniq.clamp(0, n_items)] = torch.where(keep > 0, uniq.clamp(0, n_items), 0)
             vu = model._item_base(net, uniq, keep)
-            v_pos = net.with_popularity(vu[inv[:n_rows]], sales[day[local], item.clamp(0, n_items)])
+            item_c = code[item.clamp(0, n_items)]
+            v_pos = net.with_popularity(vu[inv[:n_rows]], sales[day[local], item_c])
             hb = vu.new_zeros(n_ctx, hist.shape[1], vu.shape[1])
             hb[valid] = vu[inv[n_rows:n_rows + int(valid.sum())]]
-            hv = net.with_popularity(hb, sales[day.unsqueeze(1), hist.clamp(0, n_items)])
+            hv = net.with_popularity(hb, sales[day.unsqueeze(1), code[hist.clamp(0, n_items)]])
             vb_neg = vu[inv[-mm:]]
-            pop_neg = torch.log1p(sales[day.unsqueeze(1), negs.unsqueeze(0)])  # [C, M, 2]
+            pop_neg = torch.log1p(sales[day.unsqueeze(1), code[negs].unsqueeze(0)])  # [C, M, 2]
             u = net.user_vectors(user, ctx, hv, valid)  # [C, 2d+1]
             rep, first = net.repeat_values(hist, valid, hv[..., 2 * d + 2], u[:, 2 * d], with_first=True)
             s_hist = torch.einsum("cd,chd->ch", net.augmented_users(u), hv) + rep  # [C, H]

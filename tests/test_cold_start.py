@@ -1,0 +1,122 @@
+"""Cold start over real gRPC: a version trained by the real learner (bootstrap path: holdout,
+ONNX export, registry) on a catalog of real product titles without the items that arrive
+later, the real sentence encoder, the real service. New items are upserted with title and
+price only (no category: the title is all the content). From the first Recommend after the
+upsert, a customer who bought several items of one kind of shop gets a new item of that kind
+in the top-10, before anyone interacted with it; new items of other kinds (the control) do not
+show up; the exploration slot's share stays within its bound and is counted; with the slot
+off, the ranking alone is what it is (measured in bench/cold_start.py)."""
+from __future__ import annotations
+
+import collections
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from bench.cold_start import TEXT_EPOCHS, TEXT_NEW_FROM, text_world, train_version
+from protos.recommender.v1 import recommender_pb2 as pb
+from protos.recommender.v1 import recommender_pb2_grpc as pb_grpc
+from services.recommender.main import build
+from tests.recommender_fixtures import exported_text_encoder, recommender_test_settings
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cold-start")
+    catalog, df, new_ids, favourites = text_world()
+    registry, _ = train_version(root, catalog, df, new_ids, TEXT_NEW_FROM, exported_text_encoder(), epochs=TEXT_EPOCHS)
+    before = df[df["day"] < sorted(df["day"].unique())[TEXT_NEW_FROM]]
+    bought = before.groupby("customer_id")["product_id"].apply(list).to_dict()
+    return root, registry, catalog, new_ids, favourites, bought
+
+
+class Running:
+    def __init__(self, s):
+        self.s = s
+
+    async def __aenter__(self):
+        self.app, self.service = build(self.s)
+        await self.app.start()
+        self.channel = grpc.aio.insecure_channel(self.app.address)
+        return pb_grpc.RecommenderStub(self.channel)
+
+    async def __aexit__(self, *exc):
+        await self.channel.close()
+        await self.app.stop()
+
+
+def kind(item_id: str) -> str:
+    return item_id.rsplit("-", 1)[0]
+
+
+def counter(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+async def upsert_new_items(stub, catalog, new_ids):
+    new = set(new_ids)
+    items = [pb.Item(item_id=c["item_id"], title=c["title"], price=c["price"]) for c in catalog if c["item_id"] in new]
+    resp = await stub.UpsertItems(pb.UpsertItemsRequest(items=items))
+    assert resp.inserted == len(new_ids)
+
+
+def one_kind_customers(favourites, bought, least: int = 3) -> list[str]:
+    """Customers of one kind of shop who bought at least `least` items of it before the new ones came."""
+    return [u for u, f in favourites.items()
+            if len(f) == 1 and sum(kind(i) == f[0] for i in bought.get(u, [])) >= least]
+
+
+async def test_a_new_titled_item_reaches_matching_customers_before_any_interaction(world):
+    root, registry, catalog, new_ids, favourites, bought = world
+    new = set(new_ids)
+    async with Running(recommender_test_settings(root, registry, "explore")) as stub:
+        before = await stub.Recommend(pb.RecommendRequest(user_id="c0", k=10))
+        assert not new & {it.item_id for it in before.items}  # not in the catalog yet
+        await upsert_new_items(stub, catalog, new_ids)
+        served0, explored0 = (counter("storefront_recommender_served_items_total"),
+                              counter("storefront_recommender_explored_items_total"))
+        customers = one_kind_customers(favourites, bought)
+        assert len(customers) >= 100
+        matching, unrelated = 0, 0
+        for user in customers:
+            resp = await stub.Recommend(pb.RecommendRequest(user_id=user, k=10))  # the first request after the upsert
+            top = [it.item_id for it in resp.items]
+            assert len(top) == 10 and not resp.fallback
+            scores = [it.score for it in resp.items]
+            assert scores == sorted(scores, reverse=True)
+            shown_new = [i for i in top if i in new]
+            matching += any(kind(i) == favourites[user][0] for i in shown_new)
+            unrelated += any(kind(i) != favourites[user][0] for i in shown_new)
+        # every new item has zero interactions: what puts it there is its title
+        assert matching >= 0.6 * len(customers), (matching, len(customers))
+        assert unrelated <= 0.4 * len(customers) and unrelated < matching / 2, (unrelated, matching)
+        # the slot's share is bounded (1 of 10) and counted
+        served = counter("storefront_recommender_served_items_total") - served0
+        explored = counter("storefront_recommender_explored_items_total") - explored0
+        assert served == 10 * len(customers) and 0 < explored <= 0.1 * served
+        # k below 10: floor(k x 0.1) = 0 slots, the ranking alone
+        explored1 = counter("storefront_recommender_explored_items_total")
+        await stub.Recommend(pb.RecommendRequest(user_id=customers[0], k=9))
+        assert counter("storefront_recommender_explored_items_total") == explored1
+
+
+async def test_without_the_slot_new_items_rank_on_content_and_the_prior_only(world):
+    """explore_share 0: no second row, no slot; the new items compete on their content score
+    and the cold-item prior with the customers' own repeat purchases (bench/cold_start.py)."""
+    root, registry, catalog, new_ids, favourites, bought = world
+    new = set(new_ids)
+    async with Running(recommender_test_settings(root, registry, "no-explore", explore_share=0.0)) as stub:
+        await upsert_new_items(stub, catalog, new_ids)
+        explored0 = counter("storefront_recommender_explored_items_total")
+        shown = collections.Counter()
+        customers = one_kind_customers(favourites, bought)
+        for user in customers:
+            resp = await stub.Recommend(pb.RecommendRequest(user_id=user, k=50))
+            top = [it.item_id for it in resp.items]
+            # beyond the top-10 the new items of the customer's kind rank above other kinds' new items
+            own = [n for n, i in enumerate(top) if i in new and kind(i) == favourites[user][0]]
+            other = [n for n, i in enumerate(top) if i in new and kind(i) != favourites[user][0]]
+            shown["own first"] += bool(own) and (not other or own[0] < other[0])
+        assert counter("storefront_recommender_explored_items_total") == explored0
+        assert shown["own first"] >= 0.6 * len(customers), (shown, len(customers))
