@@ -129,6 +129,9 @@ class LaterWindow:
                                  min_positives=need, min_rows=min_rows)
         metrics = ev["metrics"]
         first = ev["decided_on"][0]
+        # a round whose labels all stayed in the window trains nothing: the candidate is the champion
+        # (a tie, published); counted apart, so copies do not dilute the share of worse candidates
+        copy_of_champion = bool(np.array_equal(p_champion, p_challenger))
         r = metrics[first]
         self.judged.append({
             "published_round": w["round"], "version": w["version"], "drift": w["drift"],
@@ -139,7 +142,7 @@ class LaterWindow:
             "metrics": {k: {"champion": v["champion"], "challenger": v["challenger"],
                             "relative_difference": v["relative_difference"], "interval": v["interval"]}
                         for k, v in metrics.items()},
-            "gate_relative_difference": w["gate_relative_difference"],
+            "gate_relative_difference": w["gate_relative_difference"], "copy_of_champion": copy_of_champion,
             "worse": bool(r["relative_difference"] < 0),
             "worse_on_any_metric": any(v["relative_difference"] < 0 for v in metrics.values()),
             "worse_beyond_margin": bool(r["relative_difference"] < -rule.margin),
@@ -164,7 +167,8 @@ class LaterWindow:
 
     def summary(self, margin: float) -> dict[str, Any]:
         count = {d: sum(1 for x in self.decisions if x["decision"] == d) for d in ("published", "refused", "deferred")}
-        judged = self.judged
+        copies = [j for j in self.judged if j["copy_of_champion"]]
+        judged = [j for j in self.judged if not j["copy_of_champion"]]
 
         def share(key: str) -> float | None:
             return round(sum(j[key] for j in judged) / len(judged), 4) if judged else None
@@ -172,7 +176,8 @@ class LaterWindow:
         return {"rounds": len(self.decisions), **count,
                 "published_in_drift": sum(1 for x in self.decisions if x["decision"] == "published" and x["drift"]),
                 "published_judged_on_later_window": len(judged),
-                "published_not_judged": count["published"] - len(judged),
+                "judged_copies_of_the_champion": len(copies),
+                "published_not_judged": count["published"] - len(judged) - len(copies),
                 "metric": judged[0]["metric"] if judged else None,
                 "worse_on_later_window": sum(j["worse"] for j in judged), "worse_share": share("worse"),
                 "worse_on_any_metric": sum(j["worse_on_any_metric"] for j in judged),
@@ -544,7 +549,9 @@ def render(rep: dict[str, Any]) -> str:
                 "published candidate is judged again, against the champion it replaced, on a LATER window disjoint "
                 "from the one that decided it: the labels that arrived after the decision, until they hold the gate's "
                 f"positives (median {s['median_later_window_rows'] or 0:,} rows; rows shared with the deciding windows: "
-                f"{s['rows_shared_with_deciding_windows']}), with the gate's metrics and rule. Target: <= 5 % of "
+                f"{s['rows_shared_with_deciding_windows']}), with the gate's metrics and rule. Published candidates "
+                f"identical to the champion (rounds whose labels all stayed in the window train nothing) are left "
+                f"out of the shares: {s['judged_copies_of_the_champion']}. Target: <= 5 % of "
                 f"published candidates worse there. \"Worse\": lower {s['metric']} (point estimate); beyond the "
                 f"margin: more than {100 * s['margin']:g} % lower; with confidence: the gate would refuse it.", "",
                 "| rounds | published (in drift) | refused | deferred | judged on a later window | worse "

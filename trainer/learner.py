@@ -176,7 +176,8 @@ class LearnerConfig:
     # positives the gate's window holds while in drift (None: as outside drift). A window sized for 30
     # frauds keeps ~15k of the newest transactions out of training, and right after a drift most of
     # them are of the old concept: the post-drift frauds reach training ~30 frauds late and the gate
-    # judges on the old concept. A smaller window releases them into training and judges on new rows
+    # judges on the old concept. In drift the window holds only rows of the drift span (with
+    # drift_replay_recent), and this many positives: the rest is released into training
     drift_gate_min_positives: int | None = 10
     prequential_window: int = 5000  # labels the prequential metrics of each round are computed over
     # delivery of a version that passed the gate (trainer/canary.py): "canary" publishes it and starts it
@@ -408,6 +409,12 @@ class Learner:
         adapt = self.adaptation()
         held = self.window.concat(new)
         start = self._window_start(held, adapt["gate_min_positives"])
+        since = adapt["recent_since_offset"]
+        if since is not None:
+            # in drift the gate judges on the new concept only: rows labeled before the drift span leave
+            # the window (not trained on either, below); with too few positives left it defers
+            recent = np.flatnonzero(held.offsets >= since)
+            start = max(start, int(recent[0]) if len(recent) else len(held))
         train, window = held.take(slice(0, start)), held.take(slice(start, len(held)))
         seed_dropped = int((train.offsets == SEED).sum())
         if seed_dropped:
@@ -418,7 +425,6 @@ class Learner:
         opt = self.model.optimizer(candidate)
         opt.load_state_dict(self.opt.state_dict())
         X, y = train.X, train.y
-        since = adapt["recent_since_offset"]
         pool = self.replay
         if since is not None:
             # in drift: rows of the old concept are neither trained on nor replayed (they are still
