@@ -307,6 +307,7 @@ def joined_day(day_number: int, customers: list[str], baskets: list[list[str]], 
     from protos.feedback.v1 import feedback_pb2 as fb
     from protos.recommender.v1 import recommender_pb2 as rec
     from shared.feedback import fill_tensor
+    from shared.feedback.records import feedback_outcome
     from trainer.joiner import JoinedExample
 
     out, offset = [], first_offset
@@ -324,10 +325,11 @@ def joined_day(day_number: int, customers: list[str], baskets: list[list[str]], 
         served_offset = offset
         offset += 1
         for item in basket:
-            o = fb.Outcome(prediction_id=pid, occurred_at=served_at + 3600.0, received_at=served_at + 3600.0,
-                           recommendation=rec.RecommendationOutcome(prediction_id=pid, item_id=item,
-                                                                    event=rec.EVENT_PURCHASE))
-            out.append(JoinedExample("recommender", pid, offset, served_offset, s, o, "recommender", versions, 3600.0))
+            label = rec.RecommendationOutcome(prediction_id=pid, item_id=item, event=rec.EVENT_PURCHASE,
+                                              occurred_at=served_at + 3600.0)
+            o = feedback_outcome(label, served_at + 3600.0, served_at + 3600.0)
+            out.append(JoinedExample("recommender", pid, offset, served_offset, s, o, "recommender", versions, 3600.0,
+                                     label))
             offset += 1
     return out, offset
 
