@@ -35,7 +35,13 @@ def synthetic_stream(rng, n, products, slopes, levels, hours=False, offset0=1):
 
 
 def learned_slope(net, product, segment, hour=12):
-    return float(net.slopes(torch.tensor([product]), torch.tensor([segment]), torch.tensor([hour]))[0])
+    """The model's mean price sensitivity over +-20 %: the drop of its logit from x = -0.2 to
+    x = 0.2, per unit of x (the logistic slope and the segment's curve shape together: either
+    can carry the segment's response to price)."""
+    t = lambda v: torch.tensor([v])
+    with torch.no_grad():
+        lo, hi = (float(net.logit(t(product), t(segment), t(hour), torch.tensor([x]))[0]) for x in (-0.2, 0.2))
+    return (lo - hi) / 0.4
 
 
 def test_segments_with_different_true_slopes_are_learned_in_order():
@@ -101,7 +107,7 @@ def test_thompson_samples_vary_the_segment_and_hour_terms():
         return float(sampled.std(dim=1).max())
 
     assert spread() < 1e-4
-    for name in ("b_seg", "a_seg", "b_hour", "a_hour", "b_cell", "a_cell"):
+    for name in ("b_seg", "a_seg", "b_hour", "a_hour", "b_cell", "a_cell", "c_seg"):
         with torch.no_grad():
             getattr(net, f"prec_{name}").fill_(1.0)  # ... but this group
         assert spread() > 0.01, name
@@ -168,10 +174,11 @@ def test_exploration_reaches_the_upper_part_of_the_range_from_the_lower_edge(wor
 
     # step-limited exploration alone (10 % of the greedy price) never leaves the lower third of a +-20 % range
     assert upper_share(PricingService(None, exploration_share=0.2, max_step_pct=10.0, wide_step_share=0.0, seed=4)) == 0
-    # with wide steps (a fifth of the exploratory quotes), the upper third is quoted within 1,000
-    # quotes: about 0.2 x 0.2 x 7/20 of them (14 expected; fewer than 4 has probability < 0.1 %)
-    share = upper_share(PricingService(None, exploration_share=0.2, max_step_pct=10.0, wide_step_share=0.2, seed=4))
-    assert 0.004 <= share < 0.03, share
+    # with wide steps (a Thompson sample's best price anywhere in the range), the upper third is
+    # quoted within 1,000 quotes, by the samples that rate it best, and never more often than the
+    # exploring quotes (a fifth)
+    share = upper_share(PricingService(None, exploration_share=0.2, max_step_pct=10.0, wide_step_share=1.0, seed=4))
+    assert 0.002 <= share < 0.2, share
 
 
 @pytest.mark.parametrize("setting", [0.05, 0.2, 0.5])

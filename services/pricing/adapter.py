@@ -14,16 +14,23 @@ A quote:
    share of exploratory quotes is the setting, not the share of Thompson samples that happen
    to disagree with the mean: most agree once the posterior is tight, which left exploration
    at a few % of quotes whatever the setting):
-   - a local step (most exploring quotes): one Thompson sample, drawn at random, picks its
+   - a local step (the exploring quotes that are not wide steps): one Thompson sample, drawn at random, picks its
      best candidate other than the greedy price within `max_step_pct` percent of the greedy
      price. The sample varies every term of the model (product, segment, hour...), so where
      the posterior is unsure which neighbour is better, both get tried;
-   - a wide step (a share `wide_step_share` of the exploring quotes): a candidate other than
-     the greedy price drawn uniformly from the whole effective range. Local steps alone never
-     leave the neighbourhood of the greedy price: from the lower guardrail, with a 10 % step,
-     the upper part of a +-20 % range is never quoted, so a model whose form is wrong there
-     (a market is never exactly logistic) is never corrected. The wide steps are the budget
-     that lets exploration reach any price inside the guardrails over time.
+   - a wide step (a share `wide_step_share` of the exploring quotes): one Thompson sample,
+     drawn at random, picks its best candidate other than the greedy price anywhere in the
+     effective range. Local steps alone never leave the neighbourhood of the greedy price:
+     from the lower guardrail, with a 10 % step, the upper part of a +-20 % range is never
+     quoted, so a model whose form is wrong there (a market is never exactly logistic) is
+     never corrected. The wide steps are the budget that lets exploration reach any price
+     inside the guardrails, directed by the posterior: a price region the quotes have not
+     tried keeps the prior's uncertainty in the model's demand-curve terms (trainer.domains.
+     pricing_net, CURVE), so samples that rate it best keep coming while it is unsure, and
+     the steps go where the posterior still disagrees with the greedy price rather than
+     uniformly (measured on a calibration threshold market, seed 1, 6,000 quotes, offline
+     loop: regret by thirds 8.4 / 7.7 / 7.9 % with sampled wide steps at wide_step_share 1,
+     against 10.5 / 8.7 / 9.1 % in 3,000 quotes with uniform wide steps at 0.2).
    `exploratory` is true exactly when the price differs from the greedy one (an exploring
    quote whose reachable candidates are all the greedy price, e.g. a pinned price, is not);
    expected_conversion and expected_value are the mean model's at the chosen price. The
@@ -122,7 +129,7 @@ class PricingService(DomainService[pricing_pb2.QuoteRequest, pricing_pb2.QuoteRe
     prediction_id_legacy_domain = 3  # ids issued before domains were named still verify
 
     def __init__(self, served, feedback=None, *, exploration_share: float = 0.2, max_step_pct: float = 10.0,
-                 wide_step_share: float = 0.2, grid_size: int = 21, seed: int = -1) -> None:
+                 wide_step_share: float = 1.0, grid_size: int = 21, seed: int = -1) -> None:
         super().__init__(served, feedback)
         if not 0.0 <= exploration_share <= 1.0 or max_step_pct < 0 or grid_size < 2 or not 0.0 <= wide_step_share <= 1.0:
             raise ValueError("exploration_share in [0, 1], max_step_pct >= 0, wide_step_share in [0, 1], grid_size >= 2")
@@ -238,12 +245,12 @@ class PricingService(DomainService[pricing_pb2.QuoteRequest, pricing_pb2.QuoteRe
         other = grid != grid[greedy]  # the reference may duplicate a grid price: compare prices
         if not other.any():
             return greedy, None
+        sampled_value = unit_value * samples[self.rng.integers(len(samples))]
         if self.wide_step_share > 0 and self.rng.random() < self.wide_step_share:
-            return int(self.rng.choice(np.flatnonzero(other))), "wide"
+            return int(np.argmax(np.where(other, sampled_value, -np.inf))), "wide"
         reach = other & (np.abs(grid - grid[greedy]) <= self.max_step * grid[greedy] + 1e-12)
         if not reach.any():
             return greedy, None
-        sampled_value = unit_value * samples[self.rng.integers(len(samples))]
         return int(np.argmax(np.where(reach, sampled_value, -np.inf))), "local"
 
     def _count(self, model: str, objective: int, exploratory: bool, step: str | None) -> None:

@@ -25,8 +25,9 @@ class PricingSettings(DomainSettings):
     exploration_share: float = setting(0.2, "share of quotes priced off the greedy price (exploration), chosen by a "
                                             "Thompson sample within the step limit or by a wide step")
     max_step_pct: float = setting(10.0, "step limit of a local exploratory step: at most this % away from the greedy price")
-    wide_step_share: float = setting(0.2, "share of exploratory quotes priced anywhere in the guardrails (a wide step) "
-                                          "instead of within the step limit")
+    wide_step_share: float = setting(1.0, "share of exploratory quotes priced anywhere in the guardrails (a wide step: "
+                                          "a Thompson sample's best price other than the greedy one) instead of "
+                                          "within the step limit")
     grid_size: int = setting(21, "candidate prices per quote (evenly spaced over the guardrails, plus the reference)")
     exploration_seed: int = setting(-1, "seed of the exploration draws; -1 = from the OS")
 

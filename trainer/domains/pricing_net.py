@@ -6,14 +6,15 @@ Model. For a quote of product i (subclass c) at price p with reference price r, 
 customer of segment s at hour h, with x = log(p / r):
 
     logit P(sale) = a0 + a_c + a_i + a_s + a_is + a_h
-                    - softplus(b0 + b_c + b_i) * exp(b_s + b_is + b_h) * x
+                    - softplus(b0 + b_c + b_i) * exp(b_s + b_is + b_h) * x + c_s(x)
 
 a_* are conversion levels, b_* price sensitivities (softplus keeps demand decreasing in
 price: the slope is the elasticity of the odds). Both the level and the sensitivity are
 hierarchical: product terms are offsets from their subclass, subclass terms offsets from the
 global ones; a segment has a store-wide offset (a_s, b_s: shared by every product) and each
 (product, segment) cell an offset from product + segment (a_is, b_is); hours have offsets of
-their own. The segment, cell and hour sensitivity terms multiply the product's (log scale):
+their own. c_s(x) is the segment's demand-curve shape: piecewise linear in x over fixed knots,
+prior 0 (see CURVE). The segment, cell and hour sensitivity terms multiply the product's (log scale):
 "this segment is half as price-sensitive" holds across products whose own sensitivities
 differ tenfold, where an additive offset would mean a different factor for each product. Each offset has a Gaussian prior at 0 (precisions PRIOR_PRECISION), so a product
 with little data is priced like its subclass, a subclass like the store, and a segment that
@@ -69,18 +70,32 @@ NOISE_SLOTS = 8192
 # sd 0.5, sensitivity factors sd 0.25 (the storefront rarely changes sensitivity by the hour,
 # and 24 hours split the data thin: the data must show it clearly).
 PRIOR_PRECISION = {"a0": 1e-2, "b0": 1e-2, "a_cat": 1.0, "b_cat": 2.0, "a_prod": 2.0, "b_prod": 4.0,
-                   "a_seg": 1.0, "b_seg": 0.5, "a_cell": 2.0, "b_cell": 2.0, "a_hour": 4.0, "b_hour": 16.0}
+                   "a_seg": 1.0, "b_seg": 0.5, "a_cell": 2.0, "b_cell": 2.0, "a_hour": 4.0, "b_hour": 16.0,
+                   "c_seg": 2.0}
+# The segment's demand-curve shape: a piecewise-linear offset of the logit over log price (knots
+# CURVE_KNOTS, hat basis; constant beyond the outer knots), store-wide per segment, prior sd 0.7
+# logit per knot around 0 (a logistic curve). A logistic in log price cannot follow a threshold
+# market's "flat up to the willingness to pay, then a cliff": fit near the ceiling it reads the
+# segment as insensitive, fit across the cliff as uniformly steep; and with the levels held by the
+# shelf's history, a segment that converts above them was explained by a steeper slope (measured:
+# refitting the 45-49 segment's own quotes of a threshold market raised its sensitivity from 4.4
+# to 7). The curve offsets carry what the logistic cannot, per price region, and their Thompson
+# noise makes price regions no quote has tried look possibly better (exploration by uncertainty).
+CURVE = "c_seg"
+CURVE_KNOTS = (-0.3, -0.225, -0.15, -0.075, 0.0, 0.075, 0.15, 0.225, 0.3)
+N_KNOTS = len(CURVE_KNOTS)
+CURVE_SPACING = 0.075
 # Which code indexes each group: the parameter's row for a quote.
 GROUP_INDEX = {"a0": "global", "b0": "global", "a_cat": "category", "b_cat": "category", "a_prod": "product",
                "b_prod": "product", "a_seg": "segment", "b_seg": "segment", "a_cell": "cell", "b_cell": "cell",
-               "a_hour": "hour", "b_hour": "hour"}
+               "a_hour": "hour", "b_hour": "hour", "c_seg": "segment"}
 LEVELS = tuple(n for n in GROUP_INDEX if n.startswith("a"))  # terms of the conversion level
 SLOPE_BASE = ("b0", "b_cat", "b_prod")  # the product's price sensitivity (pre-softplus)
 SLOPE_MULT = ("b_seg", "b_cell", "b_hour")  # log factors of it by segment, cell and hour
 SLOPES = SLOPE_BASE + SLOPE_MULT
 # Thompson samples vary every term that decides the price: the segment, hour and cell terms as
 # much as the product's (a sample that left them at their means would never explore them).
-SAMPLED = LEVELS + SLOPES
+SAMPLED = LEVELS + SLOPES + (CURVE,)
 OFFSET_SPLIT = float(1 << 20)  # offsets ride in two float32 columns, exact up to 2**44
 COL_PRODUCT, COL_SEGMENT, COL_HOUR, COL_X, COL_WEIGHT, COL_OFF_HI, COL_OFF_LO = range(7)
 WIDTH = 7
@@ -103,6 +118,14 @@ def rows(product, segment, hour, x, weight, offsets) -> np.ndarray:
     return X
 
 
+def curve_basis(x: torch.Tensor) -> torch.Tensor:
+    """[..., N_KNOTS] hat-function weights of log price ratios x (they sum to 1; x beyond the
+    outer knots takes the outer knot's weight)."""
+    knots = torch.tensor(CURVE_KNOTS, dtype=x.dtype)
+    xc = x.clamp(CURVE_KNOTS[0], CURVE_KNOTS[-1]).unsqueeze(-1)
+    return (1.0 - (xc - knots).abs() / CURVE_SPACING).clamp(min=0.0)
+
+
 def sensitivity(base: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
     """The price sensitivity (elasticity of the odds, > 0): the product's softplus(base) times
     the segment, cell and hour factor exp(mult). The factor's exponent is clamped at +-8 (a
@@ -118,7 +141,7 @@ class PricingNet(nn.Module):
     SHAPES = {"a0": (1,), "b0": (1,), "a_cat": (CATEGORY_CAPACITY,), "b_cat": (CATEGORY_CAPACITY,),
               "a_prod": (PRODUCT_CAPACITY,), "b_prod": (PRODUCT_CAPACITY,), "a_seg": (N_SEGMENTS,),
               "b_seg": (N_SEGMENTS,), "a_cell": (CELL_CAPACITY,), "b_cell": (CELL_CAPACITY,),
-              "a_hour": (NO_HOUR + 1,), "b_hour": (NO_HOUR + 1,)}
+              "a_hour": (NO_HOUR + 1,), "b_hour": (NO_HOUR + 1,), "c_seg": (N_SEGMENTS * N_KNOTS,)}
 
     def __init__(self) -> None:
         super().__init__()
@@ -208,9 +231,24 @@ class PricingNet(nn.Module):
         mult = sum(self.term_at(n, idx[GROUP_INDEX[n]]) for n in SLOPE_MULT)
         return level, base, mult, idx
 
+    def curve_table(self) -> torch.Tensor:
+        """[N_SEGMENTS, N_KNOTS] the segments' curve offsets at the knots."""
+        return self.c_seg.view(N_SEGMENTS, N_KNOTS)
+
+    def curve(self, segment, x) -> torch.Tensor:
+        """The mean curve offset of each quote's segment at x ([B] or [B, G])."""
+        c = self.curve_table()[segment]
+        return (curve_basis(x) * (c.unsqueeze(1) if x.dim() == 2 else c)).sum(-1)
+
+    def sampled_curve(self, segment) -> torch.Tensor:
+        """[B, N_SAMPLES, N_KNOTS] the curve offsets of each Thompson sample."""
+        noise = self.noise_c_seg.view(N_SAMPLES, N_SEGMENTS, N_KNOTS)[:, segment, :].transpose(0, 1)
+        scale = 1.0 / torch.sqrt(self.prec_c_seg.view(N_SEGMENTS, N_KNOTS)[segment])
+        return self.curve_table()[segment].unsqueeze(1) + noise * scale.unsqueeze(1)
+
     def logit(self, product, segment, hour, x):
         level, base, mult, _ = self.level_slope(product, segment, hour)
-        return level - sensitivity(base, mult) * x
+        return level - sensitivity(base, mult) * x + self.curve(segment, x)
 
     def sampled_noise(self, name: str, index: torch.Tensor) -> torch.Tensor:
         """[B, N_SAMPLES] noise of a group: fixed draw / sqrt(precision), masked."""
@@ -222,11 +260,14 @@ class PricingNet(nn.Module):
     def forward(self, product, segment, hour, log_price_ratio):
         level, base, mult, idx = self.level_slope(product, segment, hour)
         x = log_price_ratio.clamp(-X_CLIP, X_CLIP)
-        conversion = torch.sigmoid(level.unsqueeze(1) - sensitivity(base, mult).unsqueeze(1) * x)
+        basis = curve_basis(x)  # [B, G, K]
+        conversion = torch.sigmoid(level.unsqueeze(1) - sensitivity(base, mult).unsqueeze(1) * x + self.curve(segment, x))
         s_level = level.unsqueeze(1) + sum(self.sampled_noise(n, idx[GROUP_INDEX[n]]) for n in LEVELS)
         s_base = base.unsqueeze(1) + sum(self.sampled_noise(n, idx[GROUP_INDEX[n]]) for n in SLOPE_BASE)
         s_mult = mult.unsqueeze(1) + sum(self.sampled_noise(n, idx[GROUP_INDEX[n]]) for n in SLOPE_MULT)
-        sampled = torch.sigmoid(s_level.unsqueeze(2) - sensitivity(s_base, s_mult).unsqueeze(2) * x.unsqueeze(1))
+        s_curve = (basis.unsqueeze(1) * self.sampled_curve(segment).unsqueeze(2)).sum(-1)  # [B, N, G]
+        sampled = torch.sigmoid(s_level.unsqueeze(2) - sensitivity(s_base, s_mult).unsqueeze(2) * x.unsqueeze(1)
+                                + s_curve)
         return conversion, sampled
 
     def slopes(self, product, segment, hour) -> torch.Tensor:

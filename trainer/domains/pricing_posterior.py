@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from trainer.domains.pricing_net import (COL_HOUR, COL_OFF_HI, COL_OFF_LO, COL_PRODUCT, COL_SEGMENT, COL_WEIGHT,
-                                         COL_X, GROUP_INDEX, LEVELS, OFFSET_SPLIT, PRIOR_PRECISION, SLOPE_BASE,
-                                         SLOPE_MULT, PricingNet, sensitivity)
+                                         COL_X, CURVE, GROUP_INDEX, LEVELS, N_KNOTS, N_SEGMENTS, OFFSET_SPLIT,
+                                         PRIOR_PRECISION, SLOPE_BASE, SLOPE_MULT, PricingNet, curve_basis, sensitivity)
 
 # No term comes out of the bootstrap surer than this precision: the power prior (HISTORY_WEIGHT)
 # discounts each row, but the shared terms (global, subclass, segment: every row informs them)
@@ -47,7 +47,8 @@ from trainer.domains.pricing_net import (COL_HOUR, COL_OFF_HI, COL_OFF_LO, COL_P
 # for a segment, 0.7 for a cell) the samples price a segment anywhere in the guardrails until
 # its own quotes say how sensitive it is.
 BOOTSTRAP_PRECISION_CAP = {"level": 50.0, "slope": 25.0}
-BOOTSTRAP_CONTEXT_SLOPE_CAP = {name: PRIOR_PRECISION[name] for name in SLOPE_MULT}
+# The segments' curve shapes (CURVE) likewise: the shelf's shape is no evidence of the storefront's.
+BOOTSTRAP_CONTEXT_SLOPE_CAP = {name: PRIOR_PRECISION[name] for name in (*SLOPE_MULT, CURVE)}
 
 
 def _columns(X: np.ndarray):
@@ -111,7 +112,7 @@ def refit(net: PricingNet, anchor: PricingNet, X: np.ndarray, y: np.ndarray, max
 def _solve(net: PricingNet, product, segment, hour, x, weight, target, max_iter: int, progress) -> None:
     """MAP of the rows' weighted log loss plus 0.5 sum(prec (w - prior_w)^2), the prior's means
     in net.prior_*, its precisions in net.prec_*; writes the means of the rows it touches."""
-    names = list(PricingNet.SHAPES)
+    names = [n for n in PricingNet.SHAPES if n != CURVE]
     # The solve runs over the rows of each table these quotes touch, not the whole tables: an
     # untouched row's gradient is its prior's alone, which is 0 (absorb: the prior is the current
     # mean; refit: an untouched row was never fitted, so it is still the anchor's), so it would
@@ -128,8 +129,15 @@ def _solve(net: PricingNet, product, segment, hour, x, weight, target, max_iter:
             precision[name] = getattr(net, f"prec_{name}")[rows_]
             mask[name] = net.mask_at(name, rows_)
             rows_of[name] = rows_
+        # the curve: the touched segments' knot rows, as [segments, N_KNOTS] blocks
+        segs, seg_inverse = torch.unique(segment, return_inverse=True)
+        curve_table = getattr(net, CURVE).view(N_SEGMENTS, N_KNOTS)
+        curve_local = curve_table[segs].clone().requires_grad_(True)
+        curve_prior = getattr(net, f"prior_{CURVE}").view(N_SEGMENTS, N_KNOTS)[segs].clone()
+        curve_prec = getattr(net, f"prec_{CURVE}").view(N_SEGMENTS, N_KNOTS)[segs].clone()
+        basis = curve_basis(x)
     total_w = float(weight.sum())
-    opt = torch.optim.LBFGS(list(local.values()), lr=1.0, max_iter=max_iter, history_size=20,
+    opt = torch.optim.LBFGS([*local.values(), curve_local], lr=1.0, max_iter=max_iter, history_size=20,
                             tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
     calls = [0]
 
@@ -138,9 +146,10 @@ def _solve(net: PricingNet, product, segment, hour, x, weight, target, max_iter:
         level = sum(local[n][inverse[n]] * mask[n][inverse[n]] for n in LEVELS)
         base = sum(local[n][inverse[n]] * mask[n][inverse[n]] for n in SLOPE_BASE)
         mult = sum(local[n][inverse[n]] * mask[n][inverse[n]] for n in SLOPE_MULT)
-        z = level - sensitivity(base, mult) * x
+        z = level - sensitivity(base, mult) * x + (basis * curve_local[seg_inverse]).sum(-1)
         nll = (weight * nn.functional.binary_cross_entropy_with_logits(z, target, reduction="none")).sum()
         prior = sum(0.5 * (precision[n] * (local[n] - prior_mean[n]) ** 2).sum() for n in names)
+        prior = prior + 0.5 * (curve_prec * (curve_local - curve_prior) ** 2).sum()
         loss = (nll + prior) / max(total_w, 1.0)  # scaled for the line search; same minimizer
         loss.backward()
         calls[0] += 1
@@ -152,6 +161,7 @@ def _solve(net: PricingNet, product, segment, hour, x, weight, target, max_iter:
     with torch.no_grad():
         for name in names:
             getattr(net, name)[rows_of[name]] = local[name].detach()
+        curve_table[segs] = curve_local.detach()
 
 
 def _centered_by_cell(values: torch.Tensor, info: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
@@ -183,7 +193,7 @@ def _add_fisher(net: PricingNet, product, segment, hour, x, weight) -> None:
     variation a round shows, never more."""
     level, base, mult, idx = net.level_slope(product, segment, hour)
     slope = sensitivity(base, mult)
-    p = torch.sigmoid(level - slope * x)
+    p = torch.sigmoid(level - slope * x + net.curve(segment, x))
     info = weight * p * (1 - p)
     g_base = torch.sigmoid(base) * torch.exp(mult.clamp(-8.0, 8.0)) * x  # d logit / d base (up to sign)
     g_mult = slope * x  # d logit / d log factor (up to sign)
@@ -195,6 +205,13 @@ def _add_fisher(net: PricingNet, product, segment, hour, x, weight) -> None:
         getattr(net, f"prec_{name}").index_add_(0, idx[GROUP_INDEX[name]], info_base)
     for name in SLOPE_MULT:
         getattr(net, f"prec_{name}").index_add_(0, idx[GROUP_INDEX[name]], info_mult)
+    # a curve knot, like a sensitivity, learns from how conversion varies with the price within a
+    # cell (its hat weight centered per cell: quotes at one price are the cell level's evidence)
+    basis = curve_basis(x)  # [B, N_KNOTS]
+    knot_rows = segment.unsqueeze(1) * N_KNOTS + torch.arange(N_KNOTS)
+    for k in range(N_KNOTS):
+        info_k = info * _centered_by_cell(basis[:, k], info, idx["cell"]) ** 2
+        getattr(net, f"prec_{CURVE}").index_add_(0, knot_rows[:, k], info_k)
 
 
 def cap_precision(net: PricingNet, cap: dict[str, float] | None = None,
