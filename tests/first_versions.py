@@ -10,16 +10,23 @@ from pathlib import Path
 
 
 # the LearnerConfig fields Learner.bootstrap reads (the replay sample, the gate's window, the
-# export checks): a config equal to the default on these bootstraps the very same first version
+# export checks): configs equal on these bootstrap the very same first version
 BOOTSTRAP_FIELDS = ("replay_size", "gate_min_positives", "gate_min_rows", "parity_tol", "latency_budget_ms")
 
 
-def bootstrap_is_default(config) -> bool:
-    """Whether a first version trained without config is what training with it would give."""
+def bootstrap_key(config) -> tuple:
+    """What of config the bootstrap depends on: one first version is trained per key."""
     from trainer.learner import LearnerConfig
 
-    default = LearnerConfig()
-    return config is None or all(getattr(config, f) == getattr(default, f) for f in BOOTSTRAP_FIELDS)
+    config = config or LearnerConfig()
+    return tuple(getattr(config, f) for f in BOOTSTRAP_FIELDS)
+
+
+def bootstrap_config(key: tuple):
+    """A config with the bootstrap fields of key (the rest default: the bootstrap reads none of it)."""
+    from trainer.learner import LearnerConfig
+
+    return LearnerConfig(**dict(zip(BOOTSTRAP_FIELDS, key)))
 
 
 def build_folder(prefix: str) -> Path:

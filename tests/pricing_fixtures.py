@@ -11,7 +11,7 @@ import numpy as np
 
 from protos.pricing.v1 import pricing_pb2
 from shared.registry import ModelRegistry
-from tests.first_versions import bootstrap_is_default, build_folder, copy_first_version
+from tests.first_versions import bootstrap_config, bootstrap_key, build_folder, copy_first_version
 from trainer.domains import pricing
 from trainer.learner import Learner, LearnerConfig
 
@@ -37,10 +37,10 @@ def _train_pricing(root: Path, config: LearnerConfig | None) -> list[str]:
     return [vocab.products[c - 1] for c in codes]
 
 
-@functools.lru_cache(maxsize=1)
-def _trained_once() -> tuple[Path, tuple[str, ...]]:
+@functools.lru_cache(maxsize=None)
+def _trained_once(key: tuple) -> tuple[Path, tuple[str, ...]]:
     root = build_folder("pricing-first-version-")
-    return root, tuple(_train_pricing(root, None))
+    return root, tuple(_train_pricing(root, bootstrap_config(key)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -71,18 +71,14 @@ def quote(product: str, ref: float, pct: float | None = 20.0, **kw) -> pricing_p
 
 def small_world(root: Path, config: LearnerConfig | None = None) -> PricingWorld:
     """Version 1 of pricing in root/registry and its checkpoint in root/trainer: a copy of the
-    bootstrap made once per test process (tests/first_versions.py), with a learner restored
-    from it, so tests may publish and learn without rebuilding it; a config that changes what
-    the bootstrap does trains afresh. Products: those with training rows (known to the model)."""
+    bootstrap made once per test process (per config of what the bootstrap reads;
+    tests/first_versions.py), with a learner restored from it, so tests may publish and learn
+    without rebuilding it. Products: those with training rows (known to the model)."""
     root = Path(root)
-    if bootstrap_is_default(config):
-        built, products = _trained_once()
-        copy_first_version(built, root)
-        products = list(products)
-    else:
-        products = _train_pricing(root, config)
+    built, products = _trained_once(bootstrap_key(config))
+    copy_first_version(built, root)
     registry = ModelRegistry(root / "registry")
     learner = Learner(pricing.PricingModel(), registry, root / "trainer", config)
     assert learner.restore()
     references = _reference_prices()
-    return PricingWorld(registry, learner, products, {p: references[p] for p in products})
+    return PricingWorld(registry, learner, list(products), {p: references[p] for p in products})

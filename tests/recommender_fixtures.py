@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from tests.first_versions import bootstrap_is_default, build_folder, copy_first_version
+from tests.first_versions import bootstrap_config, bootstrap_key, build_folder, copy_first_version
 from trainer.text_encoder import export_text_encoder
 
 
@@ -44,9 +44,9 @@ def _train_recommender(root: Path, config, limit: int, epochs: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _trained_once(limit: int, epochs: int) -> Path:
+def _trained_once(limit: int, epochs: int, key: tuple) -> Path:
     root = build_folder("recommender-first-version-")
-    _train_recommender(root, None, limit, epochs)
+    _train_recommender(root, bootstrap_config(key), limit, epochs)
     return root
 
 
@@ -60,18 +60,15 @@ def _lines(limit: int):
 def bootstrap_small_recommender(root: Path, config=None, limit: int = SMALL_LINES, epochs: int = 1):
     """A real `recommender` trained on the first `limit` Ta Feng lines with the real learner,
     published with the real `text-encoder` into root/registry (its checkpoint in root/trainer).
-    Trained once per process for each (limit, epochs) and copied here (tests/first_versions.py);
-    a config that changes what the bootstrap does trains afresh.
+    Trained once per process for each (limit, epochs, what the bootstrap reads of config) and
+    copied here (tests/first_versions.py).
     Returns (registry, learner restored with config, a copy of the purchase lines used)."""
     from shared.registry import ModelRegistry
     from trainer.domains.recommender import RecommenderModel
     from trainer.learner import Learner
 
     root = Path(root)
-    if bootstrap_is_default(config):
-        copy_first_version(_trained_once(limit, epochs), root)
-    else:
-        _train_recommender(root, config, limit, epochs)
+    copy_first_version(_trained_once(limit, epochs, bootstrap_key(config)), root)
     registry = ModelRegistry(root / "registry")
     learner = Learner(RecommenderModel(registry_dir=registry.root), registry, root / "trainer", config)
     assert learner.restore()
