@@ -40,7 +40,7 @@ class BaseSettings:
         ap = argparse.ArgumentParser(description=description or cls.__doc__)
         for f in dataclasses.fields(cls):
             kind = hints[f.name]
-            help_text = f.metadata.get("help", "")
+            help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
             flag = "--" + f.name.replace("_", "-")
             if kind is bool:
                 ap.add_argument(flag, dest=f.name, type=_parse_bool, nargs="?", const=True, default=None,
