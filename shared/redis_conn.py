@@ -28,8 +28,10 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import redis as redis_sync
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
+from redis.retry import Retry as SyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -83,11 +85,18 @@ class _Retry(Retry):
         return await super().call_with_retry(do, fail, retryable, with_failure_count)
 
 
-def redis_client(url: str, password_file: str = "", *, socket_timeout_s: float = 5.0,
-                 connect_timeout_s: float = 2.0, retries: int = 5,
-                 health_check_interval_s: float = 15.0, **options) -> Redis:
-    """An asyncio client for url (see the module doc). Opens no connection until the first call.
-    options go to redis-py (e.g. max_connections, client_name)."""
+class _SyncRetry(SyncRetry):
+    """_Retry for the blocking client."""
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        def retryable(error: Exception) -> bool:
+            return not isinstance(error, AuthenticationError) and (is_retryable is None or is_retryable(error))
+
+        return super().call_with_retry(do, fail, retryable, with_failure_count)
+
+
+def _client_options(url: str, password_file: str, socket_timeout_s: float, connect_timeout_s: float,
+                    health_check_interval_s: float, options: dict) -> dict:
     problems = check_redis_url(url) if url else ["redis_url is empty (the embedded mode has no Redis)"]
     if problems:
         raise ValueError("; ".join(problems))
@@ -95,12 +104,34 @@ def redis_client(url: str, password_file: str = "", *, socket_timeout_s: float =
         if urlsplit(url).password:
             raise ValueError("redis_url carries a password and redis_password_file is set: use one of them")
         options["password"] = read_password_file(password_file)
+    return dict(socket_timeout=socket_timeout_s, socket_connect_timeout=connect_timeout_s,
+                health_check_interval=health_check_interval_s, **options)
+
+
+_RETRIED = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def redis_client(url: str, password_file: str = "", *, socket_timeout_s: float = 5.0,
+                 connect_timeout_s: float = 2.0, retries: int = 5,
+                 health_check_interval_s: float = 15.0, **options) -> Redis:
+    """An asyncio client for url (see the module doc). Opens no connection until the first call.
+    options go to redis-py (e.g. max_connections, client_name)."""
+    kwargs = _client_options(url, password_file, socket_timeout_s, connect_timeout_s, health_check_interval_s, options)
     backoff = ExponentialWithJitterBackoff(base=0.02, cap=1.0)
-    return Redis.from_url(
-        url, decode_responses=True, socket_timeout=socket_timeout_s, socket_connect_timeout=connect_timeout_s,
-        health_check_interval=health_check_interval_s,
-        retry=_Retry(backoff, retries, supported_errors=(RedisConnectionError, RedisTimeoutError, OSError)),
-        **options)
+    return Redis.from_url(url, decode_responses=True, retry=_Retry(backoff, retries, supported_errors=_RETRIED),
+                          **kwargs)
+
+
+def redis_sync_client(url: str, password_file: str = "", *, socket_timeout_s: float = 5.0,
+                      connect_timeout_s: float = 2.0, retries: int = 5, health_check_interval_s: float = 15.0,
+                      decode_responses: bool = False, **options) -> redis_sync.Redis:
+    """The blocking client, same URL, password, timeouts and retries as redis_client: for code
+    that runs in worker threads (the Redis event log, called where the SQLite one is). Bytes
+    replies by default (the log stores protobuf bytes)."""
+    kwargs = _client_options(url, password_file, socket_timeout_s, connect_timeout_s, health_check_interval_s, options)
+    backoff = ExponentialWithJitterBackoff(base=0.02, cap=1.0)
+    return redis_sync.Redis.from_url(url, decode_responses=decode_responses,
+                                     retry=_SyncRetry(backoff, retries, supported_errors=_RETRIED), **kwargs)
 
 
 def redis_server_binary() -> Path:

@@ -1,4 +1,10 @@
-"""The durable event log: append / read / idempotency / validation / offsets / crash safety."""
+"""The durable event log: append / read / idempotency / validation / offsets / crash safety.
+
+The tests of the EventLog interface run against both implementations: the SQLite file
+(`SqliteEventLog`) and Redis Streams (`RedisEventLog`, on a real redis-server with appendfsync
+always, one per test module; each test its own log name). SQLite's file mechanics (WAL, vacuum,
+a writer killed mid-transaction) are tested on SQLite alone; Redis's own (a server killed under
+load, size limits in its units) in tests/test_redis_eventlog.py."""
 from __future__ import annotations
 
 import math
@@ -19,15 +25,51 @@ from shared.feedback.records import feedback_outcome
 from protos.fraud.v1 import fraud_pb2
 from protos.pricing.v1 import pricing_pb2
 from protos.recommender.v1 import recommender_pb2
+from tests.redis_server import RedisServer
 from trainer.eventlog import DUPLICATE, OUTCOME, REJECTED, SERVED, STORED, EventLog, SqliteEventLog
+from trainer.eventlog_redis import RedisEventLog
 from trainer.plugins import default_domains
 
 REPO = Path(__file__).resolve().parents[1]
 T = 1.7e9
 
 
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """One real redis-server (appendfsync always) for the module; each test uses its own log name."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"), appendfsync="always").start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def open_log(request, tmp_path: Path):
+    """A factory: each call opens the same log again (a new object on the same file / keys)."""
+    opened = []
+    name = f"test-{os.urandom(6).hex()}"  # a fresh log on the shared server
+
+    def open_() -> EventLog:
+        if request.param == "sqlite":
+            lg = SqliteEventLog(tmp_path / "events.db")
+        else:
+            lg = RedisEventLog(request.getfixturevalue("redis_url"), name=name)
+        opened.append(lg)
+        return lg
+
+    yield open_
+    for lg in opened:
+        lg.close()
+
+
 @pytest.fixture
-def log(tmp_path: Path):
+def log(open_log):
+    return open_log()
+
+
+@pytest.fixture
+def sqlite_log(tmp_path: Path):
     with SqliteEventLog(tmp_path / "events.db") as lg:
         yield lg
 
@@ -48,7 +90,8 @@ def test_implements_the_interface(log):
     assert isinstance(log, EventLog)
 
 
-def test_wal_and_full_sync(log):
+def test_wal_and_full_sync(sqlite_log):
+    log = sqlite_log
     assert log._writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert log._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert log._reader().execute("PRAGMA synchronous").fetchone()[0] == 2
@@ -88,11 +131,10 @@ def test_bytes_are_stored_as_received(log):
     assert log.read(0, 1)[0].payload == raw
 
 
-def test_offsets_continue_after_reopen(tmp_path: Path):
-    path = tmp_path / "events.db"
-    with SqliteEventLog(path) as lg:
+def test_offsets_continue_after_reopen(open_log):
+    with open_log() as lg:
         lg.append_batch([fraud_served(f"r{i}", f"p{i}", T) for i in range(3)])
-    with SqliteEventLog(path) as lg:
+    with open_log() as lg:
         assert [r.offset for r in lg.append_batch([fraud_served("r9", "p9", T)])] == [4]
         assert lg.count() == 4
 
@@ -238,16 +280,15 @@ def test_outcome_identity_follows_the_contracts():
     assert outcome_key("pricing", pricing(1, T)) != outcome_key("pricing", pricing(1, T + 1))
 
 
-def test_consumer_offsets_persist_across_reopen(tmp_path: Path):
-    path = tmp_path / "events.db"
-    with SqliteEventLog(path) as lg:
+def test_consumer_offsets_persist_across_reopen(open_log):
+    with open_log() as lg:
         assert lg.committed("learner-fraud") == (0, None)
         lg.commit_offset("learner-fraud", 42, {"pending": [40, 41], "model": "v7"})
         lg.commit_offset("joiner", 7)
         lg.commit_offset("joiner", 9)
         with pytest.raises(ValueError):
             lg.commit_offset("joiner", -1)
-    with SqliteEventLog(path) as lg:
+    with open_log() as lg:
         assert lg.committed("learner-fraud") == (42, {"pending": [40, 41], "model": "v7"})
         assert lg.committed("joiner") == (9, None)
         assert lg.committed("other") == (0, None)
@@ -379,8 +420,8 @@ def offsets_of(log, **kw) -> list[int]:
     return [e.offset for e in log.read(0, 10**6, **kw)]
 
 
-def test_new_logs_use_incremental_vacuum(log):
-    assert log._writer.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+def test_new_logs_use_incremental_vacuum(sqlite_log):
+    assert sqlite_log._writer.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
 
 
 def test_retention_keeps_whatever_a_consumer_or_a_label_window_still_needs(log):
@@ -445,7 +486,8 @@ def _fill(log, n: int, start: int = 0, pad: int = 3000) -> None:
         log.append_batch(recs)
 
 
-def test_size_limits_delete_oldest_processed_first_and_the_hard_cap_counts_what_it_drops(log):
+def test_size_limits_delete_oldest_processed_first_and_the_hard_cap_counts_what_it_drops(sqlite_log):
+    log = sqlite_log
     _fill(log, 4000)
     full = log.disk_bytes()
     assert log.live_bytes() > 12_000_000
