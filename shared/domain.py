@@ -69,7 +69,8 @@ from shared.metrics import OUTCOMES_REJECTED
 from shared.prediction_ids import PREDICTION_ID_LEN  # noqa: F401 (importable from here, as before the move)
 from shared.prediction_ids import PredictionIds, ServedIds, load_prediction_id_keys
 from shared.ratelimit import RateLimiter
-from shared.runtime.model import LoadedModel
+from shared.runtime.model import LoadedModel, ModelLoader
+from shared.server import ServerApp
 from shared.serving import ServedModel
 
 log = logging.getLogger(__name__)
@@ -409,6 +410,25 @@ def configure_outcomes(service: DomainService, settings) -> None:
                                 legacy_domain=service.prediction_id_legacy_domain)
     service.outcome_limiter = RateLimiter(settings.outcome_rate_per_s, settings.outcome_burst)
     service.outcome_ack_durable = settings.outcome_ack_durable
+
+
+def served_model(settings, *, expected=None, output_check=None, manifest_check=None):
+    """The one model a domain service serves, loaded as its settings say (registry, execution
+    providers, batching), with the domain's own checks of the signature, outputs and manifest.
+    Returns (ServedModel, its ModelLoader): a domain may hook per-version work into the loader."""
+    loader = ModelLoader(options=settings.runtime_options(), expected=expected, output_check=output_check,
+                         manifest_check=manifest_check)
+    return ServedModel.from_settings(settings.model_name, settings, loader), loader
+
+
+def domain_app(service: "DomainService", settings, register, *, v2: bool = True):
+    """The server app of a domain service (composition roots: services/<domain>/main.py): its
+    one model, its gRPC registration (`register`, from its servicer module), the shared
+    wiring of `attach_domain`, and `app.service` for in-process callers (tests, benchmarks)."""
+    app = ServerApp(service.domain, settings, {settings.model_name: service.served}, register, v2=v2)
+    attach_domain(app, service, settings)
+    app.service = service
+    return app
 
 
 def attach_domain(app, service: "DomainService", settings) -> None:

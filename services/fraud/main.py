@@ -9,10 +9,8 @@ import sys
 
 from services.fraud.adapter import SIGNATURE, FraudService, check_manifest, check_outputs
 from services.fraud.servicer import FraudServicer, register
-from shared.domain import attach_domain
-from shared.runtime.model import ModelLoader
+from shared.domain import domain_app, served_model
 from shared.server import ServerApp, run_app
-from shared.serving import ServedModel
 from shared.settings import DomainSettings, setting
 
 
@@ -38,14 +36,10 @@ class FraudSettings(DomainSettings):
 
 
 def make_app(s: FraudSettings) -> ServerApp:
-    loader = ModelLoader(options=s.runtime_options(), expected=SIGNATURE, output_check=check_outputs,
-                         manifest_check=check_manifest)
-    served = ServedModel.from_settings(s.model_name, s, loader)
+    served, _ = served_model(s, expected=SIGNATURE, output_check=check_outputs, manifest_check=check_manifest)
     service = FraudService(served, review_threshold=s.review_threshold, block_threshold=s.block_threshold,
                            max_reasons=s.max_reasons)
-    app = ServerApp("fraud", s, {s.model_name: served}, register(FraudServicer(service)))
-    attach_domain(app, service, s)  # prediction id keys, outcome rate limit, durable acks, feedback stream
-    return app
+    return domain_app(service, s, register(FraudServicer(service)))
 
 
 def main(argv: list[str] | None = None) -> int:

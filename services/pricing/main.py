@@ -9,10 +9,8 @@ import sys
 
 from services.pricing.adapter import SIGNATURE, PricingService, check_manifest, check_outputs
 from services.pricing.servicer import PricingServicer, register
-from shared.domain import attach_domain
-from shared.runtime.model import ModelLoader
+from shared.domain import domain_app, served_model
 from shared.server import ServerApp, run_app
-from shared.serving import ServedModel
 from shared.settings import DomainSettings, setting
 
 
@@ -45,15 +43,10 @@ class PricingSettings(DomainSettings):
 
 
 def make_app(s: PricingSettings) -> ServerApp:
-    loader = ModelLoader(options=s.runtime_options(), expected=SIGNATURE, output_check=check_outputs,
-                         manifest_check=check_manifest)
-    served = ServedModel.from_settings(s.model_name, s, loader)
+    served, _ = served_model(s, expected=SIGNATURE, output_check=check_outputs, manifest_check=check_manifest)
     service = PricingService(served, exploration_share=s.exploration_share, max_step_pct=s.max_step_pct,
                              wide_step_share=s.wide_step_share, grid_size=s.grid_size, seed=s.exploration_seed)
-    app = ServerApp("pricing", s, {s.model_name: served}, register(PricingServicer(service)))
-    attach_domain(app, service, s)  # prediction id keys, outcome rate limit, durable acks, feedback stream
-    app.service = service  # for in-process callers (tests, benchmarks)
-    return app
+    return domain_app(service, s, register(PricingServicer(service)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,10 +20,8 @@ from services.recommender.adapter import (EXPLORE_SHARE, MAX_CATEGORY_CHARS, MAX
 from services.recommender.catalog import Catalog
 from services.recommender.history import UserHistory
 from services.recommender.servicer import RecommenderServicer, register
-from shared.domain import attach_domain
-from shared.runtime.model import ModelLoader
+from shared.domain import domain_app, served_model
 from shared.server import ServerApp, run_app
-from shared.serving import ServedModel
 from shared.settings import DomainSettings, setting
 
 
@@ -76,8 +74,7 @@ def make_app(s: RecommenderSettings) -> ServerApp:
 
 def build(s: RecommenderSettings) -> tuple[ServerApp, RecommenderService]:
     """The server app and its domain core (tests and tools reach the catalog and history through it)."""
-    loader = ModelLoader(options=s.runtime_options(), output_check=check_outputs, manifest_check=check_manifest)
-    served = ServedModel.from_settings(s.model_name, s, loader)
+    served, loader = served_model(s, output_check=check_outputs, manifest_check=check_manifest)
     history = UserHistory(s.history_max_users, s.history_max_recent, s.history_max_purchased)
     service = RecommenderService(served, Catalog(s.catalog_path), history, options=s.runtime_options(),
                                  max_k=s.max_k, prediction_memory=s.prediction_memory,
@@ -88,8 +85,7 @@ def build(s: RecommenderSettings) -> tuple[ServerApp, RecommenderService]:
     # in the loader thread before the version serves; warm-up runs on the real catalog
     loader.prepare = service.prepare
     loader.warmup_feeds = service.warmup_feeds
-    app = ServerApp("recommender", s, {s.model_name: served}, register(RecommenderServicer(service)), v2=False)
-    attach_domain(app, service, s)  # prediction id keys, outcome rate limit, durable acks, feedback stream
+    app = domain_app(service, s, register(RecommenderServicer(service)), v2=False)
     if s.catalog_poll_s > 0:
         follower: list[asyncio.Task] = []
 
