@@ -1,5 +1,4 @@
 """Fraud service in-process over real gRPC, with a model the real learner trained on real data."""
-import asyncio
 
 import grpc
 import numpy as np
@@ -12,6 +11,7 @@ from services.fraud.main import FraudSettings, make_app
 from tests.conftest import free_port
 from tests.fake_trainer import FakeTrainer
 from tests.fraud_fixtures import bootstrap_small_fraud
+from tests.server_harness import until
 from trainer.domains.fraud import FEATURES
 
 
@@ -154,11 +154,11 @@ async def test_outcomes_are_validated_deduplicated_and_streamed_to_the_trainer(f
             await stub.StreamOutcomes(outcomes())
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "outcome 2" in e.value.details()
 
-        for _ in range(100):  # the served record and the accepted outcomes reach the trainer
+        def delivered():  # the served records and the accepted outcomes reach the trainer
             kinds = [r.WhichOneof("payload") for r in trainer.stored.values()]
-            if kinds.count("outcome") >= 3 and kinds.count("served") >= 5:
-                break
-            await asyncio.sleep(0.05)
+            return kinds.count("outcome") >= 3 and kinds.count("served") >= 5
+
+        await until(delivered, "the feedback to reach the trainer")
         served = [r.served for r in trainer.stored.values() if r.WhichOneof("payload") == "served"]
         assert served[0].prediction_id == resp.prediction_id and served[0].model.version == "1"
         assert list(served[0].inputs[0].shape) == [1, 29]

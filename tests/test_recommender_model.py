@@ -19,6 +19,7 @@ from protos.recommender.v1 import recommender_pb2 as pb
 from protos.recommender.v1 import recommender_pb2_grpc as pb_grpc
 from services.recommender.main import RecommenderSettings, build, make_app
 from tests.recommender_fixtures import bootstrap_small_recommender
+from tests.server_harness import until
 
 VERSION_FILES = ("item_tower.onnx", "vocab.json", "catalog.jsonl", "users.npz")
 
@@ -153,17 +154,14 @@ async def test_real_model_hot_swap_under_load_fails_no_request(real, tmp_path):
         clients = [asyncio.ensure_future(client(i)) for i in range(8)]
         v = registry.current_version("recommender")
         folder = registry.version_dir("recommender", v)
-        for _ in range(2):  # the same trained files as new versions: every load runs the full preparation
-            await asyncio.sleep(0.3)
+        for n in (2, 3):  # the same trained files as new versions: every load runs the full preparation
+            # the version before answers its share of the load first
+            await until(lambda: versions[str(n - 1)] >= 20, f"version {n - 1} to answer")
             await asyncio.to_thread(reg.publish, "recommender", folder / "model.onnx",
                                     registry.manifest("recommender", v).signature,
                                     extra=registry.manifest("recommender", v).extra,
                                     extra_files=[folder / f for f in VERSION_FILES])
-        for _ in range(300):
-            if app.models["recommender"].current.version == "3":
-                break
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.3)
+        await until(lambda: versions["3"] >= 20, "version 3 to answer")
         stop.set()
         await asyncio.gather(*clients)
         assert failures == []
