@@ -45,8 +45,9 @@ class ItemIndex:
     vectors: np.ndarray  # buffer[:size]: the shared model input (one object per index)
     revisions: np.ndarray  # the catalog row revisions these vectors were computed from
     appended: bool = False  # a later index already appended into this buffer (the next one copies)
-    # rows (ascending) of items this version has no id for: brand-new items, served on their
-    # title/category/price alone (the candidates of the exploration slot)
+    # rows (ascending) of items this version has no id for, or an untrained one (vocab.json's
+    # cold_items): brand-new items, served on their title/category/price alone (the candidates
+    # of the exploration slot)
     unlearned: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
 
@@ -70,6 +71,8 @@ class VersionItems:
         self.user_code = {u: i + 1 for i, u in enumerate(vocab["users"])}
         self.item_code = {it: i + 1 for i, it in enumerate(vocab["items"])}
         self.category_code = {c: i + 1 for i, c in enumerate(vocab["categories"])}
+        # items with a code but no interaction yet (untrained id rows): explored like unknown ones
+        self.cold_items = frozenset(vocab.get("cold_items", ()))
         _check_graph(model.created.session, INPUTS, "model.onnx")
         outs = {o.name for o in model.created.session.get_outputs()}
         if outs != set(OUTPUTS):
@@ -127,7 +130,8 @@ class VersionItems:
             if len(rows):
                 buffer[rows] = self.tower_vectors(snap, rows)
             # a row's item id never changes: only rows added since the base can be new unlearned ones
-            added = [r for r in range(first_new, snap.size) if snap.ids[r] not in self.item_code]
+            code, cold = self.item_code, self.cold_items
+            added = [r for r in range(first_new, snap.size) if snap.ids[r] not in code or snap.ids[r] in cold]
             unlearned = np.concatenate([known, np.asarray(added, np.int64)])
             return ItemIndex(snap.generation, snap.size, buffer, buffer[: snap.size], snap.revision.copy(),
                              unlearned=unlearned)

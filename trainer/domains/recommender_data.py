@@ -44,7 +44,10 @@ LEVEL_IMPRESSION, LEVEL_CLICK, LEVEL_PURCHASE = 0, 1, 2
 # Columns of a training row X (float32; codes and day numbers are integers < 2^24, exact).
 COL_USER, COL_PAGE, COL_DEVICE, COL_HOUR, COL_ITEM, COL_DAY = range(6)  # COL_DAY: days since 1970-01-01 (UTC)
 COL_HIST = 6
-WIDTH = COL_HIST + HISTORY_LEN
+# the item's place in the served list, 1-based (0: the row comes from no served list, e.g. the
+# bootstrap's purchases): training corrects the click head's position bias with it
+COL_POSITION = COL_HIST + HISTORY_LEN
+WIDTH = COL_POSITION + 1
 # Recent popularity: per item, sales (clicks and purchases) decayed with these time constants
 # (days), counted strictly before the day in question. Grocery sales follow promotions and
 # seasons: on Ta Feng the last 3 days' best sellers beat the all-time ones by 80 % on items a
@@ -260,7 +263,13 @@ class RecoState:
 
     # ---- export files ----
     def write_vocab(self, path: Path) -> Path:
-        path.write_text(json.dumps({"users": self.users, "items": self.items, "categories": self.categories}))
+        """vocab.json: users, items and categories in code order, and "cold_items": the items
+        nobody has interacted with yet (their id rows are untrained: the service keeps them in
+        its exploration pool, as it does items the version has no code for)."""
+        first = self.first_sold()
+        cold = [it for code, it in enumerate(self.items, start=1) if first[code] == np.iinfo(np.int64).max]
+        path.write_text(json.dumps({"users": self.users, "items": self.items, "categories": self.categories,
+                                    "cold_items": cold}))
         return path
 
     def write_catalog(self, path: Path) -> Path:
@@ -424,7 +433,7 @@ class TafengRows:
             b = basket.get(u)
             if b is None:
                 basket[u] = b = (self.history_of(u), int(self.rng.integers(0, 24)))
-            X[n, COL_HIST:] = b[0]
+            X[n, COL_HIST:COL_POSITION] = b[0]
             X[n, COL_HOUR] = b[1]
         return X, np.full(len(users), LEVEL_PURCHASE, np.float32)
 
