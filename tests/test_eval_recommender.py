@@ -124,7 +124,7 @@ def test_a_day_comes_back_as_the_rows_the_service_would_have_recorded():
     user code, the history as served, the day of the purchase, level purchase."""
     from bench.eval_recommender import joined_day
     from trainer.domains.recommender import RecommenderModel
-    from trainer.domains.recommender_data import COL_DAY, COL_HIST, COL_ITEM, COL_USER, LEVEL_PURCHASE
+    from trainer.domains.recommender_data import COL_DAY, COL_HIST, COL_ITEM, COL_POSITION, COL_USER, LEVEL_PURCHASE
 
     def titles_as_vectors(texts):  # the text path is not under test here: one fixed vector per title
         return np.stack([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=384) for t in texts]).astype(np.float32)
@@ -142,6 +142,6 @@ def test_a_day_comes_back_as_the_rows_the_service_would_have_recorded():
     items = [model.state.items[int(i) - 1] for i in ex.X[:, COL_ITEM]]
     assert list(zip(users, items)) == [("alice", "p1"), ("alice", "p2"), ("bob", "p3")]
     assert (ex.X[:, COL_DAY] == day).all()
-    alice_hist = [model.state.items[int(h) - 1] for h in ex.X[0, COL_HIST:] if h > 0]
-    assert alice_hist == ["p5", "p4"] and (ex.X[2, COL_HIST:] == -1).all()
+    alice_hist = [model.state.items[int(h) - 1] for h in ex.X[0, COL_HIST:COL_POSITION] if h > 0]
+    assert alice_hist == ["p5", "p4"] and (ex.X[2, COL_HIST:COL_POSITION] == -1).all()
     np.testing.assert_allclose(ex.served_p, [0.4, np.nan, np.nan])  # p1 was served with click 0.4

@@ -24,10 +24,18 @@ prediction by prediction_id through the log's index, and returns JoinedExamples.
   `grace_s` after the log received the outcome; then (or when more than `max_pending` are
   waiting, oldest first) it is counted unmatched and dropped.
 
+Labels a served prediction implies (a domain plug-in's `served_labels`, trainer/plugins.py: the
+recommender's items shown and not clicked): a second position follows the served predictions of
+those domains in log order; once a prediction's label window (plus `grace_s`, for outcomes
+delivered late to the log) has closed by the clock, the plug-in is given it with the outcomes of
+it that arrived inside the window, and the labels it returns are emitted as JoinedExamples whose
+offset is the served prediction's (`derived` = True). The position stops at the first prediction
+whose window is still open, so each served prediction is asked exactly once.
+
 Position and restarts. The joiner does not commit its own offset: the learner stores
 `checkpoint()` together with its model checkpoint (e.g. `log.commit_offset(consumer, cp["offset"],
 cp)` right after the model is durable, or in the model's manifest) and gives it back to
-`restore()` after a restart. A checkpoint is the read position plus the offsets of the outcomes
+`restore()` after a restart. A checkpoint is the read position, the served position and the offsets of the outcomes
 still pending at that moment: everything at or below the position was emitted or dropped except
 those, so a restored joiner emits every outcome exactly once. `restore_committed()` restores from
 the log's consumer offsets (the constructor does it).
@@ -45,7 +53,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from google.protobuf.message import Message
 
 from protos.feedback.v1 import feedback_pb2 as fb
-from trainer.eventlog import OUTCOME, EventLog, LogEntry
+from trainer.eventlog import OUTCOME, SERVED, EventLog, LogEntry
 from trainer.plugins import Domains, default_domains
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,9 @@ JOINED = Counter("storefront_trainer_joined_total",
                  "Outcomes processed by the joiner, by domain and result (matched, late, unmatched, duplicate, "
                  "superseded)",
                  ["domain", "result"])
+DERIVED = Counter("storefront_trainer_derived_labels_total",
+                  "Labels a domain plug-in derived from a served prediction once its label window closed "
+                  "(recommender: items shown and not clicked)", ["domain"])
 PENDING = Gauge("storefront_trainer_join_pending", "Outcomes waiting for their served prediction")
 LABEL_DELAY = Histogram("storefront_trainer_label_delay_seconds",
                         "occurred_at of an outcome minus served_at of its prediction, matched outcomes",
@@ -91,6 +102,7 @@ class JoinedExample:
     label_delay_s: float             # outcome.occurred_at - served.served_at (>= 0; clocks may skew)
     label: Message                   # the domain outcome message, unpacked (its plug-in's outcome_type)
     supersedes: tuple[int, ...] = ()  # offsets of earlier labels of the same slot this one corrects
+    derived: bool = False            # implied by the served prediction (plug-in served_labels), not sent
 
 
 @dataclasses.dataclass(slots=True)
@@ -125,6 +137,9 @@ class Joiner:
         self.max_pending = max_pending
         self.clock = clock
         self._position = 0
+        self._served_position = 0  # served predictions at or below it were given to served_labels
+        self._deriving = frozenset(n for n, d in self.domains.items()
+                                   if d.served_labels is not None and (domain is None or n == domain))
         self._pending: collections.OrderedDict[int, _Pending] = collections.OrderedDict()  # by offset
         self._pending_checked_upto = 0  # log end when pending outcomes were last looked up
         # Totals since this object was made (replays after restore() count again).
@@ -133,6 +148,7 @@ class Joiner:
         self.unmatched = 0
         self.duplicates = 0
         self.superseded = 0
+        self.derived = 0
         self._series: dict[tuple[str, str], Any] = {}
         self.restore_committed()
 
@@ -148,16 +164,25 @@ class Joiner:
     def pending_offsets(self) -> list[int]:
         return list(self._pending)
 
-    def checkpoint(self) -> dict[str, Any]:
-        """What to store with the model: {"offset": position, "pending": [offsets]} (JSON-able)."""
-        return {"offset": self._position, "pending": list(self._pending)}
+    @property
+    def served_position(self) -> int:
+        """Offset up to which served predictions were given to their plug-in's served_labels."""
+        return self._served_position
 
-    def restore(self, offset: int, pending: Iterable[int] = ()) -> None:
+    def checkpoint(self) -> dict[str, Any]:
+        """What to store with the model: {"offset": position, "pending": [offsets], "served_offset":
+        served position} (JSON-able)."""
+        return {"offset": self._position, "pending": list(self._pending), "served_offset": self._served_position}
+
+    def restore(self, offset: int, pending: Iterable[int] = (), served_offset: int | None = None) -> None:
         """Continue from a checkpoint: read after `offset`; the outcomes at `pending` offsets
-        (those <= offset that were waiting for their prediction) are looked up again."""
+        (those <= offset that were waiting for their prediction) are looked up again; served
+        predictions after `served_offset` are given to served_labels (None, a checkpoint from
+        before served positions: `offset`, so no served prediction is asked twice)."""
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
         self._position = int(offset)
+        self._served_position = int(offset if served_offset is None else served_offset)
         self._pending.clear()
         now = self.clock()
         for e in self.log.get(o for o in pending if 0 < o <= offset):
@@ -171,7 +196,7 @@ class Joiner:
     def restore_committed(self) -> None:
         """Restore from the checkpoint committed in the log under `consumer` (start when none)."""
         offset, meta = self.log.committed(self.consumer)
-        self.restore(offset, (meta or {}).get("pending", ()))
+        self.restore(offset, (meta or {}).get("pending", ()), (meta or {}).get("served_offset"))
 
     def commit(self) -> None:
         """Commit `checkpoint()` under `consumer` in the log. Only for a caller whose progress is
@@ -250,8 +275,53 @@ class Joiner:
         PENDING.set(len(self._pending))
 
         self._position = next_position
+        if self._deriving:
+            self._derive(now, upto, limit, out)
         out.sort(key=lambda x: x.offset)
         return out
+
+    def _derive(self, now: float, upto: int, limit: int, out: list[JoinedExample]) -> None:
+        """Give the served predictions whose window has closed to their plug-in's served_labels
+        (see the module doc), up to `limit` of them, and emit what it returns."""
+        entries = self.log.read(self._served_position, limit, domain=self.domain, kind=SERVED, upto=upto)
+        closed: list[LogEntry] = []
+        open_window = False
+        for e in entries:
+            if e.domain in self._deriving:
+                if e.event_time + self.windows[e.domain] + self.grace_s > now:
+                    # served in log order, so the next ones' windows are open too (a prediction
+                    # stored late, from a spool, has an earlier served_at: it waits for this one)
+                    open_window = True
+                    break
+                closed.append(e)
+            self._served_position = e.offset
+        if not open_window and len(entries) < limit:
+            self._served_position = max(self._served_position, upto)
+        by_domain: dict[str, list[LogEntry]] = collections.defaultdict(list)
+        for e in closed:
+            by_domain[e.domain].append(e)
+        for name, served in by_domain.items():
+            plugin = self.domains[name]
+            window = self.windows[name]
+            outcomes: dict[str, list[LogEntry]] = collections.defaultdict(list)
+            for o in self.log.outcomes_for([s.prediction_id for s in served], name, upto=upto):
+                outcomes[o.prediction_id].append(o)
+            for s in served:
+                record = s.record.served
+                labels = [plugin.unpack_outcome(o.record.outcome) for o in outcomes.get(s.prediction_id, ())
+                          if o.event_time - record.served_at <= window]
+                derived = plugin.served_labels(record, labels)
+                for label in derived:
+                    # about what was shown then; known once the window closed
+                    outcome = fb.Outcome(prediction_id=s.prediction_id, occurred_at=record.served_at, received_at=now)
+                    outcome.domain_outcome.Pack(label)
+                    out.append(JoinedExample(domain=name, prediction_id=s.prediction_id, offset=s.offset,
+                                             served_offset=s.offset, served=record, outcome=outcome, label=label,
+                                             model_name=record.model.name, model_version=record.model.version,
+                                             label_delay_s=window, derived=True))
+                if derived:
+                    self.derived += len(derived)
+                    DERIVED.labels(name).inc(len(derived))
 
     def _supersede(self, e: LogEntry) -> None:
         self.superseded += 1
@@ -296,7 +366,7 @@ class Joiner:
     def stats(self) -> dict[str, int]:
         return {"position": self._position, "matched": self.matched, "late": self.late,
                 "unmatched": self.unmatched, "duplicates": self.duplicates, "superseded": self.superseded,
-                "pending": len(self._pending)}
+                "pending": len(self._pending), "derived": self.derived, "served_position": self._served_position}
 
 
 class _Slots:

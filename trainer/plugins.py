@@ -20,6 +20,10 @@ A plug-in declares:
 - `one_label_per_prediction`: retention may drop a served prediction as soon as one of its
   outcomes is learned (default: `latest_outcome_wins`);
 - `window_s`: its label window (how long after serving an outcome still counts);
+- `served_labels(served, labels)` (optional): the labels a served prediction implies beyond the
+  outcomes sent for it, asked once per served prediction when its label window has closed, with
+  the outcome messages of it that arrived inside the window: e.g. the recommender's impressions
+  (items shown and not clicked). The joiner emits them like outcomes (trainer/joiner.py);
 - `model(settings)`: its DomainModel (trainer/learner.py), built from the trainer settings;
 - `bootstrap(registry, workdir, *, force, model, show_progress)`: its first-model training from
   its own data, publishing version 1 (`python -m trainer bootstrap`);
@@ -85,6 +89,8 @@ class TrainerDomain:
     one_label_per_prediction: bool | None = None
     settings: type | None = None
     canary_mode: str = "canary"
+    # (feedback.v1.ServedPrediction, [outcome_type messages in the window]) -> [outcome_type messages]
+    served_labels: Callable[[Any, list[Message]], list[Message]] | None = None
 
     def __post_init__(self) -> None:
         check_domain_name(self.name)
@@ -96,6 +102,8 @@ class TrainerDomain:
             raise TypeError(f"domain {self.name}: {self.outcome_type.DESCRIPTOR.full_name} has no prediction_id")
         if not self.window_s > 0:
             raise ValueError(f"domain {self.name}: window_s must be > 0")
+        if self.served_labels is not None and not callable(self.served_labels):
+            raise TypeError(f"domain {self.name}: served_labels must be callable")
         if self.canary_mode not in CANARY_MODES:
             raise ValueError(f"domain {self.name}: canary_mode must be one of {CANARY_MODES}")
         if self.settings is not None and not dataclasses.is_dataclass(self.settings):

@@ -185,6 +185,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}</style></head>
 <p>Updated {now}; {len(entries)} decisions. Prequential metrics: each label scored by the version that served it.</p>
 {_drift_html(entries)}
 {_canary_html(entries)}
+{_calibration_html(entries)}
 <img alt="learning report chart" src="data:image/png;base64,{img}">
 <h2>Latest decisions</h2><table><tr>{head}</tr>{''.join(rows)}</table></body></html>
 """
@@ -205,6 +206,48 @@ def _drift_html(entries: Sequence[dict[str, Any]]) -> str:
                      f"{html.escape(_fmt(s['reference_loss']))}, peak recent loss {html.escape(_fmt(s['peak_recent_loss']))}"
                      + (f", back to {html.escape(_fmt(s.get('recovered_loss')))}" if not s["ongoing"] else "") + "</li>")
     return f"<h2>Drift</h2><ul>{''.join(items)}</ul>"
+
+
+CALIBRATION_KEYS = ("mean_served_click_p", "click_rate", "click_ece")  # RecommenderModel.prequential_metrics
+GATE_CALIBRATION_KEYS = ("mean_click_p", "click_rate", "click_ece")  # RecommenderModel.report_metrics
+
+
+def calibration_rows(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per published version of a domain that reports click calibration (the recommender): on the
+    gate's window when it was published, its mean click probability, the observed click rate and
+    the expected calibration error; served, the same figures of the prequential window at the
+    last round while it was the newest published version (each label scored by the version that
+    served it, so the window's first rows may be its predecessor's). Empty when the domain reports none."""
+    rows: list[dict[str, Any]] = []
+    for e in entries:
+        if e.get("kind") == "canary" or e.get("decision") == "refused":
+            continue
+        metrics = e.get("metrics") or {}
+        if e.get("version") is not None and e.get("decision") in ("bootstrap", "published"):
+            rows.append({"version": str(e["version"]), "published": e["time"],
+                         **{f"gate_{k}": metrics.get(k) for k in GATE_CALIBRATION_KEYS}})
+        preq = e.get("prequential") or {}
+        if rows and all(preq.get(k) is not None for k in CALIBRATION_KEYS):
+            rows[-1].update({f"served_{k}": preq[k] for k in CALIBRATION_KEYS})
+            rows[-1]["served_rows"] = preq.get("window_rows")
+    has = lambda r: any(r.get(f"gate_{k}") is not None for k in GATE_CALIBRATION_KEYS) or "served_click_ece" in r  # noqa: E731
+    return [r for r in rows if has(r)]
+
+
+def _calibration_html(entries: Sequence[dict[str, Any]]) -> str:
+    rows = calibration_rows(entries)
+    if not rows:
+        return ""
+    head = "".join(f"<th>{h}</th>" for h in ("version", "published (UTC)", "served: mean click p", "served: click rate",
+                                             "served: ECE", "served rows", "gate window: mean click p",
+                                             "gate window: click rate", "gate window: ECE"))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in (
+        r["version"], _utc(r["published"]), r.get("served_mean_served_click_p"), r.get("served_click_rate"),
+        r.get("served_click_ece"), r.get("served_rows"), r.get("gate_mean_click_p"), r.get("gate_click_rate"),
+        r.get("gate_click_ece"))) + "</tr>" for r in reversed(rows[-30:]))
+    return ("<h2>Click calibration per version</h2><p>Mean click probability against the observed click rate "
+            "(shown items, clicked or not) and the expected calibration error (10 bins).</p>"
+            f"<table><tr>{head}</tr>{body}</table>")
 
 
 def canary_lines(entries: Sequence[dict[str, Any]]) -> list[str]:

@@ -14,7 +14,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from trainer.domains.recommender_data import (COL_DAY, COL_DEVICE, COL_HIST, COL_HOUR, COL_ITEM, COL_PAGE, COL_USER,
+from trainer.domains.recommender_data import (COL_DAY, COL_DEVICE, COL_HIST, COL_HOUR, COL_ITEM, COL_PAGE, COL_POSITION,
+                                              COL_USER,
                                               DEVICES, HISTORY_LEN, LEVEL_CLICK, LEVEL_IMPRESSION, LEVEL_PURCHASE,
                                               PAGES, POPULARITY_TAU_DAYS, TEXT_DIM, WIDTH, CatalogJournal, RecoState)
 from trainer.domains.recommender_export import (ITEM_TOWER_FILE, _ort_run, catalog_vocab_json, export_onnx,
@@ -44,6 +45,17 @@ def ranking_metrics(rank: np.ndarray, k: int = 10) -> dict[str, float]:
 def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
     p = np.clip(p, 1e-6, 1 - 1e-6)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if len(y) else float("nan")
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """ECE: the row-weighted mean over 10 equal-width probability bins of |mean p - observed rate|."""
+    y, p = np.asarray(y, np.float64), np.clip(np.asarray(p, np.float64), 0.0, 1.0)
+    if len(y) == 0:
+        return float("nan")
+    b = np.minimum((p * bins).astype(np.int64), bins - 1)
+    n = np.bincount(b, minlength=bins)
+    gap = np.abs(np.bincount(b, p, bins) - np.bincount(b, y, bins))  # per bin: n x |mean p - rate|
+    return float(gap.sum() / n.sum())
 
 
 def decode_bytes_tensor(t) -> list[str]:
@@ -174,13 +186,14 @@ class RecommenderModel(DomainModel):
     @staticmethod
     def _split(X: np.ndarray) -> tuple[torch.Tensor, ...]:
         Xt = torch.from_numpy(np.ascontiguousarray(X, np.float32)).round().to(torch.int64)
-        return Xt[:, COL_USER], Xt[:, COL_PAGE:COL_HOUR + 1], Xt[:, COL_ITEM], Xt[:, COL_HIST:]
+        return Xt[:, COL_USER], Xt[:, COL_PAGE:COL_HOUR + 1], Xt[:, COL_ITEM], Xt[:, COL_HIST:COL_POSITION]
 
     @staticmethod
     def contexts(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Group rows by what the user tower sees (user, context, history): (context index of
-        each row, row of X that represents each context). The rows of one basket share one."""
-        keys = np.ascontiguousarray(np.delete(np.asarray(X, np.float32), COL_ITEM, axis=1))
+        each row, row of X that represents each context). The rows of one basket share one
+        (the item and its served position are the row's own)."""
+        keys = np.ascontiguousarray(np.delete(np.asarray(X, np.float32), [COL_ITEM, COL_POSITION], axis=1))
         view = keys.view(np.dtype((np.void, keys.dtype.itemsize * keys.shape[1]))).ravel()
         _, first, inverse = np.unique(view, return_index=True, return_inverse=True)
         return inverse.reshape(-1), first
@@ -269,7 +282,7 @@ class RecommenderModel(DomainModel):
         clicked = (np.asarray(y) >= LEVEL_CLICK).astype(np.float64)
         p = np.asarray(served_p, np.float64)
         out = {"click_rate": float(clicked.mean()), "mean_served_click_p": float(p.mean()),
-               "click_log_loss": _log_loss(clicked, p)}
+               "click_ece": expected_calibration_error(clicked, p), "click_log_loss": _log_loss(clicked, p)}
         if 0 < clicked.sum() < len(clicked):
             from sklearn.metrics import roc_auc_score
 
@@ -305,6 +318,11 @@ class RecommenderModel(DomainModel):
             m.update(ranking_metrics(p[pos, 2], 10))
             m.update(ranking_metrics(p[pos, 2], 50))
             m["click_log_loss"] = _log_loss(pos.astype(np.float64), p[:, 0])
+            # calibration on the gate's window: the candidate's click probability of each row
+            # (shown items included) against what happened
+            m["click_rate"] = float(pos.mean())
+            m["mean_click_p"] = float(np.mean(p[:, 0]))
+            m["click_ece"] = expected_calibration_error(pos, p[:, 0])
         return m
 
     # ---- export ----
@@ -383,7 +401,10 @@ class RecommenderModel(DomainModel):
         ids, mapped to codes), the served context, the outcome's item and its event level.
         An item is learnable once its features are known (catalog journal); rows of an item
         with no known features are skipped and counted. Events of the same (prediction, item)
-        within one call count once, at the highest level (a purchase implies the click)."""
+        within one call count once, at the highest level (a purchase implies the click). The
+        impressions the joiner derives from the served record (items shown and not clicked in
+        the window: recommender_plugin.served_impressions) come as EVENT_IMPRESSION labels; every
+        row of a served item records its place in the list (COL_POSITION)."""
         from protos.recommender.v1 import recommender_pb2 as rec
         from shared.feedback import tensor_to_numpy
 
@@ -427,7 +448,7 @@ class RecommenderModel(DomainModel):
             hist = [self.state.item_code(h) for h in decode_bytes_tensor(inputs["history_ids"])] \
                 if "history_ids" in inputs else []
             hist = [h for h in hist if h > 0][:HISTORY_LEN]
-            row[COL_HIST:] = -1
+            row[COL_HIST:COL_POSITION] = -1
             row[COL_HIST:COL_HIST + len(hist)] = hist
             p = np.nan
             if "item_ids" in outputs and "click" in outputs:
@@ -435,6 +456,8 @@ class RecommenderModel(DomainModel):
                 clicks = tensor_to_numpy(outputs["click"]).reshape(-1)
                 if item_id in ids and ids.index(item_id) < len(clicks):
                     p = float(clicks[ids.index(item_id)])
+                if item_id in ids:
+                    row[COL_POSITION] = ids.index(item_id) + 1
             rows.append(row)
             levels.append(level)
             served.append(p)
@@ -463,4 +486,5 @@ def model_from_settings(s=None) -> RecommenderModel:
 
 __all__ = ["EVENT_LEVEL", "ITEM_TOWER_FILE", "LATENCY_CATALOG", "MODEL_NAME", "ItemTowerExport", "JointOptimizer",
            "RecoDims", "RecoNet", "RecommenderModel", "ScoringExport", "catalog_vocab_json", "decode_bytes_tensor",
+           "expected_calibration_error",
            "model_from_settings", "ranking_metrics", "scoring_input_ranges", "scoring_parity", "torch_threads"]

@@ -23,6 +23,33 @@ def recommender_model(settings=None):
     return RecommenderModel() if settings is None else model_from_settings(settings)
 
 
+def served_impressions(served, labels) -> list:
+    """The impressions a Recommend response implies, once its label window closed (the joiner
+    asks: TrainerDomain.served_labels). Every item the response returned (the served record's
+    "item_ids" output, in the order served) that no outcome in the window names becomes an
+    EVENT_IMPRESSION label: shown, not clicked, a negative for the click head at its served place
+    (RecommenderModel.examples reads the place from the same list). A click without a purchase
+    is already a negative for the conversion head (its row's level is a click). When the client
+    sent explicit EVENT_IMPRESSION outcomes for the response, it knows which items were really
+    rendered: those outcomes are the impressions and none is derived."""
+    from trainer.domains.recommender import decode_bytes_tensor
+
+    if any(int(o.event) == recommender_pb2.EVENT_IMPRESSION for o in labels):
+        return []
+    outputs = {t.name: t for t in served.outputs}
+    if "item_ids" not in outputs:
+        return []
+    named = {o.item_id for o in labels}
+    prediction_id = served.prediction_id
+    out = []
+    for item_id in dict.fromkeys(decode_bytes_tensor(outputs["item_ids"])):
+        if item_id and item_id not in named:
+            out.append(recommender_pb2.RecommendationOutcome(prediction_id=prediction_id, item_id=item_id,
+                                                             event=recommender_pb2.EVENT_IMPRESSION,
+                                                             occurred_at=served.served_at))
+    return out
+
+
 def bootstrap(registry, workdir, **kw):
     """Ta Feng purchases in time order; the item titles through the frozen MiniLM encoder."""
     from trainer.domains.recommender_bootstrap import bootstrap_recommender
@@ -42,4 +69,5 @@ TRAINER_DOMAIN = TrainerDomain(
     model=recommender_model,
     bootstrap=bootstrap,
     settings=RecommenderTrainerSettings,
+    served_labels=served_impressions,
 )

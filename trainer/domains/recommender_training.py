@@ -10,6 +10,14 @@ negatives of each other. Plus the ESMM log losses (click on shown rows and the d
 negatives, click x conversion for the purchase) which keep the probabilities meaningful.
 Mini-batches are made of whole contexts (one user, one day, one history: a basket), so the
 user tower runs once per basket.
+
+Position bias: a shown item lower in the list is clicked less for reasons that are not the
+item's. Rows of served items carry their 1-based place (COL_POSITION); a click at place p is
+weighted by 1 / theta_p (inverse propensity), theta_p = the click rate at p relative to place 1
+over the rows being trained on (smoothed toward the overall rate, clipped to [0.1, 1]), the
+weights self-normalized to mean 1 over the clicks, so the click head's mean probability stays the
+observed click rate while the order among items no longer rewards having been shown on top.
+Serving has no position: the score and the click probability are the item's own.
 """
 from __future__ import annotations
 
@@ -20,7 +28,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from trainer.domains.recommender_data import COL_DAY, COL_ITEM, LEVEL_CLICK, LEVEL_PURCHASE
+from trainer.domains.recommender_data import COL_DAY, COL_ITEM, COL_POSITION, LEVEL_CLICK, LEVEL_PURCHASE
 
 
 @contextlib.contextmanager
@@ -65,12 +73,51 @@ class JointOptimizer:
             o.load_state_dict(state[k])
 
 
+MIN_PROPENSITY = 0.1  # clicks at a place clicked 10x less than the top weigh at most 10x
+PROPENSITY_PRIOR_ROWS = 50.0  # shown rows' worth of the overall click rate each place's rate starts from
+
+
+def click_propensities(position: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """theta by place (index = 1-based place; [0] = 1 for rows from no served list): the click
+    rate of the shown rows at each place relative to place 1, smoothed toward the overall rate,
+    clipped to [MIN_PROPENSITY, 1]."""
+    position = np.asarray(position, np.int64)
+    clicked = np.asarray(level) >= LEVEL_CLICK
+    shown = position > 0
+    top = int(position.max()) if len(position) else 0
+    theta = np.ones(top + 1)
+    if not shown.any():
+        return theta
+    n = np.bincount(position[shown], minlength=top + 1).astype(np.float64)
+    c = np.bincount(position[shown], weights=clicked[shown].astype(np.float64), minlength=top + 1)
+    overall = c.sum() / n.sum()
+    rate = (c + PROPENSITY_PRIOR_ROWS * overall) / (n + PROPENSITY_PRIOR_ROWS)
+    if rate[1] > 0:
+        theta[1:] = np.clip(rate[1:] / rate[1], MIN_PROPENSITY, 1.0)
+    return theta
+
+
+def click_weights(position: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """Per row: 1 / theta of its place for a clicked row, normalized to mean 1 over the clicked
+    rows; 1 for every other row (see the module doc)."""
+    position = np.asarray(position, np.int64)
+    clicked = np.asarray(level) >= LEVEL_CLICK
+    w = np.ones(len(position))
+    if not clicked.any():
+        return w
+    inv = 1.0 / click_propensities(position, level)[position[clicked]]
+    w[clicked] = inv / inv.mean()
+    return w
+
+
 def train_epochs(model, net, opt, X, y, epochs, seed) -> None:
     """`epochs` passes of the loss over X (levels y) for a RecommenderModel `model` and its net."""
     net.train()
     g = torch.Generator().manual_seed(int(seed) + model.seed)
     user_all, ctx_all, item_all, hist_all = model._split(X)
     level_all = torch.from_numpy(np.asarray(y, np.float32)).round().to(torch.int64)
+    position_all = np.asarray(X, np.float32)[:, COL_POSITION].round().astype(np.int64).clip(min=0)
+    weight_all = torch.from_numpy(click_weights(position_all, level_all.numpy()).astype(np.float32))
     days_col = np.asarray(X, np.float32)[:, COL_DAY].astype(np.int64) if len(X) else np.zeros(1, np.int64)
     day_index, sales = model.sales_tables(days_col)
     day_all = torch.from_numpy(np.asarray([day_index[int(x)] for x in days_col[:len(X)]], np.int64))
@@ -85,7 +132,7 @@ def train_epochs(model, net, opt, X, y, epochs, seed) -> None:
         for ctx_rows, rows, local in model.batches(X, g):
             ctx_rows, rows, local = (torch.from_numpy(a) for a in (ctx_rows, rows, local))
             user, ctx, hist = user_all[ctx_rows], ctx_all[ctx_rows], hist_all[ctx_rows]  # per context
-            item, level = item_all[rows], level_all[rows]  # per row
+            item, level, weight = item_all[rows], level_all[rows], weight_all[rows]  # per row
             day = day_all[ctx_rows]  # per context (a context is one user on one day)
             n_ctx, n_rows = len(ctx_rows), len(rows)
             user = torch.where(torch.rand(n_ctx, generator=g) < model.user_dropout, 0, user)
@@ -141,12 +188,12 @@ def train_epochs(model, net, opt, X, y, epochs, seed) -> None:
             s_histc = torch.where(first[local] & ~in_hist & (taken[local] == 0), s_hist[local], float("-inf"))
             s_negc = torch.where(clash, float("-inf"), (c_neg + r_neg)[local] - log_q[negs])
             logits = torch.cat([s_pos.unsqueeze(1), s_histc, s_negc], dim=1)
-            ce = -(torch.log_softmax(logits, dim=1)[:, 0] * positive).sum() / positive.sum().clamp(min=1)
+            ce = -(torch.log_softmax(logits, dim=1)[:, 0] * positive * weight).sum() / positive.sum().clamp(min=1)
             # ESMM: pCTR on the row's item and the uniform draws; pCTCVR = pCTR x pCVR
             click = positive.to(torch.float32)
             bought = (level >= LEVEL_PURCHASE).to(torch.float32)
             lp_buy = F.logsigmoid(c_pos) + F.logsigmoid(r_pos)
-            l_click = F.binary_cross_entropy_with_logits(c_pos, click, reduction="sum")
+            l_click = F.binary_cross_entropy_with_logits(c_pos, click, weight=weight, reduction="sum")
             l_buy = -(bought * lp_buy + (1 - bought) * torch.log1p(-torch.exp(lp_buy).clamp(max=1 - 1e-6))).sum()
             neg_weight = (~clash_ctx[:, :mm]).float() * torch.zeros(n_ctx).index_add_(0, local, click).unsqueeze(1)
             lp_buy_neg = F.logsigmoid(c_neg) + F.logsigmoid(r_neg)
