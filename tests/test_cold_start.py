@@ -120,3 +120,35 @@ async def test_without_the_slot_new_items_rank_on_content_and_the_prior_only(wor
             shown["own first"] += bool(own) and (not other or own[0] < other[0])
         assert counter("storefront_recommender_explored_items_total") == explored0
         assert shown["own first"] >= 0.6 * len(customers), (shown, len(customers))
+
+
+def test_the_cold_item_prior_and_the_vocabulary_of_cold_items(tmp_path):
+    """Items nobody interacted with before a day (and the unknown item, row 0) get the geometric
+    mean of the selling items' recent sales on that day, in training tables and the exported
+    snapshot alike; vocab.json lists the items never interacted with (the service explores
+    them like items it has no code for)."""
+    import json
+
+    import numpy as np
+
+    from shared.text import TextEncoder
+    from trainer.domains.recommender_data import RecoState
+
+    state = RecoState()
+    state.upsert_items([{"item_id": i, "title": t, "price": 2.0} for i, t in
+                        (("milk", "Whole milk 1 l"), ("tea", "Green tea, 80 bags"), ("new", "Oat milk 1 l"))],
+                       TextEncoder(exported_text_encoder()[0]).encode)
+    u = state.user_code("c1", add=True)
+    milk, tea, new = (state.item_code(i) for i in ("milk", "tea", "new"))
+    state.record_interactions([u, u, u], [milk, milk, tea], [100, 100, 101])
+    on_102, on_101 = (state.popularity([d])[d] for d in (102, 101))
+    prior = np.expm1(np.log1p(on_102[[milk, tea]]).mean(0))
+    np.testing.assert_allclose(on_102[[0, new]], [prior, prior], rtol=1e-5)
+    assert (on_102[milk] > on_102[tea]).all() and (on_102[tea] > 0).all()
+    # tea's first sale is on day 101: before it, tea is as cold as a brand-new item
+    np.testing.assert_allclose(on_101[tea], on_101[new], rtol=1e-6)
+    np.testing.assert_allclose(on_101[new], on_101[milk], rtol=1e-6)  # the only selling item sets the prior
+    vocab = json.loads(state.write_vocab(tmp_path / "vocab.json").read_text())
+    assert vocab["items"] == ["milk", "tea", "new"] and vocab["cold_items"] == ["new"]
+    state.cold_prior = False  # the former rule: a cold item has no sales at all
+    assert (state.popularity([102])[102][[0, new]] == 0).all()

@@ -95,7 +95,7 @@ class RecoState:
         self.interactions: dict[int, list[int]] = collections.defaultdict(list)
         self.sales: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)  # day -> item -> n
         self.sales_revision = 0
-        self._popularity_cache: tuple[int, dict[int, np.ndarray]] | None = None
+        self._popularity_cache: tuple[tuple[int, bool], dict[int, np.ndarray]] | None = None
         self.user_capacity = 0  # table sizes of the network (0 = not built yet)
         self.item_capacity = 0
         self.category_capacity = 0
@@ -213,8 +213,9 @@ class RecoState:
         ranked as the least popular item of the catalog before anyone could buy it; its content
         path learns the offset from there (cold-item simulation, recommender_training). Cached
         per sales revision."""
-        if self._popularity_cache is None or self._popularity_cache[0] != self.sales_revision:
-            self._popularity_cache = (self.sales_revision, {})
+        key = (self.sales_revision, self.cold_prior)
+        if self._popularity_cache is None or self._popularity_cache[0] != key:
+            self._popularity_cache = (key, {})
         cache = self._popularity_cache[1]
         wanted = sorted({int(d) for d in days} - cache.keys())
         if wanted:
