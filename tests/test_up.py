@@ -1,6 +1,7 @@
 """`python -m ops.up` (what `make up` runs) brings the trainer and the services up, says
 `all services serving` once every health service says SERVING, and stops cleanly on Ctrl-C."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -67,18 +68,44 @@ def test_up_serves_everything_and_stops_on_ctrl_c(bootstrapped, tmp_path):
     assert "[fraud]" in rest and "[trainer]" in rest  # each child's lines, prefixed, until it drained
 
 
+def _served_new_version(line: str) -> str | None:
+    """The domain of a demo progress line whose service answered with a version after v1."""
+    m = re.match(r"\s+(\S+)\s+\d+ requests\s+\d+ errors\s+served (\S+)", line)
+    if m and any(v != "v1" for v in m.group(2).split(",")):
+        return m.group(1)
+    return None
+
+
 def test_demo_shows_new_versions_learned_from_its_traffic_being_served(bootstrapped, tmp_path):
     """`make demo`: real traffic and outcomes from the datasets through the live suite; the
-    trainer publishes versions learned from them and the services answer with them."""
+    trainer publishes versions learned from them and the services answer with them. The demo
+    runs until its progress lines show every service answering with a version learned from the
+    traffic, then Ctrl-C ends it: its summary still reports every domain, and all stops cleanly."""
     var = fresh_var(bootstrapped, tmp_path)
     offset = 4000 + os.getpid() % 10000
     # direct delivery (the trainer reads STOREFRONT_DELIVERY): this test is about versions learned from the
-    # demo's traffic reaching the answers within 40 s; with canary delivery the fraud candidate runs in
-    # shadow (answers nothing) until live labels promote it (tests/test_canary.py)
-    proc = subprocess.run([sys.executable, "-m", "ops.up", "--var", str(var), "--port-offset", str(offset),
-                           "--demo", "40"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "STOREFRONT_DELIVERY": "direct"})
-    out = proc.stdout
+    # demo's traffic reaching the answers; with canary delivery the fraud candidate runs in shadow
+    # (answers nothing) until live labels promote it (tests/test_canary.py)
+    proc = subprocess.Popen([sys.executable, "-m", "ops.up", "--var", str(var), "--port-offset", str(offset),
+                             "--demo", "600"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, env={**os.environ, "STOREFRONT_DELIVERY": "direct"})
+    lines, learned = [], set()
+    try:
+        deadline = time.monotonic() + 300
+        while learned != {s.domain for s in SERVICES} and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if (domain := _served_new_version(line)) is not None:
+                learned.add(domain)
+        assert learned == {s.domain for s in SERVICES}, "".join(lines)[-4000:]
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines) + rest
     assert proc.returncode == 0, out[-4000:]
     assert "all services serving" in out and "[demo" in out and out.rstrip().endswith("stopped")
     for s in SERVICES:
