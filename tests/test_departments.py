@@ -3,7 +3,8 @@ sentence encoder): two catalogs upserted into two departments beside the version
 (the default department ""); requests scoped to departments never return another department's
 item, for known, unknown and anonymous users (the popularity fallback), with candidates and
 exclusions; an unscoped request keeps ranking everything; a moved item follows its new
-department; the journal keeps departments across a restart; the new fields are validated."""
+department; the journal keeps departments across a restart; the new fields are validated.
+The exploration slot respects the scope and ends once a published version knows the items."""
 from __future__ import annotations
 
 import grpc
@@ -129,3 +130,46 @@ async def test_department_fields_are_validated(world):
         item.department = "f" * 64
         assert (await stub.UpsertItems(pb.UpsertItemsRequest(items=[item]))).inserted == 1
         assert ids(await recommend(stub, "", departments=["f" * 64])) == ["film-x"]
+
+
+async def test_the_exploration_slot_ends_when_a_version_learns_the_items(tmp_path):
+    """While the serving version has no id for upserted items, every answer of k = 10 holds one
+    of them (the slot, or the ranking itself) and only within the request's scope; once a
+    version that knows them is published (what the loop's next round does), the slot stops:
+    no second graph row, nothing counted as explored."""
+    from prometheus_client import REGISTRY
+
+    from tests.server_harness import until
+
+    def explored() -> float:
+        return REGISTRY.get_sample_value("storefront_recommender_explored_items_total") or 0.0
+
+    registry = ModelRegistry(tmp_path / "registry")
+    publish_text_encoder(registry, exported=exported_text_encoder())
+    shop = [{"item_id": f"sku-{i}", "title": f"{t}, pack of {n}", "category": c, "price": 1.0 + n}
+            for i, ((t, c), n) in enumerate((g, n) for g in GROCERY for n in (1, 2, 4, 6, 12))]
+    users = {f"u{i}": [shop[(i * 7 + j) % len(shop)]["item_id"] for j in range(4)] for i in range(8)}
+    publish_contract_version(registry, tmp_path / "v1", shop, users, dim=16, seed=5)
+    new = [{"item_id": f"film-{i}", "title": it.title, "category": it.category, "price": it.price}
+           for i, it in enumerate(FILMS[:3])]
+    async with Running(recommender_test_settings(tmp_path, registry, "explore")) as stub:
+        await stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(**n, department="films") for n in new]))
+        new_ids = {n["item_id"] for n in new}
+        before = explored()
+        for user in [*users, "someone-new", ""]:
+            top = ids(await recommend(stub, user, k=10))
+            assert len(top) == 10 and len(new_ids & set(top)) >= 1, (user, top)
+            scoped = ids(await recommend(stub, user, k=10, departments=[""]))
+            assert not new_ids & set(scoped)  # the new items are outside this scope: no slot for them
+        assert explored() > before
+        # the next version knows the new items: nothing left to explore
+        publish_contract_version(registry, tmp_path / "v2", shop + new, users, dim=16, seed=6)
+        await until(lambda: stub_version_is(stub, "2"), "version 2 to serve")
+        before = explored()
+        for user in [*users, "someone-new", ""]:
+            assert len(ids(await recommend(stub, user, k=10))) == 10
+        assert explored() == before
+
+
+async def stub_version_is(stub, version: str) -> bool:
+    return (await recommend(stub, "", k=1)).model.version == version
