@@ -311,10 +311,16 @@ class Learner:
     # point raises RoundCancelled, so it neither checkpoints nor publishes (its labels are re-read
     # after the restart, since the checkpoint's offset did not move)
     cancel: Any = None
+    # trainer HA (trainer/service.py, Redis mode): called before each checkpoint write and right before
+    # each registry publish; raises (trainer.lease.LeaseLost) when this trainer no longer holds the
+    # domain's lease, else returns what goes into the manifest (the lease's fencing token)
+    fence: Any = None
 
     def _save(self) -> None:
         if self.cancel is not None:
             self.cancel.commit_point(self.model.name)
+        if self.fence is not None:
+            self.fence()
         self.checkpoint.save({"net": self.net.state_dict(), "opt": self.opt.state_dict(), "replay": self.replay,
                               "window": self.window, "offset": self.offset,
                               "champion": None if self.champion is None else self.champion.state_dict(),
@@ -605,8 +611,9 @@ class Learner:
             else:
                 canary = False
             self._save()
+            fenced = self.fence() if self.fence is not None else {}
             manifest = self.registry.publish(self.model.name, path, self._signature(path), metrics=metrics,
-                                             learned_up_to=self.offset, extra={**extra, "gate": figures},
+                                             learned_up_to=self.offset, extra={**extra, **fenced, "gate": figures},
                                              extra_files=files, make_current=not canary)
         figures["version"] = manifest.version
         figures["delivery"] = "canary" if canary else "direct"

@@ -222,7 +222,8 @@ class LearnerLease:
                             f"{'lost' if self.lost.is_set() else 'expired by the local clock'})")
         current = await self.client.get(self.key)
         if current != f"{token} {self.owner}":
-            self._mark_lost(f"Redis holds {current!r}")
+            if token == self.token:  # a check that began before a re-acquire says nothing about the new token
+                self._mark_lost(f"Redis holds {current!r}")
             raise LeaseLost(f"{self.domain}: token {token} was taken over (Redis holds {current!r})")
 
     async def fence(self) -> int:

@@ -94,6 +94,14 @@ class CoreTrainerSettings(ServerSettings):
     shutdown_round_grace_s: float = setting(20.0, "on SIGTERM, a learning round in progress gets this long to finish "
                                             "and publish; then it is abandoned without publishing (its labels are "
                                             "learned after the restart)")
+    event_log_url: str = setting("", "where the event log lives: empty = the SQLite file workdir/events.db (one "
+                                 "trainer); redis://HOST:PORT/DB (or rediss://, unix://) = Redis Streams, shared by "
+                                 "every trainer replica: any replica collects feedback, and each domain is learned "
+                                 "by the one replica holding its lease (workdir and registry_dir on a shared volume)")
+    redis_password_file: str = setting("", "file whose first line is the Redis password (not in event_log_url)")
+    lease_ttl_s: float = setting(10.0, "Redis mode: a domain's learner lease lasts this long unless renewed (every "
+                                 "ttl/3); a standby takes over at most lease_ttl_s + lease_poll_s after the holder dies")
+    lease_poll_s: float = setting(1.0, "Redis mode: how often a standby trainer asks for a domain's lease")
 
     @classmethod
     def load(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
@@ -120,6 +128,22 @@ class CoreTrainerSettings(ServerSettings):
     @property
     def event_log_path(self) -> Path:
         return Path(self.workdir) / "events.db"
+
+    @property
+    def on_redis(self) -> bool:
+        """The event log on Redis Streams and the learners under leases (event_log_url set)."""
+        return bool(self.event_log_url)
+
+    def open_event_log(self):
+        """The event log these settings name: SqliteEventLog, or RedisEventLog on event_log_url."""
+        if self.on_redis:
+            from trainer.eventlog_redis import RedisEventLog
+
+            return RedisEventLog(self.event_log_url, password_file=self.redis_password_file,
+                                 domains=self.loaded_domains())
+        from trainer.eventlog import SqliteEventLog
+
+        return SqliteEventLog(self.event_log_path, domains=self.loaded_domains())
 
     def label_windows(self) -> dict[str, float]:
         return parse_windows(self.windows, self.loaded_domains().windows())
@@ -182,6 +206,13 @@ class CoreTrainerSettings(ServerSettings):
             p.append(str(e))
         if self.retention_interval_s < 0 or self.shutdown_round_grace_s < 0:
             p.append("retention_interval_s and shutdown_round_grace_s must be >= 0")
+        from shared.redis_conn import check_redis_url
+
+        p += [f"event_log_url: {problem}" for problem in check_redis_url(self.event_log_url)]
+        if self.redis_password_file and not self.event_log_url:
+            p.append("redis_password_file is set but event_log_url is empty (the SQLite log needs no password)")
+        if self.lease_ttl_s <= 0 or self.lease_poll_s <= 0:
+            p.append("lease_ttl_s and lease_poll_s must be > 0")
         try:
             self.label_windows()
             self.retention_policy().validate(domains)
