@@ -1,6 +1,6 @@
 """Pricing against the best fixed price per (product, segment), on two simulated markets (`make eval-pricing`).
 
-    python -m bench.eval_pricing [--arrivals 12000] [--rate 100] [--markets threshold,logit] [--quick]
+    python -m bench.eval_pricing [--arrivals 12000] [--rate 50] [--markets threshold,logit] [--quick]
 
 Two markets (bench.pricing_sim), each in its own run of the live loop:
 - threshold: ANOTHER FAMILY than the model: each customer has a threshold willingness to pay
@@ -17,9 +17,13 @@ Per market, the policies face the same customers (same arrivals, same uniform dr
   through ReportOutcome after a random delay (exponential, mean `--delay-s`); the trainer
   joins it to the served quote, learns, gates, publishes, and the service hot-reloads;
   delivery DIRECT (`--delivery`, see "What this measures" below), a learning round after
-  every `--min-events` labels or `--max-interval-s` (200 / 2 s: at 100 quotes/s a round as
-  soon as the previous one is done: ~60 if a round took 2 s; at 4-10 s per round on two busy
-  cores, 21-23 rounds in the 2026-11-30 run);
+  every `--min-events` labels or `--max-interval-s` (200 / 2 s: a round as soon as the
+  previous one is done; at 4-10 s per round on two busy cores, 21-23 rounds in 12,000 quotes
+  at 100/s in an earlier run; the default rate is 50/s, so each round learns from fewer
+  quotes' worth of lag). Exploration: `--exploration-share` of the quotes priced off the
+  greedy price, `--wide-step-share` of those by a Thompson sample's best price anywhere in
+  the guardrails (1.0: every exploratory step; chosen on the seed-1 threshold market, never
+  on the scored seed-0 one);
 - segment-blind fixed: the best fixed price per product over the segment mix (knows the truth:
   the best a segment-blind price list can do);
 - epsilon-greedy (same prior): per (product, segment) or per product, on the service's
@@ -584,7 +588,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--markets", default=",".join(MARKETS), help=f"comma-separated, of {MARKETS}")
     ap.add_argument("--arrivals", type=int, default=12_000, help="quotes per market")
-    ap.add_argument("--rate", type=float, default=100.0, help="quotes per second sent to the service")
+    ap.add_argument("--rate", type=float, default=50.0,
+                    help="quotes per second sent to the service (50: a learning round per ~400-500 quotes on two busy "
+                         "cores; at 100/s the rounds came every ~1,000 quotes: on the seed-1 threshold market, last "
+                         "third 6.9 %% regret at 100/s, 6.6 %% at 50/s)")
     ap.add_argument("--products", type=int, default=40, help="products of the logit market")
     ap.add_argument("--threshold-products", type=int, default=30, help="products of the threshold market")
     ap.add_argument("--max-change-pct", type=float, default=20.0)
@@ -592,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--in-flight", type=int, default=16, help="quotes outstanding at most")
     ap.add_argument("--exploration-share", type=float, default=0.2)
     ap.add_argument("--max-step-pct", type=float, default=10.0)
-    ap.add_argument("--wide-step-share", type=float, default=0.2)
+    ap.add_argument("--wide-step-share", type=float, default=1.0,
+                    help="share of exploratory quotes that are wide steps (chosen on the seed-1 threshold market)")
     ap.add_argument("--grid-size", type=int, default=21)
     ap.add_argument("--min-events", type=int, default=200, help="trainer: labels per learning round ...")
     ap.add_argument("--max-interval-s", type=float, default=2.0, help="... or a round this often (with any label)")

@@ -327,8 +327,14 @@ def test_rounds_refit_every_storefront_quote_under_the_bootstrap_anchor():
     fresh.load_domain_state(model.domain_state())
     fresh._history = (np.zeros((0, pricing.WIDTH), np.float32), np.zeros(0, np.float32))
     fresh.train(at_once, None, X, y, 30, 0)
-    for name in ("a_seg", "b_seg", "b_prod"):
-        assert torch.allclose(getattr(in_rounds, name), getattr(at_once, name), atol=0.05), name
+    # the same fitted demand curves (compared as curves: the segment's sensitivity factor and its
+    # curve shape can trade along a flat direction of the likelihood, which the solves' different
+    # iteration counts leave at different points)
+    product, segment = torch.tensor([1, 1, 2, 2]), torch.tensor([3, 6, 3, 6])
+    grid = torch.linspace(-0.2, 0.2, 9).expand(4, 9)
+    with torch.no_grad():
+        curves = [net_(product, segment, torch.full((4,), 12), grid)[0] for net_ in (in_rounds, at_once)]
+    assert torch.allclose(curves[0], curves[1], atol=0.01), (curves[0] - curves[1]).abs().max()
     # the segments' sensitivities came apart in the data's direction
     assert learned_slope(in_rounds, 1, 3) > 2 * learned_slope(in_rounds, 1, 6)
     # the anchor is the bootstrap's posterior, untouched by the rounds

@@ -243,7 +243,8 @@ def test_exploratory_flag_means_the_price_differs_from_the_greedy_one(world, ser
         check_quote(req, resp)
         assert resp.exploratory and resp.price != g
         far += abs(resp.price - g) > 0.05 * g + 1e-9
-    assert far > 100
+    # (a sample's best price other than the greedy one: often a neighbour, often far)
+    assert far > 50
 
 
 def test_exploration_is_counted_in_metrics(world, server):
@@ -371,4 +372,4 @@ def test_settings_refuse_bad_exploration_values(flag, value):
         PricingSettings.load([flag, value], env={})
     s = PricingSettings.load([], env={"STOREFRONT_EXPLORATION_SHARE": "0.05"})
     assert (s.port, s.model_name, s.exploration_share, s.max_step_pct, s.grid_size, s.wide_step_share) == (
-        50053, "pricing", 0.05, 10.0, 21, 0.2)
+        50053, "pricing", 0.05, 10.0, 21, 1.0)

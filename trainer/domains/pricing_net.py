@@ -14,7 +14,7 @@ hierarchical: product terms are offsets from their subclass, subclass terms offs
 global ones; a segment has a store-wide offset (a_s, b_s: shared by every product) and each
 (product, segment) cell an offset from product + segment (a_is, b_is); hours have offsets of
 their own. c_s(x) is the segment's demand-curve shape: piecewise linear in x over fixed knots,
-prior 0 (see CURVE). The segment, cell and hour sensitivity terms multiply the product's (log scale):
+prior 0 (see CURVE), its rises capped so that demand never increases with the price (curve_values). The segment, cell and hour sensitivity terms multiply the product's (log scale):
 "this segment is half as price-sensitive" holds across products whose own sensitivities
 differ tenfold, where an additive offset would mean a different factor for each product. Each offset has a Gaussian prior at 0 (precisions PRIOR_PRECISION), so a product
 with little data is priced like its subclass, a subclass like the store, and a segment that
@@ -85,6 +85,7 @@ CURVE = "c_seg"
 CURVE_KNOTS = (-0.3, -0.225, -0.15, -0.075, 0.0, 0.075, 0.15, 0.225, 0.3)
 N_KNOTS = len(CURVE_KNOTS)
 CURVE_SPACING = 0.075
+CURVE_RISE_CAP = 0.95  # the curve may cancel at most this share of the logistic's slope (curve_values)
 # Which code indexes each group: the parameter's row for a quote.
 GROUP_INDEX = {"a0": "global", "b0": "global", "a_cat": "category", "b_cat": "category", "a_prod": "product",
                "b_prod": "product", "a_seg": "segment", "b_seg": "segment", "a_cell": "cell", "b_cell": "cell",
@@ -124,6 +125,18 @@ def curve_basis(x: torch.Tensor) -> torch.Tensor:
     knots = torch.tensor(CURVE_KNOTS, dtype=x.dtype)
     xc = x.clamp(CURVE_KNOTS[0], CURVE_KNOTS[-1]).unsqueeze(-1)
     return (1.0 - (xc - knots).abs() / CURVE_SPACING).clamp(min=0.0)
+
+
+def curve_values(knots: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """[..., N_KNOTS] the curve's offsets at the knots as the model uses them: each rise from one
+    knot to the next is capped at slope x CURVE_SPACING, so the logit's total slope in x,
+    -slope + rise / spacing, is never positive: demand never increases with the price, under
+    the mean and under every Thompson sample (a free curve with noise would let a sample rate a
+    higher price as converting more; CURVE_RISE_CAP < 1 keeps it strictly decreasing, so float
+    rounding cannot turn a flat stretch into a rise). knots: [..., N_KNOTS] the parameters; slope: [...] the
+    logistic sensitivity of the same quote (or sample)."""
+    rise = torch.minimum(knots[..., 1:] - knots[..., :-1], slope.unsqueeze(-1) * (CURVE_RISE_CAP * CURVE_SPACING))
+    return torch.cat([knots[..., :1], knots[..., :1] + torch.cumsum(rise, dim=-1)], dim=-1)
 
 
 def sensitivity(base: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
@@ -235,9 +248,10 @@ class PricingNet(nn.Module):
         """[N_SEGMENTS, N_KNOTS] the segments' curve offsets at the knots."""
         return self.c_seg.view(N_SEGMENTS, N_KNOTS)
 
-    def curve(self, segment, x) -> torch.Tensor:
-        """The mean curve offset of each quote's segment at x ([B] or [B, G])."""
-        c = self.curve_table()[segment]
+    def curve(self, segment, x, slope) -> torch.Tensor:
+        """The mean curve offset of each quote's segment at x ([B] or [B, G]), slope [B] the
+        quote's sensitivity (see curve_values)."""
+        c = curve_values(self.curve_table()[segment], slope)
         return (curve_basis(x) * (c.unsqueeze(1) if x.dim() == 2 else c)).sum(-1)
 
     def sampled_curve(self, segment) -> torch.Tensor:
@@ -248,7 +262,8 @@ class PricingNet(nn.Module):
 
     def logit(self, product, segment, hour, x):
         level, base, mult, _ = self.level_slope(product, segment, hour)
-        return level - sensitivity(base, mult) * x + self.curve(segment, x)
+        slope = sensitivity(base, mult)
+        return level - slope * x + self.curve(segment, x, slope)
 
     def sampled_noise(self, name: str, index: torch.Tensor) -> torch.Tensor:
         """[B, N_SAMPLES] noise of a group: fixed draw / sqrt(precision), masked."""
@@ -261,13 +276,15 @@ class PricingNet(nn.Module):
         level, base, mult, idx = self.level_slope(product, segment, hour)
         x = log_price_ratio.clamp(-X_CLIP, X_CLIP)
         basis = curve_basis(x)  # [B, G, K]
-        conversion = torch.sigmoid(level.unsqueeze(1) - sensitivity(base, mult).unsqueeze(1) * x + self.curve(segment, x))
+        slope = sensitivity(base, mult)
+        conversion = torch.sigmoid(level.unsqueeze(1) - slope.unsqueeze(1) * x + self.curve(segment, x, slope))
         s_level = level.unsqueeze(1) + sum(self.sampled_noise(n, idx[GROUP_INDEX[n]]) for n in LEVELS)
         s_base = base.unsqueeze(1) + sum(self.sampled_noise(n, idx[GROUP_INDEX[n]]) for n in SLOPE_BASE)
         s_mult = mult.unsqueeze(1) + sum(self.sampled_noise(n, idx[GROUP_INDEX[n]]) for n in SLOPE_MULT)
-        s_curve = (basis.unsqueeze(1) * self.sampled_curve(segment).unsqueeze(2)).sum(-1)  # [B, N, G]
-        sampled = torch.sigmoid(s_level.unsqueeze(2) - sensitivity(s_base, s_mult).unsqueeze(2) * x.unsqueeze(1)
-                                + s_curve)
+        s_slope = sensitivity(s_base, s_mult)  # [B, N]
+        s_knots = curve_values(self.sampled_curve(segment), s_slope)  # [B, N, K]
+        s_curve = (basis.unsqueeze(1) * s_knots.unsqueeze(2)).sum(-1)  # [B, N, G]
+        sampled = torch.sigmoid(s_level.unsqueeze(2) - s_slope.unsqueeze(2) * x.unsqueeze(1) + s_curve)
         return conversion, sampled
 
     def slopes(self, product, segment, hour) -> torch.Tensor:

@@ -27,7 +27,8 @@ from torch import nn
 
 from trainer.domains.pricing_net import (COL_HOUR, COL_OFF_HI, COL_OFF_LO, COL_PRODUCT, COL_SEGMENT, COL_WEIGHT,
                                          COL_X, CURVE, GROUP_INDEX, LEVELS, N_KNOTS, N_SEGMENTS, OFFSET_SPLIT,
-                                         PRIOR_PRECISION, SLOPE_BASE, SLOPE_MULT, PricingNet, curve_basis, sensitivity)
+                                         PRIOR_PRECISION, SLOPE_BASE, SLOPE_MULT, PricingNet, curve_basis, curve_values,
+                                         sensitivity)
 
 # No term comes out of the bootstrap surer than this precision: the power prior (HISTORY_WEIGHT)
 # discounts each row, but the shared terms (global, subclass, segment: every row informs them)
@@ -146,7 +147,8 @@ def _solve(net: PricingNet, product, segment, hour, x, weight, target, max_iter:
         level = sum(local[n][inverse[n]] * mask[n][inverse[n]] for n in LEVELS)
         base = sum(local[n][inverse[n]] * mask[n][inverse[n]] for n in SLOPE_BASE)
         mult = sum(local[n][inverse[n]] * mask[n][inverse[n]] for n in SLOPE_MULT)
-        z = level - sensitivity(base, mult) * x + (basis * curve_local[seg_inverse]).sum(-1)
+        slope = sensitivity(base, mult)
+        z = level - slope * x + (basis * curve_values(curve_local[seg_inverse], slope)).sum(-1)
         nll = (weight * nn.functional.binary_cross_entropy_with_logits(z, target, reduction="none")).sum()
         prior = sum(0.5 * (precision[n] * (local[n] - prior_mean[n]) ** 2).sum() for n in names)
         prior = prior + 0.5 * (curve_prec * (curve_local - curve_prior) ** 2).sum()
@@ -193,7 +195,7 @@ def _add_fisher(net: PricingNet, product, segment, hour, x, weight) -> None:
     variation a round shows, never more."""
     level, base, mult, idx = net.level_slope(product, segment, hour)
     slope = sensitivity(base, mult)
-    p = torch.sigmoid(level - slope * x + net.curve(segment, x))
+    p = torch.sigmoid(level - slope * x + net.curve(segment, x, slope))
     info = weight * p * (1 - p)
     g_base = torch.sigmoid(base) * torch.exp(mult.clamp(-8.0, 8.0)) * x  # d logit / d base (up to sign)
     g_mult = slope * x  # d logit / d log factor (up to sign)
