@@ -21,7 +21,7 @@ from trainer.domains.recommender_data import (COL_DAY, COL_DEVICE, COL_HIST, COL
 from trainer.domains.recommender_export import (ITEM_TOWER_FILE, _ort_run, catalog_vocab_json, export_onnx,
                                                 scoring_input_ranges, scoring_parity)
 from trainer.domains.recommender_net import ItemTowerExport, RecoDims, RecoNet, ScoringExport
-from trainer.domains.recommender_training import JointOptimizer, torch_threads, train_epochs
+from trainer.domains.recommender_training import JointOptimizer, fit_click_calibration, torch_threads, train_epochs
 from trainer.export import batch1_latency_ms
 from trainer.learner import DomainModel, Examples
 
@@ -222,6 +222,11 @@ class RecommenderModel(DomainModel):
     def train(self, net, opt, X, y, epochs, seed) -> None:
         with torch_threads(self.threads):
             train_epochs(self, net, opt, X, y, epochs, seed)
+            fitted = fit_click_calibration(self, net, X, y)
+        if fitted is not None:
+            log.info("recommender: click calibration fitted on %d shown rows: click rate %.4f, mean click p %.4f "
+                     "(a %.3f, b %.3f)", fitted["rows"], fitted["click_rate"], fitted["mean_click_p"], fitted["a"],
+                     fitted["b"])
 
     # ---- prediction ----
     def score_all(self, net: RecoNet, user: torch.Tensor, ctx: torch.Tensor, hist: torch.Tensor,
@@ -236,6 +241,33 @@ class RecommenderModel(DomainModel):
         rep = net.repeat_values(rows, valid, hv[..., 2 * d + 2], u[:, 2 * d])
         scores = (net.augmented_users(u) @ catalog.t()).scatter_add(1, rows, rep)
         return scores, u, rep
+
+    def click_logits(self, net: RecoNet, X: np.ndarray) -> np.ndarray:
+        """[n]: the click logit c (repeat term included, before calibration) of each row's item,
+        as predict scores it, without ranking the whole catalog."""
+        net.eval()
+        out = np.zeros(len(X), np.float32)
+        if len(X) == 0:
+            return out
+        user, ctx, item, hist = self._split(X)
+        days = np.asarray(X, np.float32)[:, COL_DAY].astype(np.int64)
+        d = net.dims.d
+        with torch.no_grad():
+            for day in np.unique(days):
+                catalog = self.all_item_vectors(net, int(day))
+                on_day = np.flatnonzero(days == day)
+                for a in range(0, len(on_day), 2048):
+                    sl = torch.from_numpy(on_day[a:a + 2048])
+                    h = torch.where(hist[sl] > 0, hist[sl] - 1, -1)
+                    valid = h >= 0
+                    h_rows = torch.where(valid, h, 0)
+                    hv = catalog[h_rows]
+                    u = net.user_vectors(user[sl], ctx[sl], hv, valid)
+                    rep = net.repeat_values(h_rows, valid, hv[..., 2 * d + 2], u[:, 2 * d])
+                    rows = (item[sl] - 1).clamp(min=0)
+                    c, _ = net.heads(u, catalog[rows])
+                    out[sl.numpy()] = (c + (rep * (h == rows.unsqueeze(1))).sum(1)).numpy()
+        return out
 
     def predict(self, net, X) -> np.ndarray:
         """[n, 3]: pCTR and pCTCVR of each row's item, and its 0-based rank among all catalog
@@ -264,8 +296,9 @@ class RecommenderModel(DomainModel):
                     c, r = net.heads(u, catalog[rows])
                     c = c + (rep * (h == rows.unsqueeze(1))).sum(1)
                     known = item[sl] > 0
-                    out[sl.numpy(), 0] = torch.sigmoid(c).numpy()
-                    out[sl.numpy(), 1] = (torch.sigmoid(c) * torch.sigmoid(r)).numpy()
+                    click = net.click_probability(c)
+                    out[sl.numpy(), 0] = click.numpy()
+                    out[sl.numpy(), 1] = (click * torch.sigmoid(r)).numpy()
                     out[sl.numpy(), 2] = torch.where(known, rank, self.state.n_items).numpy()
         return out
 

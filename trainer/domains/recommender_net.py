@@ -26,7 +26,8 @@ User tower: user id embedding (code 0 = unknown user, trained by dropping ids, s
 
 Heads (ESMM): click logit c = u_click . v_click + b_click + repeat; conversion logit
   r = u_cvr . v_cvr + b_cvr; pCTR = sigmoid(c), pCVR = sigmoid(r), purchase = pCTR x pCVR
-  (P(purchase | shown), learned through the click, never from clicked rows alone).
+  (P(purchase | shown), learned through the click, never from clicked rows alone). The pCTR
+  served is calibrated: sigmoid(a * c + b), a and b fitted on the items shown, clicked or not.
   Ranking score = c + r: the log-odds form of pCTCVR, which one MatMul of the augmented
   user vector [u_click, u_cvr, 1, 1, 0] with the catalog matrix gives directly.
 Repeat term (inside the graph): for each distinct item of the history,
@@ -111,6 +112,21 @@ class RecoNet(nn.Module):
         self.repeat_weight = nn.Parameter(torch.full((history_len,), 0.5413))  # softplus = 1
         self.repeat_scale = nn.Parameter(torch.tensor(1.0))
         self.repeat_bias = nn.Parameter(torch.tensor(0.0))
+        # click calibration (Platt): the click probability served is sigmoid(a * c + b), [a, b]
+        # fitted on the items shown (clicked or not) after each update (recommender_training.
+        # fit_click_calibration); a buffer, not a parameter: no gradient step moves it, and the
+        # ranking (c + r) does not depend on it
+        self.register_buffer("click_calibration", torch.tensor([1.0, 0.0]))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's; weights saved before the click calibration existed get the identity."""
+        if "click_calibration" not in state_dict:
+            state_dict = {**state_dict, "click_calibration": torch.tensor([1.0, 0.0])}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def click_probability(self, c: torch.Tensor) -> torch.Tensor:
+        """The calibrated click probability of click logits c (the repeat term included)."""
+        return torch.sigmoid(self.click_calibration[0] * c + self.click_calibration[1])
 
     def init_popularity(self, item_codes: np.ndarray, n_items: int) -> None:
         """Start the item biases at log popularity in the bootstrap data (the sampled softmax
@@ -271,5 +287,5 @@ class ScoringExport(nn.Module):
         v = item_vectors[items]  # [B, K, Dv]
         c, r = net.heads(u.unsqueeze(1), v)
         c = c + ((items.unsqueeze(2) == rows.unsqueeze(1)).to(rep.dtype) * rep.unsqueeze(1)).sum(-1)
-        click = torch.sigmoid(c)
+        click = net.click_probability(c)
         return items, score, click, click * torch.sigmoid(r)
