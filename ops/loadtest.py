@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-k", type=int, default=10, help="recommend: items per Recommend")
     ap.add_argument("--click-rate", type=float, default=0.03,
                     help="recommend: chance a shown item the customer did not buy is clicked")
+    ap.add_argument("--bought-click-rate", type=float, default=0.3,
+                    help="recommend: chance that a shown item the customer really bought is clicked (then bought)")
     ap.add_argument("--click-delay-s", type=float, default=1.0, help="recommend: seconds before a click is reported")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("var/loadtest"), help="folder for the JSON and the PNG")

@@ -6,8 +6,11 @@ Each call is a Recommend for a real Ta Feng customer who shops in the last 30 da
 data (cycling through --rows of them), on a page/device/hour drawn like storefront traffic,
 k = 10, a quarter of them with exclude_purchased. What happens next is driven by what the
 customer really bought in those 30 days: a recommended item the customer really bought is
-clicked after --click-delay-s (jittered) and bought --label-delay-s later; any other shown
-item is clicked with probability --click-rate (window shopping, no purchase). A share
+clicked with probability --bought-click-rate (a list shown is mostly scrolled past, even the
+items one came for) after --click-delay-s (jittered), and bought --label-delay-s after that
+click; any other shown item is clicked with probability --click-rate (window shopping, no
+purchase). With the defaults a few percent of the shown items are clicked; every other shown
+item is an impression the trainer learns as not clicked (from the served record). A share
 --outcome-rate of the responses get their outcomes reported at all (1.0 = every one).
 Outcomes go through ReportOutcome, as a storefront backend would report them.
 
@@ -30,6 +33,8 @@ DEVICES = (("mobile", 0.55), ("desktop", 0.3), ("tablet", 0.05), ("app", 0.1))
 # Storefront traffic by hour of day (relative): quiet at night, peaks at lunch and evening.
 HOURLY = np.array([1, 0.6, 0.4, 0.3, 0.3, 0.5, 1, 2, 3, 4, 5, 6, 7, 6, 5, 5, 6, 7, 8, 9, 8, 6, 4, 2], float)
 EVALUATION_DAYS = 30
+CLICK_RATE = 0.03  # a shown item the customer did not buy in the 30 days
+BOUGHT_CLICK_RATE = 0.3  # a shown item the customer did buy (then bought after the click)
 
 
 def customers_and_purchases(rows: int, seed: int = 0) -> tuple[list[str], dict[str, set[str]]]:
@@ -56,7 +61,8 @@ async def scenario(channel: grpc.aio.Channel, args) -> tuple[Callable[[int], Awa
     seed = getattr(args, "seed", 0)
     customers, purchases = await asyncio.to_thread(customers_and_purchases, getattr(args, "rows", 5000), seed)
     k = getattr(args, "k", 10)
-    click_rate = getattr(args, "click_rate", 0.03)
+    click_rate = getattr(args, "click_rate", CLICK_RATE)
+    bought_click_rate = getattr(args, "bought_click_rate", BOUGHT_CLICK_RATE)
     click_delay = getattr(args, "click_delay_s", 1.0)
     purchase_delay = getattr(args, "label_delay_s", 2.0)
     outcome_rate = getattr(args, "outcome_rate", 1.0)
@@ -94,7 +100,8 @@ async def scenario(channel: grpc.aio.Channel, args) -> tuple[Callable[[int], Awa
             real = purchases[req.user_id]
             for item in resp.items:
                 if item.item_id in real:
-                    later(report(resp.prediction_id, item.item_id, True))
+                    if rng.random() < bought_click_rate:
+                        later(report(resp.prediction_id, item.item_id, True))
                 elif rng.random() < click_rate:
                     later(report(resp.prediction_id, item.item_id, False))
         return resp

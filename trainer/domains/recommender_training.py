@@ -17,9 +17,9 @@ not move the ranking: they are left out of the gradient losses above, and after 
 click calibration [a, b] (RecoNet.click_probability: sigmoid(a * c + b)) is fitted by maximum
 likelihood on the shown rows, clicked or not (fit_click_calibration). An item a list showed
 is, by construction, one the serving version ranked high: as a ranking negative it would teach
-the next version to avoid what the last one showed (measured in tests/test_impressions.py: HR@10
-of the clicked items fell from 1.0 to 0.85 on the gate's window when impressions entered the click
-loss).
+the next version to avoid what the last one showed (the choice is a design argument, not a
+measured comparison: tests/test_impressions.py checks that HR@10 does not drop against a learner
+fed the clicks alone).
 
 Position bias: a shown item lower in the list is clicked less for reasons that are not the
 item's. Rows of served items carry their 1-based place; a click at place p is weighted by
