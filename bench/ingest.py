@@ -150,9 +150,10 @@ def fraud_stream(n: int, *, seed: int = 0, instance: str = "fraud-bench-1", labe
 
 # ---------------------------------------------------------------- measurements
 
-def bench_direct(payloads: list[bytes], batch: int, folder: Path) -> dict[str, Any]:
+def bench_direct(payloads: list[bytes], batch: int, folder: Path, open_log=None) -> dict[str, Any]:
+    """open_log: a factory of the EventLog to measure (default: a SQLite log in folder)."""
     from trainer.eventlog import STORED, SqliteEventLog
-    log = SqliteEventLog(folder / "direct.db")
+    log = SqliteEventLog(folder / "direct.db") if open_log is None else open_log()
     try:
         stored = 0
         c0, t0 = self_cpu_s(), time.perf_counter()
@@ -303,9 +304,10 @@ _MODES = {"grpc-collector": "raw", "grpc-ack-only": "raw", "feedback-client": "c
 
 
 async def bench_grpc(path: str, n: int, streams: int, seed: int, folder: Path, batch: int, client_batch: int,
-                     pin: bool = False, linger_s: float = 0.001) -> dict[str, Any]:
+                     pin: bool = False, linger_s: float = 0.001, open_log=None) -> dict[str, Any]:
     """The client process (mode by path) against our collector, or (grpc-ack-only) a servicer that
-    acks every record without storing it."""
+    acks every record without storing it. open_log: a factory of the collector's EventLog
+    (default: a SQLite log in folder)."""
     split = _cpu_split() if pin else None
     before = os.sched_getaffinity(0) if split else None
     if split:
@@ -316,7 +318,7 @@ async def bench_grpc(path: str, n: int, streams: int, seed: int, folder: Path, b
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
     log = collector = None
     if path != "grpc-ack-only":
-        log = SqliteEventLog(folder / "collector.db")
+        log = SqliteEventLog(folder / "collector.db") if open_log is None else open_log()
         collector = FeedbackCollector(log, max_batch=batch, linger_s=linger_s)
         add_collector(server, collector)
     else:

@@ -78,34 +78,57 @@ local function remove_offset(h, f, off)
 end
 """
 
-# KEYS: stream seq ids served outcomes okeys counts; ARGV: received_at, overhead, then 7 per record
+# KEYS: stream seq ids served outcomes okeys counts; ARGV: received_at, overhead, then 7 per record.
+# Batch-level commands where one serves the whole batch (one HMGET for the duplicate check, one
+# INCRBY for the offsets, one HSET for the ids, one HINCRBY per domain and kind): a record costs
+# its XADD and one or two HSETNX.
 _APPEND = _LIB + """
+local n = (#ARGV - 2) / 7
+local ids = {}
+for r = 1, n do ids[r] = ARGV[3 + (r - 1) * 7] end
+local old = {}
+for i = 1, n, 1000 do  -- in parts: unpack() has a stack limit of a few thousand values
+  local part = redis.call('HMGET', KEYS[3], unpack(ids, i, math.min(i + 999, n)))
+  for j = 1, #part do old[#old + 1] = part[j] end
+end
+local fresh = 0
+for r = 1, n do if not old[r] then fresh = fresh + 1 end end
 local out = {}
-local i = 3
-local r = 1
-while i <= #ARGV do
-  local rid, dom, kind, pid, et, okey, payload = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5], ARGV[i+6]
-  i = i + 7
-  local old = redis.call('HGET', KEYS[3], rid)
-  if old then
-    out[r] = -tonumber(old)
+if fresh == 0 then
+  for r = 1, n do out[r] = -tonumber(old[r]) end
+  return out
+end
+local off = redis.call('INCRBY', KEYS[2], fresh) - fresh
+local id_pairs = {}
+local counts = {}
+local bytes = 0
+for r = 1, n do
+  if old[r] then
+    out[r] = -tonumber(old[r])
   else
-    local off = redis.call('INCR', KEYS[2])
-    redis.call('XADD', KEYS[1], '0-' .. off, 'r', rid, 'd', dom, 'k', kind, 'p', pid, 't', et, 'a', ARGV[1],
-               'o', okey, 'b', payload)
-    redis.call('HSET', KEYS[3], rid, off)
+    local i = 3 + (r - 1) * 7
+    local rid, dom, kind, pid, okey, payload = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+5], ARGV[i+6]
+    off = off + 1
+    redis.call('XADD', KEYS[1], '0-' .. off, 'r', rid, 'd', dom, 'k', kind, 'p', pid, 't', ARGV[i+4],
+               'a', ARGV[1], 'o', okey, 'b', payload)
+    id_pairs[#id_pairs + 1] = rid
+    id_pairs[#id_pairs + 1] = off
     if kind == 'served' then
-      add_offset(KEYS[4], pid, off)
+      if redis.call('HSETNX', KEYS[4], pid, off) == 0 then add_offset(KEYS[4], pid, off) end
     else
-      add_offset(KEYS[5], dom .. '\\31' .. pid, off)
-      if okey ~= '' then add_offset(KEYS[6], okey, off) end
+      local f = dom .. '\\31' .. pid
+      if redis.call('HSETNX', KEYS[5], f, off) == 0 then add_offset(KEYS[5], f, off) end
+      if okey ~= '' and redis.call('HSETNX', KEYS[6], okey, off) == 0 then add_offset(KEYS[6], okey, off) end
     end
-    redis.call('HINCRBY', KEYS[7], dom .. '\\31' .. kind, 1)
-    redis.call('HINCRBY', KEYS[7], '\\31bytes', string.len(payload) + tonumber(ARGV[2]))
+    local c = dom .. '\\31' .. kind
+    counts[c] = (counts[c] or 0) + 1
+    bytes = bytes + string.len(payload) + tonumber(ARGV[2])
     out[r] = off
   end
-  r = r + 1
 end
+for i = 1, #id_pairs, 2000 do redis.call('HSET', KEYS[3], unpack(id_pairs, i, math.min(i + 1999, #id_pairs))) end
+for c, k in pairs(counts) do redis.call('HINCRBY', KEYS[7], c, k) end
+redis.call('HINCRBY', KEYS[7], '\\31bytes', bytes)
 return out
 """
 
