@@ -1,5 +1,5 @@
 """The fence a trainer's learner calls before each checkpoint write and publish in Redis mode
-(trainer.service.lease_fence, Learner.fence): a real redis-server, two trainers' leases.
+(trainer.ha.lease_fence, Learner.fence): a real redis-server, two trainers' leases.
 
 A holder paused past its lease (a GC pause, a stopped VM: here, a holder that stops renewing) and
 replaced by another trainer is refused by its fence, from its round thread, even though its own
@@ -15,7 +15,7 @@ import pytest
 from shared.redis_conn import redis_client
 from tests.redis_server import redis_server  # noqa: F401 (a fixture)
 from trainer.lease import LearnerLease, LeaseLost
-from trainer.service import lease_fence
+from trainer.ha import lease_fence
 
 
 def test_a_replaced_holder_is_refused_by_its_fence_and_the_new_holder_passes(redis_server):  # noqa: F811

@@ -19,8 +19,8 @@ consumer `learner-<domain>`, which is what retention goes by.
 Redis mode (`event_log_url` = redis://...; DESIGN.md "Beyond one host"): the event log is
 RedisEventLog (trainer/eventlog_redis.py), shared by every trainer replica, and every replica's
 collector accepts feedback. Each domain is learned by one replica at a time: the one holding the
-domain's LearnerLease (trainer/lease.py). The others wait as standbys; when the holder dies its
-lease runs out (lease_ttl_s) and a standby takes it, restores the domain's checkpoint from the
+domain's LearnerLease (trainer/lease.py; its terms: trainer/ha.py). The others wait as standbys;
+when the holder dies its lease runs out (lease_ttl_s) and a standby takes it, restores the domain's checkpoint from the
 shared workdir and resumes from the position it records (= the offset committed in the log as
 `learner-<domain>`), so no label is trained twice or skipped. The lease's fencing token is
 checked before every checkpoint write and right before every registry publish (a holder that lost
@@ -47,12 +47,12 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from prometheus_client import Counter, Gauge
-from redis.exceptions import RedisError
 
 from shared.registry import ModelRegistry, RegistryError
 from shared.server import ServerApp
 from trainer.collector import FeedbackCollector, add_collector
 from trainer.eventlog import EventLog
+from trainer.ha import DomainLeadership
 from trainer.joiner import Joiner
 from trainer.learner import Learner
 from trainer.report import write_report
@@ -252,27 +252,6 @@ class DomainLoop:
                 await asyncio.sleep(max(1.0, self.poll_interval_s))
 
 
-def lease_fence(lease, token: int, loop: asyncio.AbstractEventLoop, timeout_s: float) -> Callable[[], dict]:
-    """Learner.fence for a round thread: asks Redis (on the event loop) whether this trainer still
-    holds the domain's lease with `token`; raises LeaseLost (or the Redis error, or a timeout)
-    when it cannot say yes, else returns what the manifest records."""
-    from trainer.lease import LeaseLost
-
-    def fence() -> dict:
-        try:
-            on_loop = asyncio.get_running_loop() is loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:  # cannot block the loop on itself: the lease's own view, kept by its renewals
-            if lease.token != token or not lease.held:
-                raise LeaseLost(f"{lease.domain}: token {token} is not held any more")
-        else:
-            asyncio.run_coroutine_threadsafe(lease.check(token), loop).result(timeout_s)
-        return {"lease": {"token": token, "owner": lease.owner}}
-
-    return fence
-
-
 class TrainerApp(ServerApp):
     """The trainer's ServerApp: its stop() first runs `before_stop` (stop taking feedback, settle
     the rounds in progress; see the module docstring), then the servers' drain and stop."""
@@ -337,8 +316,7 @@ def make_app(s: TrainerSettings) -> ServerApp:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                if s.on_redis and not (s.domain_list and s.domain_list[0] in leases
-                                       and leases[s.domain_list[0]].held):
+                if s.on_redis and not (leadership and s.domain_list and leadership[0].holds(s.domain_list[0])):
                     await asyncio.sleep(s.retention_interval_s)  # another replica runs the passes
                     continue
                 report = await loop.run_in_executor(retention_pool, event_log.retain, policy)
@@ -354,10 +332,7 @@ def make_app(s: TrainerSettings) -> ServerApp:
                 log.exception("event log retention failed")
             await asyncio.sleep(s.retention_interval_s)
 
-    stop_leading = asyncio.Event()
-    leases: dict = {}  # domain -> LearnerLease (Redis mode)
-    lost_rounds: dict[str, asyncio.Future] = {}  # domain -> the round future of a term whose lease was lost
-    redis_clients: list = []
+    leadership: list[DomainLeadership] = []  # Redis mode: this replica's terms as each domain's learner
 
     def open_domain(domain: str) -> DomainLoop:
         """Under the domain's lease (Redis mode, in a worker thread): bootstrap it if nobody has yet,
@@ -369,73 +344,6 @@ def make_app(s: TrainerSettings) -> ServerApp:
             bootstrap(registry, Path(s.workdir), [domain], force=True, models={domain: s.domain_model(domain)},
                       plugins=s.loaded_domains())
         return DomainLoop(domain, event_log, registry, s)
-
-    async def learn_under_lease(domain: str, lease) -> None:
-        """Redis mode: wait for the domain's lease, learn while holding it, wait again when it is lost."""
-        while not stop_leading.is_set():
-            try:
-                if not await hold_and_learn(domain, lease):
-                    return
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # keep the domain's failover alive; the next turn waits for the lease again
-                log.exception("%s: learning under the lease failed; waiting for the lease again", domain)
-                await asyncio.sleep(s.lease_poll_s)
-
-    async def hold_and_learn(domain: str, lease) -> bool:
-        """One term as the domain's learner: wait for the lease, learn until it is lost or the trainer
-        stops. False when the domain cannot be learned here (or the trainer stops)."""
-        aio = asyncio.get_running_loop()
-        token = await lease.acquire(stop_leading)
-        if token is None:
-            return False
-        lease.start_keeping()
-        lp = loop_task = lost = None
-        try:
-            earlier = lost_rounds.pop(domain, None)
-            if earlier is not None and not earlier.done():
-                # a round of this trainer's lost term still runs (it cannot checkpoint or publish with
-                # its old token): let it end before the checkpoint is read again
-                log.info("%s: waiting for the round of the lost term to end", domain)
-                await asyncio.wait([earlier])
-            try:
-                lp = await asyncio.to_thread(open_domain, domain)
-            except FileNotFoundError as e:
-                log.error("%s; run `python -m trainer bootstrap --domains %s`; not learning it", e, domain)
-                return False
-            lp.learner.fence = lease_fence(lease, token, aio, timeout_s=s.lease_ttl_s)
-            lp.after_round = app.refresh_health
-            loops[domain] = lp
-            log.info("%s: learning as the lease holder (token %d), from offset %d", domain, token,
-                     lp.joiner.checkpoint()["offset"])
-            loop_task = aio.create_task(lp.run(), name=f"learn-{domain}")
-            lost = aio.create_task(lease.lost.wait())
-            await asyncio.wait([loop_task, lost], return_when=asyncio.FIRST_COMPLETED)
-            if lease.lost.is_set():
-                log.warning("%s: learner lease lost; this trainer stops learning it and waits as a standby", domain)
-        finally:
-            if lp is not None:
-                lp.stopping = True
-                if lease.lost.is_set():
-                    lp.cancel.cancel()  # a round in progress stops at its commit point (the fence holds too)
-                if lp.round_future is not None and not lp.round_future.done():
-                    # still running in its thread: the next term waits for it; its end (e.g. LeaseLost
-                    # at the fence, RoundCancelled at the commit point) is logged
-                    lost_rounds[domain] = lp.round_future
-                    lp.round_future.add_done_callback(
-                        lambda f, d=domain: f.cancelled() or log.info("%s: round of the lost term ended: %r", d,
-                                                                      f.exception() or f.result()))
-                loops.pop(domain, None)
-            for t in (loop_task, lost):
-                if t is not None:
-                    t.cancel()
-            await asyncio.gather(*(t for t in (loop_task, lost) if t is not None), return_exceptions=True)
-            try:
-                await lease.release()
-            except (RedisError, OSError) as e:  # Redis down: the lease runs out by its TTL instead
-                log.warning("%s: could not release the learner lease (%s: %s); it expires by itself", domain,
-                            type(e).__name__, e)
-        return True
 
     async def follow_readiness() -> None:
         """Redis mode: readiness depends on what other replicas publish (a standby's first version
@@ -451,16 +359,9 @@ def make_app(s: TrainerSettings) -> ServerApp:
 
     async def start() -> None:
         if s.on_redis:
-            from shared.redis_conn import redis_client
-            from trainer.lease import LearnerLease
-
             model_names.update(await asyncio.to_thread(lambda: {d: s.domain_model(d).name for d in s.domain_list}))
-            client = redis_client(s.event_log_url, s.redis_password_file)
-            redis_clients.append(client)
-            for domain in s.domain_list:
-                leases[domain] = LearnerLease(client, domain, ttl_s=s.lease_ttl_s, poll_s=s.lease_poll_s)
-                tasks.append(asyncio.get_running_loop().create_task(learn_under_lease(domain, leases[domain]),
-                                                                    name=f"lease-{domain}"))
+            leadership.append(DomainLeadership(s, open_domain, loops, app.refresh_health))
+            tasks.extend(leadership[0].start())
             if s.retention_interval_s > 0:
                 tasks.append(asyncio.get_running_loop().create_task(retain_forever(), name="eventlog-retention"))
             tasks.append(asyncio.get_running_loop().create_task(follow_readiness(), name="readiness"))
@@ -490,7 +391,8 @@ def make_app(s: TrainerSettings) -> ServerApp:
         """Shutdown, before the server stops: no more feedback, no new round, and the round in
         progress either finishes within shutdown_round_grace_s or is abandoned unpublished."""
         log.info("trainer: shutting down: the collector takes no more feedback, no new round starts")
-        stop_leading.set()
+        for lead in leadership:
+            lead.stop()
         for lp in loops.values():
             lp.stopping = True
         await collector.stop_accepting(timeout_s=max(1.0, s.grace_s))
@@ -536,8 +438,8 @@ def make_app(s: TrainerSettings) -> ServerApp:
         await asyncio.gather(*tasks, return_exceptions=True)
         await collector.close()
         await asyncio.to_thread(retention_pool.shutdown, True)
-        for client in redis_clients:
-            await client.aclose()
+        for lead in leadership:
+            await lead.close()
         event_log.close()
         log.info("trainer: event log closed")
 
