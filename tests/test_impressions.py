@@ -37,6 +37,7 @@ from trainer.domains.recommender_plugin import served_impressions
 from trainer.eventlog import STORED, SqliteEventLog
 from trainer.joiner import Joiner
 from trainer.learner import Learner, LearnerConfig
+from trainer.report import calibration_rows, render_html
 
 DAY = 86400.0
 T0 = 20_100 * DAY + 9 * 3600.0  # a morning, days after the first version's purchases
@@ -302,6 +303,11 @@ def test_impressions_calibrate_the_click_probability_without_hurting_the_ranking
     assert served_p[0] > 0.5  # the first version, positives only: far from the click rate
     assert abs(served_p[-1] - observed) <= 0.05, (served_p, observed)
     assert click_clicks_only.mean() > observed + 0.2, float(click_clicks_only.mean())
+    # the learning report's per-version calibration table, from the learner's decision log
+    rows = calibration_rows(learner.decisions.read())
+    assert rows[0]["version"] == "1" and rows[-1]["version"] == final.version
+    assert rows[-1]["gate_click_ece"] is not None and rows[-1]["served_click_rate"] == pytest.approx(observed, abs=0.01)
+    assert "Click calibration per version" in render_html("recommender", learner.decisions.read(), b"")
     # the learning report's figures: the prequential window of the last round holds shown items too
     preq = entry["prequential"]
     assert preq["click_rate"] == pytest.approx(observed, abs=0.01) and 0 <= preq["click_ece"] <= 1
