@@ -242,33 +242,6 @@ class RecommenderModel(DomainModel):
         scores = (net.augmented_users(u) @ catalog.t()).scatter_add(1, rows, rep)
         return scores, u, rep
 
-    def click_logits(self, net: RecoNet, X: np.ndarray) -> np.ndarray:
-        """[n]: the click logit c (repeat term included, before calibration) of each row's item,
-        as predict scores it, without ranking the whole catalog."""
-        net.eval()
-        out = np.zeros(len(X), np.float32)
-        if len(X) == 0:
-            return out
-        user, ctx, item, hist = self._split(X)
-        days = np.asarray(X, np.float32)[:, COL_DAY].astype(np.int64)
-        d = net.dims.d
-        with torch.no_grad():
-            for day in np.unique(days):
-                catalog = self.all_item_vectors(net, int(day))
-                on_day = np.flatnonzero(days == day)
-                for a in range(0, len(on_day), 2048):
-                    sl = torch.from_numpy(on_day[a:a + 2048])
-                    h = torch.where(hist[sl] > 0, hist[sl] - 1, -1)
-                    valid = h >= 0
-                    h_rows = torch.where(valid, h, 0)
-                    hv = catalog[h_rows]
-                    u = net.user_vectors(user[sl], ctx[sl], hv, valid)
-                    rep = net.repeat_values(h_rows, valid, hv[..., 2 * d + 2], u[:, 2 * d])
-                    rows = (item[sl] - 1).clamp(min=0)
-                    c, _ = net.heads(u, catalog[rows])
-                    out[sl.numpy()] = (c + (rep * (h == rows.unsqueeze(1))).sum(1)).numpy()
-        return out
-
     def predict(self, net, X) -> np.ndarray:
         """[n, 3]: pCTR and pCTCVR of each row's item, and its 0-based rank among all catalog
         items for that user (the gate's HR@10)."""

@@ -124,6 +124,34 @@ MIN_CALIBRATION_ROWS = 100  # shown rows (with at least one click and one not) b
 CALIBRATION_ROWS = 20_000  # the newest shown rows the fit uses
 
 
+def click_logits(model, net, X: np.ndarray) -> np.ndarray:
+    """[n]: the click logit c (repeat term included, before calibration) of each row's item,
+    as RecommenderModel.predict scores it, without ranking the whole catalog."""
+    net.eval()
+    out = np.zeros(len(X), np.float32)
+    if len(X) == 0:
+        return out
+    user, ctx, item, hist = model._split(X)
+    days = np.asarray(X, np.float32)[:, COL_DAY].astype(np.int64)
+    d = net.dims.d
+    with torch.no_grad():
+        for day in np.unique(days):
+            catalog = model.all_item_vectors(net, int(day))
+            on_day = np.flatnonzero(days == day)
+            for a in range(0, len(on_day), 2048):
+                sl = torch.from_numpy(on_day[a:a + 2048])
+                h = torch.where(hist[sl] > 0, hist[sl] - 1, -1)
+                valid = h >= 0
+                h_rows = torch.where(valid, h, 0)
+                hv = catalog[h_rows]
+                u = net.user_vectors(user[sl], ctx[sl], hv, valid)
+                rep = net.repeat_values(h_rows, valid, hv[..., 2 * d + 2], u[:, 2 * d])
+                rows = (item[sl] - 1).clamp(min=0)
+                c, _ = net.heads(u, catalog[rows])
+                out[sl.numpy()] = (c + (rep * (h == rows.unsqueeze(1))).sum(1)).numpy()
+    return out
+
+
 def fit_click_calibration(model, net, X, y) -> dict[str, float] | None:
     """Fit net.click_calibration [a, b] (sigmoid(a * c + b) = P(click | shown)) by maximum
     likelihood on the rows of X with a served place, clicked or not (the newest
@@ -136,7 +164,7 @@ def fit_click_calibration(model, net, X, y) -> dict[str, float] | None:
     clicked = torch.from_numpy((np.asarray(y)[shown] >= LEVEL_CLICK).astype(np.float32))
     if clicked.sum() in (0, len(shown)):
         return None
-    c = torch.from_numpy(model.click_logits(net, X[shown]))
+    c = torch.from_numpy(click_logits(model, net, X[shown]))
     ab = net.click_calibration.detach().clone().requires_grad_(True)
     opt = torch.optim.LBFGS([ab], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
 
