@@ -309,3 +309,30 @@ def test_outcomes_stored_before_domain_plug_ins_still_join(log):
     append(log, fraud_outcome("o1-again", "p1", T + 60, is_fraud=True))
     j = Joiner(log)
     assert [x.prediction_id for x in j.poll()] == ["p1", "p2"] and j.duplicates == 1
+
+
+def test_served_labels_are_asked_once_across_committed_restarts(log):
+    """The served position travels in the committed checkpoint: a joiner restored from it asks
+    the plug-in about no served prediction twice; a checkpoint from before served positions
+    resumes them at its read position."""
+    def listing(rid: str, pid: str, at: float) -> fb.FeedbackRecord:
+        r = rec_served(rid, pid, at)
+        out = r.served.outputs.add(name="item_ids", datatype="BYTES", shape=[1, 2])
+        out.raw_data = b"".join(len(i).to_bytes(4, "little") + i for i in (b"x", b"y"))
+        return r
+
+    window = DEFAULT_WINDOWS["recommender"]
+    append(log, listing("s1", "p1", T), rec_outcome("o1", "p1", T + 5, item="x"))
+    clock = Clock(T + 10)
+    j = Joiner(log, consumer="c", clock=clock, grace_s=0.0)
+    assert [x.label.item_id for x in j.poll()] == ["x"] and j.served_position == 0  # window open
+    clock.now = T + window + 1
+    assert [(x.label.item_id, x.derived) for x in j.poll()] == [("y", True)]
+    j.commit()
+    append(log, listing("s2", "p2", T + 1))
+    again = Joiner(log, consumer="c", clock=clock, grace_s=0.0)
+    assert again.served_position == 2
+    assert [(x.prediction_id, x.label.item_id) for x in again.poll()] == [("p2", "x"), ("p2", "y")]
+    old = Joiner(log, consumer="old", clock=clock, grace_s=0.0)
+    old.restore(2, ())  # served_offset unknown: from the read position
+    assert old.served_position == 2 and [x.prediction_id for x in old.poll()] == ["p2", "p2"]
