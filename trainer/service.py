@@ -109,7 +109,8 @@ class DomainLoop:
             raise FileNotFoundError(f"{domain}: no checkpoint in {self.learner.checkpoint.path}")
         self.joiner = Joiner(log_, s.label_windows(), domain=domain, grace_s=s.join_grace_s)
         # The learner's checkpoint is the truth for where learning resumes.
-        self.joiner.restore(self.learner.progress.get("offset", 0), self.learner.progress.get("pending", ()))
+        self.joiner.restore(self.learner.progress.get("offset", 0), self.learner.progress.get("pending", ()),
+                            self.learner.progress.get("served_offset"))  # served predictions still to derive labels of
         # ... and what the log's retention goes by: committed as this domain's consumer (again at
         # start: a checkpoint restored from a backup may be behind what was committed before)
         self.log = log_
