@@ -1,5 +1,8 @@
 """The incremental learner of one domain: joined events -> update -> gate -> export -> publish.
 
+Long file: one class whose round is one transaction (replay, gate, export, publish, checkpoint share
+its state); what stands apart already lives in gate.py, drift.py, canary.py, export.py.
+
 One round:
 1. take the joined examples the joiner produced since the last round into the evaluation
    window: the newest labels, held out of training for as long as the gate's metric needs
