@@ -59,9 +59,12 @@ def _columns(X: np.ndarray):
             t[:, COL_WEIGHT], off.long())
 
 
-def absorb(net: PricingNet, X: np.ndarray, y: np.ndarray, max_iter: int = 50, progress=None) -> int:
+def absorb(net: PricingNet, X: np.ndarray, y: np.ndarray, max_iter: int = 50, progress=None,
+           fit_curve: bool = True) -> int:
     """Absorb the rows the posterior does not hold yet (offset > net.absorbed_offset): MAP under
-    the current posterior as the prior, then add their Fisher information. Returns rows absorbed."""
+    the current posterior as the prior, then add their Fisher information. Returns rows absorbed.
+    fit_curve False holds the segments' curve shapes at their means (a purely logistic fit: the
+    logit market simulator's calibration, whose truth is the logistic part alone)."""
     product, segment, hour, x, weight, offset = _columns(X)
     fresh = offset > int(net.absorbed_offset)
     if not bool(fresh.any()):
@@ -71,7 +74,7 @@ def absorb(net: PricingNet, X: np.ndarray, y: np.ndarray, max_iter: int = 50, pr
     with torch.no_grad():
         for name in PricingNet.SHAPES:
             getattr(net, f"prior_{name}").copy_(getattr(net, name))
-    _solve(net, product, segment, hour, x, weight, target, max_iter, progress)
+    _solve(net, product, segment, hour, x, weight, target, max_iter, progress, fit_curve)
     with torch.no_grad():
         _add_fisher(net, product, segment, hour, x, weight)
         net.absorbed_offset.fill_(int(offset.max()))
@@ -110,7 +113,8 @@ def refit(net: PricingNet, anchor: PricingNet, X: np.ndarray, y: np.ndarray, max
     return len(X)
 
 
-def _solve(net: PricingNet, product, segment, hour, x, weight, target, max_iter: int, progress) -> None:
+def _solve(net: PricingNet, product, segment, hour, x, weight, target, max_iter: int, progress,
+           fit_curve: bool = True) -> None:
     """MAP of the rows' weighted log loss plus 0.5 sum(prec (w - prior_w)^2), the prior's means
     in net.prior_*, its precisions in net.prec_*; writes the means of the rows it touches."""
     names = [n for n in PricingNet.SHAPES if n != CURVE]
@@ -133,12 +137,12 @@ def _solve(net: PricingNet, product, segment, hour, x, weight, target, max_iter:
         # the curve: the touched segments' knot rows, as [segments, N_KNOTS] blocks
         segs, seg_inverse = torch.unique(segment, return_inverse=True)
         curve_table = getattr(net, CURVE).view(N_SEGMENTS, N_KNOTS)
-        curve_local = curve_table[segs].clone().requires_grad_(True)
+        curve_local = curve_table[segs].clone().requires_grad_(fit_curve)
         curve_prior = getattr(net, f"prior_{CURVE}").view(N_SEGMENTS, N_KNOTS)[segs].clone()
         curve_prec = getattr(net, f"prec_{CURVE}").view(N_SEGMENTS, N_KNOTS)[segs].clone()
         basis = curve_basis(x)
     total_w = float(weight.sum())
-    opt = torch.optim.LBFGS([*local.values(), curve_local], lr=1.0, max_iter=max_iter, history_size=20,
+    opt = torch.optim.LBFGS([*local.values(), *([curve_local] if fit_curve else [])], lr=1.0, max_iter=max_iter, history_size=20,
                             tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
     calls = [0]
 
