@@ -100,9 +100,11 @@ def test_trainer_down_under_traffic_every_request_answered_and_the_feedback_repl
     wait_until(lambda: shop.outcomes > down_at + 200, 120, "answers while the trainer is down")
     loop.trainer.start()
     wait_serving(f"127.0.0.1:{loop.trainer_port}")
-    # the feedback client's backoff brings it back after its failed attempts, replaying the spool first
+    # the feedback client's backoff brings it back after its failed attempts, replaying the spool first.
+    # How many attempts fail depends on how long 200 answers take against the backoff schedule (one on
+    # a quiet machine, several on a loaded one); what the event proves is that it reconnected after failing
     wait_until(lambda: reconnects_after_failures(loop), 60, "the service to reconnect to the trainer")
-    assert reconnects_after_failures(loop)[-1] >= 2
+    assert reconnects_after_failures(loop)[-1] >= 1
     back_at = shop.outcomes
     wait_until(lambda: shop.outcomes >= back_at + 100, 60, "traffic with the trainer back")
     shop.stop()
