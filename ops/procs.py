@@ -103,8 +103,12 @@ class FraudLoop:
     def start(self, timeout: float = 300.0) -> "FraudLoop":
         self.trainer.start()
         self.fraud.start()
-        wait_serving(f"127.0.0.1:{self.trainer_port}", timeout, self.trainer)
-        wait_serving(f"127.0.0.1:{self.fraud_port}", timeout, self.fraud)
+        try:
+            wait_serving(f"127.0.0.1:{self.trainer_port}", timeout, self.trainer)
+            wait_serving(f"127.0.0.1:{self.fraud_port}", timeout, self.fraud)
+        except BaseException:  # the caller never gets the loop to stop: stop what was started
+            self.stop()
+            raise
         return self
 
     def stop(self) -> tuple[int, int]:
