@@ -67,7 +67,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
@@ -385,6 +385,42 @@ CREATE TABLE IF NOT EXISTS consumer_offsets (
 _COLUMNS = "offset, record_id, domain, kind, prediction_id, event_time, received_at, payload"
 
 
+def append_unique(records: Sequence[fb.FeedbackRecord | bytes], domains: Domains,
+                  store: Callable[[list[_Row]], list[AppendResult]]) -> list[AppendResult]:
+    """What every EventLog's append_batch does around its own write: validate each record
+    (`prepare`; a rejection is answered here), hand the first copy of each record_id in the batch
+    to `store` (which stores those not stored before and returns their results in order), and
+    answer a later copy in the same batch DUPLICATE at the first copy's offset."""
+    results: list[AppendResult | None] = [None] * len(records)
+    rows: list[tuple[int, _Row]] = []
+    first_in_batch: dict[str, int] = {}
+    later_copies: list[tuple[int, _Row]] = []  # the same record_id again in this batch
+    for i, item in enumerate(records):
+        prepared = prepare(item, domains)
+        if isinstance(prepared, AppendResult):
+            results[i] = prepared
+        elif prepared[0] in first_in_batch:
+            later_copies.append((i, prepared))
+        else:
+            first_in_batch[prepared[0]] = len(rows)
+            rows.append((i, prepared))
+    if rows:
+        for (i, _), result in zip(rows, store([r for _, r in rows])):
+            results[i] = result
+    for i, (rid, dname, kind, *_) in later_copies:
+        first = results[rows[first_in_batch[rid]][0]]
+        results[i] = AppendResult(rid, DUPLICATE, offset=first.offset, domain=dname, kind=kind)
+    return results  # type: ignore[return-value]
+
+
+def check_commit(consumer: str, offset: int) -> None:
+    """The arguments of EventLog.commit_offset, checked the same way by every log."""
+    if not consumer:
+        raise ValueError("consumer name required")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+
+
 def _chunks(items: list, n: int = _SQL_CHUNK):
     for i in range(0, len(items), n):
         yield items[i:i + n]
@@ -490,61 +526,44 @@ class SqliteEventLog:
     # ------------------------------------------------------------ writing
 
     def append_batch(self, records: Sequence[fb.FeedbackRecord | bytes]) -> list[AppendResult]:
-        results: list[AppendResult | None] = [None] * len(records)
-        rows: list[tuple[int, _Row]] = []
-        first_in_batch: dict[str, int] = {}
-        later_copies: list[tuple[int, str]] = []  # same record_id twice in one batch
-        for i, item in enumerate(records):
-            prepared = prepare(item, self.domains)
-            if isinstance(prepared, AppendResult):
-                results[i] = prepared
-            elif prepared[0] in first_in_batch:
-                later_copies.append((i, prepared[0]))
-                results[i] = AppendResult(prepared[0], DUPLICATE, domain=prepared[1], kind=prepared[2])
-            else:
-                first_in_batch[prepared[0]] = len(rows)
-                rows.append((i, prepared))
-        if rows:
-            received_at = time.time()
-            ids = [r[0] for _, r in rows]
-            with self._write_lock:
-                conn = self._writer
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    existing: dict[str, int] = {}
-                    for chunk in _chunks(ids):
-                        existing.update(conn.execute(
-                            f"SELECT record_id, offset FROM events WHERE record_id IN ({_marks(len(chunk))})", chunk))
-                    offset = conn.execute(
-                        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)").fetchone()[0]
-                    insert = []
-                    for i, (rid, dname, kind, pid, event_time, key, payload) in rows:
-                        old = existing.get(rid)
-                        if old is not None:
-                            results[i] = AppendResult(rid, DUPLICATE, offset=old, domain=dname, kind=kind)
-                            continue
-                        offset += 1
-                        insert.append((offset, rid, dname, kind, pid, event_time, received_at, key, payload))
-                        results[i] = AppendResult(rid, STORED, offset=offset, domain=dname, kind=kind)
-                    if insert:
-                        conn.executemany(
-                            "INSERT INTO events (offset, record_id, domain, kind, prediction_id, event_time, "
-                            "received_at, outcome_key, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", insert)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    self._rollback(conn)
-                    raise
-            for i, rid in later_copies:
-                first = results[rows[first_in_batch[rid]][0]]
-                r = results[i]
-                results[i] = AppendResult(rid, DUPLICATE, offset=first.offset, domain=r.domain, kind=r.kind)
-        return results  # type: ignore[return-value]
+        return append_unique(records, self.domains, self._store)
+
+    def _store(self, rows: list[_Row]) -> list[AppendResult]:
+        """Store the rows whose record_id is not stored yet, in one transaction."""
+        received_at = time.time()
+        ids = [r[0] for r in rows]
+        results: list[AppendResult] = []
+        with self._write_lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                existing: dict[str, int] = {}
+                for chunk in _chunks(ids):
+                    existing.update(conn.execute(
+                        f"SELECT record_id, offset FROM events WHERE record_id IN ({_marks(len(chunk))})", chunk))
+                offset = conn.execute(
+                    "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)").fetchone()[0]
+                insert = []
+                for rid, dname, kind, pid, event_time, key, payload in rows:
+                    old = existing.get(rid)
+                    if old is not None:
+                        results.append(AppendResult(rid, DUPLICATE, offset=old, domain=dname, kind=kind))
+                        continue
+                    offset += 1
+                    insert.append((offset, rid, dname, kind, pid, event_time, received_at, key, payload))
+                    results.append(AppendResult(rid, STORED, offset=offset, domain=dname, kind=kind))
+                if insert:
+                    conn.executemany(
+                        "INSERT INTO events (offset, record_id, domain, kind, prediction_id, event_time, "
+                        "received_at, outcome_key, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", insert)
+                conn.execute("COMMIT")
+            except BaseException:
+                self._rollback(conn)
+                raise
+        return results
 
     def commit_offset(self, consumer: str, offset: int, meta: dict[str, Any] | None = None) -> None:
-        if not consumer:
-            raise ValueError("consumer name required")
-        if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset}")
+        check_commit(consumer, offset)
         doc = None if meta is None else json.dumps(meta, separators=(",", ":"), sort_keys=True)
         with self._write_lock:
             self._writer.execute(

@@ -51,7 +51,8 @@ from typing import Any, Iterable, Sequence
 
 from protos.feedback.v1 import feedback_pb2 as fb
 from trainer.eventlog import (DUPLICATE, KINDS, LOG_BYTES, LOG_DELETED, LOG_ROWS, OUTCOME, SERVED, STORED,
-                              AppendResult, LogEntry, RetentionPolicy, RetentionReport, prepare)
+                              AppendResult, LogEntry, RetentionPolicy, RetentionReport, append_unique,
+                              check_commit)
 from trainer.plugins import Domains, default_domains
 
 log = logging.getLogger(__name__)
@@ -197,40 +198,19 @@ class RedisEventLog:
     # ------------------------------------------------------------ writing
 
     def append_batch(self, records: Sequence[fb.FeedbackRecord | bytes]) -> list[AppendResult]:
-        results: list[AppendResult | None] = [None] * len(records)
-        rows: list[tuple[int, tuple]] = []
-        first_in_batch: dict[str, int] = {}
-        later_copies: list[tuple[int, str]] = []  # same record_id twice in one batch
-        for i, item in enumerate(records):
-            prepared = prepare(item, self.domains)
-            if isinstance(prepared, AppendResult):
-                results[i] = prepared
-            elif prepared[0] in first_in_batch:
-                later_copies.append((i, prepared[0]))
-                results[i] = AppendResult(prepared[0], DUPLICATE, domain=prepared[1], kind=prepared[2])
-            else:
-                first_in_batch[prepared[0]] = len(rows)
-                rows.append((i, prepared))
-        if rows:
-            args: list[Any] = [repr(time.time()), EVENT_OVERHEAD]
-            for _, (rid, dname, kind, pid, event_time, key, payload) in rows:
-                args += [rid, dname, kind, pid, repr(float(event_time)), key or "", payload]
-            offsets = self._append(keys=self._keys, args=args)
-            for (i, (rid, dname, kind, *_)), off in zip(rows, offsets):
-                off = int(off)
-                status = STORED if off > 0 else DUPLICATE
-                results[i] = AppendResult(rid, status, offset=abs(off), domain=dname, kind=kind)
-            for i, rid in later_copies:
-                first = results[rows[first_in_batch[rid]][0]]
-                r = results[i]
-                results[i] = AppendResult(rid, DUPLICATE, offset=first.offset, domain=r.domain, kind=r.kind)
-        return results  # type: ignore[return-value]
+        return append_unique(records, self.domains, self._store)
+
+    def _store(self, rows: list[tuple]) -> list[AppendResult]:
+        """Store the rows whose record_id is not stored yet: one script, atomic (see _APPEND)."""
+        args: list[Any] = [repr(time.time()), EVENT_OVERHEAD]
+        for rid, dname, kind, pid, event_time, key, payload in rows:
+            args += [rid, dname, kind, pid, repr(float(event_time)), key or "", payload]
+        offsets = self._append(keys=self._keys, args=args)
+        return [AppendResult(rid, STORED if int(off) > 0 else DUPLICATE, offset=abs(int(off)), domain=dname, kind=kind)
+                for (rid, dname, kind, *_), off in zip(rows, offsets)]
 
     def commit_offset(self, consumer: str, offset: int, meta: dict[str, Any] | None = None) -> None:
-        if not consumer:
-            raise ValueError("consumer name required")
-        if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset}")
+        check_commit(consumer, offset)
         doc = json.dumps({"offset": int(offset), "meta": meta, "updated": time.time()}, separators=(",", ":"),
                          sort_keys=True)
         self.client.hset(self.consumers, consumer, doc)
