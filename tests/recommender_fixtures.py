@@ -73,3 +73,26 @@ def bootstrap_small_recommender(root: Path, config=None, limit: int = SMALL_LINE
     learner = Learner(RecommenderModel(registry_dir=registry.root), registry, root / "trainer", config)
     assert learner.restore()
     return registry, learner, _lines(limit).copy()
+
+
+class RunningRecommender:
+    """`async with RunningRecommender(settings) as stub`: one recommender server (services.recommender
+    .main.build) on its settings' loopback port, with a channel to it; .app and .service while it runs."""
+
+    def __init__(self, s) -> None:
+        self.s = s
+
+    async def __aenter__(self):
+        import grpc
+
+        from protos.recommender.v1 import recommender_pb2_grpc
+        from services.recommender.main import build
+
+        self.app, self.service = build(self.s)
+        await self.app.start()
+        self.channel = grpc.aio.insecure_channel(self.app.address)
+        return recommender_pb2_grpc.RecommenderStub(self.channel)
+
+    async def __aexit__(self, *exc) -> None:
+        await self.channel.close()
+        await self.app.stop()

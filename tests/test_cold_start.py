@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import collections
 
-import grpc
 import pytest
 from prometheus_client import REGISTRY
 
 from bench.cold_start import TEXT_EPOCHS, TEXT_NEW_FROM, text_world, train_version
 from protos.recommender.v1 import recommender_pb2 as pb
-from protos.recommender.v1 import recommender_pb2_grpc as pb_grpc
-from services.recommender.main import build
-from tests.recommender_fixtures import exported_text_encoder, recommender_test_settings
+from tests.recommender_fixtures import RunningRecommender, exported_text_encoder, recommender_test_settings
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +26,6 @@ def world(tmp_path_factory):
     before = df[df["day"] < sorted(df["day"].unique())[TEXT_NEW_FROM]]
     bought = before.groupby("customer_id")["product_id"].apply(list).to_dict()
     return root, registry, catalog, new_ids, favourites, bought
-
-
-class Running:
-    def __init__(self, s):
-        self.s = s
-
-    async def __aenter__(self):
-        self.app, self.service = build(self.s)
-        await self.app.start()
-        self.channel = grpc.aio.insecure_channel(self.app.address)
-        return pb_grpc.RecommenderStub(self.channel)
-
-    async def __aexit__(self, *exc):
-        await self.channel.close()
-        await self.app.stop()
 
 
 def kind(item_id: str) -> str:
@@ -70,7 +52,7 @@ def one_kind_customers(favourites, bought, least: int = 3) -> list[str]:
 async def test_a_new_titled_item_reaches_matching_customers_before_any_interaction(world):
     root, registry, catalog, new_ids, favourites, bought = world
     new = set(new_ids)
-    async with Running(recommender_test_settings(root, registry, "explore")) as stub:
+    async with RunningRecommender(recommender_test_settings(root, registry, "explore")) as stub:
         before = await stub.Recommend(pb.RecommendRequest(user_id="c0", k=10))
         assert not new & {it.item_id for it in before.items}  # not in the catalog yet
         await upsert_new_items(stub, catalog, new_ids)
@@ -106,7 +88,7 @@ async def test_without_the_slot_new_items_rank_on_content_and_the_prior_only(wor
     and the cold-item prior with the customers' own repeat purchases (bench/cold_start.py)."""
     root, registry, catalog, new_ids, favourites, bought = world
     new = set(new_ids)
-    async with Running(recommender_test_settings(root, registry, "no-explore", explore_share=0.0)) as stub:
+    async with RunningRecommender(recommender_test_settings(root, registry, "no-explore", explore_share=0.0)) as stub:
         await upsert_new_items(stub, catalog, new_ids)
         explored0 = counter("storefront_recommender_explored_items_total")
         shown = collections.Counter()

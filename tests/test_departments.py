@@ -11,11 +11,9 @@ import grpc
 import pytest
 
 from protos.recommender.v1 import recommender_pb2 as pb
-from protos.recommender.v1 import recommender_pb2_grpc as pb_grpc
-from services.recommender.main import build
 from shared.registry import ModelRegistry
 from tests.reco_onnx import publish_contract_version
-from tests.recommender_fixtures import exported_text_encoder, recommender_test_settings
+from tests.recommender_fixtures import RunningRecommender, exported_text_encoder, recommender_test_settings
 from trainer.text_encoder import publish_text_encoder
 
 GROCERY = [("Organic whole milk 1 litre", "dairy"), ("Semi-skimmed milk 2 litres", "dairy"),
@@ -43,21 +41,6 @@ def world(tmp_path_factory):
     return root, registry
 
 
-class Running:
-    def __init__(self, s):
-        self.s = s
-
-    async def __aenter__(self):
-        self.app, self.service = build(self.s)
-        await self.app.start()
-        self.channel = grpc.aio.insecure_channel(self.app.address)
-        return pb_grpc.RecommenderStub(self.channel)
-
-    async def __aexit__(self, *exc):
-        await self.channel.close()
-        await self.app.stop()
-
-
 def ids(resp) -> list[str]:
     return [it.item_id for it in resp.items]
 
@@ -68,7 +51,7 @@ async def recommend(stub, user: str, k: int = 200, **kw):
 
 async def test_scoped_requests_never_cross_departments(world):
     root, registry = world
-    async with Running(recommender_test_settings(root, registry, "scoped")) as stub:
+    async with RunningRecommender(recommender_test_settings(root, registry, "scoped")) as stub:
         first = await stub.UpsertItems(pb.UpsertItemsRequest(items=FILMS))
         assert (first.inserted, first.catalog_size) == (len(FILMS), len(CATALOG) + len(FILMS))
         await stub.UpsertItems(pb.UpsertItemsRequest(items=GARDEN))
@@ -103,7 +86,7 @@ async def test_scoped_requests_never_cross_departments(world):
         assert "film-2" not in films and len(films) == len(FILMS) - 1
         assert "film-2" in ids(await recommend(stub, "", departments=["garden"]))
     # a restart replays the journal: departments (and the move) survive
-    async with Running(recommender_test_settings(root, registry, "scoped")) as stub:
+    async with RunningRecommender(recommender_test_settings(root, registry, "scoped")) as stub:
         for user in WHO:
             garden = ids(await recommend(stub, user, departments=["garden"]))
             assert sorted(garden) == sorted([it.item_id for it in GARDEN] + ["film-2"])
@@ -113,7 +96,7 @@ async def test_scoped_requests_never_cross_departments(world):
 
 async def test_department_fields_are_validated(world):
     root, registry = world
-    async with Running(recommender_test_settings(root, registry, "validate")) as stub:
+    async with RunningRecommender(recommender_test_settings(root, registry, "validate")) as stub:
         bad = [(dict(departments=["d"] * 17), "departments has 17 names; at most 16"),
                (dict(departments=["films", "x" * 65]), "departments[1] is longer than 64 characters")]
         for fields, words in bad:
@@ -152,7 +135,7 @@ async def test_the_exploration_slot_ends_when_a_version_learns_the_items(tmp_pat
     publish_contract_version(registry, tmp_path / "v1", shop, users, dim=16, seed=5)
     new = [{"item_id": f"film-{i}", "title": it.title, "category": it.category, "price": it.price}
            for i, it in enumerate(FILMS[:3])]
-    async with Running(recommender_test_settings(tmp_path, registry, "explore")) as stub:
+    async with RunningRecommender(recommender_test_settings(tmp_path, registry, "explore")) as stub:
         await stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.Item(**n, department="films") for n in new]))
         new_ids = {n["item_id"] for n in new}
         before = explored()
