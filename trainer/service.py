@@ -50,6 +50,7 @@ from prometheus_client import Counter, Gauge
 
 from shared.registry import ModelRegistry, RegistryError
 from shared.server import ServerApp
+from shared.server.bootstrap import ABANDONABLE_THREAD
 from trainer.collector import FeedbackCollector, add_collector
 from trainer.eventlog import EventLog
 from trainer.ha import DomainLeadership
@@ -227,7 +228,8 @@ class DomainLoop:
                     progress = self.joiner.checkpoint()
                     self.round_labels = len(self.learner.pending)
                     log.info("%s: round started on %d new labels", self.domain, self.round_labels)
-                    self.round_future = _in_daemon_thread(self._round, progress, name=f"round-{self.domain}")
+                    self.round_future = _in_daemon_thread(self._round, progress,
+                                                          name=f"{ABANDONABLE_THREAD}round-{self.domain}")
                     try:
                         # shielded: a cancelled loop task leaves the round to the shutdown, which
                         # waits for it or cancels it at its commit point

@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Awaitable, Callable, Mapping
 
@@ -211,7 +212,27 @@ def run_app(make_app: Callable[[ServerSettings], ServerApp], settings: ServerSet
     if settings.workers > 1:
         return _supervise(settings)
     asyncio.run(_serve_until_signal(make_app(settings)))
+    _exit_past_abandoned_threads()
     return 0
+
+
+# A daemon thread whose name starts with this may be abandoned at shutdown (it commits nothing
+# after the stop); run_app exits past it instead of waiting.
+ABANDONABLE_THREAD = "abandonable:"
+
+
+def _exit_past_abandoned_threads() -> None:
+    """Everything durable is closed by now. A daemon thread still running (the trainer's round
+    abandoned at shutdown, deep in torch) can abort the interpreter's finalization with a C++
+    `terminate` (exit -6, seen in CI), so when one is left, flush and leave without finalizing."""
+    left = [t.name for t in threading.enumerate() if t.daemon and t.is_alive() and t.name.startswith(ABANDONABLE_THREAD)]
+    if not left:
+        return
+    log.info("exiting past abandoned thread(s) %s", ", ".join(left))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _supervise(settings: ServerSettings) -> int:
