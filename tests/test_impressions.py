@@ -3,7 +3,8 @@
 Joiner level, over a real SQLite event log: every item a served record lists and no outcome names
 becomes an EVENT_IMPRESSION label once the label window has closed (not before), at its served
 place; explicit impressions replace the derived ones for that response; a restored joiner asks no
-served record twice.
+served record twice; the log's size cap keeps the served records (and their outcomes) whose
+impressions are not derived yet.
 
 Learning: a real catalog of product titles (the real text encoder), a first version published by
 the real learner, then rounds in which each customer is served the exported ONNX model's top 10
@@ -28,7 +29,7 @@ from tests.recommender_fixtures import exported_text_encoder
 from trainer.domains.recommender import RecommenderModel
 from trainer.domains.recommender_data import COL_POSITION, LEVEL_IMPRESSION, LEVEL_PURCHASE
 from trainer.domains.recommender_plugin import served_impressions
-from trainer.eventlog import SqliteEventLog
+from trainer.eventlog import OUTCOME, SERVED, RetentionPolicy, SqliteEventLog
 from trainer.joiner import Joiner
 from trainer.report import calibration_rows, render_html
 
@@ -89,6 +90,42 @@ def test_explicit_impressions_replace_the_derived_ones_and_restores_ask_once(log
     assert [(x.prediction_id, x.label.item_id) for x in again.poll()] == [("p3", "x"), ("p3", "y")]
     # the plug-in alone: nothing to derive from a record that lists no items
     assert served_impressions(fb.ServedPrediction(prediction_id="p9", served_at=T0), []) == []
+
+
+def test_the_size_cap_keeps_served_records_until_their_impressions_are_derived(log):
+    """Retention's size cap deletes the oldest events a consumer has processed: the joiner has read
+    every outcome, but the served records of an open window (and their clicks, which say which items
+    were not impressions) are still to come; its commit's served_offset holds them."""
+    responses = 200
+    records = []
+    for n in range(responses):
+        shown = [f"item-{(n + k) % 50}" for k in range(K)]
+        records += [served_record(f"p{n}", f"u{n}", T0 + n, shown, np.linspace(0.9, 0.1, K)),
+                    outcome_record(f"p{n}", shown[n % K], rec.EVENT_CLICK, T0 + n + 2)]
+    append(log, records)
+    clock = Clock(T0 + responses + 10)  # every click is in; no window has closed
+    j = Joiner(log, {"recommender": WINDOW}, domain="recommender", grace_s=0.0, clock=clock)
+    assert len(j.poll(100_000)) == responses and j.position == log.end_offset() and j.served_position == 0
+    j.commit()
+    # fraud's joiner derives nothing: its served position is its read position, holding nothing back
+    fraud = Joiner(log, {"recommender": WINDOW}, domain="fraud", grace_s=0.0, clock=clock)
+    fraud.poll()
+    assert fraud.checkpoint()["served_offset"] == fraud.position == log.end_offset()
+    fraud.commit()
+    policy = RetentionPolicy(windows={"recommender": WINDOW, "fraud": WINDOW}, slack_s=0.0, max_bytes=4096)
+    report = log.retain(policy, now=clock.now)
+    assert report.safe_offsets["recommender"] == (0, "joiner-recommender") and report.total_deleted == 0
+    assert log.count("recommender", SERVED) == responses and log.count("recommender", OUTCOME) == responses
+    # the windows close: each response's nine unclicked items are derived, none of the clicked ones
+    clock.now = T0 + responses + WINDOW + 1
+    derived = j.poll(100_000)
+    assert len(derived) == responses * (K - 1) and all(x.derived for x in derived)
+    assert not {(x.prediction_id, x.label.item_id) for x in derived} & {
+        (f"p{n}", f"item-{(n + n % K) % 50}") for n in range(responses)}
+    j.commit()
+    report = log.retain(policy, now=clock.now)
+    assert report.safe_offsets["recommender"][0] == log.end_offset() or log.count("recommender") == 0
+    assert log.count("recommender", SERVED) < responses  # now the cap may take them
 
 
 # ---------------------------------------------------------------- learning from impressions

@@ -38,7 +38,9 @@ Retention (`SqliteEventLog.retain`, run periodically by the trainer off its even
 may go only when no consumer can still need it. Per domain, the *safe offset* is the lowest of
 its consumers' committed offsets (a consumer's meta may name its "domain"; one naming none reads
 every domain), lowered below any outcome its meta lists as "pending" (an outcome the joiner has
-read but whose prediction has not arrived). A domain no consumer ever committed has safe offset
+read but whose prediction has not arrived) and to its "served_offset" (served predictions whose
+label window is still open: the joiner derives labels from them, e.g. the recommender's
+impressions, once it has passed; the size cap must not take them, nor their outcomes, first). A domain no consumer ever committed has safe offset
 0: nothing of it goes except under the hard size cap. At or below the safe offset:
 - a served prediction goes once no outcome can still count for it: served_at is older than the
   domain's label window plus `slack_s` (outcomes delivered late, e.g. from a client's spool);
@@ -163,6 +165,22 @@ class RetentionPolicy:
         unknown = set(self.learned_domains) - set(known) if known is not None else set()
         if unknown:
             raise ValueError(f"retention: unknown learned domain(s) {sorted(unknown)}; known: {sorted(known)}")
+
+
+def consumer_limit(offset: int, meta: dict[str, Any]) -> int:
+    """The offset at or below which a consumer committed at `offset` with `meta` needs nothing:
+    lowered below any outcome it lists as "pending" (read, still waiting for its prediction) and
+    to its "served_offset" (served predictions above it still await the labels their plug-in
+    derives once the label window has passed: the recommender's impressions, and the outcomes
+    that say which items were not clicked)."""
+    limit = offset
+    pending = [int(o) for o in meta.get("pending") or () if isinstance(o, (int, float))]
+    if pending:
+        limit = min(limit, min(pending) - 1)
+    served = meta.get("served_offset")
+    if isinstance(served, (int, float)) and not isinstance(served, bool):
+        limit = min(limit, int(served))
+    return limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -696,10 +714,7 @@ class SqliteEventLog:
         for consumer, offset, meta in self._reader().execute("SELECT consumer, offset, meta FROM consumer_offsets"):
             doc = json.loads(meta) if meta else {}
             doc = doc if isinstance(doc, dict) else {}
-            limit = int(offset)
-            pending = [int(o) for o in doc.get("pending") or () if isinstance(o, (int, float))]
-            if pending:  # read but still waiting for its prediction: it (and its prediction) must stay
-                limit = min(limit, min(pending) - 1)
+            limit = consumer_limit(int(offset), doc)
             domains = (doc["domain"],) if doc.get("domain") in names else names
             for d in domains:
                 if d not in safe or limit < safe[d][0]:

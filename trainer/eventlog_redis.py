@@ -52,7 +52,7 @@ from typing import Any, Iterable, Sequence
 from protos.feedback.v1 import feedback_pb2 as fb
 from trainer.eventlog import (DUPLICATE, KINDS, LOG_BYTES, LOG_DELETED, LOG_ROWS, OUTCOME, SERVED, STORED,
                               AppendResult, LogEntry, RetentionPolicy, RetentionReport, append_unique,
-                              check_commit)
+                              check_commit, consumer_limit)
 from trainer.plugins import Domains, default_domains
 
 log = logging.getLogger(__name__)
@@ -326,10 +326,7 @@ class RedisEventLog:
         for consumer, raw in sorted(self.client.hgetall(self.consumers).items()):
             doc = json.loads(raw)
             meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
-            limit = int(doc["offset"])
-            pending = [int(o) for o in meta.get("pending") or () if isinstance(o, (int, float))]
-            if pending:  # read but still waiting for its prediction: it (and its prediction) must stay
-                limit = min(limit, min(pending) - 1)
+            limit = consumer_limit(int(doc["offset"]), meta)
             domains = (meta["domain"],) if meta.get("domain") in names else names
             for d in domains:
                 if d not in safe or limit < safe[d][0]:

@@ -171,8 +171,11 @@ class Joiner:
 
     def checkpoint(self) -> dict[str, Any]:
         """What to store with the model: {"offset": position, "pending": [offsets], "served_offset":
-        served position} (JSON-able)."""
-        return {"offset": self._position, "pending": list(self._pending), "served_offset": self._served_position}
+        served position} (JSON-able). A joiner that derives nothing has no served prediction left
+        to derive from: its served position is its read position (retention keeps the events above
+        a consumer's served_offset, trainer/eventlog.py)."""
+        served = self._served_position if self._deriving else self._position
+        return {"offset": self._position, "pending": list(self._pending), "served_offset": served}
 
     def restore(self, offset: int, pending: Iterable[int] = (), served_offset: int | None = None) -> None:
         """Continue from a checkpoint: read after `offset`; the outcomes at `pending` offsets

@@ -116,7 +116,7 @@ class DomainLoop:
         # start: a checkpoint restored from a backup may be behind what was committed before)
         self.log = log_
         self.consumer = f"learner-{domain}"
-        self._committed: tuple[int, tuple[int, ...]] | None = None
+        self._committed: tuple[int, tuple[int, ...], int] | None = None
         self._committed_at = -math.inf
         self._commit(self.learner.progress)
         # shutdown: no new round once stopping; the round in progress is cancelled at its commit point
@@ -149,11 +149,14 @@ class DomainLoop:
         """Commit the learner's durable progress as this domain's log consumer (blocking: a write)."""
         offset = int(progress.get("offset", 0))
         pending = tuple(int(o) for o in progress.get("pending", ()))
-        if self._committed == (offset, pending):
+        # served predictions above served_offset still await their derived labels (their window is
+        # open): retention keeps them, and their outcomes, even under the size cap
+        served = int(progress.get("served_offset", offset))
+        if self._committed == (offset, pending, served):
             return
         self.log.commit_offset(self.consumer, offset, {"domain": self.domain, "offset": offset,
-                                                       "pending": list(pending)})
-        self._committed, self._committed_at = (offset, pending), time.monotonic()
+                                                       "pending": list(pending), "served_offset": served})
+        self._committed, self._committed_at = (offset, pending, served), time.monotonic()
 
     def _round(self, progress):
         # One domain's round at a time: torch.export (dynamo) is not thread-safe (concurrent
