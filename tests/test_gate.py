@@ -179,12 +179,41 @@ def synthetic(n=5000, frauds=60, seed=0):
     return y, p
 
 
-def test_identical_predictions_are_never_worse():
+def test_identical_predictions_are_never_worse_nor_better():
     y, p = synthetic()
     decision, reasons, ev = gate.decide(spec(), y, p, p.copy(), gate.GateRule(), seed=1)
-    assert decision == "published" and reasons == []
+    # a tie does not beat the champion: deferred (a tie published is worse on the next window half the time)
+    assert decision == "deferred" and "not better with confidence" in reasons[0] and ev["min_gain"] == 0.0
     for m in ev["metrics"].values():
-        assert m["relative_difference"] == 0 and m["interval"] == [0.0, 0.0]
+        assert m["relative_difference"] == 0 and m["interval"] == [0.0, 0.0] and not m["worse_with_confidence"]
+    # without the must-beat bar a tie passes (only the refusal and the point rule remain)
+    assert gate.decide(spec(), y, p, p.copy(), gate.GateRule(min_gain=None), seed=1)[:2] == ("published", [])
+
+
+def test_only_a_challenger_better_with_confidence_is_published():
+    y, p = synthetic()
+    # the champion lost most of the frauds' scores; the challenger has them: clearly better
+    weak = np.where(y > 0.5, p * 0.3, p).astype(np.float32)
+    decision, reasons, ev = gate.decide(spec(), y, weak, p, gate.GateRule(), seed=1)
+    pr = ev["metrics"]["pr_auc"]
+    assert decision == "published" and reasons == [] and pr["interval"][0] > 0, pr
+    # a bar above the gain it shows defers it (the interval's lower end is the evidence, not the point)
+    high = gate.GateRule(min_gain=pr["interval"][0] + 0.01)
+    decision, reasons, _ = gate.decide(spec(), y, weak, p, high, seed=1)
+    assert decision == "deferred" and "not better with confidence yet" in reasons[0]
+    # a gain on two frauds only is not evidence enough: deferred; a negative bar (not worse than 2 %
+    # with confidence) publishes it
+    behind = p.copy()
+    behind[np.flatnonzero(y > 0.5)[:2]] = 0.02
+    decision, _, ev = gate.decide(spec(), y, behind, p, gate.GateRule(), seed=1)
+    assert decision == "deferred" and ev["metrics"]["pr_auc"]["relative_difference"] > 0
+    assert gate.decide(spec(), y, behind, p, gate.GateRule(min_gain=-0.02), seed=1)[0] == "published"
+    # a worse challenger is still refused first, whatever the bar
+    worse = np.where(y > 0.5, p * 0.3, p).astype(np.float32)
+    assert gate.decide(spec(), y, p, worse, gate.GateRule(min_gain=-0.5), seed=1)[0] == "refused"
+    for bad in (-1.0, 1.0):
+        with pytest.raises(ValueError):
+            gate.GateRule(min_gain=bad).validate()
 
 
 def test_a_clearly_worse_challenger_is_refused_and_a_slightly_different_one_is_not():
@@ -195,7 +224,7 @@ def test_a_clearly_worse_challenger_is_refused_and_a_slightly_different_one_is_n
     assert decision == "refused" and ev["metrics"]["pr_auc"]["interval"][1] < -0.02
     jitter = np.clip(p + rng.normal(0, 1e-4, len(p)), 0, 1).astype(np.float32)
     assert gate.decide(spec(), y, p, jitter, gate.GateRule(), seed=1)[0] != "refused"
-    assert gate.decide(spec(), y, p, jitter, gate.GateRule(publish_margin=None), seed=1)[0] == "published"
+    assert gate.decide(spec(), y, p, jitter, gate.GateRule(publish_margin=None, min_gain=None), seed=1)[0] == "published"
 
 
 def test_a_challenger_behind_on_the_window_but_not_worse_with_confidence_is_deferred_not_published():
@@ -205,11 +234,15 @@ def test_a_challenger_behind_on_the_window_but_not_worse_with_confidence_is_defe
     decision, reasons, ev = gate.decide(spec(), y, p, behind, gate.GateRule(), seed=1)
     pr = ev["metrics"]["pr_auc"]
     assert pr["relative_difference"] < 0 and not pr["worse_with_confidence"]  # the confidence rule lets it pass
-    assert decision == "deferred" and "not better yet" in reasons[0] and ev["publish_margin"] == 0.0
+    assert decision == "deferred" and ev["publish_margin"] == 0.0
+    # without the must-beat bar, the point rule is what defers it
+    rule = gate.GateRule(min_gain=None)
+    decision, reasons, _ = gate.decide(spec(), y, p, behind, rule, seed=1)
+    assert decision == "deferred" and "not better yet" in reasons[0]
     # a margin wider than the gap, or no point rule, publishes it; the reverse comparison publishes
-    assert gate.decide(spec(), y, p, behind, gate.GateRule(publish_margin=0.05), seed=1)[0] == "published"
-    assert gate.decide(spec(), y, p, behind, gate.GateRule(publish_margin=None), seed=1)[0] == "published"
-    assert gate.decide(spec(), y, behind, p, gate.GateRule(), seed=1)[0] == "published"
+    assert gate.decide(spec(), y, p, behind, gate.GateRule(publish_margin=0.05, min_gain=None), seed=1)[0] == "published"
+    assert gate.decide(spec(), y, p, behind, gate.GateRule(publish_margin=None, min_gain=None), seed=1)[0] == "published"
+    assert gate.decide(spec(), y, behind, p, rule, seed=1)[0] == "published"
     with pytest.raises(ValueError):
         gate.GateRule(publish_margin=-0.1).validate()
 
@@ -220,7 +253,7 @@ def test_the_decision_is_deferred_below_the_window_sizes_and_falls_back_between(
     y, p = synthetic()
     assert gate.decide(spec(min_rows=10_000), y, p, p, gate.GateRule(), seed=0)[0] == "deferred"  # too few rows
     y, p = synthetic(n=5000, frauds=12)
-    decision, _, ev = gate.decide(spec(), y, p, p, gate.GateRule(), seed=0)
+    decision, _, ev = gate.decide(spec(), y, p, p, gate.GateRule(min_gain=None), seed=0)
     assert decision == "published" and ev["tier"] == "fallback" and ev["decided_on"] == ["log_loss"]
 
 

@@ -17,11 +17,12 @@ def examples(data, start, n, first_offset=1):
 @pytest.fixture
 def world(tmp_path):
     # a window of 5 frauds, so a round's few thousand labels reach training (with 30 the window keeps
-    # them all: the round trains nothing); no point rule: these tests are about the steps after the
-    # gate (tests/test_gate.py tests the rule)
+    # them all: the round trains nothing); no point rule nor must-beat bar: these tests are about the
+    # steps after the gate (tests/test_gate.py tests the rule)
     registry, learner, data = bootstrap_small_fraud(tmp_path, LearnerConfig(min_events=100, epochs=1,
                                                                             gate_min_positives=5,
-                                                                            gate_publish_margin=None))
+                                                                            gate_publish_margin=None,
+                                                                            gate_min_gain=None))
     return tmp_path, registry, learner, data
 
 

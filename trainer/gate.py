@@ -21,14 +21,19 @@ Three parts, each small enough to test on its own:
   positive = better. The challenger is *refused* when the whole `confidence` interval of that
   difference lies below -margin: worse with confidence, by more than a relative margin (a
   relative margin, not an absolute tolerance: a loss of 0.011 and a PR-AUC of 0.8 need the
-  same rule). It is *published* only when, besides, its point estimate on every decided metric
-  is no worse than -publish_margin: "not worse with confidence" alone let through candidates
-  that were a little worse on the window and, judged later on rows that arrived after the
-  decision, stayed worse (bench/delivery.py). A challenger between the two (below the point
-  rule, not worse with confidence) is *deferred*: the learner keeps training it, unpublished,
-  and the next round judges it again against the same champion. When the window cannot decide
-  yet (too few rows, or too few positives for any metric of the domain) the decision is
-  *deferred* too.
+  same rule). It is *published* only when it must-beats the champion: the lower end of the
+  interval of the first decided metric (the domain's main one: fraud PR-AUC, or the fallback's
+  log loss) lies above `min_gain` (0: better with confidence), and, besides, no decided
+  metric's point estimate is below -publish_margin. Weaker rules let through candidates that a
+  later window then found worse (bench/delivery.py judges every published candidate again on
+  the labels that arrive after its decision): "not worse with confidence" alone published
+  candidates that were a little worse on the window; "not worse with confidence and no worse
+  by point estimate" published ties (a challenger equal to the champion looks worse on the
+  next window half the time: 8 of 22, 36 %). A challenger that neither is refused nor beats
+  the champion is *deferred*: the learner keeps training it, unpublished, and the next round
+  judges it again against the same champion (so it publishes once what it learned shows). When
+  the window cannot decide yet (too few rows, or too few positives for any metric of the
+  domain) the decision is *deferred* too.
 
 Each domain names its storefront metrics (decided on when the window has `min_positives`)
 and optionally a fallback: a strictly proper score (log loss) that needs far fewer positives,
@@ -82,12 +87,18 @@ class GateRule:
     # relative: publish only when every decided metric's point estimate is at least -publish_margin
     # (0 = no worse than the champion on the window); None = no point rule (publish unless refused)
     publish_margin: float | None = 0.0
+    # relative: publish only when the lower end of the first decided metric's interval lies above
+    # this (0 = better than the champion with confidence, "must beat"; -0.02 = not worse than 2 %
+    # with confidence); None = no such bar (only the point rule and the refusal)
+    min_gain: float | None = 0.0
 
     def validate(self) -> None:
         if self.resamples < 50 or not 0.5 < self.confidence < 1.0 or not -1.0 <= self.margin < 1.0:
             raise ValueError("gate: resamples >= 50, confidence in (0.5, 1), margin in [-1, 1)")
         if self.publish_margin is not None and not 0.0 <= self.publish_margin < 1.0:
             raise ValueError("gate: publish_margin in [0, 1) or None")
+        if self.min_gain is not None and not -1.0 < self.min_gain < 1.0:
+            raise ValueError("gate: min_gain in (-1, 1) or None")
 
 
 # ---------------------------------------------------------------- window sizing
@@ -252,9 +263,11 @@ def decide(spec: GateSpec, y: np.ndarray, p_champion: np.ndarray, p_challenger: 
     evidence: dict[str, Any] = {
         "window_rows": n, "window_positives": n_pos, "min_rows": min_rows, "min_positives": min_pos,
         "resamples": rule.resamples, "confidence": rule.confidence, "margin": rule.margin, "seed": seed,
-        "publish_margin": rule.publish_margin,
+        "publish_margin": rule.publish_margin, "min_gain": rule.min_gain,
         "rule": f"refuse when the {rule.confidence:.0%} paired-bootstrap interval of the relative difference "
                 f"lies below -{rule.margin:g}; "
+                + ("" if rule.min_gain is None else
+                   f"defer unless the first metric's interval lies above {rule.min_gain:+g} (must beat); ")
                 + ("" if rule.publish_margin is None else
                    f"defer when a point estimate is below -{rule.publish_margin:g} (learning goes on); ")
                 + f"defer below {min_rows} rows or too few positives"}
@@ -278,6 +291,14 @@ def decide(spec: GateSpec, y: np.ndarray, p_champion: np.ndarray, p_challenger: 
                for name, r in results.items() if r["worse_with_confidence"]]
     if reasons:
         return "refused", reasons, evidence
+    if rule.min_gain is not None:
+        name, r = next(iter(results.items()))
+        low = r["interval"][0]
+        if not (math.isfinite(low) and low > rule.min_gain):
+            return "deferred", [f"{name} {r['challenger']:.4f} vs champion {r['champion']:.4f} "
+                                f"({r['relative_difference']:+.2%}, {rule.confidence:.0%} interval "
+                                f"[{r['interval'][0]:+.2%}, {r['interval'][1]:+.2%}] not above "
+                                f"{rule.min_gain:+.1%}): not better with confidence yet, learning goes on"], evidence
     if rule.publish_margin is not None:
         behind = [f"{name} {r['challenger']:.4f} vs champion {r['champion']:.4f} ({r['relative_difference']:+.2%} "
                   f"< -{rule.publish_margin:.1%}, not worse with confidence): not better yet, learning goes on"

@@ -160,6 +160,10 @@ class LearnerConfig:
     # publish only when no decided metric's point estimate is below -this (relative; None = off): a
     # challenger behind the champion on the window but not worse with confidence is deferred
     gate_publish_margin: float | None = 0.0
+    # must beat: publish only when the lower end of the main metric's interval lies above this
+    # (relative; 0 = better than the champion with confidence; None = no such bar). A tie published
+    # is worse than the champion on the next window half the time (bench/delivery.py)
+    gate_min_gain: float | None = 0.0
     parity_tol: float = 1e-4
     latency_budget_ms: float = 5.0
     drift_cadence_factor: float = 0.25  # while drift lasts, rounds start after this share of min_events
@@ -182,6 +186,9 @@ class LearnerConfig:
     # judges on the old concept. In drift the window holds only rows of the drift span (with
     # drift_replay_recent), and this many positives: the rest is released into training
     drift_gate_min_positives: int | None = 10
+    # the must-beat bar while in drift (None: gate_min_gain, as outside drift; e.g. -0.02 relaxes it
+    # to "not worse than 2 % with confidence", to replace a drifting champion sooner)
+    drift_gate_min_gain: float | None = None
     prequential_window: int = 5000  # labels the prequential metrics of each round are computed over
     # delivery of a version that passed the gate (trainer/canary.py): "canary" publishes it and starts it
     # as the registry's CANARY (live labels then promote or roll it back); "direct" makes it CURRENT.
@@ -468,7 +475,8 @@ class Learner:
                                    "offsets": [int(new.offsets.min()), int(new.offsets.max())],
                                    "drift": self.drift.in_drift, "drift_detector": self.drift.figures(),
                                    "adaptation": adapt, "prequential": prequential}
-        decision, reasons, evidence = self._gate(champion, candidate, window, adapt["gate_min_positives"])
+        decision, reasons, evidence = self._gate(champion, candidate, window, adapt["gate_min_positives"],
+                                                 adapting=adapt["adapting"])
         figures["evidence"] = evidence
         primary = next(iter(evidence.get("metrics", {}).items()), None)
         if primary is not None:  # the learning report's chart: candidate vs serving on the main metric
@@ -501,10 +509,11 @@ class Learner:
         return self._publish_and_save(eval_y, eval_p, figures, decision="published", candidate=(candidate, opt))
 
     # ---- the gate ----
-    def _gate_rule(self) -> GateRule:
+    def _gate_rule(self, adapting: bool = False) -> GateRule:
         c = self.config
+        min_gain = c.drift_gate_min_gain if adapting and c.drift_gate_min_gain is not None else c.gate_min_gain
         return GateRule(resamples=c.gate_resamples, confidence=c.gate_confidence, margin=c.gate_margin,
-                        publish_margin=c.gate_publish_margin)
+                        publish_margin=c.gate_publish_margin, min_gain=min_gain)
 
     def _min_positives(self, in_drift: int | None = None) -> int:
         spec: GateSpec = self.model.gate_spec()
@@ -521,13 +530,13 @@ class Learner:
         return window_start(spec.positive(rows.y), min_pos, min_rows, max(spec.max_rows, min_rows))
 
     def _gate(self, champion: torch.nn.Module, challenger: torch.nn.Module, window: Examples,
-              in_drift_positives: int | None = None) -> tuple[str, list[str], dict[str, Any]]:
+              in_drift_positives: int | None = None, adapting: bool = False) -> tuple[str, list[str], dict[str, Any]]:
         """Champion vs challenger on the window (rows neither trained on): the decision, its
         reasons and evidence. A fixed seed per round: the same round decides the same way."""
         spec = self.model.gate_spec()
         p_champion = self.model.predict(champion, window.X) if len(window) else np.zeros(0)
         p_challenger = self.model.predict(challenger, window.X) if len(window) else np.zeros(0)
-        return decide(spec, window.y, p_champion, p_challenger, self._gate_rule(), seed=self.rounds,
+        return decide(spec, window.y, p_champion, p_challenger, self._gate_rule(adapting), seed=self.rounds,
                       min_positives=self._min_positives(in_drift_positives), min_rows=self.config.gate_min_rows)
 
     def _revert_to_champion(self) -> None:

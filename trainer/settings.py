@@ -52,6 +52,9 @@ class CoreTrainerSettings(ServerSettings):
     gate_confidence: float = setting(0.95, "gate: confidence of the bootstrap interval of challenger vs champion")
     gate_margin: float = setting(0.02, "gate: refuse a challenger whose interval lies below this relative difference "
                                  "(0.02 = 2 % worse than the champion)")
+    gate_min_gain: float = setting(0.0, "gate: publish only a challenger whose interval of its main metric lies above "
+                                   "this relative difference (0 = better than the champion with confidence; -0.02 = "
+                                   "not worse than 2 % with confidence; -1 = off); otherwise deferred, learning goes on")
     latency_budget_ms: float = setting(5.0, "gate: batch-1 latency budget of a candidate, ms")
     delivery: str = setting("canary", "what happens to a candidate that passed the gate: canary = published and started "
                             "as the registry's CANARY, promoted or rolled back on live labels (trainer/canary.py); "
@@ -163,7 +166,9 @@ class CoreTrainerSettings(ServerSettings):
                              gate_min_positives=parse_per_domain(self.gate_min_positives, "gate_min_positives").get(domain),
                              gate_min_rows=parse_per_domain(self.gate_min_rows, "gate_min_rows").get(domain),
                              gate_resamples=self.gate_resamples, gate_confidence=self.gate_confidence,
-                             gate_margin=self.gate_margin, delivery=self.delivery,
+                             gate_margin=self.gate_margin,
+                             gate_min_gain=None if self.gate_min_gain <= -1 else self.gate_min_gain,
+                             delivery=self.delivery,
                              canary_mode=self.canary_config(domain).mode, canary_share=self.canary_share)
 
     def canary_config(self, domain: str | None = None):
@@ -199,7 +204,8 @@ class CoreTrainerSettings(ServerSettings):
 
             parse_per_domain(self.gate_min_positives, "gate_min_positives")
             parse_per_domain(self.gate_min_rows, "gate_min_rows")
-            GateRule(self.gate_resamples, self.gate_confidence, self.gate_margin).validate()
+            GateRule(self.gate_resamples, self.gate_confidence, self.gate_margin,
+                     min_gain=None if self.gate_min_gain <= -1 else self.gate_min_gain).validate()
             if self.gate_margin < 0:
                 raise ValueError("gate_margin must be >= 0 (a negative margin refuses every candidate not better)")
         except ValueError as e:
