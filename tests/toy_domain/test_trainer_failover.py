@@ -41,13 +41,15 @@ PER_PHASE = 150  # points (a served prediction and its label each) sent before a
 def trainer_proc(tmp_path: Path, name: str, redis_url: str, port: int, token: str) -> Proc:
     # lease TTL 4 s: short enough for a quick takeover, long enough that a renewal delayed by a
     # training thread holding the GIL on a loaded 2-core machine does not lose the lease
+    # no must-beat bar (--gate-min-gain -1): every round's version is what carries the lease's
+    # token here; whether a challenger beats the champion is tests/test_gate.py's subject
     return Proc(name, ["-m", "trainer", "serve", "--domain-modules", PLUGIN, "--port", str(port),
                        "--metrics-port", "0", "--workdir", str(tmp_path / "trainer"),
                        "--registry-dir", str(tmp_path / "registry"), "--event-log-url", redis_url,
                        "--lease-ttl-s", "4", "--lease-poll-s", "0.1", "--log-format", "text",
                        "--delivery", "direct", "--min-events", "100", "--max-interval-s", "1",
                        "--poll-interval-s", "0.1", "--retention-interval-s", "0", "--epochs", "2",
-                       "--report-interval-s", "0"], tmp_path / f"{name}.log",
+                       "--report-interval-s", "0", "--gate-min-gain", "-1"], tmp_path / f"{name}.log",
                 env={"STOREFRONT_FEEDBACK_TOKENS": f"toy={token}"})
 
 
