@@ -17,8 +17,8 @@ Reported: the mean click probability the serving version answered, per round, ag
 observed click rate; the same for the clicks-only learner's last version; HR@10 of the liked
 items the customers have not bought (never clicked either way) from each learner's exported
 model, with the paired standard error of the difference. The gate's margin is wide here
-(LearnerConfig.gate_margin 0.5): its HR@10 is over clicks on the serving version's own lists,
-where the champion scores 1.0 by construction.
+(LearnerConfig.gate_margin 0.5) and it has no must-beat bar (gate_min_gain None): its HR@10 is
+over clicks on the serving version's own lists, where the champion scores 1.0 by construction.
 """
 from __future__ import annotations
 
@@ -173,6 +173,8 @@ class Serving:
                  "context": np.tile(np.array([[1, 2, 9]], np.int64), (b, 1)), "k": np.full((b, 1), k, np.int64),
                  "restrict": np.full((b, 1), -1, np.int64), "exclude": np.full((b, 1), -1, np.int64),
                  "item_vectors": self.item_vectors}
+        if any(i.name == "history_age" for i in self.session.get_inputs()):
+            feeds["history_age"] = np.full_like(h, -1)  # histories without days here: ages unknown
         items, _, click, _ = self.session.run(None, feeds)
         return [[self.item_ids[r] for r in row] for row in items], click
 
@@ -197,9 +199,10 @@ def first_version(root: Path, encoder: TextEncoder) -> tuple[Learner, Storefront
     registry = ModelRegistry(root / "registry")
     # the gate's HR@10 here is over clicks on the serving version's own lists: every clicked item
     # was in its top 10, so it scores 1.0 by construction and any reordering looks worse; the
-    # margin lets the loop go on, and the ranking is compared below on liked items never shown
+    # margin, and no must-beat bar (no challenger beats 1.0), let the loop go on, and the ranking
+    # is compared below on liked items never shown
     config = LearnerConfig(min_events=1, epochs=2, gate_min_positives=40, gate_min_rows=200,
-                           gate_publish_margin=None, gate_margin=0.5, gate_resamples=200)
+                           gate_publish_margin=None, gate_margin=0.5, gate_min_gain=None, gate_resamples=200)
     learner = Learner(model, registry, root / "trainer", config)
     learner.bootstrap(X, y, X[-120:], y[-120:], epochs=30)
     return learner, shop, registry

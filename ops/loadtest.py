@@ -21,7 +21,9 @@ Closed loop (-c N): N workers, each sends, awaits the answer, sends again. Open 
 queueing shows up in the latencies as it would for real users. A warm-up is not measured.
 The loop is ops/loadgen.py, the one the benchmarks run too. Prints progress every second,
 then req/s, p50/p90/p99/p99.9 and errors by gRPC status code; writes the figures as JSON and
-a latency-over-time chart (PNG).
+a latency-over-time chart (PNG). After `recommend` it prints the learning report's click
+calibration per version (mean served click probability against the observed click rate, and
+ECE) from the trainer's decision log under --workdir (trainer/report.py).
 
 Why not Locust or ghz: Locust's gevent monkey-patching does not mix with grpcio's asyncio
 client, and ghz is a Go binary outside the package registries this project may use. The
@@ -112,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bought-click-rate", type=float, default=0.3,
                     help="recommend: chance that a shown item the customer really bought is clicked (then bought)")
     ap.add_argument("--click-delay-s", type=float, default=1.0, help="recommend: seconds before a click is reported")
+    ap.add_argument("--workdir", type=Path, default=Path("var/trainer"),
+                    help="recommend: the suite's trainer workdir, whose click calibration per version is printed at "
+                         "the end (as python -m trainer report prints it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("var/loadtest"), help="folder for the JSON and the PNG")
     args = ap.parse_args(argv)
@@ -132,7 +137,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| {args.scenario} | {mode} | {result['rps']:,} | {result['p50_ms']} | {result['p90_ms']} | "
           f"{result['p99_ms']} | {result['p999_ms']} | {result['errors'] or 0} | {result['dropped_by_client']} |")
     print(f"wrote {args.out / stem}.json and .png")
+    if args.scenario == "recommend":
+        learning_report(args.workdir)
     return 1 if result["errors"] else 0
+
+
+def learning_report(workdir: Path) -> None:
+    """The recommender's click calibration per version from the trainer's decision log, when this
+    machine can read it; else where to look. Labels of the last answers count once their label
+    window (an hour by default; 10 s in `make demo`) has passed and a round learned them."""
+    from trainer.report import print_calibration
+
+    print(f"learning report of the trainer in {workdir} (shown items become negatives once the recommender's "
+          "label window has passed; later rounds move these figures):")
+    if not print_calibration(workdir):
+        print(f"no click calibration in {workdir}/decisions: run python -m trainer report --workdir <the suite's "
+              "trainer workdir> where the trainer runs")
 
 
 if __name__ == "__main__":

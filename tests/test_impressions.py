@@ -31,7 +31,7 @@ from trainer.domains.recommender_data import COL_POSITION, LEVEL_IMPRESSION, LEV
 from trainer.domains.recommender_plugin import served_impressions
 from trainer.eventlog import OUTCOME, SERVED, RetentionPolicy, SqliteEventLog
 from trainer.joiner import Joiner
-from trainer.report import calibration_rows, render_html
+from trainer.report import calibration_rows, calibration_table, render_html
 
 
 @pytest.fixture
@@ -148,6 +148,10 @@ def test_impressions_calibrate_the_click_probability_without_hurting_the_ranking
     assert rows[0]["version"] == "1" and rows[-1]["version"] == out["final"].version
     assert rows[-1]["gate_click_ece"] is not None and rows[-1]["served_click_rate"] == pytest.approx(observed, abs=0.01)
     assert "Click calibration per version" in render_html("recommender", learner.decisions.read(), b"")
+    # ... and as the demo, the recommend load test and `python -m trainer report` print it
+    table = calibration_table(learner.decisions.read())
+    assert len(table) == 2 + len(rows) and table[-1].startswith(f"| {out['final'].version} | ")
+    assert f"{rows[-1]['served_mean_served_click_p']:.4f} | {rows[-1]['served_click_rate']:.4f}" in table[-1]
     # the learning report's figures: the prequential window of the last round holds shown items too
     preq = entry["prequential"]
     assert preq["click_rate"] == pytest.approx(observed, abs=0.01) and 0 <= preq["click_ece"] <= 1

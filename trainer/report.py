@@ -2,6 +2,8 @@
 
     python -m trainer report [--workdir var/trainer]     # render every domain's report now
 
+(and print the click calibration per version of the domains that report it: the recommender)
+
 The trainer refreshes `<workdir>/reports/<model>.png` and `<model>.html` after learning
 rounds (at most every `report_interval_s`), from the decision log the learner writes
 (`<workdir>/decisions/<model>.jsonl`: one entry per bootstrap, published or refused round).
@@ -234,6 +236,39 @@ def calibration_rows(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if has(r)]
 
 
+def calibration_table(entries: Sequence[dict[str, Any]], latest: int = 30) -> list[str]:
+    """calibration_rows as a Markdown table, oldest version first (what `python -m trainer
+    report`, the demo and the recommend load test print); empty when the domain reports none."""
+    rows = calibration_rows(entries)[-latest:]
+    if not rows:
+        return []
+    out = ["| version | published (UTC) | served: mean click p | served: click rate | served: ECE | served rows "
+           "| gate window: mean click p | gate window: click rate | gate window: ECE |", "|---" * 9 + "|"]
+    for r in rows:
+        cells = (r["version"], _utc(r["published"]), r.get("served_mean_served_click_p"), r.get("served_click_rate"),
+                 r.get("served_click_ece"), r.get("served_rows"), r.get("gate_mean_click_p"), r.get("gate_click_rate"),
+                 r.get("gate_click_ece"))
+        out.append("| " + " | ".join(_fmt(c) or "-" for c in cells) + " |")
+    return out
+
+
+def print_calibration(workdir: Path, out=None) -> bool:
+    """Print each domain's click calibration table (calibration_table) from the decision logs
+    under workdir; False when no domain has one."""
+    import sys
+
+    out = out or sys.stdout
+    found = False
+    for decisions in sorted((Path(workdir) / "decisions").glob("*.jsonl")):
+        table = calibration_table(read_decisions(decisions))
+        if table:
+            found = True
+            print(f"{decisions.stem}: click calibration per version (served: the prequential window of the last round "
+                  "while it was the newest; gate window: when it was published)", file=out)
+            print("\n".join(table), file=out, flush=True)
+    return found
+
+
 def _calibration_html(entries: Sequence[dict[str, Any]]) -> str:
     rows = calibration_rows(entries)
     if not rows:
@@ -317,4 +352,5 @@ def main(argv: list[str] | None = None) -> int:
         print(p)
     if not written:
         print(f"no decisions under {args.workdir}/decisions yet")
+    print_calibration(Path(args.workdir))
     return 0
