@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,23 @@ import pytest
 from shared.registry import ModelRegistry
 from shared.runtime.signature import signature_of_onnx
 from tests import onnx_models
+from tests.first_versions import BUILDS_ENV
+
+
+def pytest_configure(config):
+    """One folder for what the session builds once (first versions, the text encoder), made by
+    the controlling process before any xdist worker starts, so every worker inherits it."""
+    if hasattr(config, "workerinput") or os.environ.get(BUILDS_ENV):
+        return
+    config.storefront_builds = tempfile.mkdtemp(prefix="storefront-test-builds-")
+    os.environ[BUILDS_ENV] = config.storefront_builds
+
+
+def pytest_unconfigure(config):
+    root = getattr(config, "storefront_builds", None)
+    if root:
+        shutil.rmtree(root, ignore_errors=True)
+        os.environ.pop(BUILDS_ENV, None)
 
 
 @pytest.fixture

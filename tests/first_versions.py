@@ -1,12 +1,27 @@
-"""Copying a first version trained once per test process (registry plus trainer workdir) into
-one test's folder: each test owns its copy, so none sees another's changes, and none trains."""
+"""Copying a first version trained once per test session (registry plus trainer workdir) into
+one test's folder: each test owns its copy, so none sees another's changes, and none trains.
+
+Once per session, not per process: `make test` runs pytest-xdist workers, and each would
+otherwise train every first version again. What is built once lives in one folder for the
+session (tests/conftest.py creates it before the workers start and removes it at the end); the
+first worker to need a build makes it under a file lock, the others wait for it and reuse it."""
 from __future__ import annotations
 
 import atexit
+import functools
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
+
+from filelock import FileLock
+
+# the session's build folder, set by tests/conftest.py in the controlling process (inherited by
+# the xdist workers it starts)
+BUILDS_ENV = "STOREFRONT_TEST_BUILDS"
 
 
 # the LearnerConfig fields Learner.bootstrap reads (the replay sample, the gate's window, the
@@ -29,11 +44,31 @@ def bootstrap_config(key: tuple):
     return LearnerConfig(**dict(zip(BOOTSTRAP_FIELDS, key)))
 
 
-def build_folder(prefix: str) -> Path:
-    """A folder for what is built once per process, removed when the process ends."""
-    root = Path(tempfile.mkdtemp(prefix=prefix))
+@functools.lru_cache(maxsize=1)
+def _builds_root() -> Path:
+    if os.environ.get(BUILDS_ENV):
+        return Path(os.environ[BUILDS_ENV])
+    # imported outside a pytest session (a script): this process's own folder
+    root = Path(tempfile.mkdtemp(prefix="storefront-test-builds-"))
     atexit.register(shutil.rmtree, root, True)
     return root
+
+
+def built_once(prefix: str, key: Any, build: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """(folder, result) of build(folder), run once per session for each (prefix, key): result
+    must be JSON. A build that died half-way (no BUILT.json) is removed and made again."""
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    folder = _builds_root() / f"{prefix}-{digest}"
+    done = folder / "BUILT.json"
+    with FileLock(f"{folder}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            result = build(folder)
+            staged = folder / "BUILT.json.tmp"
+            staged.write_text(json.dumps({"key": repr(key), "result": result}))
+            os.replace(staged, done)
+    return folder, json.loads(done.read_text())["result"]
 
 
 def copy_registry(src: Path, dst: Path) -> None:

@@ -1,7 +1,7 @@
 """A real fraud model for tests: trained by the real learner on the first rows of the real
 creditcard data (small and fast), published to a registry under tmp.
 
-Trained once per test process (once per config of what the bootstrap reads): bootstrap_small_fraud
+Trained once per test session (once per config of what the bootstrap reads): bootstrap_small_fraud
 copies that first version (registry and trainer workdir) into each test's folder and restores a
 learner from the copy, so every test gets its own registry, checkpoint and data arrays (no test
 sees another's changes) without training again."""
@@ -11,7 +11,7 @@ import functools
 from pathlib import Path
 
 from shared.registry import ModelRegistry
-from tests.first_versions import bootstrap_config, bootstrap_key, build_folder, copy_first_version
+from tests.first_versions import bootstrap_config, bootstrap_key, built_once, copy_first_version
 from trainer.domains import fraud
 from trainer.learner import Learner, LearnerConfig
 
@@ -39,9 +39,7 @@ def _train(root: Path, config: LearnerConfig) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _trained_once(key: tuple) -> Path:
-    root = build_folder("fraud-first-version-")
-    _train(root, bootstrap_config(key))
-    return root
+    return built_once("fraud-first-version", key, lambda root: _train(root, bootstrap_config(key)))[0]
 
 
 def bootstrap_small_fraud(root: Path, config: LearnerConfig | None = None) -> tuple[ModelRegistry, Learner, fraud.FraudData]:

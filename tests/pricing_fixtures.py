@@ -1,5 +1,5 @@
 """A real pricing model for tests: the real learner's bootstrap on the first Ta Feng lines
-(small and fast, made once per test process), copied into a registry under tmp; plus real
+(small and fast, made once per test session), copied into a registry under tmp; plus real
 products to quote."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 
 from protos.pricing.v1 import pricing_pb2
 from shared.registry import ModelRegistry
-from tests.first_versions import bootstrap_config, bootstrap_key, build_folder, copy_first_version
+from tests.first_versions import bootstrap_config, bootstrap_key, built_once, copy_first_version
 from trainer.domains import pricing
 from trainer.learner import Learner, LearnerConfig
 
@@ -39,8 +39,8 @@ def _train_pricing(root: Path, config: LearnerConfig | None) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _trained_once(key: tuple) -> tuple[Path, tuple[str, ...]]:
-    root = build_folder("pricing-first-version-")
-    return root, tuple(_train_pricing(root, bootstrap_config(key)))
+    root, products = built_once("pricing-first-version", key, lambda f: _train_pricing(f, bootstrap_config(key)))
+    return root, tuple(products)
 
 
 @functools.lru_cache(maxsize=1)
@@ -71,7 +71,7 @@ def quote(product: str, ref: float, pct: float | None = 20.0, **kw) -> pricing_p
 
 def small_world(root: Path, config: LearnerConfig | None = None) -> PricingWorld:
     """Version 1 of pricing in root/registry and its checkpoint in root/trainer: a copy of the
-    bootstrap made once per test process (per config of what the bootstrap reads;
+    bootstrap made once per test session (per config of what the bootstrap reads;
     tests/first_versions.py), with a learner restored from it, so tests may publish and learn
     without rebuilding it. Products: those with training rows (known to the model)."""
     root = Path(root)

@@ -1,4 +1,4 @@
-"""Real recommender artifacts for tests: the text encoder exported once per test process,
+"""Real recommender artifacts for tests: the text encoder exported once per test session,
 and (bootstrap_small_recommender) a recommender trained by the real learner on a small slice
 of the real Ta Feng data, published with the encoder into a registry under tmp."""
 from __future__ import annotations
@@ -6,15 +6,15 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from tests.first_versions import bootstrap_config, bootstrap_key, build_folder, copy_first_version
+from tests.first_versions import bootstrap_config, bootstrap_key, built_once, copy_first_version
 from trainer.text_encoder import export_text_encoder
 
 
 @functools.lru_cache(maxsize=1)
 def exported_text_encoder() -> tuple[Path, float]:
-    """(path, ONNX-vs-PyTorch max abs diff) of the encoder, exported once per process (~10 s)."""
-    folder = build_folder("text-encoder-")
-    return export_text_encoder(folder / "model.onnx")
+    """(path, ONNX-vs-PyTorch max abs diff) of the encoder, exported once per session (~10 s)."""
+    folder, diff = built_once("text-encoder", (), lambda f: float(export_text_encoder(f / "model.onnx")[1]))
+    return folder / "model.onnx", diff
 
 
 def recommender_test_settings(root: Path, registry, name: str, **kw):
@@ -45,9 +45,8 @@ def _train_recommender(root: Path, config, limit: int, epochs: int):
 
 @functools.lru_cache(maxsize=None)
 def _trained_once(limit: int, epochs: int, key: tuple) -> Path:
-    root = build_folder("recommender-first-version-")
-    _train_recommender(root, bootstrap_config(key), limit, epochs)
-    return root
+    return built_once("recommender-first-version", (limit, epochs, key),
+                      lambda root: _train_recommender(root, bootstrap_config(key), limit, epochs))[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,7 +59,7 @@ def _lines(limit: int):
 def bootstrap_small_recommender(root: Path, config=None, limit: int = SMALL_LINES, epochs: int = 1):
     """A real `recommender` trained on the first `limit` Ta Feng lines with the real learner,
     published with the real `text-encoder` into root/registry (its checkpoint in root/trainer).
-    Trained once per process for each (limit, epochs, what the bootstrap reads of config) and
+    Trained once per test session for each (limit, epochs, what the bootstrap reads of config) and
     copied here (tests/first_versions.py).
     Returns (registry, learner restored with config, a copy of the purchase lines used)."""
     from shared.registry import ModelRegistry

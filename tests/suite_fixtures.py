@@ -1,7 +1,7 @@
 """Small real first versions of every domain in one folder laid out like `var/` after the
 trainer's first start (registry/ and trainer/ checkpoints), for tests that run the whole
 suite: each domain trained by its real learner on a slice of its real dataset, once per test
-process, and copied into root (tests/first_versions.py)."""
+session, and copied into root (tests/first_versions.py)."""
 from __future__ import annotations
 
 from pathlib import Path
