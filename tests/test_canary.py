@@ -395,6 +395,37 @@ def test_unpaired_comparison_tells_worse_from_as_good():
     assert worse["worse_with_confidence"] and worse["interval"][1] < -0.05
 
 
+def test_an_as_good_canary_is_promoted_on_the_storefront_metrics_while_the_loss_cannot_tell():
+    """Unpaired arms of a fraud stream where one fraud in ten is missed (each costs ~6 nats of log
+    loss): the loss interval stays wide where PR-AUC and recall are already tight. Promotion is
+    decided on the storefront metrics (as the gate does once it has the positives); any metric
+    worse with confidence, the loss included, still rolls back."""
+    from trainer.canary import LOSS, verdict
+    from trainer.domains.fraud import gate_spec
+
+    rng = np.random.default_rng(1)
+
+    def arm(n):
+        y = (rng.random(n) < 0.1).astype(float)
+        missed = rng.random(n) < 0.1
+        p = np.where(y > 0, np.where(missed, rng.uniform(0.001, 0.003, n), rng.beta(6, 2, n)), rng.beta(1, 30, n))
+        return y, np.clip(p, 1e-4, 1 - 1e-4)
+
+    (y_a, p_a), (y_b, p_b) = arm(4000), arm(4000)
+    storefront = tuple(m.name for m in gate_spec().metrics)
+    metrics = gate_spec().metrics + (mean_metric(LOSS, log_loss_rows, False),)
+    rule = GateRule(resamples=200, margin=0.05)
+    same = compare_unpaired(metrics, y_a, p_a, y_b, p_b, lambda y: y > 0.5, rule, 1)
+    assert same[LOSS]["interval"][0] < -0.05 and not same[LOSS]["worse_with_confidence"]  # the loss cannot tell
+    decision, reasons = verdict(same, storefront, 0.05)
+    assert decision == "promoted" and len(reasons) == len(storefront)
+    assert verdict(same, storefront + (LOSS,), 0.05) == (None, [])  # with the loss in the rule: never decided
+    halved = np.where(y_b > 0.5, p_b * 0.5, p_b)  # frauds' scores halved: worse calibrated and ranked
+    worse = compare_unpaired(metrics, y_a, p_a, y_b, halved, lambda y: y > 0.5, rule, 1)
+    decision, reasons = verdict(worse, storefront, 0.05)
+    assert decision == "rolled_back" and any(LOSS in r for r in reasons)
+
+
 # ---------------------------------------------------------------- the learner's publish step
 def test_learner_publishes_a_passing_candidate_as_canary_holds_the_next_and_follows_the_verdict(tmp_path):
     import copy
