@@ -17,8 +17,8 @@ takes about ten minutes on 2 cores (`make bench`); --full replays the whole cred
     the gate's metrics and rule (trainer.gate.decide). "Worse" = a lower point estimate of the
     first metric the gate decides on (PR-AUC); "beyond the margin" = more than the gate's relative
     margin (2 %) lower; "with confidence" = the gate would refuse it there. --gate-baseline (on with
-    --full) adds a run with the gate's rule before the point rule (publish unless worse with
-    confidence), judged the same way. The runs' results are also written to bench/results/drift.json.
+    --full) adds a run with the gate's rule before must-beat (publish unless the point estimate is
+    behind or the candidate is worse with confidence), judged the same way. The runs' results are also written to bench/results/drift.json.
 (b) canary: a real trainer process (delivery canary, canary mode for fraud, share 0.5; rounds
     off so only the two candidates below run) and a real fraud service process over one
     registry; 32 concurrent clients score real creditcard transactions and report their real
@@ -69,7 +69,7 @@ from bench.machine import machine_info
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "delivery.json"
 PARTS = ("gate", "canary", "bytes", "disk")
-BASELINE_RUN = "action on, gate without the point rule"
+BASELINE_RUN = "action on, gate without the must-beat bar"
 # `make bench` runs the default; --full replays the whole creditcard stream (about an hour on 2 cores)
 SCALES = {"default": {"rows": 100_000, "drift_row": 50_000, "gate_baseline": False},
           "full": {"rows": 0, "drift_row": 80_000, "gate_baseline": True}}
@@ -200,8 +200,8 @@ def gate_and_drift(args) -> tuple[dict[str, Any], dict[str, Any]]:
     observer = LaterWindow()
     extra = ()
     baseline = LaterWindow() if args.gate_baseline else None
-    if baseline is not None:  # the same run with the gate's rule before the point rule: refuse only worse with confidence
-        extra = ((BASELINE_RUN, {"gate_publish_margin": None}, baseline),)
+    if baseline is not None:  # the same run with the gate's rule before must-beat: publish unless behind (point) or refused
+        extra = ((BASELINE_RUN, {"gate_min_gain": None}, baseline),)
     drift_bench.quiet_logs()
     progress(f"(a)+(c) drift replay: {f'{args.rows:,}' if args.rows else 'all'} rows, drift at {args.drift_row:,}, rounds of {cfg.round_labels} "
              f"labels; runs action on / off / frozen{' / ' + BASELINE_RUN if baseline else ''}")
@@ -246,7 +246,9 @@ def canary(args) -> dict[str, Any]:
         loop.start()
         settings = {"trainer": "--delivery canary --canary-modes fraud=canary --canary-share "
                                f"{args.canary_share} (other canary settings: defaults: 200 labels and 5 positives "
-                               "per arm, margin 5 %, 500 resamples); rounds off",
+                               "per arm, margin 5 %, 500 resamples, the newest 20,000 labels per arm tested; promotion "
+                               "decided on PR-AUC and recall at the operating FPR once each arm holds 30 frauds, "
+                               "roll-back on those and the served log loss); rounds off",
                     "service": "fraud service defaults, --poll-interval-s 0.2", "clients": 32}
         out["settings"] = settings
         frauds = np.flatnonzero(data.y[30_000:60_000] == 1) + 30_000
@@ -545,7 +547,9 @@ def render(rep: dict[str, Any]) -> str:
         s = {**s, "metric": s["metric"] or "the first gate metric"}
         out += ["### (a) Gate decisions on a creditcard replay with an injected drift", "",
                 f"{g['stream']}. Every round of the production Learner (gate: paired bootstrap on the rolling window; "
-                "refused when worse with confidence, deferred when a point estimate is behind the champion). Each "
+                "published only when it must-beats the champion: the lower end of the 95 % interval of the main "
+                "metric's relative difference above 0; refused when worse with confidence; deferred otherwise, "
+                "learning goes on). Each "
                 "published candidate is judged again, against the champion it replaced, on a LATER window disjoint "
                 "from the one that decided it: the labels that arrived after the decision, until they hold the gate's "
                 f"positives (median {s['median_later_window_rows'] or 0:,} rows; rows shared with the deciding windows: "
@@ -563,7 +567,8 @@ def render(rep: dict[str, Any]) -> str:
                 f"({pct(s['worse_beyond_margin_share'])}) | {s['worse_with_confidence']} | {median} |", ""]
         if "baseline" in g:
             b = g["baseline"]
-            out += [f"Before the point rule (publish unless worse with confidence), same run and measurement: "
+            out += [f"Without the must-beat bar (publish unless behind by point estimate or worse with confidence), "
+                    f"same stream and measurement: "
                     f"{b['published']} published, {b['worse_on_later_window']} of "
                     f"{b['published_judged_on_later_window']} judged worse ({pct(b['worse_share'])}), "
                     f"{b['worse_beyond_margin']} beyond the margin, {b['worse_with_confidence']} with confidence.", ""]
@@ -640,8 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=None, help="(a)/(c): first N creditcard rows (0: all; default: the scale's)")
     ap.add_argument("--drift-row", type=int, default=None, help="(a)/(c): where the drift is injected (default: the scale's)")
     ap.add_argument("--gate-baseline", action=argparse.BooleanOptionalAction, default=None,
-                    help="(a): also run the replay with the gate's rule before the point rule (publish unless worse "
-                         "with confidence), judged the same way (default: the scale's)")
+                    help="(a): also run the replay with the gate's rule before must-beat (publish unless behind by point "
+                         "estimate or worse with confidence), judged the same way (default: the scale's)")
     ap.add_argument("--canary-share", type=float, default=0.5)
     ap.add_argument("--canary-timeout-s", type=float, default=180.0, help="(b): give up waiting for a decision")
     ap.add_argument("--noise", type=float, default=1.0,
