@@ -69,6 +69,7 @@ from bench.machine import machine_info
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "delivery.json"
 PARTS = ("gate", "canary", "bytes", "disk")
+PART_KEYS = {"gate": ("gate", "drift"), "canary": ("canary",), "bytes": ("bytes",), "disk": ("disk",)}
 BASELINE_RUN = "action on, gate without the must-beat bar"
 # `make bench` runs the default; --full replays the whole creditcard stream (about an hour on 2 cores)
 SCALES = {"default": {"rows": 100_000, "drift_row": 50_000, "gate_baseline": False},
@@ -537,6 +538,8 @@ def _mb(b: float | None) -> str:
 
 def render(rep: dict[str, Any]) -> str:
     out: list[str] = []
+    for part, date in (rep.get("carried_over") or {}).items():
+        out += [f"Part `{part}` was skipped in this run (--skip): its tables are the run of {date}.", ""]
     if "gate" in rep:
         g, s = rep["gate"], rep["gate"]["summary"]
 
@@ -653,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="(b): noise added to the bad candidate's weight matrices, x each matrix's std")
     ap.add_argument("--demo-s", type=float, default=15.0, help="(d): seconds of ops.up --demo traffic")
     ap.add_argument("--log-hours", type=float, default=1.25, help="(e): hours of record time at 200 events/s")
-    ap.add_argument("--skip", default="", help=f"comma list of parts to skip: {','.join(PARTS)}")
+    ap.add_argument("--skip", default="", help=f"comma list of parts to skip: {','.join(PARTS)} (a skipped part keeps "
+                                                "its last results in --out, marked with their date)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     scale = SCALES["full" if args.full else "default"]
@@ -680,6 +684,15 @@ def main(argv: list[str] | None = None) -> int:
         rep["bytes"], templates = bytes_per_event(args)
     if "disk" not in skip:
         rep["disk"] = disk_over_time(args, templates)
+    # a skipped part keeps its last recorded results (with the date of the run that measured them),
+    # so re-measuring one part does not drop the others from the results and the docs
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for part in sorted(skip):
+        keys = [k for k in PART_KEYS[part] if k in previous and k not in rep]
+        if keys:
+            for k in keys:
+                rep[k] = previous[k]
+            rep.setdefault("carried_over", {})[part] = previous.get("carried_over", {}).get(part, previous.get("date"))
     rep["seconds_total"] = round(time.time() - started, 1)
     rep["machine"] = machine_info()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -255,6 +255,14 @@ def test_the_decision_is_deferred_below_the_window_sizes_and_falls_back_between(
     y, p = synthetic(n=5000, frauds=12)
     decision, _, ev = gate.decide(spec(), y, p, p, gate.GateRule(min_gain=None), seed=0)
     assert decision == "published" and ev["tier"] == "fallback" and ev["decided_on"] == ["log_loss"]
+    # under must-beat the fallback refuses a collapse but never ships: even a much better log loss waits
+    # for the positives the storefront metrics need
+    sharper = np.where(y > 0.5, np.maximum(p, 0.9), p * 0.5).astype(np.float32)
+    decision, reasons, ev = gate.decide(spec(), y, p, sharper, gate.GateRule(), seed=0)
+    assert ev["tier"] == "fallback" and ev["metrics"]["log_loss"]["interval"][0] > 0
+    assert decision == "deferred" and "storefront metrics need 30 positives (12 in the window)" in reasons[0]
+    collapsed = np.where(y > 0.5, 0.01, 0.6).astype(np.float32)
+    assert gate.decide(spec(), y, p, collapsed, gate.GateRule(), seed=0)[0] == "refused"
 
 
 def test_the_bootstrap_is_paired_seeded_and_stratified():
