@@ -8,6 +8,7 @@ that learned the new concept is published; a window with too few frauds defers (
 goes on, nothing is published) and survives a restart. The rule itself on plain arrays."""
 from __future__ import annotations
 
+import functools
 import shutil
 
 import numpy as np
@@ -192,28 +193,29 @@ def test_identical_predictions_are_never_worse_nor_better():
 
 def test_only_a_challenger_better_with_confidence_is_published():
     y, p = synthetic()
+    fast = functools.partial(gate.GateRule, resamples=200)  # the figures below hold at 200 resamples
     # the champion lost most of the frauds' scores; the challenger has them: clearly better
     weak = np.where(y > 0.5, p * 0.3, p).astype(np.float32)
-    decision, reasons, ev = gate.decide(spec(), y, weak, p, gate.GateRule(), seed=1)
+    decision, reasons, ev = gate.decide(spec(), y, weak, p, fast(), seed=1)
     pr = ev["metrics"]["pr_auc"]
     assert decision == "published" and reasons == [] and pr["interval"][0] > 0, pr
     # a bar above the gain it shows defers it (the interval's lower end is the evidence, not the point)
-    high = gate.GateRule(min_gain=pr["interval"][0] + 0.01)
+    high = fast(min_gain=pr["interval"][0] + 0.01)
     decision, reasons, _ = gate.decide(spec(), y, weak, p, high, seed=1)
     assert decision == "deferred" and "not better with confidence yet" in reasons[0]
     # a gain on two frauds only is not evidence enough: deferred; a negative bar (not worse than 2 %
     # with confidence) publishes it
     behind = p.copy()
     behind[np.flatnonzero(y > 0.5)[:2]] = 0.02
-    decision, _, ev = gate.decide(spec(), y, behind, p, gate.GateRule(), seed=1)
+    decision, _, ev = gate.decide(spec(), y, behind, p, fast(), seed=1)
     assert decision == "deferred" and ev["metrics"]["pr_auc"]["relative_difference"] > 0
-    assert gate.decide(spec(), y, behind, p, gate.GateRule(min_gain=-0.02), seed=1)[0] == "published"
+    assert gate.decide(spec(), y, behind, p, fast(min_gain=-0.02), seed=1)[0] == "published"
     # a worse challenger is still refused first, whatever the bar
     worse = np.where(y > 0.5, p * 0.3, p).astype(np.float32)
-    assert gate.decide(spec(), y, p, worse, gate.GateRule(min_gain=-0.5), seed=1)[0] == "refused"
+    assert gate.decide(spec(), y, p, worse, fast(min_gain=-0.5), seed=1)[0] == "refused"
     for bad in (-1.0, 1.0):
         with pytest.raises(ValueError):
-            gate.GateRule(min_gain=bad).validate()
+            fast(min_gain=bad).validate()
 
 
 def test_a_clearly_worse_challenger_is_refused_and_a_slightly_different_one_is_not():
