@@ -218,20 +218,23 @@ def calibration_rows(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per published version of a domain that reports click calibration (the recommender): on the
     gate's window when it was published, its mean click probability, the observed click rate and
     the expected calibration error; served, the same figures of the prequential window at the
-    last round while it was the newest published version (each label scored by the version that
-    served it, so the window's first rows may be its predecessor's). Empty when the domain reports none."""
+    last round that ended while it was the newest published version (the round that publishes its
+    successor included; each label scored by the version that served it, so the window's first
+    rows may be its predecessor's; none before a round ended). Empty when the domain reports none."""
     rows: list[dict[str, Any]] = []
     for e in entries:
-        if e.get("kind") == "canary" or e.get("decision") == "refused":
+        if e.get("kind") == "canary":
             continue
-        metrics = e.get("metrics") or {}
-        if e.get("version") is not None and e.get("decision") in ("bootstrap", "published"):
-            rows.append({"version": str(e["version"]), "published": e["time"],
-                         **{f"gate_{k}": metrics.get(k) for k in GATE_CALIBRATION_KEYS}})
+        # a round's prequential window was served before the round ended: by the version newest
+        # until then, whatever the round decided (the version it publishes has served nothing yet)
         preq = e.get("prequential") or {}
         if rows and all(preq.get(k) is not None for k in CALIBRATION_KEYS):
             rows[-1].update({f"served_{k}": preq[k] for k in CALIBRATION_KEYS})
             rows[-1]["served_rows"] = preq.get("window_rows")
+        metrics = e.get("metrics") or {}
+        if e.get("version") is not None and e.get("decision") in ("bootstrap", "published"):
+            rows.append({"version": str(e["version"]), "published": e["time"],
+                         **{f"gate_{k}": metrics.get(k) for k in GATE_CALIBRATION_KEYS}})
     has = lambda r: any(r.get(f"gate_{k}") is not None for k in GATE_CALIBRATION_KEYS) or "served_click_ece" in r  # noqa: E731
     return [r for r in rows if has(r)]
 
