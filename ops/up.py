@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ops.procs import ROOT, wait_serving
+from shared.settings import ENV_PREFIX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,28 @@ class Component:
 
 
 TRAINER = Component("trainer", ["trainer", "serve"], 50050)
+# The trainer's settings in a demo (`--demo`), each unless the operator set it in the environment
+# (STOREFRONT_<NAME>). A demo lasts a minute; the defaults are for a storefront that runs for days:
+DEMO_TRAINER_SETTINGS = {
+    # The recommender's label window is an hour (clicks within minutes, purchases within the
+    # session): an item shown and not clicked becomes a negative only once it has passed (plus the
+    # join grace), so in a one-minute demo none would and its click probability could not learn
+    # from what was shown. The demo's scenario reports each click about a second after the answer
+    # and the purchase a second after that (ops/demo.py), so 10 s misses none of them.
+    "windows": "recommender=10",
+    # outcomes reach the trainer through the same service stream as their served record
+    "join_grace_s": "5",
+    # a candidate that passed the gate serves at once: a canary is decided on live labels, which
+    # take the label window to come, and would still be undecided when the minute is over
+    "delivery": "direct",
+    # the recommender's gate decides on its fallback, the click log loss of every shown item: its
+    # storefront metric (HR@10 of clicked items) needs 100 clicks, and in a demo every click is on
+    # the serving version's own top 10, where HR@10 favours it by construction; a strictly proper
+    # score of what customers did with what they were shown is what a calibrated candidate must beat.
+    # 5001: more clicked items than the gate's window ever holds (RecommenderModel.gate_spec max_rows).
+    "gate_min_positives": "recommender=5001",
+}
+DEMO_REPORT_WAIT_S = 120.0  # after the traffic, for the round that learns its last impressions
 # Each domain service: its composition root, default port, load-test scenario and demo rate.
 SERVICES = [
     Component("fraud", ["services.fraud.main"], 50051, domain="fraud", scenario="fraud", demo_rate=40.0),
@@ -52,8 +75,8 @@ def _pump(name: str, stream, out) -> None:
 
 
 class Suite:
-    def __init__(self, var: Path, host: str, port_offset: int = 0, log_format: str = "text") -> None:
-        self.var, self.host, self.port_offset, self.log_format = var, host, port_offset, log_format
+    def __init__(self, var: Path, host: str, port_offset: int = 0, log_format: str = "text", demo: bool = False) -> None:
+        self.var, self.host, self.port_offset, self.log_format, self.demo = var, host, port_offset, log_format, demo
         self.procs: dict[str, subprocess.Popen] = {}
         # Service identity on the feedback stream: a fresh random token per service and per run,
         # handed to the trainer (all of them) and to each service (its own) through the environment
@@ -83,11 +106,35 @@ class Suite:
         common = ["--host", self.host, "--port", str(self.port(c)), "--registry-dir", str(self.var / "registry"),
                   "--log-format", self.log_format]
         if c is TRAINER:
-            return [*common, "--workdir", str(self.var / "trainer"), "--catalog-path", str(self.catalog_path),
-                    "--domains", ",".join(s.domain for s in SERVICES if s.domain)]
+            return [*common, "--workdir", str(self.workdir), "--catalog-path", str(self.catalog_path),
+                    "--domains", ",".join(s.domain for s in SERVICES if s.domain), *self.demo_trainer_args()]
         extra = ["--catalog-path", str(self.catalog_path)] if c.name == "recommender" else []
         return [*common, "--trainer-target", f"127.0.0.1:{self.port(TRAINER)}",
                 "--spool-dir", str(self.var / "spool" / c.name), *extra]
+
+    def demo_trainer_args(self) -> list[str]:
+        """In a demo, DEMO_TRAINER_SETTINGS as flags, but those the operator set in the environment."""
+        if not self.demo:
+            return []
+        return [a for name, value in DEMO_TRAINER_SETTINGS.items() if ENV_PREFIX + name.upper() not in os.environ
+                for a in (f"--{name.replace('_', '-')}", value)]
+
+    def demo_setting(self, name: str) -> str:
+        """A trainer setting as the demo runs it (the operator's, else the demo's)."""
+        return os.environ.get(ENV_PREFIX + name.upper(), DEMO_TRAINER_SETTINGS[name])
+
+    def demo_windows(self) -> dict[str, float]:
+        """The label window of each domain the demo's trainer runs with."""
+        from trainer.joiner import parse_windows
+        from trainer.plugins import DEFAULT_DOMAIN_MODULES, load_domains
+
+        own = load_domains(os.environ.get(ENV_PREFIX + "DOMAIN_MODULES", DEFAULT_DOMAIN_MODULES)).windows()
+        return parse_windows(self.demo_setting("windows"), own)
+
+    @property
+    def workdir(self) -> Path:
+        """The trainer's workdir: its event log, checkpoints, decision logs and learning reports."""
+        return self.var / "trainer"
 
     def start(self, c: Component, out=None) -> None:
         """Start one component; its output lines go to `out` (default stdout), prefixed by its name."""
@@ -147,6 +194,38 @@ def run_demo(suite: Suite, seconds: float, stop: threading.Event) -> int:
     return 1 if any(t.errors for t in done) else 0
 
 
+def last_decision_time(workdir: Path, domain: str) -> float:
+    """The time of the domain's newest learning round in its decision log (-inf: none)."""
+    from trainer.report import read_decisions
+
+    times = [e["time"] for e in read_decisions(workdir / "decisions" / f"{domain}.jsonl")
+             if e.get("kind") != "canary" and "prequential" in e]
+    return max(times, default=float("-inf"))
+
+
+def demo_report(suite: Suite, traffic_end: float, stop: threading.Event, max_wait_s: float | None = None) -> None:
+    """The demo's learning report: once the trainer ran a recommender round after the demo's last
+    impressions could be derived (its label window and grace after the last answer; at most
+    max_wait_s more: the window, the grace, the trainer's round interval and a round), each
+    version's mean served click probability against the observed click rate, and its ECE."""
+    from trainer.report import print_calibration
+
+    windows = suite.demo_windows()
+    due = traffic_end + windows.get("recommender", 0.0) + float(suite.demo_setting("join_grace_s"))
+    wait = DEMO_REPORT_WAIT_S if max_wait_s is None else max_wait_s
+    print(f"demo: waiting for the recommender's round after its last impressions (up to {wait:.0f} s; Ctrl-C skips)",
+          flush=True)
+    deadline = time.monotonic() + wait
+    while not stop.is_set() and time.monotonic() < deadline:
+        if last_decision_time(suite.workdir, "recommender") > due:
+            break
+        stop.wait(1.0)
+    if not print_calibration(suite.workdir):
+        print(f"demo: no click calibration in {suite.workdir / 'decisions'} yet", flush=True)
+    print(f"demo: learning reports in {suite.workdir / 'reports'} (python -m trainer report --workdir "
+          f"{suite.workdir})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ops.up", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--demo", type=float, default=0.0, metavar="SECONDS",
                     help="once serving, send demo traffic and outcomes for this long, then stop (make demo)")
     args = ap.parse_args(argv)
-    suite = Suite(args.var, args.host, args.port_offset)
+    suite = Suite(args.var, args.host, args.port_offset, demo=args.demo > 0)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -185,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             print("all services serving", flush=True)
         if args.demo > 0 and not stop.is_set():
             rc |= run_demo(suite, args.demo, stop)
+            demo_report(suite, time.time(), stop)
             stop.set()
         while not stop.is_set():
             for name, p in suite.procs.items():
