@@ -81,6 +81,12 @@ STEPS = [
          "minutes on 2 cores); `python -m bench.delivery --full` for the whole stream."),
     Step("eval-pricing", "Pricing: market simulation against the best fixed price", ("-m", "bench.eval_pricing"),
          "Revenue and regret of the live service vs the reference price and epsilon-greedy.", in_default=False),
+    Step("demo-calibration", "Recommender: click calibration in `make demo`",
+         ("-m", "bench.demo_calibration", "--demo", "180"),
+         "`python -m ops.up --demo 180` (`make demo` runs 60 s of the same): real Ta Feng Recommend traffic with "
+         "clicks at storefront rates; per recommender version, the mean served click probability against the "
+         "observed click rate and the expected calibration error, from the trainer's learning report (a fresh "
+         "folder: every domain is bootstrapped first, 15-25 minutes on 2 busy cores).", in_default=False),
     Step("fuzz", "Hostile requests: status codes and memory", ("-m", "bench.fuzz"),
          "At least 3,000 hostile requests per service (domain APIs, outcomes, KServe V2, unknown methods, "
          "undecodable bytes) against the whole suite; targets: 0 INTERNAL, 0 UNKNOWN, 0 failed well-formed "
