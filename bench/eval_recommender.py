@@ -388,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--holdout-days", type=int, default=1,
                     help="last warm-up days the bootstrap holds out of training (the gate's first window)")
     ap.add_argument("--latency-budget-ms", type=float, default=None,
-                    help="the gate's batch-1 latency budget (default: the trainer's setting)")
+                    help="the gate's batch-1 latency budget (default: the trainer's setting); on a shared, busy "
+                         "machine the measured latency is the machine's load, not the model's (the serving "
+                         "benches judge latency), and a round refused for it is a day the model does not learn")
     ap.add_argument("--tau-grid", default="3,7,14,30,60,120,240,480", help="recency buy-again: tau candidates (days)")
     ap.add_argument("--resamples", type=int, default=2000, help="paired bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0)
@@ -454,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     config.delivery = "direct"  # no canary decider runs here: a passing candidate serves the next day
     if args.latency_budget_ms is not None:
         config.latency_budget_ms = args.latency_budget_ms
+    args.latency_budget_ms = config.latency_budget_ms  # recorded in the protocol
     model = RecommenderModel(registry_dir=registry.root, catalog_path=journal, seed=args.seed)
     t = time.time()
     progress(f"bootstrap: {int(bounds[w0])} warm-up lines, {args.bootstrap_epochs} epochs, last {args.holdout_days} "
@@ -669,6 +672,7 @@ def summarize(args, tallies: dict, rounds: list[dict[str, Any]], tau: dict[str, 
                          "max_customers_per_day": args.max_customers or "all", "customers_per_day": evaluated,
                          "seed": args.seed, "k": K, "bootstrap_epochs": args.bootstrap_epochs,
                          "bootstrap_holdout_days": args.holdout_days, "quick": args.quick,
+                         "gate_latency_budget_ms": args.latency_budget_ms,
                          "recency_tau": tau, "tifu_knn": TIFU_TAFENG, "serving": "registry CURRENT version, "
                          "item_tower.onnx + model.onnx in ONNX Runtime", "learning": "one Learner.round per day on "
                          "the day's joined purchase outcomes (trainer settings)"},
