@@ -11,7 +11,7 @@ import functools
 from pathlib import Path
 
 from shared.registry import ModelRegistry
-from tests.first_versions import bootstrap_config, bootstrap_key, built_once, copy_first_version
+from tests.first_versions import bootstrap_config, bootstrap_key, built_once, copy_first_version, require_version
 from trainer.domains import fraud
 from trainer.learner import Learner, LearnerConfig
 
@@ -35,6 +35,7 @@ def _train(root: Path, config: LearnerConfig) -> None:
     learner = Learner(fraud.FraudModel(), ModelRegistry(root / "registry"), root / "trainer", config)
     train, holdout = data.slice(0, TRAIN_ROWS), data.slice(TRAIN_ROWS, TRAIN_ROWS + 10_000)
     learner.bootstrap(train.X, train.y, holdout.X, holdout.y, epochs=2)
+    require_version(learner.registry, "fraud")
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,7 +11,7 @@ import numpy as np
 
 from protos.pricing.v1 import pricing_pb2
 from shared.registry import ModelRegistry
-from tests.first_versions import bootstrap_config, bootstrap_key, built_once, copy_first_version
+from tests.first_versions import bootstrap_config, bootstrap_key, built_once, copy_first_version, require_version
 from trainer.domains import pricing
 from trainer.learner import Learner, LearnerConfig
 
@@ -33,6 +33,7 @@ def _train_pricing(root: Path, config: LearnerConfig | None) -> list[str]:
     model.vocab = vocab
     registry = ModelRegistry(root / "registry")
     Learner(model, registry, root / "trainer", config).bootstrap(X, y, hX, hy, epochs=1)
+    require_version(registry, "pricing")
     codes = np.unique(X[:, pricing.COL_PRODUCT]).astype(int)
     return [vocab.products[c - 1] for c in codes]
 

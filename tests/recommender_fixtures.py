@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from tests.first_versions import bootstrap_config, bootstrap_key, built_once, copy_first_version
+from tests.first_versions import bootstrap_config, bootstrap_key, built_once, copy_first_version, require_version
 from trainer.text_encoder import export_text_encoder
 
 
@@ -41,6 +41,7 @@ def _train_recommender(root: Path, config, limit: int, epochs: int):
     model = RecommenderModel(registry_dir=registry.root)
     bootstrap_recommender(registry, root / "trainer", epochs=epochs, limit=limit, force=True, show_progress=False,
                           model=model, holdout_days=1, text_encoder=exported_text_encoder(), config=config)
+    require_version(registry, "recommender")
 
 
 @functools.lru_cache(maxsize=None)
