@@ -85,8 +85,9 @@ STEPS = [
          ("-m", "bench.demo_calibration", "--demo", "180"),
          "`python -m ops.up --demo 180` (`make demo` runs 60 s of the same): real Ta Feng Recommend traffic with "
          "clicks at storefront rates; per recommender version, the mean served click probability against the "
-         "observed click rate and the expected calibration error, from the trainer's learning report (a fresh "
-         "folder: every domain is bootstrapped first, 15-25 minutes on 2 busy cores).", in_default=False),
+         "observed click rate and the expected calibration error, from the trainer's learning report (in a fresh "
+         "folder every domain is bootstrapped first: 15-25 minutes on 2 busy cores; `--copy-of` starts from a "
+         "copy of a bootstrapped one).", in_default=False),
     Step("fuzz", "Hostile requests: status codes and memory", ("-m", "bench.fuzz"),
          "At least 3,000 hostile requests per service (domain APIs, outcomes, KServe V2, unknown methods, "
          "undecodable bytes) against the whole suite; targets: 0 INTERNAL, 0 UNKNOWN, 0 failed well-formed "

@@ -51,6 +51,10 @@ DEMO_TRAINER_SETTINGS = {
     # a candidate that passed the gate serves at once: a canary is decided on live labels, which
     # take the label window to come, and would still be undecided when the minute is over
     "delivery": "direct",
+    # the gate's refuse-when-worse rule without its must-beat bar (-1 = off): on a minute of labels
+    # no challenger is better than the champion with confidence, and the demo is about versions
+    # learned from its traffic being served
+    "gate_min_gain": "-1",
     # the recommender's gate decides on its fallback, the click log loss of every shown item: its
     # storefront metric (HR@10 of clicked items) needs 100 clicks, and in a demo every click is on
     # the serving version's own top 10, where HR@10 favours it by construction; a strictly proper
