@@ -3,7 +3,8 @@
     python -m bench.delivery [--full] [--rows N --drift-row N] [--log-hours 1.25] [--skip gate,canary,...]
 
 Every part goes through the production path. The default is scaled down so the whole bench
-takes about ten minutes on 2 cores (`make bench`); --full replays the whole creditcard stream
+runs in `make bench` (measured: 48-53 minutes on 2 cores shared with other work, load 9-15; the
+gate and drift replay are about 60 % of it, `--skip` re-measures parts); --full replays the whole creditcard stream
 (about an hour). The scale is printed first and recorded in the results.
 
 (a) gate + (c) drift: bench/drift.py's measurement, called in this process (its creditcard
