@@ -55,6 +55,10 @@ class CoreTrainerSettings(ServerSettings):
     gate_min_gain: float = setting(0.0, "gate: publish only a challenger whose interval of its main metric lies above "
                                    "this relative difference (0 = better than the champion with confidence; -0.02 = "
                                    "not worse than 2 % with confidence; -1 = off); otherwise deferred, learning goes on")
+    gate_must_beat: str = setting("fraud", "gate: domains held to gate_min_gain (comma-separated); the others publish "
+                                  "unless worse with confidence or behind on the point estimate. Fraud's window holds "
+                                  ">= 30 frauds and can show a gain; the recommender's 200 rows could not (22 of 30 "
+                                  "daily Ta Feng rounds deferred, HR@10 1.06x -> 1.00x buy-again)")
     latency_budget_ms: float = setting(5.0, "gate: batch-1 latency budget of a candidate, ms")
     delivery: str = setting("canary", "what happens to a candidate that passed the gate: canary = published and started "
                             "as the registry's CANARY, promoted or rolled back on live labels (trainer/canary.py); "
@@ -167,9 +171,14 @@ class CoreTrainerSettings(ServerSettings):
                              gate_min_rows=parse_per_domain(self.gate_min_rows, "gate_min_rows").get(domain),
                              gate_resamples=self.gate_resamples, gate_confidence=self.gate_confidence,
                              gate_margin=self.gate_margin,
-                             gate_min_gain=None if self.gate_min_gain <= -1 else self.gate_min_gain,
+                             gate_min_gain=self.min_gain_for(domain),
                              delivery=self.delivery,
                              canary_mode=self.canary_config(domain).mode, canary_share=self.canary_share)
+
+    def min_gain_for(self, domain: str | None) -> float | None:
+        """The must-beat bar of domain's gate (None: not worse is enough)."""
+        must_beat = {d.strip() for d in self.gate_must_beat.split(",") if d.strip()}
+        return None if self.gate_min_gain <= -1 or domain not in must_beat else self.gate_min_gain
 
     def canary_config(self, domain: str | None = None):
         from trainer.canary import CanaryConfig, parse_modes
