@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ops.up import SERVICES, TRAINER
+from ops.up import DEMO_TRAINER_SETTINGS, SERVICES, TRAINER
 from protos.fraud.v1 import fraud_pb2_grpc
 from tests.suite_fixtures import bootstrap_small_suite
 from tests.loop_harness import score_request
@@ -76,6 +76,16 @@ def _served_new_version(line: str) -> str | None:
     return None
 
 
+def learned_versions(out: str, domain: str) -> set[str]:
+    """The versions after v1 the demo's progress lines show the domain's service answering with."""
+    served = set()
+    for line in out.splitlines():
+        m = re.match(rf"\s+{domain}\s+\d+ requests\s+\d+ errors\s+served (\S+)", line)
+        if m:
+            served |= {v.removeprefix("v") for v in m.group(1).split(",") if v != "v1"}
+    return served
+
+
 def test_demo_shows_new_versions_learned_from_its_traffic_being_served(bootstrapped, tmp_path):
     """`make demo`: real traffic and outcomes from the datasets through the live suite; the
     trainer publishes versions learned from them and the services answer with them. The demo
@@ -83,12 +93,12 @@ def test_demo_shows_new_versions_learned_from_its_traffic_being_served(bootstrap
     traffic, then Ctrl-C ends it: its summary still reports every domain, and all stops cleanly."""
     var = fresh_var(bootstrapped, tmp_path)
     offset = 4000 + os.getpid() % 10000
-    # direct delivery (the trainer reads STOREFRONT_DELIVERY): this test is about versions learned from the
-    # demo's traffic reaching the answers; with canary delivery the fraud candidate runs in shadow
-    # (answers nothing) until live labels promote it (tests/test_canary.py)
+    # the demo's own trainer settings (ops/up.py DEMO_TRAINER_SETTINGS: direct delivery, a 10 s
+    # recommender label window), not the caller's
+    env = {k: v for k, v in os.environ.items() if k.removeprefix("STOREFRONT_").lower() not in DEMO_TRAINER_SETTINGS}
     proc = subprocess.Popen([sys.executable, "-m", "ops.up", "--var", str(var), "--port-offset", str(offset),
                              "--demo", "600"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, env={**os.environ, "STOREFRONT_DELIVERY": "direct"})
+                            text=True, start_new_session=True, env=env)
     lines, learned = [], set()
     try:
         deadline = time.monotonic() + 300
@@ -113,3 +123,11 @@ def test_demo_shows_new_versions_learned_from_its_traffic_being_served(bootstrap
         assert summary.endswith(", 0 errors"), summary
         picked = int(summary.split("(")[1].split(" new version")[0])
         assert picked >= 1, summary  # at least one version learned during the demo was served
+    # the demo's learning report: the recommender's click calibration per version, from the
+    # trainer's decision log (trainer/report.py), the version the service picked up included
+    lines = out.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("recommender: click calibration per version")))
+    end = lines.index(next(line for line in lines[start:] if line.startswith("demo: learning reports in")))
+    table = [line for line in lines[start + 1:end] if line.startswith("| ")]  # the services' lines may interleave
+    assert table[0].startswith("| version | published (UTC) | served: mean click p | served: click rate"), table
+    assert {row.split(" | ")[0].removeprefix("| ") for row in table[1:]} >= {"1", *learned_versions(out, "recommender")}
