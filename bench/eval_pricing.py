@@ -7,6 +7,9 @@ Two markets (bench.pricing_sim), each in its own run of the live loop:
   (lognormal per (product, segment), a ceiling of interest), three segments of clearly
   different price sensitivity whose optimal prices lie near the lower guardrail, near the
   reference and at the upper guardrail; 30 Ta Feng products, revenue, guardrails +-20 %;
+  calibrated on Ta Feng Jan-Feb 2001 (reference prices, units, arrival shares of products and
+  segments, conversion at the reference per (product, segment) as the bootstrap's data
+  construction sees it; pricing_sim.threshold_market);
 - logit: calibrated on Ta Feng Jan-Feb 2001 with the model's own form (a segment shifts the
   conversion level only), 40 products, half quoted for margin: the market of earlier runs.
 
@@ -26,12 +29,14 @@ Per market, the policies face the same customers (same arrivals, same uniform dr
   on the scored seed-0 one);
 - segment-blind fixed: the best fixed price per product over the segment mix (knows the truth:
   the best a segment-blind price list can do);
-- epsilon-greedy (same prior): per (product, segment) or per product, on the service's
-  candidate grid, every arm starting from the bootstrap version's (v1) expected value at that
-  price as `prior_pulls` pseudo-quotes, each outcome learned at once (no label delay). Its
-  epsilon, keying and prior strength are the best of a small grid on this very run (tuned in
-  hindsight: a stronger baseline than any configuration chosen in advance; all variants are
-  in the JSON);
+- epsilon-greedy and Thompson sampling on the grid (both with the same prior): per (product,
+  segment) or per product, on the service's candidate grid, every arm starting from the
+  bootstrap version's (v1) conversion / expected value at that price as `prior_pulls`
+  pseudo-quotes, each outcome learned at once (no label delay). Their settings (epsilon,
+  keying, prior weight) are chosen on a CALIBRATION market, never on the scored one: the same
+  family and Ta Feng construction on the next most sold products (none shared) with another
+  seed and other arrivals; the best variant in hindsight on the scored market is recorded
+  beside it (all variants are in the JSON);
 - reference: the reference price, unchanged;
 - bootstrap-frozen (not a baseline): the greedy price of v1, never updated, no exploration.
 Regret = the oracle's expected value minus the policy's, per arrival, summed, as % of the
@@ -57,10 +62,11 @@ only slow down by its share and verdict time); `--delivery canary` runs the prod
 whose decisions are counted under "rounds" in the JSON. The gate (pricing: a window of the
 newest 30 sales / 100 quotes held out of training) runs either way.
 
-Targets (threshold market): regret of the last third <= 0.75 x the first third's, and below
-the segment-blind fixed price's and epsilon-greedy's over the last third; the service's mean
-prices per segment (last third) in the oracle's order and at least a third as far apart;
-zero guardrail violations.
+Targets (threshold market; computed for both): regret of the last third <= 0.75 x the first
+third's, and below the segment-blind fixed price's and epsilon-greedy's over the last third; the
+service's mean prices per segment (last third) in the oracle's order and at least a third as far
+apart; zero guardrail violations; and (issue 15) over the whole run regret <= 5 % and <= 0.5 x
+the best learning baseline's.
 
 Prints markdown tables; writes bench/results/pricing.json and bench/results/pricing_regret.png
 (--quick: var/eval-pricing-quick/).
@@ -78,13 +84,16 @@ from pathlib import Path
 import numpy as np
 
 from bench.machine import machine_info, progress_printer
-from bench.pricing_sim import Arrivals, EpsilonGreedy, Market, arrivals, calibrate, threshold_market
+from services.pricing.adapter import UNIFORM_STEP_SHARE
+from bench.pricing_sim import Arrivals, EpsilonGreedy, Market, ThompsonGrid, arrivals, calibrate, threshold_market
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_DIR = Path(__file__).resolve().parent.parent / "var" / "eval-pricing-quick"
-POLICIES = ("service", "segment_blind_fixed", "epsilon_greedy", "reference", "bootstrap_frozen")
+POLICIES = ("service", "segment_blind_fixed", "epsilon_greedy", "thompson_grid", "reference", "bootstrap_frozen")
+BASELINES = ("epsilon_greedy", "thompson_grid")  # learning baselines with the service's prior
 MARKETS = ("threshold", "logit")
 EPS_GRID = {"epsilon": (0.05, 0.1, 0.2), "prior_pulls": (0.0, 10.0, 50.0), "key": ("cell", "product")}
+TS_GRID = {"prior_pulls": (0.0, 10.0, 50.0, 200.0), "key": ("cell", "product")}
 HOUR = 12  # hour fed to v1 for the baselines' prior (v1 has no hour terms: Ta Feng has no times)
 
 
@@ -263,9 +272,8 @@ def grids_of(market: Market, grid_size: int) -> list[np.ndarray]:
     return [candidate_grid(market.reference[k], market.lo[k], market.hi[k], grid_size) for k in range(len(market.products))]
 
 
-def v1_values(registry_dir: Path, market: Market, grids: list[np.ndarray]) -> np.ndarray:
-    """[P, S, G] expected value per quote of every candidate price under v1 (the service's
-    prior): unit value x v1's conversion x the product's mean Ta Feng units."""
+def v1_conversion(registry_dir: Path, market: Market, grids: list[np.ndarray]) -> np.ndarray:
+    """[P, S, G] v1's (the service's prior) conversion at every candidate price."""
     session, vocab = v1_model(registry_dir)
     P, S, G = len(market.products), len(market.segments), len(grids[0])
     product = np.repeat(np.array([vocab.products.get(p, 0) for p in market.products], np.int64), S)
@@ -273,28 +281,68 @@ def v1_values(registry_dir: Path, market: Market, grids: list[np.ndarray]) -> np
     x = np.repeat(np.log(np.stack(grids) / market.reference[:, None]), S, axis=0).astype(np.float32)
     conv = session.run(["conversion"], {"product": product, "segment": segment,
                                         "hour": np.full(P * S, HOUR, np.int64), "log_price_ratio": x})[0]
+    return conv.reshape(P, S, G)
+
+
+def v1_values(market: Market, grids: list[np.ndarray], conversion: np.ndarray) -> np.ndarray:
+    """[P, S, G] expected value per quote of every candidate price under v1's conversion:
+    unit value x conversion x the product's mean Ta Feng units."""
+    P, G = len(market.products), len(grids[0])
     unit = np.stack([market.unit_value(np.full(G, k), grids[k]) for k in range(P)])
-    return conv.reshape(P, S, G) * (unit * market.mean_units()[:, None])[:, None, :]
+    return conversion * (unit * market.mean_units()[:, None])[:, None, :]
+
+
+def _keys(market: Market, arr: Arrivals, grids: list[np.ndarray], key: str):
+    """(key per arrival, grid per key, the key's product) for keying by (product, segment) cell or product."""
+    P, S = len(market.products), len(market.segments)
+    if key == "cell":
+        return arr.product * S + arr.segment, [grids[k // S] for k in range(P * S)], np.arange(P * S) // S
+    return arr.product, grids, np.arange(P)
+
+
+def _sales_at_every_arm(market: Market, arr: Arrivals, grids: list[np.ndarray]) -> np.ndarray:
+    """[arrivals, G] whether each arrival buys at each candidate price of its product (common random numbers)."""
+    conv = np.stack([market.conversion(arr.product, arr.segment, np.stack(grids)[arr.product, j])
+                     for j in range(len(grids[0]))], axis=1)
+    return arr.u[:, None] < conv
+
+
+def thompson_grid(market: Market, arr: Arrivals, grids: list[np.ndarray], prior_conversion: np.ndarray, *,
+                  prior_pulls: float, key: str, seed: int) -> np.ndarray:
+    """Prices of Thompson sampling on the grid (pricing_sim.ThompsonGrid) for every arrival; key
+    "cell" (per (product, segment)) or "product" (the segment mix's prior conversion)."""
+    keys, key_grids, key_product = _keys(market, arr, grids, key)
+    S = len(market.segments)
+    if key == "cell":
+        prior = [prior_conversion[k // S, k % S] for k in range(len(key_grids))]
+    else:
+        prior = [np.tensordot(market.segment_share, prior_conversion[k], axes=1) for k in range(len(key_grids))]
+    units = market.mean_units()
+    unit = [market.unit_value(np.full(len(g), key_product[k]), g) * units[key_product[k]]
+            for k, g in enumerate(key_grids)]
+    ts = ThompsonGrid(key_grids, unit, seed, prior=prior, prior_pulls=prior_pulls)
+    sold_at = _sales_at_every_arm(market, arr, grids)
+    out = np.empty(len(arr))
+    for i in range(len(arr)):
+        c = int(keys[i])
+        arm = ts.choose(c)
+        out[i] = grids[int(arr.product[i])][arm]
+        ts.learn(c, arm, bool(sold_at[i, arm]))
+    return out
 
 
 def epsilon_greedy(market: Market, arr: Arrivals, grids: list[np.ndarray], prior: np.ndarray, *, epsilon: float,
                    prior_pulls: float, key: str, seed: int) -> np.ndarray:
     """Prices of one epsilon-greedy variant for every arrival (key: "cell" = per (product,
     segment), "product" = per product with the segment mix's prior)."""
-    P, S = len(market.products), len(market.segments)
+    keys, key_grids, _ = _keys(market, arr, grids, key)
+    S = len(market.segments)
     if key == "cell":
-        keys = arr.product * S + arr.segment
-        key_grids = [grids[k // S] for k in range(P * S)]
-        key_prior = [prior[k // S, k % S] for k in range(P * S)]
+        key_prior = [prior[k // S, k % S] for k in range(len(key_grids))]
     else:
-        keys = arr.product
-        key_grids = grids
-        key_prior = [np.tensordot(market.segment_share, prior[k], axes=1) for k in range(P)]
+        key_prior = [np.tensordot(market.segment_share, prior[k], axes=1) for k in range(len(key_grids))]
     eps = EpsilonGreedy(key_grids, epsilon, seed, prior=key_prior, prior_pulls=prior_pulls)
-    # every arrival's sale at every candidate price, at once (the loop below only indexes it)
-    conv = np.stack([market.conversion(arr.product, arr.segment, np.stack(grids)[arr.product, j])
-                     for j in range(len(grids[0]))], axis=1)
-    sold_at = arr.u[:, None] < conv
+    sold_at = _sales_at_every_arm(market, arr, grids)  # the loop below only indexes it
     unit = np.stack([market.unit_value(np.full(len(g), k), g) for k, g in enumerate(grids)])
     out = np.empty(len(arr))
     for i in range(len(arr)):
@@ -420,26 +468,92 @@ def regret_curves(market: Market, arr: Arrivals, prices: dict[str, np.ndarray], 
     return curves, step
 
 
-def build_market(name: str, args) -> Market:
+def build_market(name: str, args, calibration: bool = False) -> Market:
+    """The scored market, or (calibration) its calibration market: the same family and Ta Feng
+    construction on the next most sold products (none shared) with another seed, where the
+    baselines' settings (and their prior's weight) are chosen before they are scored."""
+    seed = args.seed + 1 if calibration else args.seed
     if name == "threshold":
-        return threshold_market(args.threshold_products, args.max_change_pct, seed=args.seed)
-    return calibrate(args.products, args.max_change_pct, seed=args.seed)
+        n = args.threshold_products
+        return threshold_market(n, args.max_change_pct, seed=seed, skip=n if calibration else 0)
+    return calibrate(args.products, args.max_change_pct, seed=seed, skip=args.products if calibration else 0)
 
 
-def run_market(name: str, args) -> dict:
+def baseline_variants(market: Market, arr: Arrivals, grids: list[np.ndarray], prior_conversion: np.ndarray,
+                      seed: int) -> dict[str, list[tuple[dict, np.ndarray]]]:
+    """Every variant of each learning baseline on one market: (its settings and regret, prices)."""
+    o_exp = values(market, arr, oracle_prices(market, arr))[0]
+    everything = np.ones(len(arr), bool)
+    prior_values = v1_values(market, grids, prior_conversion)
+    out: dict[str, list] = {"epsilon_greedy": [], "thompson_grid": []}
+    for eps in EPS_GRID["epsilon"]:
+        for pulls in EPS_GRID["prior_pulls"]:
+            for key in EPS_GRID["key"]:
+                price = epsilon_greedy(market, arr, grids, prior_values, epsilon=eps, prior_pulls=pulls, key=key,
+                                       seed=seed)
+                out["epsilon_greedy"].append(({"epsilon": eps, "prior_pulls": pulls, "key": key, "regret_pct": regret_pct(
+                    o_exp, values(market, arr, price)[0], everything)}, price))
+    for pulls in TS_GRID["prior_pulls"]:
+        for key in TS_GRID["key"]:
+            price = thompson_grid(market, arr, grids, prior_conversion, prior_pulls=pulls, key=key, seed=seed)
+            out["thompson_grid"].append(({"prior_pulls": pulls, "key": key, "regret_pct": regret_pct(
+                o_exp, values(market, arr, price)[0], everything)}, price))
+    return out
+
+
+def chosen_baselines(calibration: dict, scored: dict) -> tuple[dict, dict]:
+    """Per baseline: the variant best on the calibration market, as run on the scored market
+    (prices), and the record (settings chosen, regret on both, the variant best in hindsight on
+    the scored market, every variant)."""
+    prices, record = {}, {}
+    for name in BASELINES:
+        cal = calibration[name]
+        best = min(range(len(cal)), key=lambda j: cal[j][0]["regret_pct"])
+        hindsight = min(range(len(scored[name])), key=lambda j: scored[name][j][0]["regret_pct"])
+        settings = {k: v for k, v in cal[best][0].items() if k != "regret_pct"}
+        prices[name] = scored[name][best][1]
+        record[name] = {"chosen": {**settings, "regret_pct_on_calibration_market": cal[best][0]["regret_pct"],
+                                   "regret_pct": scored[name][best][0]["regret_pct"]},
+                        "hindsight_best_on_scored_market": scored[name][hindsight][0],
+                        "variants": [v[0] for v in scored[name]],
+                        "variants_on_calibration_market": [v[0] for v in cal]}
+    return prices, record
+
+
+def bootstrap_once(root: Path) -> Path:
+    """The trainer's bootstrap of pricing (`python -m trainer bootstrap`: version 1 from Ta Feng
+    and the learner's checkpoint) into root, once per eval: every market's loop starts from a
+    copy of it (the same v1 for every market, one bootstrap's minutes instead of one per market)."""
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "trainer", "bootstrap", "--domains", "pricing", "--registry-dir",
+                    str(root / "registry"), "--workdir", str(root / "trainer")], check=True,
+                   cwd=Path(__file__).resolve().parent.parent)
+    return root
+
+
+def run_market(name: str, args, bootstrapped: Path | None = None) -> dict:
     t0 = time.time()
     progress(f"[{name}] building the market")
     market = build_market(name, args)
     arr = arrivals(market, args.arrivals, seed=args.seed + 1)
+    cal_market = build_market(name, args, calibration=True)
+    cal_arr = arrivals(cal_market, args.arrivals, seed=args.seed + 11)
     progress(f"[{name}] {market.family}: {len(market.products)} products ({int(market.margin.sum())} for margin), "
              f"segments {[market.segments[s] for s in market.active_segments]}, {len(arr)} arrivals")
     with tempfile.TemporaryDirectory(prefix=f"eval-pricing-{name}-") as tmp:
+        if bootstrapped is not None:
+            import shutil
+
+            for part in ("registry", "trainer"):
+                shutil.copytree(bootstrapped / part, Path(tmp) / part)
         loop = PricingLoop(Path(tmp), ["--min-events", str(args.min_events), "--max-interval-s", str(args.max_interval_s),
                                        "--epochs", "1", "--poll-interval-s", "0.5", "--delivery", args.delivery],
                            ["--exploration-share", str(args.exploration_share), "--max-step-pct", str(args.max_step_pct),
-                            "--wide-step-share", str(args.wide_step_share), "--grid-size", str(args.grid_size),
+                            "--wide-step-share", str(args.wide_step_share), "--uniform-step-share",
+                            str(args.uniform_step_share), "--grid-size", str(args.grid_size),
                             "--exploration-seed", str(args.seed)])
-        progress(f"[{name}] starting the trainer (bootstraps pricing from Ta Feng) and the pricing service")
+        progress(f"[{name}] starting the trainer (from the bootstrap's checkpoint) and the pricing service")
         t_start = time.time()
         loop.start()
         startup_s = time.time() - t_start
@@ -447,7 +561,9 @@ def run_market(name: str, args) -> dict:
         # once later versions are published; the frozen policy and the baselines' prior need it
         grids = grids_of(market, args.grid_size)
         frozen = frozen_greedy_prices(loop.registry, market, arr, args.grid_size)
-        prior = v1_values(loop.registry, market, grids)
+        prior = v1_conversion(loop.registry, market, grids)
+        cal_grids = grids_of(cal_market, args.grid_size)
+        cal_prior = v1_conversion(loop.registry, cal_market, cal_grids)
         progress(f"[{name}] live loop serving after {startup_s:.0f} s; driving {len(arr)} quotes at {args.rate:g}/s")
         try:
             served = asyncio.run(drive_service(f"127.0.0.1:{loop.port}", market, arr, args.rate, args.delay_s,
@@ -460,17 +576,11 @@ def run_market(name: str, args) -> dict:
         progress(f"[{name}] live run done; baselines on the same arrivals")
     blind = market.oracle_prices()[arr.product]
     o_exp = values(market, arr, oracle_prices(market, arr))[0]
-    variants = []
-    for eps in EPS_GRID["epsilon"]:
-        for pulls in EPS_GRID["prior_pulls"]:
-            for key in EPS_GRID["key"]:
-                price = epsilon_greedy(market, arr, grids, prior, epsilon=eps, prior_pulls=pulls, key=key,
-                                       seed=args.seed + 2)
-                e = values(market, arr, price)[0]
-                variants.append(({"epsilon": eps, "prior_pulls": pulls, "key": key,
-                                  "regret_pct": regret_pct(o_exp, e, np.ones(len(arr), bool))}, price))
-    best_eps = min(variants, key=lambda v: v[0]["regret_pct"])
-    prices = {"service": served["price"], "segment_blind_fixed": blind, "epsilon_greedy": best_eps[1],
+    progress(f"[{name}] baselines: settings chosen on the calibration market ({len(cal_market.products)} other "
+             f"products, seed {args.seed + 1})")
+    chosen, baselines = chosen_baselines(baseline_variants(cal_market, cal_arr, cal_grids, cal_prior, args.seed + 2),
+                                         baseline_variants(market, arr, grids, prior, args.seed + 2))
+    prices = {"service": served["price"], "segment_blind_fixed": blind, **chosen,
               "reference": market.reference[arr.product].copy(), "bootstrap_frozen": frozen}
     summary = summarize(market, arr, prices)
     curves, step = regret_curves(market, arr, prices)
@@ -493,8 +603,12 @@ def run_market(name: str, args) -> dict:
         "calibration": calibration(market, arr, served),
         "trainer_calibration_last_published": {k: v for k, v in (last_cal[-1] if last_cal else {}).items()
                                                if k.startswith("calibration")},
-        "epsilon_greedy": {"chosen": best_eps[0], "variants": [v[0] for v in variants]},
+        "baselines": baselines,
+        "calibration_market": {"products": cal_market.products, "seed": args.seed + 1,
+                               "segment_share": {cal_market.segments[s]: round(float(cal_market.segment_share[s]), 4)
+                                                 for s in cal_market.active_segments}},
         "exploration": {"setting": args.exploration_share, "wide_step_share": args.wide_step_share,
+                        "uniform_step_share": args.uniform_step_share,
                         "realised_share": float(served["exploratory"][answered].mean()),
                         "realised_share_by_third": [float(served["exploratory"][answered & t].mean()) for t in
                                                     [np.arange(len(arr)) // -(-len(arr) // 3) == k for k in range(3)]]},
@@ -529,11 +643,15 @@ def targets(res: dict) -> dict:
     # mean prices must be in the oracle's order and spread at least a third as far apart
     ordered = (all(b > a for a, b in zip(service_order, service_order[1:]))
                and service_order[-1] - service_order[0] >= spread / 3) if spread > 0.05 else True
+    # issue 15: over the whole run, regret <= 5 % and <= half the best learning baseline's (same prior)
+    best_baseline = min(allrow[b]["regret_pct_of_oracle"] for b in BASELINES)
     out = {"regret_falls": svc[2] <= 0.75 * svc[0],
            "below_segment_blind_fixed": svc[2] < allrow["segment_blind_fixed"]["regret_pct_by_third"][2],
            "below_epsilon_greedy": svc[2] < allrow["epsilon_greedy"]["regret_pct_by_third"][2],
            "prices_differ_by_segment_like_the_oracle": bool(ordered),
-           "zero_guardrail_violations": res["guardrail_violations"] == 0}
+           "zero_guardrail_violations": res["guardrail_violations"] == 0,
+           "regret_at_most_5_pct": allrow["service"]["regret_pct_of_oracle"] <= 5.0,
+           "at_most_half_the_best_baseline": allrow["service"]["regret_pct_of_oracle"] <= 0.5 * best_baseline}
     out["met"] = all(out.values())
     return out
 
@@ -557,15 +675,21 @@ def print_market(name: str, res: dict) -> None:
             t = r["regret_pct_by_third"]
             print(f"| {objective} | {policy.replace('_', '-')} | {r['expected_value']:,.0f} | "
                   f"{r['regret_pct_of_oracle']:.2f} | {t[0]:.2f} | {t[1]:.2f} | {t[2]:.2f} |")
-    c = res["epsilon_greedy"]["chosen"]
-    print(f"\nepsilon-greedy: best of {len(res['epsilon_greedy']['variants'])} variants on this run: epsilon "
-          f"{c['epsilon']}, per {c['key']}, prior {c['prior_pulls']:g} pseudo-quotes per arm from v1.\n")
+    for b in BASELINES:
+        c = res["baselines"][b]["chosen"]
+        h = res["baselines"][b]["hindsight_best_on_scored_market"]
+        settings = ", ".join(f"{k} {v}" for k, v in c.items() if not k.startswith("regret"))
+        print(f"{'' if b != BASELINES[0] else chr(10)}{b.replace('_', '-')}: {settings} (chosen on the calibration "
+              f"market, regret there {c['regret_pct_on_calibration_market']:.2f} %); the best of its "
+              f"{len(res['baselines'][b]['variants'])} variants in hindsight on this market: "
+              f"{h['regret_pct']:.2f} %.")
+    print()
     print("| segment (last third) | quotes | oracle price / ref | service | segment-blind fixed | epsilon-greedy | "
-          "service at lower guardrail |")
-    print("|---|---|---|---|---|---|---|")
+          "thompson-grid | service at lower guardrail |")
+    print("|---|---|---|---|---|---|---|---|")
     for seg, v in res["segment_prices_last_third"].items():
         print(f"| {seg} | {v['quotes']:,} | {v['oracle']:.3f} | {v['service']:.3f} | {v['segment_blind_fixed']:.3f} | "
-              f"{v['epsilon_greedy']:.3f} | {100 * v['service_at_lower_guardrail']:.0f} % |")
+              f"{v['epsilon_greedy']:.3f} | {v['thompson_grid']:.3f} | {100 * v['service_at_lower_guardrail']:.0f} % |")
     print("\n| calibration per segment | quotes | predicted conversion | observed | true at quoted price | gap "
           "(pred - obs) | z |")
     print("|---|---|---|---|---|---|---|")
@@ -574,7 +698,8 @@ def print_market(name: str, res: dict) -> None:
             print(f"| {seg}, {part.replace('_', ' ')} | {v['quotes']:,.0f} | {v['predicted']:.3f} | {v['observed']:.3f} | "
                   f"{v['true']:.3f} | {v['gap']:+.3f} | {v['z']:+.1f} |")
     e = res["exploration"]
-    print(f"\nexploration: setting {e['setting']:.2f} (wide steps {e['wide_step_share']:.2f} of them), realised "
+    print(f"\nexploration: setting {e['setting']:.2f} (wide steps {e['wide_step_share']:.2f} of them, "
+          f"{e.get('uniform_step_share', 0.0):.2f} of those uniform), realised "
           f"{100 * e['realised_share']:.1f} % of quotes (by third: "
           f"{', '.join(f'{100 * v:.1f}' for v in e['realised_share_by_third'])} %); guardrail violations: "
           f"{res['guardrail_violations']}; delivery {res['delivery']}; versions served: {res['versions_served']}; "
@@ -601,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-step-pct", type=float, default=10.0)
     ap.add_argument("--wide-step-share", type=float, default=1.0,
                     help="share of exploratory quotes that are wide steps (chosen on the seed-1 threshold market)")
+    ap.add_argument("--uniform-step-share", type=float, default=UNIFORM_STEP_SHARE,
+                    help="share of wide steps priced uniformly over the guardrails (the service's default)")
     ap.add_argument("--grid-size", type=int, default=21)
     ap.add_argument("--min-events", type=int, default=200, help="trainer: labels per learning round ...")
     ap.add_argument("--max-interval-s", type=float, default=2.0, help="... or a round this often (with any label)")
@@ -619,7 +746,12 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or (QUICK_DIR if args.quick else RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    results = {name: run_market(name, args) for name in markets}
+    with tempfile.TemporaryDirectory(prefix="eval-pricing-bootstrap-") as boot:
+        progress("bootstrapping pricing once (python -m trainer bootstrap) for every market's loop")
+        t_boot = time.time()
+        bootstrapped = bootstrap_once(Path(boot))
+        progress(f"bootstrapped in {time.time() - t_boot:.0f} s")
+        results = {name: run_market(name, args, bootstrapped) for name in markets}
     plot(results, out_dir / "pricing_regret.png")
     out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(),
            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -9,7 +9,10 @@
    (product, segment), i.e. a lognormal survival with a ceiling: not a logistic curve in log
    price, and a ceiling no logistic level reproduces. Three segments of clearly different
    sensitivity (sigma 0.08 / 0.25 / 0.5 of log price) whose revenue-optimal prices lie near
-   the lower guardrail, near the reference and at the upper guardrail (+-20 %).
+   the lower guardrail, near the reference and at the upper guardrail (+-20 %); calibrated on
+   Ta Feng Jan-Feb 2001 (segment and product arrival shares, conversion at the reference per
+   (product, segment), prices and units). `skip` picks the next most sold products: the
+   calibration markets the eval chooses its baselines' settings on.
 
 Both share arrivals (products, segments, hours, one uniform draw per customer: common random
 numbers), Ta Feng units, guardrails and the oracles: the best fixed price per product over the
@@ -47,6 +50,7 @@ maximizing the expected value (known exactly) per product over the segment mix
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pandas as pd
@@ -171,11 +175,10 @@ class Arrivals:
         return len(self.u)
 
 
-def calibrate(n_products: int = 40, max_change_pct: float = 20.0, seed: int = 0, min_lines: int = 30) -> LogitMarket:
-    """The market of the `n_products` most sold Jan-Feb products that also sold at two or more
-    prices in both periods (so the bootstrap saw them, and the calibration can identify them)."""
-    import torch
-
+@functools.lru_cache(maxsize=2)
+def _logit_fit(min_lines: int):
+    """The Jan-Feb 2001 fit of the model's logistic part that LogitMarkets are drawn from (one
+    solve per process: the scored market and its calibration market share it)."""
     from trainer.domains import pricing, pricing_data
     from trainer.tafeng import load_tafeng
 
@@ -193,9 +196,22 @@ def calibrate(n_products: int = 40, max_change_pct: float = 20.0, seed: int = 0,
     # the model's own form is the logistic part: the segments' curve shapes stay at 0 in this fit
     # (fitted, they would take part of the price response the truth below leaves out)
     pricing.absorb(net, X, (rows.k / rows.n).astype(np.float32), max_iter=60, fit_curve=False)
+    return net, vocab, after, both, refs, rows
+
+
+def calibrate(n_products: int = 40, max_change_pct: float = 20.0, seed: int = 0, min_lines: int = 30,
+              skip: int = 0) -> LogitMarket:
+    """The market of the `n_products` most sold Jan-Feb products that also sold at two or more
+    prices in both periods (so the bootstrap saw them, and the calibration can identify them),
+    after the `skip` most sold (a calibration market: other products than the scored one)."""
+    import torch
+
+    from trainer.domains import pricing_data
+
+    net, vocab, after, both, refs, rows = _logit_fit(min_lines)
     # the most sold products among `both`, by Jan-Feb lines
     lines = after[after["product_id"].isin(both)].groupby("product_id").size().sort_values(ascending=False)
-    chosen = lines.index[:n_products].to_numpy()
+    chosen = lines.index[skip:skip + n_products].to_numpy()
     codes = torch.from_numpy(vocab.product_codes(chosen))
     rng = np.random.default_rng(seed)
     with torch.no_grad():
@@ -223,12 +239,16 @@ def calibrate(n_products: int = 40, max_change_pct: float = 20.0, seed: int = 0,
 
 
 # The threshold market's segments (Ta Feng age groups, so the model's segment vocabulary knows
-# them): arrival share, sigma of log WTP (price sensitivity: small = sensitive), where the
-# revenue-optimal price of a typical product lies (x reference; beyond the +-20 % guardrails
-# the optimum is the guardrail), and how interested the segment is at all.
-THRESHOLD_SEGMENTS = {"<25": dict(share=0.40, sigma=0.08, optimum=0.86, interest=1.1),
-                      "30-34": dict(share=0.35, sigma=0.25, optimum=1.0, interest=1.0),
-                      "45-49": dict(share=0.25, sigma=0.50, optimum=1.35, interest=0.8)}
+# them) and what the market's family adds to Ta Feng: the sigma of log WTP (price sensitivity:
+# small = sensitive) and where the revenue-optimal price of a typical product lies (x reference;
+# beyond the +-20 % guardrails the optimum is the guardrail). Ta Feng has one price per day for
+# everyone, so how differently its age groups weigh a price is not in the data: these are the
+# market's design. Arrival shares and conversion levels come from Ta Feng (threshold_market).
+THRESHOLD_SEGMENTS = {"<25": dict(sigma=0.08, optimum=0.86), "30-34": dict(sigma=0.25, optimum=1.0),
+                      "45-49": dict(sigma=0.50, optimum=1.35)}
+# Pseudo-exposures of the product's all-segment conversion share that a (product, segment)
+# share is shrunk toward (a product with few baskets of a segment converts like the product).
+SEGMENT_SHRINK = 50.0
 
 
 def _optimal_z(sigma: float) -> float:
@@ -241,15 +261,22 @@ def _optimal_z(sigma: float) -> float:
 
 
 def threshold_market(n_products: int = 30, max_change_pct: float = 20.0, seed: int = 0,
-                     min_lines: int = 30) -> ThresholdMarket:
-    """The threshold-WTP market on the `n_products` most sold Jan-Feb 2001 Ta Feng products that
-    also sold at two or more prices in Nov-Dec 2000 (so the bootstrap knows them): reference =
-    the Jan-Feb most frequent unit price, units = the product's real Jan-Feb line amounts,
-    arrivals in proportion to its Jan-Feb lines. Per (product, segment): mu = the segment's
-    mu (placing the optimum at THRESHOLD_SEGMENTS' `optimum`) + a product shift N(0, 0.04),
-    sigma = the segment's x exp(N(0, 0.1)), interest = the product's (lognormal around 0.3,
-    in [0.1, 0.6]) x the segment's. Revenue for every product: min_price 0.5 x, max_price
-    1.5 x reference, max_change_pct for all."""
+                     min_lines: int = 30, skip: int = 0) -> ThresholdMarket:
+    """The threshold-WTP market on the `n_products` most sold Jan-Feb 2001 Ta Feng products (after
+    the `skip` most sold: a calibration market) that also sold at two or more prices in Nov-Dec
+    2000 (so the bootstrap knows them), calibrated on Ta Feng Jan-Feb as the bootstrap's data
+    construction sees it (trainer.domains.pricing_data): reference = the most frequent unit
+    price, units = the product's real line amounts, arrivals in proportion to its lines, the
+    segments' arrival shares = their shares of Ta Feng's customer-days (renormalized over the
+    three), and the conversion at the reference price of (product, segment) = its Ta Feng
+    conversion share (baskets with the product / baskets of its subclass, the segment's shrunk
+    toward the product's by SEGMENT_SHRINK pseudo-exposures). The family's part: mu = the
+    segment's mu (placing the optimum at THRESHOLD_SEGMENTS' `optimum`) + a product shift
+    N(0, 0.04), sigma = the segment's x exp(N(0, 0.1)), interest = the Ta Feng conversion share
+    / P(WTP >= reference) (clipped to [0.02, 0.95]). Revenue for every product: min_price 0.5 x,
+    max_price 1.5 x reference, max_change_pct for all."""
+    from scipy.special import ndtr
+
     from trainer.domains import pricing_data
     from trainer.tafeng import load_tafeng
 
@@ -258,23 +285,35 @@ def threshold_market(n_products: int = 30, max_change_pct: float = 20.0, seed: i
     before, after = df[df["day"] < start], df[df["day"] >= start]
     both = np.intersect1d(pricing_data.priced_products(before, min_lines), pricing_data.priced_products(after, min_lines))
     lines = after[after["product_id"].isin(both)].groupby("product_id").size().sort_values(ascending=False)
-    chosen = lines.index[:n_products].to_numpy()
-    ref = pricing_data.reference_prices(after).reindex(chosen).to_numpy(float)
+    chosen = lines.index[skip:skip + n_products].to_numpy()
+    refs = pricing_data.reference_prices(after)
+    ref = refs.reindex(chosen).to_numpy(float)
     sub = after[after["product_id"].isin(chosen)]
     amounts = [sub.loc[sub["product_id"] == p, "amount"].to_numpy(float) for p in chosen]
     cost = sub.groupby("product_id")["unit_cost"].median().reindex(chosen).to_numpy(float)
-    rng = np.random.default_rng(seed)
+    vocab = pricing_data.vocabulary(df)
+    conv = pricing_data.conversion_rows(after, vocab, chosen, refs)
+    codes = vocab.product_codes(chosen)
     n, S = len(chosen), len(pricing_data.SEGMENTS)
+    exposures, sales = np.zeros((n, S)), np.zeros((n, S))
+    pos = {int(c): i for i, c in enumerate(codes)}
+    rows_i = np.array([pos[int(c)] for c in conv.product])
+    np.add.at(exposures, (rows_i, conv.segment), conv.n)
+    np.add.at(sales, (rows_i, conv.segment), conv.k)
+    product_rate = sales.sum(1) / np.maximum(exposures.sum(1), 1.0)
+    rate = (sales + SEGMENT_SHRINK * product_rate[:, None]) / (exposures + SEGMENT_SHRINK)
+    days = pricing_data.segment_codes(after.drop_duplicates(["day", "customer_id"])["age_group"])
+    day_share = np.bincount(days, minlength=S).astype(float)
+    rng = np.random.default_rng(seed)
     seg_share = np.zeros(S)
     mu, sigma, interest = np.zeros((n, S)), np.ones((n, S)), np.zeros((n, S))
     shift = rng.normal(0.0, 0.04, n)
-    q = np.clip(0.3 * np.exp(rng.normal(0.0, 0.3, n)), 0.1, 0.6)
     for name, spec in THRESHOLD_SEGMENTS.items():
         code = pricing_data.SEGMENTS.index(name)
-        seg_share[code] = spec["share"]
+        seg_share[code] = day_share[code]
         sigma[:, code] = spec["sigma"] * np.exp(rng.normal(0.0, 0.1, n))
         mu[:, code] = np.log(spec["optimum"]) - _optimal_z(spec["sigma"]) * spec["sigma"] + shift
-        interest[:, code] = np.clip(q * spec["interest"], 0.0, 0.95)
+        interest[:, code] = np.clip(rate[:, code] / ndtr(mu[:, code] / sigma[:, code]), 0.02, 0.95)
     share = lines.reindex(chosen).to_numpy(float)
     return ThresholdMarket(products=[str(p) for p in chosen], reference=ref, segment_share=seg_share / seg_share.sum(),
                            product_share=share / share.sum(), min_price=0.5 * ref, max_price=1.5 * ref,
@@ -323,3 +362,34 @@ class EpsilonGreedy:
     def learn(self, product: int, arm: int, value: float) -> None:
         self.pulls[product][arm] += 1
         self.value[product][arm] += value
+
+
+class ThompsonGrid:
+    """Per key (a product, or a (product, segment) cell), Thompson sampling over the same
+    candidate grid as the service: each arm's conversion has a Beta posterior, started from
+    `prior` (per key, each arm's conversion under the model the service starts from) as
+    `prior_pulls` pseudo-quotes (Beta(1, 1) without a prior); each quote draws a conversion per
+    arm and takes the arm of the highest value (unit value x draw). Outcomes are learned at once
+    (no label delay: an advantage over the service)."""
+
+    def __init__(self, grids: list[np.ndarray], unit_values: list[np.ndarray], seed: int = 2,
+                 prior: list[np.ndarray] | None = None, prior_pulls: float = 0.0) -> None:
+        self.unit = unit_values
+        self.rng = np.random.default_rng(seed)
+        if prior is not None and prior_pulls > 0:
+            p = [np.clip(np.asarray(v, float), 1e-3, 1 - 1e-3) for v in prior]
+            self.alpha = [1.0 + prior_pulls * v for v in p]
+            self.beta = [1.0 + prior_pulls * (1.0 - v) for v in p]
+        else:
+            self.alpha = [np.ones(len(g)) for g in grids]
+            self.beta = [np.ones(len(g)) for g in grids]
+
+    def choose(self, key: int) -> int:
+        draw = self.rng.beta(self.alpha[key], self.beta[key])
+        return int(np.argmax(self.unit[key] * draw))
+
+    def learn(self, key: int, arm: int, sold: bool) -> None:
+        if sold:
+            self.alpha[key][arm] += 1.0
+        else:
+            self.beta[key][arm] += 1.0

@@ -177,8 +177,23 @@ def test_exploration_reaches_the_upper_part_of_the_range_from_the_lower_edge(wor
     # with wide steps (a Thompson sample's best price anywhere in the range), the upper third is
     # quoted within 1,000 quotes, by the samples that rate it best, and never more often than the
     # exploring quotes (a fifth)
-    share = upper_share(PricingService(None, exploration_share=0.2, max_step_pct=10.0, wide_step_share=1.0, seed=4))
-    assert 0.002 <= share < 0.2, share
+    share = upper_share(PricingService(None, exploration_share=0.2, max_step_pct=10.0, wide_step_share=1.0,
+                                       uniform_step_share=0.0, seed=4))
+    assert 0 < share < 0.2, share
+
+
+def test_uniform_wide_steps_cover_the_whole_range_where_the_samples_agree(world, model):
+    """Uniform wide steps try every other candidate about equally often, whatever the posterior
+    says (a posterior wrongly sure that high prices never sell would keep its samples away)."""
+    service = PricingService(None, exploration_share=1.0, wide_step_share=1.0, uniform_step_share=1.0, seed=7)
+    served = quotes_at_the_lower_edge(service, model, world, n=600, seed=3)
+    position = np.array([(r.price - lo) / (hi - lo) for r, lo, hi in served])
+    assert all(r.exploratory for r, _, _ in served)  # every quote explored, none at the greedy (lower) edge
+    counts = np.histogram(position, bins=4, range=(0.0, 1.0))[0]
+    # 20 other grid prices (plus the reference) spread over the range: each quarter gets about a quarter
+    assert counts.min() >= 0.15 * len(served), counts
+    with pytest.raises(ValueError):
+        PricingService(None, uniform_step_share=1.5)
 
 
 @pytest.mark.parametrize("setting", [0.05, 0.2, 0.5])
@@ -200,7 +215,7 @@ def test_exploratory_metric_counts_the_realised_share(world, model):
         quotes = sum(count("storefront_pricing_quotes_total", {"model": "pricing", "objective": "revenue",
                                                                 "exploratory": f}) for f in ("true", "false"))
         explored = sum(count("storefront_pricing_exploratory_total", {"model": "pricing", "step": s})
-                       for s in ("local", "wide"))
+                       for s in ("local", "wide", "uniform"))
         return quotes, explored
 
     q0, e0 = totals()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from services.pricing.adapter import SIGNATURE, PricingService, check_manifest, check_outputs
+from services.pricing.adapter import SIGNATURE, UNIFORM_STEP_SHARE, PricingService, check_manifest, check_outputs
 from services.pricing.servicer import PricingServicer, register
 from shared.domain import domain_app, served_model
 from shared.server import ServerApp, run_app
@@ -26,6 +26,9 @@ class PricingSettings(DomainSettings):
     wide_step_share: float = setting(1.0, "share of exploratory quotes priced anywhere in the guardrails (a wide step: "
                                           "a Thompson sample's best price other than the greedy one) instead of "
                                           "within the step limit")
+    uniform_step_share: float = setting(UNIFORM_STEP_SHARE, "share of wide steps priced uniformly at random over the "
+                                                            "guardrails instead of by a Thompson sample (reaches price "
+                                                            "regions the posterior is wrongly sure about)")
     grid_size: int = setting(21, "candidate prices per quote (evenly spaced over the guardrails, plus the reference)")
     exploration_seed: int = setting(-1, "seed of the exploration draws; -1 = from the OS")
 
@@ -37,6 +40,8 @@ class PricingSettings(DomainSettings):
             p.append("max_step_pct must be >= 0")
         if not 0.0 <= self.wide_step_share <= 1.0:
             p.append("wide_step_share must be in [0, 1]")
+        if not 0.0 <= self.uniform_step_share <= 1.0:
+            p.append("uniform_step_share must be in [0, 1]")
         if not 2 <= self.grid_size <= 1024:
             p.append("grid_size must be in 2..1024")
         return p
@@ -45,7 +50,8 @@ class PricingSettings(DomainSettings):
 def make_app(s: PricingSettings) -> ServerApp:
     served, _ = served_model(s, expected=SIGNATURE, output_check=check_outputs, manifest_check=check_manifest)
     service = PricingService(served, exploration_share=s.exploration_share, max_step_pct=s.max_step_pct,
-                             wide_step_share=s.wide_step_share, grid_size=s.grid_size, seed=s.exploration_seed)
+                             wide_step_share=s.wide_step_share, uniform_step_share=s.uniform_step_share,
+                             grid_size=s.grid_size, seed=s.exploration_seed)
     return domain_app(service, s, register(PricingServicer(service)))
 
 
