@@ -25,9 +25,10 @@ $(STAMP): requirements.lock
 up: setup
 	$(PY) -m ops.up
 
-# The suite plus a minute of real-data traffic and outcomes: new versions published and picked up.
+# The suite plus two minutes of real-data traffic and outcomes: new versions published and picked up
+# (a minute was too short on 2 busy cores for the recommender's calibrated version to serve).
 demo: setup
-	$(PY) -m ops.up --demo 60
+	$(PY) -m ops.up --demo 120
 
 # Load test a running suite (see python -m ops.loadtest --help for scenarios and modes).
 loadtest: setup

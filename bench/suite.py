@@ -83,7 +83,7 @@ STEPS = [
          "Revenue and regret of the live service vs the reference price and epsilon-greedy.", in_default=False),
     Step("demo-calibration", "Recommender: click calibration in `make demo`",
          ("-m", "bench.demo_calibration", "--demo", "120"),
-         "`python -m ops.up --demo 120` (`make demo` runs 60 s of the same): real Ta Feng Recommend traffic with "
+         "`python -m ops.up --demo 120` (what `make demo` runs): real Ta Feng Recommend traffic with "
          "clicks at storefront rates; per recommender version, the mean served click probability against the "
          "observed click rate and the expected calibration error, from the trainer's learning report (in a fresh "
          "folder every domain is bootstrapped first: 15-25 minutes on 2 busy cores; `--copy-of` starts from a "
