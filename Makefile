@@ -38,10 +38,11 @@ loadtest: setup
 	$(PY) -m ops.loadtest quote --target 127.0.0.1:50053 -c 32 -d 30
 
 # Two xdist workers: most tests wait on real servers and subprocesses, so two keep a 2-core
-# machine busy; worksteal evens out the long tests. First versions are trained once per session.
+# machine busy; long tests go first (tests/conftest.py) and the rest to whichever worker is free.
+# First versions are trained once per session.
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load
 
 proto: setup
 	$(PY) -m protos.codegen

@@ -24,6 +24,12 @@ def pytest_configure(config):
     os.environ[BUILDS_ENV] = config.storefront_builds
 
 
+def pytest_collection_modifyitems(config, items):
+    """Long tests first (stable otherwise): started last, one of them kept a worker busy for
+    minutes after the other had run out of tests."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 def pytest_unconfigure(config):
     root = getattr(config, "storefront_builds", None)
     if root:

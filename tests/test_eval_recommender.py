@@ -93,6 +93,7 @@ def test_tifu_knn_scores_match_a_dense_brute_force():
 
 
 @pytest.mark.timeout(1200)  # two production rounds (export, parity, latency on a 100k catalog): minutes on 2 busy cores
+@pytest.mark.long
 def test_the_eval_on_a_small_ta_feng_slice(tmp_path):
     """First ~6 days of Ta Feng, the last 2 evaluated: the production bootstrap, a round a day,
     the model served from the registry's versions; every method on the same pairs."""

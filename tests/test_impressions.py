@@ -131,6 +131,7 @@ def test_the_size_cap_keeps_served_records_until_their_impressions_are_derived(l
 # ---------------------------------------------------------------- learning from impressions
 
 
+@pytest.mark.long
 def test_impressions_calibrate_the_click_probability_without_hurting_the_ranking(tmp_path):
     """The loop of bench/impressions.py (its module doc), three rounds."""
     out = impression_loop(tmp_path, TextEncoder(exported_text_encoder()[0]), rounds=3)

@@ -141,6 +141,7 @@ def test_a_round_from_joined_outcomes_publishes_a_model_that_learned_them(world)
 
 
 # ---------------------------------------------------------------- end to end, real processes
+@pytest.mark.long
 def test_live_trainer_and_service_learn_from_reported_sales(tmp_path):
     from bench.eval_pricing import PricingLoop
     from trainer.eventlog import SqliteEventLog

@@ -86,6 +86,7 @@ def learned_versions(out: str, domain: str) -> set[str]:
     return served
 
 
+@pytest.mark.long
 def test_demo_shows_new_versions_learned_from_its_traffic_being_served(bootstrapped, tmp_path):
     """`make demo`: real traffic and outcomes from the datasets through the live suite; the
     trainer publishes versions learned from them and the services answer with them. The demo
