@@ -37,10 +37,10 @@ loadtest: setup
 	$(PY) -m ops.loadtest recommend --target 127.0.0.1:50052 -c 32 -d 30
 	$(PY) -m ops.loadtest quote --target 127.0.0.1:50053 -c 32 -d 30
 
-# Two xdist workers: most tests wait on real servers and subprocesses, so two keep a 2-core
+# Three xdist workers: most tests wait on real servers and subprocesses, so three keep a 2-core
 # machine busy; long tests go first (tests/conftest.py) and the rest to whichever worker is free.
 # First versions are trained once per session.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load
 

@@ -1,9 +1,11 @@
 """`python -m ops.up` (what `make up` runs) brings the trainer and the services up, says
 `all services serving` once every health service says SERVING, and stops cleanly on Ctrl-C."""
 import os
+import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +30,24 @@ def bootstrapped(tmp_path_factory):
     return var, worlds
 
 
+def free_port_offset() -> int:
+    """A --port-offset whose every gRPC and metrics port (+1000) is free, above the kernel's
+    ephemeral range (32768-60999 here), where no other test's port-0 server can land: with xdist
+    a demo's trainer once found its metrics port taken by another test's server."""
+    base = [c.port for c in (TRAINER, *SERVICES)]
+    for _ in range(200):
+        offset = random.randrange(61000 - min(base), 65535 - 1000 - max(base))
+        ports = [p + offset for p in base] + [p + offset + 1000 for p in base]
+        try:
+            for p in ports:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return offset
+    raise RuntimeError("no free port offset above the ephemeral range")
+
+
 def fresh_var(bootstrapped, tmp_path) -> Path:
     var = tmp_path / "var"
     shutil.copytree(bootstrapped[0], var)
@@ -37,7 +57,7 @@ def fresh_var(bootstrapped, tmp_path) -> Path:
 def test_up_serves_everything_and_stops_on_ctrl_c(bootstrapped, tmp_path):
     var = fresh_var(bootstrapped, tmp_path)
     _, _, data = bootstrapped[1]["fraud"]
-    offset = 2000 + os.getpid() % 10000  # keeps gRPC and metrics ports under 65536
+    offset = free_port_offset()
     proc = subprocess.Popen([sys.executable, "-m", "ops.up", "--var", str(var), "--port-offset", str(offset)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -93,7 +113,7 @@ def test_demo_shows_new_versions_learned_from_its_traffic_being_served(bootstrap
     runs until its progress lines show every service answering with a version learned from the
     traffic, then Ctrl-C ends it: its summary still reports every domain, and all stops cleanly."""
     var = fresh_var(bootstrapped, tmp_path)
-    offset = 4000 + os.getpid() % 10000
+    offset = free_port_offset()
     # the demo's own trainer settings (ops/up.py DEMO_TRAINER_SETTINGS: direct delivery, a 10 s
     # recommender label window), not the caller's
     env = {k: v for k, v in os.environ.items() if k.removeprefix("STOREFRONT_").lower() not in DEMO_TRAINER_SETTINGS}
