@@ -307,16 +307,21 @@ def _sales_at_every_arm(market: Market, arr: Arrivals, grids: list[np.ndarray]) 
     return arr.u[:, None] < conv
 
 
+def _key_prior(market: Market, prior: np.ndarray, n_keys: int, key: str) -> list:
+    """Each key's prior conversion per arm: a (product, segment) cell's own, or a product's
+    mixed by the market's segment shares."""
+    S = len(market.segments)
+    if key == "cell":
+        return [prior[k // S, k % S] for k in range(n_keys)]
+    return [np.tensordot(market.segment_share, prior[k], axes=1) for k in range(n_keys)]
+
+
 def thompson_grid(market: Market, arr: Arrivals, grids: list[np.ndarray], prior_conversion: np.ndarray, *,
                   prior_pulls: float, key: str, seed: int) -> np.ndarray:
     """Prices of Thompson sampling on the grid (pricing_sim.ThompsonGrid) for every arrival; key
     "cell" (per (product, segment)) or "product" (the segment mix's prior conversion)."""
     keys, key_grids, key_product = _keys(market, arr, grids, key)
-    S = len(market.segments)
-    if key == "cell":
-        prior = [prior_conversion[k // S, k % S] for k in range(len(key_grids))]
-    else:
-        prior = [np.tensordot(market.segment_share, prior_conversion[k], axes=1) for k in range(len(key_grids))]
+    prior = _key_prior(market, prior_conversion, len(key_grids), key)
     units = market.mean_units()
     unit = [market.unit_value(np.full(len(g), key_product[k]), g) * units[key_product[k]]
             for k, g in enumerate(key_grids)]
@@ -336,11 +341,7 @@ def epsilon_greedy(market: Market, arr: Arrivals, grids: list[np.ndarray], prior
     """Prices of one epsilon-greedy variant for every arrival (key: "cell" = per (product,
     segment), "product" = per product with the segment mix's prior)."""
     keys, key_grids, _ = _keys(market, arr, grids, key)
-    S = len(market.segments)
-    if key == "cell":
-        key_prior = [prior[k // S, k % S] for k in range(len(key_grids))]
-    else:
-        key_prior = [np.tensordot(market.segment_share, prior[k], axes=1) for k in range(len(key_grids))]
+    key_prior = _key_prior(market, prior, len(key_grids), key)
     eps = EpsilonGreedy(key_grids, epsilon, seed, prior=key_prior, prior_pulls=prior_pulls)
     sold_at = _sales_at_every_arm(market, arr, grids)  # the loop below only indexes it
     unit = np.stack([market.unit_value(np.full(len(g), k), g) for k, g in enumerate(grids)])

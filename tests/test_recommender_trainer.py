@@ -17,6 +17,7 @@ from protos.recommender.v1 import recommender_pb2 as rec
 from shared.feedback import fill_tensor
 from shared.runtime.signature import signature_of_onnx
 from shared.text import TextEncoder
+from bench.impressions import TITLES  # one small titled catalog (three departments) for both
 from tests.recommender_fixtures import bootstrap_small_recommender, exported_text_encoder
 from trainer.domains.recommender import (ITEM_TOWER_FILE, ItemTowerExport, RecommenderModel, ScoringExport,
                                          scoring_parity)
@@ -166,15 +167,6 @@ def test_topk_restrict_exclude_and_batching(world):
     assert run(world, small)["items"].shape == (1, 7)
 
 
-TITLED = {
-    "dairy": ["Whole milk 1 litre", "Semi-skimmed milk 2 litres", "Greek yogurt 500 g", "Mature cheddar cheese 400 g",
-              "Salted butter 250 g", "Skimmed milk 1 litre", "Natural yogurt 4 pack", "Mozzarella cheese ball"],
-    "tools": ["Claw hammer 16 oz", "Cordless drill 18 V", "Screwdriver set 12 pieces", "Adjustable spanner 10 inch",
-              "Tape measure 5 m", "Hand saw 22 inch", "Pliers set 3 pieces", "Spirit level 60 cm"],
-    "coffee": ["Espresso coffee beans 1 kg", "Ground coffee medium roast", "Instant coffee granules 200 g",
-               "Decaf coffee pods 30 pack", "Colombian coffee beans 500 g", "Coffee filter papers",
-               "Cold brew coffee 1 litre", "Dark roast coffee beans"],
-}
 NEW_ITEMS = {"dairy": "Organic whole milk 2 litres", "tools": "Claw hammer with fibreglass handle",
              "coffee": "Arabica coffee beans 250 g"}
 
@@ -185,10 +177,10 @@ def test_a_new_item_ranks_by_its_title_alone():
     encoder = TextEncoder(exported_text_encoder()[0])
     model = RecommenderModel(encoder=encoder.encode, latency_catalog=1000, negatives=16, batch_size=256)
     records = [{"item_id": f"{g}-{i}", "title": t, "category": "", "price": 3.0}
-               for g, titles in TITLED.items() for i, t in enumerate(titles)]
+               for g, titles in TITLES.items() for i, t in enumerate(titles)]
     model.add_catalog(records)
     rng = np.random.default_rng(0)
-    groups = list(TITLED)
+    groups = list(TITLES)
     X, y = [], []
     for u in range(1, 91):
         g = groups[u % 3]
