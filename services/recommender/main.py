@@ -21,6 +21,7 @@ from services.recommender.catalog import Catalog
 from services.recommender.history import UserHistory
 from services.recommender.servicer import RecommenderServicer, register
 from shared.domain import domain_app, served_model
+from shared.redis_conn import check_redis_url
 from shared.server import ServerApp, run_app
 from shared.settings import DomainSettings, setting
 
@@ -45,6 +46,10 @@ class RecommenderSettings(DomainSettings):
     category_max_chars: int = setting(MAX_CATEGORY_CHARS, "longest item category UpsertItems accepts")
     explore_share: float = setting(EXPLORE_SHARE, "most of a Recommend's k slots given to items the serving version "
                                    "has not learned yet (new items, by title/category/price), floor(k x share); 0 = off")
+    redis_url: str = setting("", "where the online state lives: empty = in this process (user history, prediction "
+                             "memory) and the catalog_path journal; redis://HOST:PORT/DB (or rediss://, unix://) = "
+                             "on Redis, shared by every replica (catalog_path is then unused)")
+    redis_password_file: str = setting("", "file whose first line is the Redis password (not in redis_url)")
 
     def validate(self) -> list[str]:
         p = super().validate()
@@ -56,8 +61,11 @@ class RecommenderSettings(DomainSettings):
         for name in ("history_max_purchased", "text_cache_size"):
             if getattr(self, name) < 0:
                 p.append(f"{name} must be >= 0")
-        if not self.catalog_path:
-            p.append("catalog_path is required")
+        if not self.catalog_path and not self.redis_url:
+            p.append("catalog_path is required (or redis_url)")
+        p += [f"redis_url: {problem}" for problem in check_redis_url(self.redis_url)]
+        if self.redis_password_file and not self.redis_url:
+            p.append("redis_password_file is set but redis_url is empty (the in-process state needs no password)")
         if not 0 <= self.explore_share <= 1:
             p.append("explore_share must be in 0..1")
         if self.catalog_poll_s < 0:
