@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 
+from shared.channels import aio_channel
 from shared.registry import ModelRegistry
 
 
@@ -47,7 +48,7 @@ async def _prepare(t: DomainTraffic):
     """The domain's load-test scenario (built from its real dataset: seconds for some)."""
     from ops.loadtest import SCENARIOS
 
-    channel = grpc.aio.insecure_channel(t.target)
+    channel = aio_channel(t.target)  # one service, or its replicas (round_robin)
     call, drain = await SCENARIOS[t.scenario](channel, scenario_args())
     return channel, call, drain
 

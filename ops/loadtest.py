@@ -5,6 +5,7 @@
     python -m ops.loadtest recommend -c 32 -d 30                                # the recommender on :50052
     python -m ops.loadtest quote --rate 200 -d 30                               # pricing on :50053
     python -m ops.loadtest v2 --target 127.0.0.1:18111 --model mlp -c 32 -d 10  # any KServe V2 endpoint
+    python -m ops.loadtest fraud --target ipv4:127.0.0.1:50051,127.0.0.1:50061  # replicas, round_robin
 
 Scenarios are built from the real datasets: `fraud` scores transactions from the part of the
 creditcard stream the bootstrap did not train on and reports each label through
@@ -38,10 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-
 from ops import scenario_fraud, scenario_quote, scenario_recommend, scenario_v2
 from ops.loadgen import CHANNEL_OPTIONS, Call, Recorder, closed_loop, generate, per_second, summary
+from shared.channels import aio_channel, normalize_target
 
 __all__ = ["Call", "Recorder", "closed_loop", "summary", "run", "main"]  # the loop's parts, for tests that drive it
 
@@ -74,7 +74,7 @@ SCENARIOS = {"fraud": scenario_fraud.scenario, "recommend": scenario_recommend.s
 
 
 async def run(args) -> dict:
-    channel = grpc.aio.insecure_channel(args.target, options=CHANNEL_OPTIONS)
+    channel = aio_channel(args.target, options=CHANNEL_OPTIONS)
     call, drain = await SCENARIOS[args.scenario](channel, args)
     await call(0)  # connectivity and correctness outside the window
     rec = await generate(call, duration=args.duration, warmup=args.warmup, concurrency=args.concurrency,
@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ops.loadtest", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("scenario", choices=sorted(SCENARIOS))
-    ap.add_argument("--target", default="", help="HOST:PORT (loopback or your own test hosts); default: the "
-                    "scenario's service on 127.0.0.1 (fraud :50051, recommend :50052, quote :50053)")
+    ap.add_argument("--target", default="", help="HOST:PORT (loopback or your own test hosts), or several "
+                    "replicas (ipv4:IP:PORT,IP:PORT or dns:///NAME:PORT: round_robin, UNAVAILABLE retried on "
+                    "another; shared/channels.py); default: the scenario's service on 127.0.0.1 (fraud :50051, "
+                    "recommend :50052, quote :50053)")
     ap.add_argument("-c", "--concurrency", type=int, default=32, help="closed loop: workers")
     ap.add_argument("--rate", type=float, default=0.0, help="open loop: mean arrivals per second (Poisson)")
     ap.add_argument("--max-in-flight", type=int, default=10_000, help="open loop: outstanding requests at most")
@@ -124,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.scenario not in DEFAULT_TARGETS:
             ap.error(f"{args.scenario} needs --target")
         args.target = DEFAULT_TARGETS[args.scenario]
+    try:
+        normalize_target(args.target)
+    except ValueError as e:
+        ap.error(f"--target: {e}")
     if args.duration <= 0 or args.warmup < 0 or args.concurrency < 1 or args.rate < 0 or not 0 <= args.outcome_rate <= 1:
         ap.error("need duration > 0, warmup >= 0, concurrency >= 1, rate >= 0, 0 <= outcome-rate <= 1")
     result = asyncio.run(run(args))

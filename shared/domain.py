@@ -63,6 +63,7 @@ from google.protobuf.message import Message
 from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2
 from shared import logs
+from shared.channels import is_loopback
 from shared.feedback.records import feedback_outcome  # noqa: F401 (the domains' way to pack an outcome)
 from shared.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
 from shared.metrics import OUTCOMES_REJECTED
@@ -462,8 +463,7 @@ def attach_feedback(app, settings, domain: str):
     token = read_secret(settings.feedback_token)
     if token:
         metadata.append((TOKEN_METADATA, token))
-        host = settings.trainer_target.rsplit(":", 1)[0].strip("[]")
-        if credentials is None and host not in ("127.0.0.1", "localhost", "::1"):
+        if credentials is None and not is_loopback(settings.trainer_target):
             log.warning(
                 "feedback: sending the feedback token to %s without TLS: anyone on the path can read it; "
                 "set trainer_tls_ca", settings.trainer_target)

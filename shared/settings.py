@@ -13,6 +13,8 @@ import os
 import typing
 from typing import Any, Mapping, Sequence, TypeVar
 
+from shared.channels import normalize_target
+
 ENV_PREFIX = "STOREFRONT_"
 T = TypeVar("T", bound="BaseSettings")
 
@@ -176,7 +178,9 @@ class DomainSettings(ServingSettings):
     """Settings every domain service adds: its model and its feedback stream to the trainer."""
 
     model_name: str = setting("", "model name in the registry (default: the domain)")
-    trainer_target: str = setting("127.0.0.1:50050", "trainer's feedback endpoint; empty = no feedback")
+    trainer_target: str = setting("127.0.0.1:50050", "trainer's feedback endpoint: HOST:PORT, or every "
+                                  "trainer replica (ipv4:IP:PORT,IP:PORT or dns:///NAME:PORT; round_robin); "
+                                  "empty = no feedback")
     spool_dir: str = setting("", "where feedback waits while the trainer is unreachable (default var/spool/<domain>)")
     spool_max_mb: int = setting(256, "feedback spool size limit; beyond it records are dropped (and logged)")
     feedback_token: str = setting("", "this service's token for the trainer's feedback stream (trainer: feedback_tokens); "
@@ -203,6 +207,11 @@ class DomainSettings(ServingSettings):
 
     def validate(self) -> list[str]:
         p = super().validate()
+        if self.trainer_target:
+            try:
+                normalize_target(self.trainer_target)
+            except ValueError as e:
+                p.append(f"trainer_target: {e}")
         if bool(self.trainer_tls_cert) != bool(self.trainer_tls_key):
             p.append("trainer_tls_cert and trainer_tls_key go together")
         if self.trainer_tls_cert and not self.trainer_tls_ca:

@@ -13,6 +13,7 @@ import time
 import grpc
 
 from protos.feedback.v1 import feedback_pb2
+from shared.channels import aio_channel
 from shared.feedback.framing import BATCH_FRAMING, STREAM_METHOD, record_head
 from shared.feedback.metrics import CONNECTED
 from shared.feedback.spool import Spool
@@ -74,9 +75,9 @@ class StreamSender:
         return not self._buffer and not self._in_flight and self.spool.pending == 0
 
     def _new_channel(self) -> grpc.aio.Channel:
-        if self._credentials is not None:
-            return grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
-        return grpc.aio.insecure_channel(self.target, options=self._options)
+        # the target may name several trainer replicas: round_robin picks a live one for each new
+        # stream, and a stream refused by a replica that is gone is tried on another (shared/channels.py)
+        return aio_channel(self.target, self._credentials, self._options)
 
     async def _run(self) -> None:
         backoff = self.backoff_min_s
