@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import dataclasses
 import hashlib
 import logging
@@ -41,9 +42,13 @@ from protos.recommender.v1 import recommender_pb2 as pb
 from services.recommender.catalog import Catalog, CatalogSnapshot
 from services.recommender.catalog_records import MAX_DEPARTMENT_CHARS
 from services.recommender.catalog_updates import CATALOG_ITEMS, CatalogUpdates
+from services.recommender.catalog_records import read_jsonl
 from services.recommender.history import UserHistory
 from services.recommender.item_index import VersionItems
+from services.recommender.redis_state import RedisOnlineState
 from shared.domain import DomainService, Prepared, check_id, event_time, feedback_outcome
+from redis.exceptions import RedisError
+
 from shared.errors import InvalidArgument, Unavailable
 from shared.registry import Manifest
 from shared.runtime.model import LoadedModel, ModelRejected
@@ -61,6 +66,13 @@ EXPLORE_SHARE = 0.1  # default share of k given to not-yet-learned items at most
 MIN_BUCKET = 64  # smallest padded width of a non-empty restrict/exclude list
 EVENTS = {pb.EVENT_IMPRESSION, pb.EVENT_CLICK, pb.EVENT_ADD_TO_CART, pb.EVENT_PURCHASE}
 INTERACTIONS = {pb.EVENT_CLICK, pb.EVENT_ADD_TO_CART, pb.EVENT_PURCHASE}  # what feeds the user's history
+
+# The Redis mode: the user's (recent, purchased) as read from Redis for the request being
+# answered. predict() awaits the read before the synchronous template runs preprocess (which
+# cannot await); a context variable reaches preprocess in the same task and in the shadow
+# task it spawns (a task copies the context it was created in).
+_USER_STATE: contextvars.ContextVar[tuple[str, list[str], list[str]] | None] = \
+    contextvars.ContextVar("recommender_user_state", default=None)
 
 
 FALLBACKS = Counter("storefront_recommender_fallback_total",
@@ -145,18 +157,24 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
     domain = "recommender"
     prediction_id_legacy_domain = 2  # ids issued before domains were named still verify
 
-    def __init__(self, served, catalog: Catalog, history: UserHistory, feedback=None, *,
+    def __init__(self, served, catalog: Catalog, history: UserHistory | None, feedback=None, *,
                  options: RuntimeOptions | None = None, max_k: int = MAX_K, prediction_memory: int = 200_000,
                  text_cache_size: int = 200_000, upsert_max_items: int = MAX_UPSERT,
                  title_max_chars: int = MAX_TITLE_CHARS, category_max_chars: int = MAX_CATEGORY_CHARS,
-                 explore_share: float = EXPLORE_SHARE) -> None:
+                 explore_share: float = EXPLORE_SHARE, shared: RedisOnlineState | None = None) -> None:
+        """history: the in-process UserHistory; shared: the Redis mode instead (history,
+        prediction memory and catalog journal on Redis, shared by every replica)."""
         super().__init__(served, feedback)
+        if (history is None) == (shared is None):
+            raise ValueError("give the in-process history or the shared (Redis) state, one of them")
         self.catalog = catalog
-        self.history = history
+        self.shared = shared
+        self.history = history if shared is None else shared.history
         self.options = options or RuntimeOptions()
         self.max_k = max_k
-        self.predictions = RecentPredictions(prediction_memory)
-        self.exclude_width = bucket(max(1, history.max_purchased))
+        self.predictions = RecentPredictions(prediction_memory) if shared is None else shared.predictions
+        self.catalog_position = None  # the Redis mode: where the catalog's first load left the shared stream
+        self.exclude_width = bucket(max(1, self.history.max_purchased))
         self.text_cache_size = text_cache_size
         self.encoder = None  # shared.text.TextEncoder, loaded with the first model version
         self._encoder_lock = threading.Lock()
@@ -193,10 +211,13 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
         if self.history.max_recent < state.history_len:
             log.warning("recommender %s reads %d history items but history_max_recent is %d: raise it",
                         model.version, state.history_len, self.history.max_recent)
-        self.catalog.ensure_loaded(seed=folder / "catalog.jsonl")
-        if (folder / "users.npz").is_file():
-            added = self.history.seed_npz(folder / "users.npz")
-            log.info("recommender %s: history seeded with %d users", model.version, added)
+        if self.shared is not None:
+            self._prepare_shared(model)
+        else:
+            self.catalog.ensure_loaded(seed=folder / "catalog.jsonl")
+            if (folder / "users.npz").is_file():
+                added = self.history.seed_npz(folder / "users.npz")
+                log.info("recommender %s: history seeded with %d users", model.version, added)
         snap = self.catalog.current
         CATALOG_ITEMS.set(snap.size)
         started = time.perf_counter()
@@ -204,6 +225,32 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
         log.info("recommender %s: item vectors for %d items in %.2f s", model.version, snap.size,
                  time.perf_counter() - started)
         return state
+
+    def _prepare_shared(self, model: LoadedModel) -> None:
+        """The Redis mode's part of prepare (loader thread): the version's users.npz into the
+        shared history (once for all replicas), and, the first time, the catalog: the shared one,
+        seeded from the version's catalog.jsonl when it is empty, loaded from its snapshot with
+        the stream position the follower goes on from."""
+        folder = model.path.parent
+        first_load = not self.catalog.loaded
+        seed = read_jsonl(folder / "catalog.jsonl") if first_load and (folder / "catalog.jsonl").is_file() else []
+
+        async def work(history, journal):
+            added = await history.seed_npz(folder / "users.npz") if (folder / "users.npz").is_file() else 0
+            if not first_load:
+                return added, None
+            if seed and await journal.seed(seed):
+                log.info("recommender %s: the shared catalog seeded with %d items", model.version, len(seed))
+            return added, await journal.snapshot()
+
+        added, snapshot = self.shared.blocking(work)
+        log.info("recommender %s: shared history seeded with %d users", model.version, added)
+        if snapshot is not None:
+            items, position = snapshot
+            if not items:
+                raise ModelRejected("the shared catalog is empty and the version has no catalog.jsonl to seed it")
+            self.catalog.load_records(items, "the shared catalog (Redis)")
+            self.catalog_position = position
 
     def warmup_feeds(self, model: LoadedModel, batch: int) -> dict[str, np.ndarray]:
         """Realistic warm-up: known users, real history rows, the whole catalog matrix."""
@@ -281,9 +328,9 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
         # ids -> rows of this snapshot (rows >= size were added after it): hot path, inlined lookups
         row_of, size = snap.row_of, snap.size
         history_ids, history_rows = [], []
+        recent, purchased = self._user_state(user_id, 2 * state.history_len, request.exclude_purchased)
         if user_id:
-            for item_id, row in zip(recent := self.history.recent(user_id, 2 * state.history_len),
-                                    map(row_of.get, recent)):
+            for item_id, row in zip(recent, map(row_of.get, recent)):
                 if row is not None and row < size:
                     history_ids.append(item_id)
                     history_rows.append(row)
@@ -291,7 +338,7 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
                         break
         exclude: list[int] = []
         if request.exclude_purchased and user_id:
-            exclude = [r for r in map(row_of.get, self.history.purchased(user_id)) if r is not None and r < size]
+            exclude = [r for r in map(row_of.get, purchased) if r is not None and r < size]
         history = np.full((1, state.history_len), -1, np.int64)
         history[0, : len(history_rows)] = history_rows
         context = np.array([[state.pages.get(ctx.page.lower(), 0), state.devices.get(ctx.device.lower(), 0), hour]],
@@ -313,6 +360,42 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
                             restrict=restrict_set, exclude=frozenset(exclude),
                             explore=slots if len(feeds["user"]) == 2 else 0)
         return Prepared(feeds, len(feeds["user"]), extra, shared={"item_vectors": index.vectors})
+
+    def _user_state(self, user_id: str, n: int, want_purchased: bool) -> tuple[list[str], list[str]]:
+        """(recent, purchased) of the user: the in-process history, or what predict read from
+        Redis for this request (the Redis mode)."""
+        if not user_id:
+            return [], []
+        if self.shared is None:
+            return self.history.recent(user_id, n), self.history.purchased(user_id) if want_purchased else []
+        state = _USER_STATE.get()
+        if state is None or state[0] != user_id:
+            raise RuntimeError("the Redis mode reads the user's state in predict(), before preprocess")
+        return state[1][:n], state[2]
+
+    async def predict(self, request: pb.RecommendRequest, deadline: float | None) -> pb.RecommendResponse:
+        """The template's predict; in the Redis mode the user's history is read first (one round
+        trip) and the prediction's user is remembered on Redis before the answer goes out, so an
+        outcome reported to any replica right after it finds the user."""
+        if self.shared is None or not request.user_id:
+            return await super().predict(request, deadline)
+        user_id = check_id(request.user_id, "user_id", 128, required=False)
+        try:
+            recent, purchased = await self.shared.history.user_state(user_id, self.history.max_recent)
+        except RedisError as e:
+            raise Unavailable(f"the user's history (Redis) could not be read: {e}") from e
+        token = _USER_STATE.set((user_id, recent, purchased))
+        try:
+            response = await super().predict(request, deadline)
+        finally:
+            _USER_STATE.reset(token)
+        try:
+            await self.predictions.add(response.prediction_id, user_id)
+        except RedisError as e:
+            # answered and recorded for the trainer; only its outcomes will not update the history
+            log.warning("recommender: prediction %s could not be remembered on Redis (%s); its outcomes will not "
+                        "update the user's history", response.prediction_id, e)
+        return response
 
     @staticmethod
     def _with_explore_row(feeds: dict[str, np.ndarray], unlearned: np.ndarray, slots: int) -> dict[str, np.ndarray]:
@@ -350,7 +433,7 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
         for row, s, c, p in ranked:
             resp.items.add(item_id=r.snapshot.ids[row], score=s, click_probability=c, purchase_probability=p)
         SERVED_ITEMS.inc(len(ranked))
-        if r.user_id:
+        if r.user_id and self.shared is None:  # the Redis mode remembers it in predict (a network write)
             self.predictions.add(prediction_id, r.user_id)
         if r.fallback:
             FALLBACKS.inc()
@@ -421,8 +504,25 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
         return (outcome.prediction_id, outcome.item_id, int(outcome.event)), feedback_outcome(message, occurred)
 
     def outcome_accepted(self, outcome: pb.RecommendationOutcome, record) -> None:
-        if outcome.event not in INTERACTIONS:
+        if outcome.event not in INTERACTIONS or self.shared is not None:  # the Redis mode: _accept_one
             return
         user_id = self.predictions.get(outcome.prediction_id)
         if user_id:  # unknown prediction (another replica, or forgotten): the trainer still learns it
             self.history.record(user_id, outcome.item_id, purchase=outcome.event == pb.EVENT_PURCHASE)
+
+    async def _accept_one(self, outcome: pb.RecommendationOutcome, caller: str, total) -> None:
+        """The template's admission; in the Redis mode an accepted (new) interaction then goes
+        into the shared history before the call answers, so the next Recommend on any replica
+        sees it. The label is queued for the trainer first: Redis unreachable costs the history
+        one interaction (logged), never the label."""
+        before = total.accepted
+        await super()._accept_one(outcome, caller, total)
+        if self.shared is None or total.accepted == before or outcome.event not in INTERACTIONS:
+            return
+        try:
+            user_id = await self.predictions.get(outcome.prediction_id)
+            if user_id:  # unknown (older than the prediction memory's TTL): the trainer still learns it
+                await self.history.record(user_id, outcome.item_id, purchase=outcome.event == pb.EVENT_PURCHASE)
+        except RedisError as e:
+            log.warning("recommender: the outcome of %s could not update the shared history (%s)",
+                        outcome.prediction_id, e)

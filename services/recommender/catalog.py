@@ -186,6 +186,19 @@ class Catalog:
             log.info("catalog: %d items from %s (%d distinct titles)", self.latest.size, self.path, self._n_texts)
             return self.current
 
+    def load_records(self, items: Sequence[ItemRecord], source: str) -> CatalogSnapshot:
+        """Load the catalog from items read elsewhere (the Redis mode: the shared catalog's
+        snapshot) instead of the journal file, and publish it. Idempotent; thread-safe."""
+        with self._lock:
+            if self.loaded:
+                return self.current
+            if items:
+                self._apply(items, generation=1)
+            self.current = self.latest
+            self.loaded = True
+            log.info("catalog: %d items from %s (%d distinct titles)", self.latest.size, source, self._n_texts)
+            return self.current
+
     def _repair_tail(self) -> None:
         """Cut a torn last line (a crash mid-append) off the journal, so the next append starts
         on a line of its own instead of gluing onto the fragment."""
@@ -270,6 +283,12 @@ class Catalog:
                 return []
             items = list({it.item_id: it for it in self._read_from(pos)}.values())
             return [it for it in items if self._differs(it)]
+
+    def changed(self, items: Sequence[ItemRecord]) -> list[ItemRecord]:
+        """The items (the last line of each) that differ from what this catalog holds: what a
+        follower still has to apply (its own upserts, read back, are dropped)."""
+        with self._lock:
+            return [it for it in {it.item_id: it for it in items}.values() if self._differs(it)]
 
     def _differs(self, it: ItemRecord) -> bool:
         row = self._row_of.get(it.item_id)

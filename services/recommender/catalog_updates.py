@@ -17,6 +17,9 @@ from protos.recommender.v1 import recommender_pb2 as pb
 from services.recommender.catalog import CatalogSnapshot, ItemRecord
 from services.recommender.catalog_records import items_of_request
 from services.recommender.item_index import VersionItems
+from redis.exceptions import RedisError
+
+from services.recommender.redis_state import CatalogPosition
 from shared.errors import DeadlineExceeded, Unavailable
 
 log = logging.getLogger(__name__)
@@ -68,7 +71,7 @@ class CatalogUpdates:
         return pb.UpsertItemsResponse(inserted=inserted, updated=updated, catalog_size=size)
 
     async def _apply_items(self, items: list[ItemRecord], journal: bool,
-                           deadline: float | None = None) -> tuple[int, int, int]:
+                           deadline: float | None = None, only_changed: bool = False) -> tuple[int, int, int]:
         """Two phases. Embedding (the expensive part: the sentence encoder) runs in chunks and
         stops at the deadline (DEADLINE_EXCEEDED) or when the call is cancelled (the client
         went away, or the server is stopping past its grace), having written nothing: the
@@ -76,6 +79,10 @@ class CatalogUpdates:
         is cheap by comparison and runs to its end even if cancelled meanwhile: once a line is
         in the journal it will be applied at the next start anyway, so memory must match it."""
         async with self._upsert_lock:
+            if only_changed:  # a follower: what differs now, under the lock (an upsert may just have applied it)
+                items = await asyncio.to_thread(self.catalog.changed, items)
+                if not items:
+                    return 0, 0, self.catalog.latest.size
             inserted, updated, titles = self.catalog.plan(items)
             try:
                 vectors = await self._embed(titles, deadline)
@@ -119,6 +126,14 @@ class CatalogUpdates:
 
     async def _commit(self, items: list[ItemRecord], vectors: dict[str, np.ndarray],
                       journal: bool) -> CatalogSnapshot:
+        if journal and self.shared is not None:
+            # the Redis mode: the shared catalog is the journal (every replica follows it); written
+            # before it is applied here, as the file journal is
+            try:
+                await self.shared.journal.append(items)
+            except RedisError as e:
+                raise Unavailable(f"the shared catalog (Redis) could not be written: {e}") from e
+            journal = False
         snap = await asyncio.to_thread(self.catalog.upsert, items, vectors, journal)
         states = []
         for m in self.served.loaded_models():  # the canary's vectors too: it answers requests
@@ -148,3 +163,34 @@ class CatalogUpdates:
                 raise
             except Exception:  # a bad feed must not stop serving; the next round retries
                 log.exception("catalog: following %s failed", self.catalog.path)
+
+    async def follow_shared_catalog(self, retry_s: float = 1.0) -> None:
+        """The Redis mode's follower: apply the upserts every replica writes to the shared
+        catalog's stream (a blocking read: an upsert on another replica is applied here within
+        milliseconds), from the position of the snapshot the catalog was loaded from. A gap
+        (this replica fell behind the capped stream) or a seed entry: the whole snapshot again,
+        its changed items applied. Redis unreachable: logged, retried every retry_s."""
+        journal = self.shared.journal
+        position: CatalogPosition | None = None
+        while True:
+            try:
+                if position is None:
+                    position = self.catalog_position  # set with the catalog's first load (prepare)
+                    if position is None:
+                        await asyncio.sleep(retry_s)  # no version loaded yet: nothing to apply to
+                        continue
+                changes = await journal.changes(position, block_s=1.0)
+                items, after = changes.items, changes.position
+                if changes.reload:
+                    items, after = await journal.snapshot()
+                if items:
+                    inserted, updated, _ = await self._apply_items(items, journal=False, only_changed=True)
+                    if inserted or updated:
+                        log.info("catalog: applied %d new and %d updated items from the shared catalog", inserted,
+                                 updated)
+                position = after  # only once applied: a failure reads the same changes again
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis unreachable, a bad item: serving goes on; the next round retries
+                log.exception("catalog: following the shared catalog failed; retrying in %.1f s", retry_s)
+                await asyncio.sleep(retry_s)

@@ -19,6 +19,7 @@ from services.recommender.adapter import (EXPLORE_SHARE, MAX_CATEGORY_CHARS, MAX
                                           RecommenderService, check_manifest, check_outputs)
 from services.recommender.catalog import Catalog
 from services.recommender.history import UserHistory
+from services.recommender.redis_state import RedisOnlineState
 from services.recommender.servicer import RecommenderServicer, register
 from shared.domain import domain_app, served_model
 from shared.redis_conn import check_redis_url
@@ -83,22 +84,29 @@ def make_app(s: RecommenderSettings) -> ServerApp:
 def build(s: RecommenderSettings) -> tuple[ServerApp, RecommenderService]:
     """The server app and its domain core (tests and tools reach the catalog and history through it)."""
     served, loader = served_model(s, output_check=check_outputs, manifest_check=check_manifest)
-    history = UserHistory(s.history_max_users, s.history_max_recent, s.history_max_purchased)
+    shared = history = None
+    if s.redis_url:  # the Redis mode: history, prediction memory and catalog shared by every replica
+        shared = RedisOnlineState(s.redis_url, s.redis_password_file, max_recent=s.history_max_recent,
+                                  max_purchased=s.history_max_purchased)
+    else:
+        history = UserHistory(s.history_max_users, s.history_max_recent, s.history_max_purchased)
     service = RecommenderService(served, Catalog(s.catalog_path), history, options=s.runtime_options(),
                                  max_k=s.max_k, prediction_memory=s.prediction_memory,
                                  text_cache_size=s.text_cache_size, upsert_max_items=s.upsert_max_items,
                                  title_max_chars=s.title_max_chars, category_max_chars=s.category_max_chars,
-                                 explore_share=s.explore_share)
+                                 explore_share=s.explore_share, shared=shared)
     # per-version state (catalog item vectors from the version's own item tower), built
     # in the loader thread before the version serves; warm-up runs on the real catalog
     loader.prepare = service.prepare
     loader.warmup_feeds = service.warmup_feeds
     app = domain_app(service, s, register(RecommenderServicer(service)), v2=False)
-    if s.catalog_poll_s > 0:
+    if shared is not None or s.catalog_poll_s > 0:
         follower: list[asyncio.Task] = []
 
         async def start_following() -> None:
-            follower.append(asyncio.get_running_loop().create_task(service.follow_journal(s.catalog_poll_s)))
+            following = (service.follow_shared_catalog(s.catalog_poll_s or 1.0) if shared is not None
+                         else service.follow_journal(s.catalog_poll_s))
+            follower.append(asyncio.get_running_loop().create_task(following))
 
         async def stop_following() -> None:
             for task in follower:
@@ -107,6 +115,8 @@ def build(s: RecommenderSettings) -> tuple[ServerApp, RecommenderService]:
 
         app.on_start.append(start_following)
         app.on_stop.append(stop_following)
+    if shared is not None:
+        app.on_stop.append(shared.close)
     return app, service
 
 

@@ -352,3 +352,43 @@ def _parse_lines(text: str, source: str) -> list[ItemRecord]:
         return []
     records, _ = read_records((text + "\n").encode("utf-8"), source, "recommender", ItemRecord.from_json)
     return records
+
+
+class RedisOnlineState:
+    """Everything a recommender replica keeps on Redis (the Redis mode: its redis_url setting):
+    the user history, the prediction memory and the catalog journal, on one client that belongs
+    to the service's event loop. The loader thread (ModelLoader.prepare: the catalog's first
+    load, a version's users.npz) cannot use that client, whose connections are bound to the
+    loop: `blocking()` runs a coroutine in the calling thread on a client of its own."""
+
+    def __init__(self, url: str, password_file: str = "", *, max_recent: int = 64, max_purchased: int = 1000,
+                 history_ttl_s: float = DEFAULT_HISTORY_TTL_S,
+                 prediction_ttl_s: float = DEFAULT_PREDICTION_TTL_S) -> None:
+        from shared.redis_conn import redis_client
+
+        self.url, self.password_file = url, password_file
+        self.max_recent, self.max_purchased, self.history_ttl_s = max_recent, max_purchased, history_ttl_s
+        self.client = redis_client(url, password_file, client_name="recommender")  # connects on first use
+        self.history = self._history(self.client)
+        self.predictions = RedisPredictionMemory(self.client, prediction_ttl_s)
+        self.journal = RedisCatalogJournal(self.client)
+
+    def _history(self, client: Redis) -> RedisUserHistory:
+        return RedisUserHistory(client, self.max_recent, self.max_purchased, ttl_s=self.history_ttl_s)
+
+    def blocking(self, work):
+        """await work(history, journal) on a client of this thread's own (for a thread outside the
+        service's event loop); returns its result."""
+        from shared.redis_conn import redis_client
+
+        async def run():
+            client = redis_client(self.url, self.password_file, client_name="recommender-loader")
+            try:
+                return await work(self._history(client), RedisCatalogJournal(client))
+            finally:
+                await client.aclose()
+
+        return asyncio.run(run())
+
+    async def close(self) -> None:
+        await self.client.aclose()
