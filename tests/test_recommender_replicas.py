@@ -30,8 +30,10 @@ from tests.redis_server import redis_server  # noqa: F401  (fixture)
 from tests.server_harness import until
 from tests.test_recommender_service import CATALOG, USERS, ids
 from trainer.collector import FeedbackCollector, add_collector
+from trainer.domains.recommender import model_from_settings
 from trainer.eventlog_redis import RedisEventLog
 from trainer.joiner import Joiner
+from trainer.settings import TrainerSettings
 from trainer.text_encoder import publish_text_encoder
 
 WITHIN_S = 1.0  # the bound for a change on one replica to show on the other
@@ -119,6 +121,9 @@ async def test_an_item_upserted_on_replica_a_is_recommendable_on_replica_b_withi
         finally:
             await client.aclose()
         assert {it.item_id for it in items} == {c["item_id"] for c in CATALOG} | {"sku-new"}
+        # and what the trainer reads to learn new items (its event_log_url names the same Redis)
+        reader = model_from_settings(TrainerSettings(event_log_url=redis_server.url)).journal
+        assert "sku-new" in {r["item_id"] for r in reader.read_new()}
 
 
 async def test_an_outcome_for_a_prediction_served_by_a_and_reported_to_b_is_joined(tmp_path, registry, redis_server):

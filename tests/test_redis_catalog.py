@@ -116,3 +116,38 @@ async def test_an_answered_upsert_survives_a_redis_kill(redis_server, clients):
     items, position = await journal.snapshot()
     assert items == [item(1), item(2)] and position.seq == seq
     assert await journal.append([item(3)]) == seq + 1
+
+
+async def test_the_trainer_reads_what_the_services_upsert(redis_server, clients):
+    """The trainer's reader (trainer/domains/recommender_data.RedisCatalogReader, chosen by the
+    trainer's event_log_url) on what the service's journal writes: the whole catalog first, then
+    each upsert once, the whole catalog again after a gap in the capped stream."""
+    from trainer.domains.recommender import model_from_settings
+    from trainer.settings import TrainerSettings
+
+    journal = RedisCatalogJournal(clients[0])
+    settings = TrainerSettings(event_log_url=redis_server.url)
+    reader = model_from_settings(settings).journal
+    assert reader.read_new() == []  # nothing there yet
+    await journal.seed([item(1), item(2)])
+    await journal.append([item(3)])
+
+    def ids(records) -> list[str]:
+        return sorted(r["item_id"] for r in records)
+
+    assert ids(reader.read_new()) == ["sku-1", "sku-2", "sku-3"]
+    assert reader.read_new() == []
+    await journal.append([item(4, "a new title")])
+    [new] = reader.read_new()
+    assert new == {"item_id": "sku-4", "title": "a new title", "category": "cat-1", "price": 6.0}
+    # upserts while the trainer is not reading, the capped stream trimmed past them: a gap in the
+    # sequence numbers, so the whole catalog again
+    for n in (5, 6, 7):
+        await journal.append([item(n)])
+    await clients[0].xtrim(journal.log_key, maxlen=1, approximate=False)  # what MAXLEN ~ does to a busy stream
+    assert ids(reader.read_new()) == [f"sku-{n}" for n in range(1, 8)]
+    assert reader.read_new() == []
+    await journal.append([item(8)])
+    assert ids(reader.read_new()) == ["sku-8"]  # and then on from there, one upsert at a time
+    # the file journal is the default (no event_log_url)
+    assert type(model_from_settings(TrainerSettings()).journal).__name__ == "CatalogJournal"

@@ -17,7 +17,8 @@ import torch
 from trainer.domains.recommender_data import (COL_DAY, COL_DEVICE, COL_HIST, COL_HOUR, COL_ITEM, COL_PAGE, COL_POSITION,
                                               COL_USER,
                                               DEVICES, HISTORY_LEN, LEVEL_CLICK, LEVEL_IMPRESSION, LEVEL_PURCHASE,
-                                              PAGES, POPULARITY_TAU_DAYS, TEXT_DIM, WIDTH, CatalogJournal, RecoState)
+                                              PAGES, POPULARITY_TAU_DAYS, TEXT_DIM, WIDTH, CatalogJournal, RecoState,
+                                              RedisCatalogReader)
 from trainer.domains.recommender_export import (ITEM_TOWER_FILE, _ort_run, catalog_vocab_json, export_onnx,
                                                 scoring_input_ranges, scoring_parity)
 from trainer.domains.recommender_net import ItemTowerExport, RecoDims, RecoNet, ScoringExport
@@ -86,7 +87,8 @@ class RecommenderModel(DomainModel):
                  esmm_weight: float = 0.3, cold_items: bool = True,
                  encoder: Callable[[Sequence[str]], np.ndarray] | None = None,
                  registry_dir: str | Path | None = None, catalog_path: str | Path | None = None,
-                 latency_catalog: int = LATENCY_CATALOG, seed: int = 0, threads: int = 1) -> None:
+                 latency_catalog: int = LATENCY_CATALOG, seed: int = 0, threads: int = 1,
+                 catalog_reader=None) -> None:
         self.dims, self.batch_size, self.lr, self.sparse_lr, self.negatives = dims, batch_size, lr, sparse_lr, negatives
         self.user_dropout, self.id_dropout, self.esmm_weight = user_dropout, id_dropout, esmm_weight
         # items whose id is dropped in training also lose their recent sales: they look exactly
@@ -95,7 +97,8 @@ class RecommenderModel(DomainModel):
         self.state = RecoState()
         self._encoder = encoder
         self.registry_dir = registry_dir
-        self.journal = CatalogJournal(catalog_path) if catalog_path else None
+        # what the services upsert: their catalog journal file, or (catalog_reader) the shared catalog on Redis
+        self.journal = catalog_reader or (CatalogJournal(catalog_path) if catalog_path else None)
         self.latency_catalog = latency_catalog
         self.seed, self.threads = seed, threads
         self.on_batch: Callable[[int], None] | None = None  # progress callback (bootstrap's bar)
@@ -484,9 +487,15 @@ class RecommenderModel(DomainModel):
 
 def model_from_settings(s=None) -> RecommenderModel:
     """The trainer's recommender (its plug-in's model): the registry's text encoder, the service's
-    catalog journal (the recommender plug-in's catalog_path setting)."""
+    catalog journal (the recommender plug-in's catalog_path setting), or with event_log_url set
+    (the Redis mode) the services' shared catalog on that Redis."""
     if s is None:
         return RecommenderModel()
+    if getattr(s, "event_log_url", ""):
+        # the Redis mode: the services keep the catalog on Redis (their redis_url), the same server
+        # as this trainer's event log; the one setting that switches the trainer over names it
+        return RecommenderModel(registry_dir=s.registry_dir,
+                                catalog_reader=RedisCatalogReader(s.event_log_url, s.redis_password_file))
     return RecommenderModel(registry_dir=s.registry_dir, catalog_path=s.catalog_path)
 
 

@@ -13,7 +13,8 @@ class RecommenderTrainerSettings:
     """The recommender's trainer settings (flag --catalog-path, environment STOREFRONT_CATALOG_PATH)."""
 
     catalog_path: str = setting("var/catalog/items.jsonl", "recommender: the service's catalog journal (JSONL), read "
-                                "for the features of new items")
+                                "for the features of new items; with event_log_url set, the services' shared catalog "
+                                "on that Redis is read instead (their redis_url names the same server)")
 
 
 def recommender_model(settings=None):
