@@ -34,7 +34,8 @@ class RecommenderSettings(DomainSettings):
     port: int = setting(50052, "gRPC port")
     model_name: str = setting("recommender", "model name in the registry")
     catalog_path: str = setting("var/catalog/items.jsonl",
-                                "catalog journal (JSONL, fsync'd per upsert; seeded from the model's catalog.jsonl)")
+                                "catalog journal (JSONL, fsync'd per upsert; seeded from the model's catalog.jsonl); "
+                                "unused with redis_url (the catalog is then shared on Redis)")
     max_k: int = setting(MAX_K, "largest k a Recommend may ask for (1..200)")
     history_max_users: int = setting(200_000, "users whose recent interactions are kept in memory")
     history_max_recent: int = setting(64, "recent interactions kept per user (the model reads its manifest history_len of them)")
