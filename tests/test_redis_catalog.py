@@ -149,5 +149,8 @@ async def test_the_trainer_reads_what_the_services_upsert(redis_server, clients)
     assert reader.read_new() == []
     await journal.append([item(8)])
     assert ids(reader.read_new()) == ["sku-8"]  # and then on from there, one upsert at a time
-    # the file journal is the default (no event_log_url)
+    # the file journal is the default (no event_log_url); catalog_redis_url names another server than the log's
     assert type(model_from_settings(TrainerSettings()).journal).__name__ == "CatalogJournal"
+    other = model_from_settings(TrainerSettings(catalog_redis_url=redis_server.url)).journal
+    assert ids(other.read_new()) == [f"sku-{n}" for n in range(1, 9)]
+    assert any("catalog_redis_url" in p for p in TrainerSettings(catalog_redis_url="http://x:1").validate())

@@ -491,11 +491,12 @@ def model_from_settings(s=None) -> RecommenderModel:
     (the Redis mode) the services' shared catalog on that Redis."""
     if s is None:
         return RecommenderModel()
-    if getattr(s, "event_log_url", ""):
-        # the Redis mode: the services keep the catalog on Redis (their redis_url), the same server
-        # as this trainer's event log; the one setting that switches the trainer over names it
+    url = getattr(s, "catalog_redis_url", "") or getattr(s, "event_log_url", "")
+    if url:
+        # the Redis mode: the services keep the catalog on Redis (their redis_url); by default the
+        # server of this trainer's event log, so the one setting that switches the trainer over names it
         return RecommenderModel(registry_dir=s.registry_dir,
-                                catalog_reader=RedisCatalogReader(s.event_log_url, s.redis_password_file))
+                                catalog_reader=RedisCatalogReader(url, s.redis_password_file))
     return RecommenderModel(registry_dir=s.registry_dir, catalog_path=s.catalog_path)
 
 

@@ -13,8 +13,16 @@ class RecommenderTrainerSettings:
     """The recommender's trainer settings (flag --catalog-path, environment STOREFRONT_CATALOG_PATH)."""
 
     catalog_path: str = setting("var/catalog/items.jsonl", "recommender: the service's catalog journal (JSONL), read "
-                                "for the features of new items; with event_log_url set, the services' shared catalog "
-                                "on that Redis is read instead (their redis_url names the same server)")
+                                "for the features of new items; in the Redis mode (event_log_url set) the services' "
+                                "shared catalog on Redis is read instead (see catalog_redis_url)")
+    catalog_redis_url: str = setting("", "recommender, Redis mode: the Redis of the services' shared catalog (their "
+                                     "redis_url) when it is not the event log's; empty = event_log_url's "
+                                     "(redis_password_file serves both)")
+
+    def validate(self) -> list[str]:
+        from shared.redis_conn import check_redis_url
+
+        return [f"catalog_redis_url: {problem}" for problem in check_redis_url(self.catalog_redis_url)]
 
 
 def recommender_model(settings=None):
