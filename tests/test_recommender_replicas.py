@@ -14,6 +14,7 @@ the ranking), with the real sentence encoder.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 
@@ -164,3 +165,25 @@ async def test_an_outcome_for_a_prediction_served_by_a_and_reported_to_b_is_join
         await server.stop(1.0)
         await collector.close()
         log.close()
+
+
+async def test_redis_unreachable_refuses_ranking_without_history_but_keeps_every_label(tmp_path, registry,
+                                                                                      redis_server):
+    """Redis down: a Recommend for a user is UNAVAILABLE (never ranked without their history
+    silently), an anonymous one is answered, an outcome is still accepted (the label goes to the
+    trainer; only its history update is skipped); Redis back: a retry, not an error."""
+    async with replicas(tmp_path, registry, redis_server.url) as ((a, _a), (b, _b)):
+        request = pb.RecommendRequest(user_id="fay", k=3)
+        served = await a.Recommend(request)
+        redis_server.kill()
+        recommend, report, anonymous = await asyncio.gather(
+            a.Recommend(request),
+            b.ReportOutcome(pb.RecommendationOutcome(prediction_id=served.prediction_id, item_id=ids(served)[0],
+                                                     event=pb.EVENT_CLICK)),
+            a.Recommend(pb.RecommendRequest(k=3)), return_exceptions=True)
+        assert isinstance(recommend, grpc.aio.AioRpcError) and recommend.code() == grpc.StatusCode.UNAVAILABLE
+        assert "history" in recommend.details()
+        assert report.accepted == 1 and len(anonymous.items) == 3
+        redis_server.start()  # same port and folder: the AOF replayed
+        again = await a.Recommend(request)
+        assert len(again.items) == 3 and again.prediction_id != served.prediction_id
