@@ -19,6 +19,9 @@ items, and the best of them take at most floor(k x explore_share) of the last pl
 ranking itself shows fewer (realised share: explored_items_total / served_items_total). The
 extra row is only run while unlearned items exist, i.e. until the next round learns them.
 Catalog updates (UpsertItems, the journal follower): services.recommender.catalog_updates.
+The Redis mode (RedisOnlineState: history, prediction memory, catalog shared by every replica):
+predict() reads the user's lists before the template's preprocess, and remembers the
+prediction's user before answering; an accepted interaction is recorded after admission.
 """
 from __future__ import annotations
 

@@ -34,6 +34,11 @@ journal is replayed (the last line of an item wins; a line torn by a crash mid-a
 cut off first); when there is none, it is seeded from the model version's catalog.jsonl;
 when replaced items make up most of it, it is compacted (atomic rename). The trainer reads
 the same file (with the same shared.jsonl reader) to learn items it has not seen.
+
+The Redis mode (the service's redis_url) keeps no file: the shared catalog on Redis
+(services.recommender.redis_state.RedisCatalogJournal) is the journal; this class is loaded
+from its snapshot (`load_records`) and applies upserts with journal=False, its own and those it
+follows (services.recommender.catalog_updates).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Catalog updates while the recommender serves: UpsertItems (validate, embed the new titles in
 chunks that honour the deadline, journal, item vectors of every loaded version, publish) and
-following the journal other writers append to. A mixin of
+following the journal other writers append to (the file, or in the Redis mode the shared
+catalog's stream every replica writes). A mixin of
 services.recommender.adapter.RecommenderService, which holds the catalog, the served model and
 the text encoder it uses."""
 from __future__ import annotations

@@ -12,7 +12,8 @@ most `max_recent` recent items and `max_purchased` purchased items per user (old
 dropped first). Thread-safe (the loader thread seeds while the event loop serves).
 
 This is the embedded default: one process, lost on restart except what the next model
-version's users.npz carries. Several replicas would share it through Redis (see DESIGN.md).
+version's users.npz carries. Several replicas share it through Redis instead (the redis_url
+setting: services.recommender.redis_state.RedisUserHistory, same answers).
 """
 from __future__ import annotations
 

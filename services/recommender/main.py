@@ -6,6 +6,9 @@
 Needs the registry's `recommender` and `text-encoder` models (`python -m trainer bootstrap`).
 Catalog updates: UpsertItems, or JSONL lines appended to the catalog journal by another
 writer (the other workers of `--workers N`, a catalog feed), applied every catalog_poll_s.
+The Redis mode (`--redis-url redis://HOST:PORT/DB`, several replicas behind a load balancer):
+user history, prediction memory and catalog on Redis, shared by every replica
+(services.recommender.redis_state; docs/REDIS.md).
 The KServe V2 API is not exposed here: the scoring graph takes the catalog matrix, which
 only this service has; Recommend is the way in.
 """
