@@ -86,14 +86,16 @@ async def _timed(call: Call, i: int, rec: Recorder, measure: bool, scheduled: fl
     return "OK"
 
 
-async def closed_loop(call: Call, concurrency: int, duration: float, warmup: float, rec: Recorder) -> None:
-    """`concurrency` workers from now until the window closes; the warm-up is the time until the
-    window opens at rec.start (`warmup` says how long that is, as open_loop takes it)."""
+async def closed_loop(call: Call, concurrency: int, duration: float, warmup: float, rec: Recorder,
+                      stop: asyncio.Event | None = None) -> None:
+    """`concurrency` workers from now until the window closes (or `stop` is set); the warm-up is
+    the time until the window opens at rec.start (`warmup` says how long that is, as open_loop
+    takes it)."""
     t_end = rec.start + duration
 
     async def worker(w: int) -> None:
         i = w
-        while (now := time.perf_counter()) < t_end:
+        while (now := time.perf_counter()) < t_end and not (stop is not None and stop.is_set()):
             if await _timed(call, i, rec, now >= rec.start) == "UNAVAILABLE":
                 await asyncio.sleep(UNAVAILABLE_BACKOFF_S)
             i += concurrency
@@ -130,14 +132,19 @@ async def open_loop(call: Call, rate: float, duration: float, warmup: float, rec
         await asyncio.gather(*in_flight)
 
 
-async def _watch_window(rec: Recorder, duration: float, window: Window | None) -> None:
+async def _watch_window(rec: Recorder, duration: float, window: Window | None,
+                        stop: asyncio.Event | None = None) -> None:
     """At the window's edges: this process's CPU; in between, the event loop's longest stall
-    (how late a 5 ms sleep wakes up) and `window`, whose result lands in rec.window_result."""
+    (how late a 5 ms sleep wakes up) and `window`, whose result lands in rec.window_result.
+    A `stop` set inside the window closes it there (rec.duration becomes what ran)."""
     t_start, t_end = rec.start, rec.start + duration
     await asyncio.sleep(max(0.0, t_start - time.perf_counter()))
     cpu_a = self_cpu_s()
     task = asyncio.ensure_future(window(t_start, t_end)) if window is not None else None
     while (now := time.perf_counter()) < t_end:
+        if stop is not None and stop.is_set():
+            rec.duration = now - t_start
+            break
         await asyncio.sleep(min(0.005, t_end - now))
         rec.loop_lag_max_s = max(rec.loop_lag_max_s, time.perf_counter() - now - 0.005)
     rec.client_cpu_s = self_cpu_s() - cpu_a
@@ -160,18 +167,23 @@ async def _print_progress(rec: Recorder, duration: float, label: str) -> None:
 
 async def generate(call: Call, *, duration: float, warmup: float = 0.0, concurrency: int = 1, rate: float = 0.0,
                    max_in_flight: int = 10_000, poisson: bool = True, seed: int = 0, window: Window | None = None,
-                   on_response: OnResponse | None = None, progress_label: str | None = None) -> Recorder:
+                   on_response: OnResponse | None = None, progress_label: str | None = None,
+                   stop: asyncio.Event | None = None) -> Recorder:
     """Closed loop at `concurrency` (rate 0) or open loop at `rate`; see the module doc.
-    progress_label: print req/s, p99 and errors to stderr every second under that label."""
+    progress_label: print req/s, p99 and errors to stderr every second under that label.
+    stop (closed loop): set it (from `window`, say, once what it waits for happened) to end the
+    load early; `duration` is then the longest it runs."""
     if duration <= 0 or warmup < 0 or concurrency < 1 or rate < 0 or max_in_flight < 1:
         raise ValueError("need duration > 0, warmup >= 0, concurrency >= 1, rate >= 0, max_in_flight >= 1")
+    if stop is not None and rate:
+        raise ValueError("stop ends a closed loop; an open loop runs its schedule")
     rec = Recorder(time.perf_counter() + warmup, duration, on_response)
-    helpers = [asyncio.ensure_future(_watch_window(rec, duration, window))]
+    helpers = [asyncio.ensure_future(_watch_window(rec, duration, window, stop))]
     if progress_label:
         helpers.append(asyncio.ensure_future(_print_progress(rec, duration, progress_label)))
     try:
         await (open_loop(call, rate, duration, warmup, rec, max_in_flight, seed, poisson) if rate
-               else closed_loop(call, concurrency, duration, warmup, rec))
+               else closed_loop(call, concurrency, duration, warmup, rec, stop))
         await helpers[0]
     finally:  # a failed load leaves no task behind
         for task in helpers:
