@@ -38,20 +38,18 @@ from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 from prometheus_client import Counter
+from redis.exceptions import RedisError
 
 from protos.common.v1 import common_pb2
 from protos.feedback.v1 import feedback_pb2
 from protos.recommender.v1 import recommender_pb2 as pb
 from services.recommender.catalog import Catalog, CatalogSnapshot
-from services.recommender.catalog_records import MAX_DEPARTMENT_CHARS
+from services.recommender.catalog_records import MAX_DEPARTMENT_CHARS, read_jsonl
 from services.recommender.catalog_updates import CATALOG_ITEMS, CatalogUpdates
-from services.recommender.catalog_records import read_jsonl
 from services.recommender.history import UserHistory
 from services.recommender.item_index import VersionItems
 from services.recommender.redis_state import RedisOnlineState
 from shared.domain import DomainService, Prepared, check_id, event_time, feedback_outcome
-from redis.exceptions import RedisError
-
 from shared.errors import InvalidArgument, Unavailable
 from shared.registry import Manifest
 from shared.runtime.model import LoadedModel, ModelRejected

@@ -13,13 +13,12 @@ from typing import Sequence
 
 import numpy as np
 from prometheus_client import Counter, Gauge
+from redis.exceptions import RedisError
 
 from protos.recommender.v1 import recommender_pb2 as pb
 from services.recommender.catalog import CatalogSnapshot, ItemRecord
 from services.recommender.catalog_records import items_of_request
 from services.recommender.item_index import VersionItems
-from redis.exceptions import RedisError
-
 from services.recommender.redis_state import CatalogPosition
 from shared.errors import DeadlineExceeded, Unavailable
 
