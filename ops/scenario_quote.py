@@ -2,17 +2,19 @@
 
     python -m ops.loadtest quote --target 127.0.0.1:50053 -c 32 -d 30
 
-The products, their reference prices, costs and demand come from the market simulator
-(bench.pricing_sim, calibrated on Ta Feng Jan-Feb 2001): the --rows most sold products with
-price variation (at most 300). Each call quotes one arrival: a product in proportion to its
-real exposures, a Ta Feng age group as the segment, an hour drawn like storefront traffic,
-the merchant's guardrails (min_price = the unit cost for margin quotes, half the reference
-for revenue ones; max_price = 1.5 x reference; max_change_pct 10, 20 or 30), and the
-product's objective (margin for those the simulator prices for margin, revenue otherwise).
-The customer then buys iff their uniform draw is under the simulator's true conversion at the
-quoted price, with real Ta Feng line amounts as units; the outcome (sold or not) is reported
-through ReportOutcome after --label-delay-s (jittered 0.5x-1.5x), for a share --outcome-rate
-of the quotes.
+The products, their reference prices, costs and demand come from the threshold market
+(bench.pricing_sim.threshold_market, calibrated on Ta Feng Jan-Feb 2001; another family than the
+service's logistic model, and built in seconds where the logit market's calibration fit takes
+minutes on two cores): the --rows most sold products with price variation (at most 300). Each
+call quotes one arrival: a product in proportion to its real Jan-Feb lines, one of the market's
+three age groups as the segment, an hour drawn like storefront traffic, the merchant's
+guardrails (min_price = the unit cost for margin quotes, half the reference for revenue ones;
+max_price = 1.5 x reference; max_change_pct 10, 20 or 30), and the product's objective (every
+other product whose cost is under 95 % of its reference is priced for margin, the rest for
+revenue). The customer then buys iff their uniform draw is under the market's true conversion
+at the quoted price (a willingness to pay above the price), with real Ta Feng line amounts as
+units; the outcome (sold or not) is reported through ReportOutcome after --label-delay-s
+(jittered 0.5x-1.5x), for a share --outcome-rate of the quotes.
 """
 from __future__ import annotations
 
@@ -32,10 +34,16 @@ CHANGE_PCTS = (10.0, 20.0, 30.0)
 
 def quotes(rows: int, n: int, seed: int = 0):
     """The market and `n` arrivals with their QuoteRequests (guardrail pct varied per arrival)."""
-    from bench.eval_pricing import quote_request
-    from bench.pricing_sim import arrivals, calibrate
+    import dataclasses
 
-    market = calibrate(max(1, min(rows, MAX_PRODUCTS)), seed=seed)
+    from bench.eval_pricing import quote_request
+    from bench.pricing_sim import arrivals, threshold_market
+
+    market = threshold_market(max(1, min(rows, MAX_PRODUCTS)), seed=seed)
+    # margin quotes too (the threshold market prices everything for revenue): every other product
+    # with room between its cost and its reference, its cost as the guardrails' floor
+    margin = (np.arange(len(market.products)) % 2 == 1) & (market.cost < 0.95 * market.reference)
+    market = dataclasses.replace(market, margin=margin, min_price=np.where(margin, market.cost, market.min_price))
     arr = arrivals(market, n, seed=seed + 1)
     rng = np.random.default_rng(seed + 2)
     requests = []
