@@ -201,6 +201,12 @@ class DomainService(abc.ABC, Generic[Req, Resp]):
     def outcome_accepted(self, outcome: Message, record: feedback_pb2.Outcome) -> None:
         """Called once per new (non-duplicate) valid outcome, before it is queued for the trainer."""
 
+    async def outcome_queued(self, outcome: Message) -> None:
+        """Called once per new (non-duplicate) valid outcome after it was queued for the trainer
+        (durably, when configured), before the call answers: state that other replicas read (a
+        shared store) is updated here, where it may be awaited. A failure here must not fail the
+        outcome, whose label is already on its way: log it."""
+
     def routing_key(self, request: Req) -> str | None:
         """The request key that decides, while a canary runs, which version answers (hashed with
         the canary version: shared.registry.canary_bucket). A domain returns what should see one
@@ -365,6 +371,8 @@ class DomainService(abc.ABC, Generic[Req, Resp]):
             one = self.accept_outcomes([outcome])
             total.accepted += one.accepted
             total.duplicates += one.duplicates
+            if one.accepted:
+                await self.outcome_queued(outcome)
             return
         admitted = self._admit(outcome, time.time())
         if admitted is None:
@@ -379,6 +387,7 @@ class DomainService(abc.ABC, Generic[Req, Resp]):
                                     "retry later")
         self.outcome_accepted(outcome, record)
         total.accepted += 1
+        await self.outcome_queued(outcome)
 
     async def report_outcomes(self, outcomes: Iterable[Message], caller: str = "") -> common_pb2.ReportOutcomeResponse:
         """ReportOutcome: rate limit (per caller), admission, queue (durably when configured)."""

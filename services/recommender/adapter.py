@@ -505,20 +505,18 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
         return (outcome.prediction_id, outcome.item_id, int(outcome.event)), feedback_outcome(message, occurred)
 
     def outcome_accepted(self, outcome: pb.RecommendationOutcome, record) -> None:
-        if outcome.event not in INTERACTIONS or self.shared is not None:  # the Redis mode: _accept_one
+        if outcome.event not in INTERACTIONS or self.shared is not None:  # the Redis mode: outcome_queued
             return
         user_id = self.predictions.get(outcome.prediction_id)
         if user_id:  # unknown prediction (another replica, or forgotten): the trainer still learns it
             self.history.record(user_id, outcome.item_id, purchase=outcome.event == pb.EVENT_PURCHASE)
 
-    async def _accept_one(self, outcome: pb.RecommendationOutcome, caller: str, total) -> None:
-        """The template's admission; in the Redis mode an accepted (new) interaction then goes
-        into the shared history before the call answers, so the next Recommend on any replica
-        sees it. The label is queued for the trainer first: Redis unreachable costs the history
-        one interaction (logged), never the label."""
-        before = total.accepted
-        await super()._accept_one(outcome, caller, total)
-        if self.shared is None or total.accepted == before or outcome.event not in INTERACTIONS:
+    async def outcome_queued(self, outcome: pb.RecommendationOutcome) -> None:
+        """In the Redis mode an accepted (new) interaction goes into the shared history before
+        the call answers, so the next Recommend on any replica sees it. The label is already
+        queued for the trainer: Redis unreachable costs the history one interaction (logged),
+        never the label."""
+        if self.shared is None or outcome.event not in INTERACTIONS:
             return
         try:
             user_id = await self.predictions.get(outcome.prediction_id)
