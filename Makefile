@@ -9,7 +9,7 @@ NAME ?= model
 PORT ?= 18111
 REGISTRY ?= var/registry
 
-.PHONY: setup up demo loadtest test proto proto-check serve-onnx bench bench-serving bench-loop bench-delivery eval-fraud eval-recommender eval-pricing fuzz report peers lock clean
+.PHONY: setup up up-scaled demo demo-scaled loadtest test proto proto-check serve-onnx bench bench-serving bench-loop bench-delivery eval-fraud eval-recommender eval-pricing fuzz report peers lock clean
 
 setup: $(STAMP)
 
@@ -25,10 +25,19 @@ $(STAMP): requirements.lock
 up: setup
 	$(PY) -m ops.up
 
+# Every process twice on one machine, sharing state on Redis (python -m ops.up --help): a redis-server
+# (var/redis), two trainers (one learns each domain, the other stands by), two replicas of each service.
+up-scaled: setup
+	$(PY) -m ops.up --replicas 2 --redis
+
 # The suite plus two minutes of real-data traffic and outcomes: new versions published and picked up
 # (a minute was too short on 2 busy cores for the recommender's calibrated version to serve).
 demo: setup
 	$(PY) -m ops.up --demo 120
+
+# make demo on make up-scaled: the traffic spreads over each service's replicas (round_robin).
+demo-scaled: setup
+	$(PY) -m ops.up --demo 120 --replicas 2 --redis
 
 # Load test a running suite (see python -m ops.loadtest --help for scenarios and modes).
 loadtest: setup

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import threading
 from pathlib import Path
+from typing import Callable
 
 from ops.procs import free_port
 from shared.redis_conn import redis_server_binary
@@ -35,7 +36,8 @@ class PortTaken(RuntimeError):
 
 class RedisServer:
     def __init__(self, folder: Path, *, port: int | None = None, appendfsync: str = "everysec",
-                 password: str = "", start_timeout_s: float = 30.0) -> None:
+                 password: str = "", start_timeout_s: float = 30.0,
+                 on_line: Callable[[str], None] | None = None) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync must be always, everysec or no; got {appendfsync!r}")
         self.folder = Path(folder)
@@ -46,6 +48,7 @@ class RedisServer:
             raise ValueError("a test password is letters, digits, '-' and '_' (it goes into redis.conf unquoted)")
         self.password = password
         self.start_timeout_s = start_timeout_s
+        self.on_line = on_line  # called with each line the server prints (ops.up echoes them)
         self.process: subprocess.Popen | None = None
         self.output: list[str] = []  # every line the server printed, all runs (for failure messages)
         self._reader: threading.Thread | None = None
@@ -95,7 +98,10 @@ class RedisServer:
         ready = threading.Event()
         exited = threading.Event()
         self.process = subprocess.Popen([str(redis_server_binary()), str(conf)], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                                        # its own session: a Ctrl-C meant for ops.up must not stop Redis
+                                        # before the processes that write to it have drained
+                                        start_new_session=True)
         self.starts += 1
         run_output_from = len(self.output)
 
@@ -103,6 +109,8 @@ class RedisServer:
             # drains the pipe for the server's whole life (a full pipe would block its logging)
             for line in stream:
                 self.output.append(line.rstrip("\n"))
+                if self.on_line is not None:
+                    self.on_line(line.rstrip("\n"))
                 if READY_LINE in line:
                     ready.set()
             exited.set()

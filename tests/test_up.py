@@ -14,10 +14,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ops.up import DEMO_TRAINER_SETTINGS, SERVICES, TRAINER
+from ops.up import DEMO_TRAINER_SETTINGS, REDIS_PORT, REPLICA_PORT_STEP, SERVICES, TRAINER
 from protos.fraud.v1 import fraud_pb2_grpc
 from tests.suite_fixtures import bootstrap_small_suite
 from tests.loop_harness import score_request
+from shared.channels import sync_channel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,11 +31,14 @@ def bootstrapped(tmp_path_factory):
     return var, worlds
 
 
-def free_port_offset() -> int:
+def free_port_offset(replicas: int = 1) -> int:
     """A --port-offset whose every gRPC and metrics port (+1000) is free, above the kernel's
     ephemeral range (32768-60999 here), where no other test's port-0 server can land: with xdist
-    a demo's trainer once found its metrics port taken by another test's server."""
-    base = [c.port for c in (TRAINER, *SERVICES)]
+    a demo's trainer once found its metrics port taken by another test's server. With replicas,
+    every replica's ports and the redis-server's."""
+    base = [c.port + REPLICA_PORT_STEP * i for c in (TRAINER, *SERVICES) for i in range(replicas)]
+    if replicas > 1:
+        base.append(REDIS_PORT)
     for _ in range(200):
         offset = random.randrange(61000 - min(base), 65535 - 1000 - max(base))
         ports = [p + offset for p in base] + [p + offset + 1000 for p in base]
@@ -86,6 +90,54 @@ def test_up_serves_everything_and_stops_on_ctrl_c(bootstrapped, tmp_path):
     assert proc.returncode == 0, rest[-3000:]
     assert rest.rstrip().endswith("stopped")
     assert "[fraud]" in rest and "[trainer]" in rest  # each child's lines, prefixed, until it drained
+
+
+def test_up_scaled_runs_two_of_everything_on_redis_and_stops_on_ctrl_c(bootstrapped, tmp_path):
+    """`make up-scaled`: a redis-server, two trainers (one holds each domain's learner lease), two
+    replicas of each service on their own ports; a client of both fraud replicas is answered by
+    both; Ctrl-C stops everything cleanly (Redis last)."""
+    var = fresh_var(bootstrapped, tmp_path)
+    _, _, data = bootstrapped[1]["fraud"]
+    offset = free_port_offset(replicas=2)
+    proc = subprocess.Popen([sys.executable, "-m", "ops.up", "--var", str(var), "--port-offset", str(offset),
+                             "--replicas", "2", "--redis"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.strip() == "all services serving":
+                break
+        out = "".join(lines)
+        assert "all services serving" in out, out[-3000:]
+        assert f"redis://127.0.0.1:{REDIS_PORT + offset}/0" in out
+        for c in [TRAINER, *SERVICES]:
+            for i in range(2):
+                assert f"{c.name}-{i + 1}" in out and f"gRPC 127.0.0.1:{c.port + offset + REPLICA_PORT_STEP * i}" in out
+        fraud = SERVICES[0]
+        both = f"ipv4:127.0.0.1:{fraud.port + offset},127.0.0.1:{fraud.port + offset + REPLICA_PORT_STEP}"
+        assert f"fraud          every replica: {both}" in out
+        with sync_channel(both) as ch:
+            stub = fraud_pb2_grpc.FraudStub(ch)
+            versions = [stub.ScoreTransaction(score_request(data, 50_000 + i), timeout=10).model.version
+                        for i in range(20)]
+        assert versions == ["1"] * 20
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, rest[-3000:]
+    assert rest.rstrip().endswith("stopped")
+    # the trainers' event log is on Redis (no SQLite file), and both fraud replicas answered
+    assert not (var / "trainer" / "events.db").exists()
+    assert "[redis]" in out + rest and "Ready to accept connections" in out
+    for name in ("fraud-1", "fraud-2", "trainer-1", "trainer-2"):
+        assert f"[{name}]" in out + rest, name
 
 
 def _served_new_version(line: str) -> str | None:
