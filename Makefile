@@ -9,7 +9,7 @@ NAME ?= model
 PORT ?= 18111
 REGISTRY ?= var/registry
 
-.PHONY: setup up up-scaled demo demo-scaled loadtest test proto proto-check serve-onnx bench bench-serving bench-loop bench-delivery eval-fraud eval-recommender eval-pricing fuzz report peers lock clean
+.PHONY: setup up up-scaled demo demo-scaled loadtest test proto proto-check serve-onnx bench bench-serving bench-loop bench-delivery bench-scaled eval-fraud eval-recommender eval-pricing fuzz report peers lock clean
 
 setup: $(STAMP)
 
@@ -77,6 +77,11 @@ bench-serving: setup
 
 bench-loop: setup
 	$(PY) -m bench.suite loop
+
+# Redis mode (issue 14): ingest into Redis Streams, one vs two fraud replicas, freshness with replicas
+# (bench/results/scaled.json; about 15 minutes on 2 cores).
+bench-scaled: setup
+	$(PY) -m bench.suite scaled
 
 # Gate, canary, drift recovery, bytes per event / version, disk under retention (bench/results/delivery.json;
 # also bench/results/drift.json). Part of `make bench`, at the scaled-down default it prints (~10 minutes on

@@ -26,19 +26,39 @@ from shared.registry import ModelRegistry
 from trainer.eventlog import SqliteEventLog
 
 
-def measure(duration_s: float, rate: float, workdir: Path, trainer_args: list[str] = ()) -> dict:
+def fraud_stream_rows():
+    """(the creditcard data, the first row the bootstrap did not see)."""
     from trainer.domains.fraud_bootstrap import fraud_split
     from trainer.domains import fraud
 
     data = fraud.load_creditcard()
     _, _, rest = fraud_split(data)
-    start_row = len(data) - len(rest)
+    return data, len(data) - len(rest)
+
+
+def measure(duration_s: float, rate: float, workdir: Path, trainer_args: list[str] = ()) -> dict:
+    data, start_row = fraud_stream_rows()
     loop = FraudLoop(workdir, list(trainer_args))
     t0 = time.time()
     print(f"[freshness] starting trainer (bootstrap from real data) and fraud service in {workdir}", file=sys.stderr)
     loop.start()
-    print(f"[freshness] up after {time.time() - t0:.1f} s; traffic for {duration_s:.0f} s at {rate}/s", file=sys.stderr)
-    shop = Storefront(f"127.0.0.1:{loop.fraud_port}", data, range(start_row, len(data)))
+    print(f"[freshness] up after {time.time() - t0:.1f} s", file=sys.stderr)
+
+    def outcome_offsets() -> dict[str, int]:
+        with SqliteEventLog(loop.event_log) as log:
+            return {e.prediction_id: e.offset for e in log.read(0, 10_000_000, domain="fraud", kind="outcome")}
+
+    return traffic(f"127.0.0.1:{loop.fraud_port}", loop.registry, outcome_offsets, loop.stop, data, start_row,
+                   duration_s, rate)
+
+
+def traffic(target: str, registry_dir: Path, outcome_offsets, stop, data, start_row: int, duration_s: float,
+            rate: float) -> dict:
+    """Storefront traffic at `rate` for `duration_s` against a running loop (target: the fraud
+    service, one address or its replicas), then `stop()` (its exit codes) and the freshness of
+    every outcome: outcome_offsets() maps prediction id -> its offset in the event log."""
+    print(f"[freshness] traffic for {duration_s:.0f} s at {rate}/s to {target}", file=sys.stderr)
+    shop = Storefront(target, data, range(start_row, len(data)))
     try:
         shop.start(pause_s=1.0 / rate)
         end = time.time() + duration_s
@@ -48,10 +68,9 @@ def measure(duration_s: float, rate: float, workdir: Path, trainer_args: list[st
         shop.stop()
         time.sleep(2)
     finally:
-        codes = loop.stop()
-    with SqliteEventLog(loop.event_log) as log:
-        offsets = {e.prediction_id: e.offset for e in log.read(0, 10_000_000, domain="fraud", kind="outcome")}
-    registry = ModelRegistry(loop.registry)
+        codes = stop()
+    offsets = outcome_offsets()
+    registry = ModelRegistry(registry_dir)
     learned = sorted((registry.manifest("fraud", v).learned_up_to or 0, int(v)) for v in registry.versions("fraud"))
     fresh = []
     for pid, t_reported in shop.reported.items():

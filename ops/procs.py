@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,10 @@ from pathlib import Path
 
 import grpc
 
+from ops.ports import free_port
+from ops.redis_server import RedisServer
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:
@@ -113,3 +109,67 @@ class FraudLoop:
 
     def stop(self) -> tuple[int, int]:
         return self.fraud.stop(), self.trainer.stop()
+
+
+class ScaledFraudLoop:
+    """The fraud loop in Redis mode (issue 14), each its own process: a redis-server (appendfsync
+    always), `replicas` trainers on its event log (one workdir and registry, as on a shared volume)
+    and `replicas` fraud services, whose feedback clients name every trainer (round_robin)."""
+
+    def __init__(self, root: Path, replicas: int = 2, trainer_args: list[str] = (), fraud_args: list[str] = ()) -> None:
+        self.root = Path(root)
+        self.registry, self.workdir = self.root / "registry", self.root / "trainer"
+        self.redis = RedisServer(self.root / "redis", appendfsync="always")
+        token = secrets.token_urlsafe(32)
+        self.trainer_ports = [free_port() for _ in range(replicas)]
+        self.fraud_ports = [free_port() for _ in range(replicas)]
+        trainers = ",".join(f"127.0.0.1:{p}" for p in self.trainer_ports)
+        self.trainers = [Proc(f"trainer-{i + 1}", [
+            "-m", "trainer", "serve", "--port", str(port), "--metrics-port", "0", "--workdir", str(self.workdir),
+            "--registry-dir", str(self.registry), "--log-format", "text", "--domains", "fraud",
+            "--event-log-url", self.redis.url, *trainer_args], self.root / f"trainer-{i + 1}.log",
+            env={"STOREFRONT_FEEDBACK_TOKENS": f"fraud={token}"}) for i, port in enumerate(self.trainer_ports)]
+        self.frauds = [Proc(f"fraud-{i + 1}", [
+            "-m", "services.fraud.main", "--port", str(port), "--metrics-port", "0", "--registry-dir",
+            str(self.registry), "--trainer-target", trainers, "--spool-dir", str(self.root / "spool" / f"fraud-{i + 1}"),
+            "--log-format", "text", *fraud_args], self.root / f"fraud-{i + 1}.log",
+            env={"STOREFRONT_FEEDBACK_TOKEN": token}) for i, port in enumerate(self.fraud_ports)]
+
+    def fraud_target(self, replicas: int | None = None) -> str:
+        """The first `replicas` (default all) fraud replicas as one gRPC target."""
+        ports = self.fraud_ports[:replicas]
+        return f"127.0.0.1:{ports[0]}" if len(ports) == 1 else "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
+
+    def start(self, timeout: float = 900.0) -> "ScaledFraudLoop":
+        """The redis-server first (its port is chosen when it starts), then the trainers (the lease
+        holder bootstraps fraud when the registry has none), then the services."""
+        self.redis.start()
+        try:
+            for p in self.trainers:
+                p.args[p.args.index("--event-log-url") + 1] = self.redis.url
+                p.start()
+            for p, port in zip(self.trainers, self.trainer_ports):
+                wait_serving(f"127.0.0.1:{port}", timeout, p)
+            for p in self.frauds:
+                p.start()
+            for p, port in zip(self.frauds, self.fraud_ports):
+                wait_serving(f"127.0.0.1:{port}", timeout, p)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop_processes(self) -> list[int]:
+        """Stop the services, then the trainers (exit codes; -9: killed after not stopping); Redis stays."""
+        codes = []
+        for p in [*self.frauds, *self.trainers]:
+            try:
+                codes.append(p.stop())
+            except RuntimeError:
+                codes.append(-9)
+        return codes
+
+    def stop(self) -> list[int]:
+        codes = self.stop_processes()
+        self.redis.stop()
+        return codes

@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from ops.procs import free_port
+from ops.ports import free_port
 from shared.redis_conn import redis_server_binary
 
 READY_LINE = "Ready to accept connections"

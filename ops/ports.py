@@ -1,0 +1,10 @@
+"""A free loopback TCP port, for the children ops starts (servers of tests, benchmarks, ops.up)."""
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
