@@ -23,10 +23,12 @@ Per market, the policies face the same customers (same arrivals, same uniform dr
   every `--min-events` labels or `--max-interval-s` (200 / 2 s: a round as soon as the
   previous one is done; at 4-10 s per round on two busy cores, 21-23 rounds in 12,000 quotes
   at 100/s in an earlier run; the default rate is 50/s, so each round learns from fewer
-  quotes' worth of lag). Exploration: `--exploration-share` of the quotes priced off the
-  greedy price, `--wide-step-share` of those by a Thompson sample's best price anywhere in
-  the guardrails (1.0: every exploratory step; chosen on the seed-1 threshold market, never
-  on the scored seed-0 one);
+  quotes' worth of lag). Exploration: at most `--exploration-share` of the quotes priced off
+  the greedy price, less as the posterior narrows (`--exploration-gain-scale`,
+  `--exploration-floor`: the service's defaults, chosen on the calibration threshold market
+  with bench.eval_pricing_offline), `--wide-step-share` of those by a Thompson sample's best
+  price anywhere in the guardrails (1.0: every exploratory step; chosen on the seed-1
+  threshold market, never on the scored seed-0 one); the realised share is reported;
 - segment-blind fixed: the best fixed price per product over the segment mix (knows the truth:
   the best a segment-blind price list can do);
 - epsilon-greedy and Thompson sampling on the grid (both with the same prior): per (product,
@@ -84,7 +86,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.machine import machine_info, progress_printer
-from services.pricing.adapter import UNIFORM_STEP_SHARE
+from services.pricing.adapter import EXPLORATION_FLOOR, EXPLORATION_GAIN_SCALE, UNIFORM_STEP_SHARE
 from bench.pricing_sim import Arrivals, EpsilonGreedy, Market, ThompsonGrid, arrivals, calibrate, threshold_market
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -552,7 +554,8 @@ def run_market(name: str, args, bootstrapped: Path | None = None) -> dict:
                                        "--epochs", "1", "--poll-interval-s", "0.5", "--delivery", args.delivery],
                            ["--exploration-share", str(args.exploration_share), "--max-step-pct", str(args.max_step_pct),
                             "--wide-step-share", str(args.wide_step_share), "--uniform-step-share",
-                            str(args.uniform_step_share), "--grid-size", str(args.grid_size),
+                            str(args.uniform_step_share), "--exploration-gain-scale", str(args.exploration_gain_scale),
+                            "--exploration-floor", str(args.exploration_floor), "--grid-size", str(args.grid_size),
                             "--exploration-seed", str(args.seed)])
         progress(f"[{name}] starting the trainer (from the bootstrap's checkpoint) and the pricing service")
         t_start = time.time()
@@ -610,6 +613,7 @@ def run_market(name: str, args, bootstrapped: Path | None = None) -> dict:
                                                  for s in cal_market.active_segments}},
         "exploration": {"setting": args.exploration_share, "wide_step_share": args.wide_step_share,
                         "uniform_step_share": args.uniform_step_share,
+                        "gain_scale": args.exploration_gain_scale, "floor": args.exploration_floor,
                         "realised_share": float(served["exploratory"][answered].mean()),
                         "realised_share_by_third": [float(served["exploratory"][answered & t].mean()) for t in
                                                     [np.arange(len(arr)) // -(-len(arr) // 3) == k for k in range(3)]]},
@@ -700,7 +704,8 @@ def print_market(name: str, res: dict) -> None:
                   f"{v['true']:.3f} | {v['gap']:+.3f} | {v['z']:+.1f} |")
     e = res["exploration"]
     print(f"\nexploration: setting {e['setting']:.2f} (wide steps {e['wide_step_share']:.2f} of them, "
-          f"{e.get('uniform_step_share', 0.0):.2f} of those uniform), realised "
+          f"{e.get('uniform_step_share', 0.0):.2f} of those uniform; decaying as the posterior narrows: gain scale "
+          f"{e.get('gain_scale', 0.0):g}, floor {e.get('floor', 0.0):g}), realised "
           f"{100 * e['realised_share']:.1f} % of quotes (by third: "
           f"{', '.join(f'{100 * v:.1f}' for v in e['realised_share_by_third'])} %); guardrail violations: "
           f"{res['guardrail_violations']}; delivery {res['delivery']}; versions served: {res['versions_served']}; "
@@ -729,6 +734,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="share of exploratory quotes that are wide steps (chosen on the seed-1 threshold market)")
     ap.add_argument("--uniform-step-share", type=float, default=UNIFORM_STEP_SHARE,
                     help="share of wide steps priced uniformly over the guardrails (the service's default)")
+    ap.add_argument("--exploration-gain-scale", type=float, default=EXPLORATION_GAIN_SCALE,
+                    help="exploration decays as the posterior narrows (the service's default; chosen on the "
+                         "calibration markets by bench.eval_pricing_offline)")
+    ap.add_argument("--exploration-floor", type=float, default=EXPLORATION_FLOOR,
+                    help="least share of --exploration-share a quote explores with (the service's default)")
     ap.add_argument("--grid-size", type=int, default=21)
     ap.add_argument("--min-events", type=int, default=200, help="trainer: labels per learning round ...")
     ap.add_argument("--max-interval-s", type=float, default=2.0, help="... or a round this often (with any label)")

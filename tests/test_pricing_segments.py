@@ -173,19 +173,21 @@ def test_exploration_reaches_the_upper_part_of_the_range_from_the_lower_edge(wor
         return np.mean([r.price >= lo + 2.0 / 3.0 * (hi - lo) for r, lo, hi in served])
 
     # step-limited exploration alone (10 % of the greedy price) never leaves the lower third of a +-20 % range
-    assert upper_share(PricingService(None, exploration_share=0.2, max_step_pct=10.0, wide_step_share=0.0, seed=4)) == 0
+    assert upper_share(PricingService(None, exploration_share=0.2, max_step_pct=10.0, wide_step_share=0.0,
+                                      exploration_gain_scale=0.0, seed=4)) == 0
     # with wide steps (a Thompson sample's best price anywhere in the range), the upper third is
     # quoted within 1,000 quotes, by the samples that rate it best, and never more often than the
     # exploring quotes (a fifth)
     share = upper_share(PricingService(None, exploration_share=0.2, max_step_pct=10.0, wide_step_share=1.0,
-                                       uniform_step_share=0.0, seed=4))
+                                       uniform_step_share=0.0, exploration_gain_scale=0.0, seed=4))
     assert 0 < share < 0.2, share
 
 
 def test_uniform_wide_steps_cover_the_whole_range_where_the_samples_agree(world, model):
     """Uniform wide steps try every other candidate about equally often, whatever the posterior
     says (a posterior wrongly sure that high prices never sell would keep its samples away)."""
-    service = PricingService(None, exploration_share=1.0, wide_step_share=1.0, uniform_step_share=1.0, seed=7)
+    service = PricingService(None, exploration_share=1.0, wide_step_share=1.0, uniform_step_share=1.0,
+                             exploration_gain_scale=0.0, seed=7)
     served = quotes_at_the_lower_edge(service, model, world, n=600, seed=3)
     position = np.array([(r.price - lo) / (hi - lo) for r, lo, hi in served])
     assert all(r.exploratory for r, _, _ in served)  # every quote explored, none at the greedy (lower) edge
@@ -198,11 +200,49 @@ def test_uniform_wide_steps_cover_the_whole_range_where_the_samples_agree(world,
 
 @pytest.mark.parametrize("setting", [0.05, 0.2, 0.5])
 def test_realised_exploration_share_is_the_setting(world, model, setting):
-    service = PricingService(None, exploration_share=setting, max_step_pct=10.0, wide_step_share=0.2, seed=11)
+    service = PricingService(None, exploration_share=setting, max_step_pct=10.0, wide_step_share=0.2,
+                             exploration_gain_scale=0.0, seed=11)
     served = quotes_at_the_lower_edge(service, model, world, n=1500, seed=5)
     realised = np.mean([r.exploratory for r, _, _ in served])
     sd = math.sqrt(setting * (1 - setting) / len(served))
     assert abs(realised - setting) < 4 * sd, (realised, setting)
+
+
+def test_exploration_decays_as_the_posterior_narrows(model):
+    """A quote explores with the full share while its Thompson samples disagree about the best
+    price by at least the gain scale, less as they agree, never less than the floor; the
+    realised share follows that probability."""
+    grid = np.linspace(80.0, 120.0, 21)
+    mean = 0.5 - 0.01 * (grid - 80.0)  # greedy: the lower edge (value 40 there)
+    service = PricingService(None, exploration_share=0.4, exploration_gain_scale=0.05, exploration_floor=0.25, seed=3)
+    greedy = int(np.argmax(grid * mean))
+
+    def probability(samples):
+        return service.exploring_probability(grid, samples, greedy, float(grid[greedy] * mean[greedy]))
+
+    agree = np.tile(mean, (16, 1))  # a posterior sure of the mean model: nothing to gain
+    assert probability(agree) == pytest.approx(0.4 * 0.25)
+    rng = np.random.default_rng(0)
+    unsure = np.clip(mean + rng.normal(0.0, 0.2, (16, 21)), 0.0, 1.0)  # samples far apart: the full share
+    assert probability(unsure) == pytest.approx(0.4)
+    # in between: in proportion to the samples' expected gain over the greedy price
+    half = agree.copy()
+    half[:8, -1] = (40.0 * (1 + 0.05)) / grid[-1]  # half the samples gain 5 % at the top price: mean gain 2.5 %
+    assert probability(half) == pytest.approx(0.4 * 0.5)
+    assert PricingService(None, exploration_share=0.4, exploration_gain_scale=0.0).exploring_probability(
+        grid, agree, greedy, 40.0) == 0.4  # scale 0: the setting, always
+    with pytest.raises(ValueError):
+        PricingService(None, exploration_floor=1.5)
+    with pytest.raises(ValueError):
+        PricingService(None, exploration_gain_scale=-1.0)
+    # the realised share is that probability: quotes whose samples agree explore at share x floor
+    outputs = {"conversion": mean[None, :].astype(np.float32), "sampled_conversion": agree[None].astype(np.float32)}
+    from shared.domain import Prepared
+
+    prepared = Prepared({}, 1, (grid, 80.0, 120.0, 100.0, None))
+    explored = [service.postprocess(None, prepared, outputs, model, "p").exploratory for _ in range(2000)]
+    sd = math.sqrt(0.1 * 0.9 / 2000)
+    assert abs(np.mean(explored) - 0.1) < 4 * sd
 
 
 def test_exploratory_metric_counts_the_realised_share(world, model):
@@ -219,7 +259,7 @@ def test_exploratory_metric_counts_the_realised_share(world, model):
         return quotes, explored
 
     q0, e0 = totals()
-    service = PricingService(None, exploration_share=0.3, wide_step_share=0.5, seed=12)
+    service = PricingService(None, exploration_share=0.3, wide_step_share=0.5, exploration_gain_scale=0.0, seed=12)
     served = quotes_at_the_lower_edge(service, model, world, n=300, seed=6)
     q1, e1 = totals()
     assert q1 - q0 == 300 and e1 - e0 == sum(r.exploratory for r, _, _ in served)

@@ -218,9 +218,10 @@ def test_exploratory_flag_means_the_price_differs_from_the_greedy_one(world, ser
     assert not any(quote_via(no_step, model, r)[0].exploratory for r in reqs[:100])
     explored = {}
     for share in (1.0, 0.25):
-        # local steps only: every exploratory price within the step limit of the greedy one
+        # local steps only: every exploratory price within the step limit of the greedy one (at the
+        # share itself: no decay; the decay is tests/test_pricing_segments.py's)
         svc = PricingService(server.app.models["pricing"], exploration_share=share, max_step_pct=15.0,
-                             wide_step_share=0.0, seed=2)
+                             wide_step_share=0.0, exploration_gain_scale=0.0, seed=2)
         flags = []
         for req in reqs:
             resp, prepared, outputs = quote_via(svc, model, req)
@@ -235,7 +236,7 @@ def test_exploratory_flag_means_the_price_differs_from_the_greedy_one(world, ser
     assert abs(explored[0.25] - 0.25) < 4 * math.sqrt(0.25 * 0.75 / len(reqs))
     # wide steps leave the step limit behind, never the guardrails
     wide = PricingService(server.app.models["pricing"], exploration_share=1.0, max_step_pct=5.0, wide_step_share=1.0,
-                          seed=3)
+                          exploration_gain_scale=0.0, seed=3)
     far = 0
     for req in reqs[:200]:
         resp, prepared, outputs = quote_via(wide, model, req)
@@ -366,7 +367,8 @@ def test_small_grids():
 
 
 @pytest.mark.parametrize("flag,value", [("--exploration-share", "1.5"), ("--max-step-pct", "-1"), ("--grid-size", "1"),
-                                        ("--wide-step-share", "-0.1"), ("--wide-step-share", "2")])
+                                        ("--wide-step-share", "-0.1"), ("--wide-step-share", "2"),
+                                        ("--exploration-gain-scale", "-0.1"), ("--exploration-floor", "1.5")])
 def test_settings_refuse_bad_exploration_values(flag, value):
     with pytest.raises(SystemExit):
         PricingSettings.load([flag, value], env={})
