@@ -43,9 +43,12 @@ SCHEMES = ("ipv4:", "ipv6:", "dns:", "unix:", "unix-abstract:", "vsock:")
 
 def service_config(max_attempts: int = RETRY_MAX_ATTEMPTS) -> str:
     """The service config (JSON) every client channel carries: round_robin over the target's
-    addresses, and the retry policy for every method (`"name": [{}]`)."""
+    addresses, and the retry policy for every method (`"name": [{}]`); max_attempts 1 = no
+    retry policy (round_robin alone)."""
+    if max_attempts == 1:
+        return json.dumps({"loadBalancingConfig": [{LB_POLICY: {}}]})
     if not 2 <= max_attempts <= 5:
-        raise ValueError("max_attempts must be in 2..5 (gRPC caps retries at 5 attempts)")
+        raise ValueError("max_attempts must be in 1..5 (gRPC caps retries at 5 attempts)")
     return json.dumps({
         "loadBalancingConfig": [{LB_POLICY: {}}],
         "methodConfig": [{
@@ -65,7 +68,7 @@ def client_options(extra: Sequence[tuple[str, object]] = (), max_attempts: int =
                    ) -> list[tuple[str, object]]:
     """Channel options for a client of one or several replicas; `extra` is added (and a key in it
     that names one of ours replaces ours)."""
-    ours = {"grpc.lb_policy_name": LB_POLICY, "grpc.enable_retries": 1,
+    ours = {"grpc.lb_policy_name": LB_POLICY, "grpc.enable_retries": int(max_attempts > 1),
             "grpc.service_config": service_config(max_attempts),
             # the service config is ours: a DNS TXT record must not swap in another policy
             "grpc.service_config_disable_resolution": 1}
@@ -130,9 +133,11 @@ def is_loopback(target: str) -> bool:
 
 
 def aio_channel(target: str, credentials: grpc.ChannelCredentials | None = None,
-                options: Sequence[tuple[str, object]] = ()) -> grpc.aio.Channel:
-    """An asyncio channel to target's replicas (TLS with credentials, else plaintext)."""
-    target, opts = normalize_target(target), client_options(options)
+                options: Sequence[tuple[str, object]] = (), max_attempts: int = RETRY_MAX_ATTEMPTS
+                ) -> grpc.aio.Channel:
+    """An asyncio channel to target's replicas (TLS with credentials, else plaintext);
+    max_attempts 1 for a caller that retries by itself (the feedback stream: see there)."""
+    target, opts = normalize_target(target), client_options(options, max_attempts)
     if credentials is not None:
         return grpc.aio.secure_channel(target, credentials, options=opts)
     return grpc.aio.insecure_channel(target, options=opts)

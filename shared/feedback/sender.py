@@ -75,9 +75,12 @@ class StreamSender:
         return not self._buffer and not self._in_flight and self.spool.pending == 0
 
     def _new_channel(self) -> grpc.aio.Channel:
-        # the target may name several trainer replicas: round_robin picks a live one for each new
-        # stream, and a stream refused by a replica that is gone is tried on another (shared/channels.py)
-        return aio_channel(self.target, self._credentials, self._options)
+        # The target may name several trainer replicas: round_robin picks a live one for each new
+        # stream. No gRPC retry policy here: this sender spools, reconnects with backoff and
+        # replays by itself, and a retried stream held its sent messages in gRPC's retry buffer
+        # while every replica was down: with the trainer stopped, the service stopped answering
+        # (tests/test_loop_e2e.py test_trainer_down_under_traffic...).
+        return aio_channel(self.target, self._credentials, self._options, max_attempts=1)
 
     async def _run(self) -> None:
         backoff = self.backoff_min_s
