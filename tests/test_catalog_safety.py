@@ -28,7 +28,7 @@ from shared.text import MAX_CHARS_PER_TOKEN, MAX_TOKENS, TextEncoder, truncate_t
 from tests.reco_onnx import publish_contract_version
 from tests.server_harness import until
 from tests.recommender_fixtures import exported_text_encoder, recommender_test_settings
-from trainer.domains.recommender_data import CatalogJournal
+from trainer.domains.recommender_catalog import CatalogJournal
 from trainer.text_encoder import publish_text_encoder
 
 TITLES = [("Organic whole milk 1 litre", "dairy"), ("Claw hammer with fibreglass handle", "tools"),

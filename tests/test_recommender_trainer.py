@@ -244,7 +244,7 @@ def test_an_incremental_round_on_joined_examples_publishes(world, tmp_path):
     journal = tmp_path / "items.jsonl"
     journal.write_text(json.dumps({"item_id": "new-oat-milk", "title": "Oat milk 1 litre", "category": "dairy",
                                    "price": 2.5}) + "\n")
-    from trainer.domains.recommender_data import CatalogJournal
+    from trainer.domains.recommender_catalog import CatalogJournal
 
     model.journal = CatalogJournal(journal)
     users, items = vocab["users"], vocab["items"]

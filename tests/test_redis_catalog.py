@@ -119,7 +119,7 @@ async def test_an_answered_upsert_survives_a_redis_kill(redis_server, clients):
 
 
 async def test_the_trainer_reads_what_the_services_upsert(redis_server, clients):
-    """The trainer's reader (trainer/domains/recommender_data.RedisCatalogReader, chosen by the
+    """The trainer's reader (trainer/domains/recommender_catalog.RedisCatalogReader, chosen by the
     trainer's event_log_url) on what the service's journal writes: the whole catalog first, then
     each upsert once, the whole catalog again after a gap in the capped stream."""
     from trainer.domains.recommender import model_from_settings

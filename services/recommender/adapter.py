@@ -26,7 +26,6 @@ prediction's user before answering; an accepted interaction is recorded after ad
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextvars
 import dataclasses
 import hashlib
@@ -34,7 +33,7 @@ import logging
 import math
 import threading
 import time
-from typing import Hashable, Mapping, Sequence
+from typing import Hashable
 
 import numpy as np
 from prometheus_client import Counter
@@ -46,12 +45,12 @@ from protos.recommender.v1 import recommender_pb2 as pb
 from services.recommender.catalog import Catalog, CatalogSnapshot
 from services.recommender.catalog_records import MAX_DEPARTMENT_CHARS, read_jsonl
 from services.recommender.catalog_updates import CATALOG_ITEMS, CatalogUpdates
-from services.recommender.history import UserHistory
+from services.recommender.contract import bucket, check_manifest, check_outputs, padded
+from services.recommender.history import RecentPredictions, UserHistory
 from services.recommender.item_index import VersionItems
 from services.recommender.redis_state import RedisOnlineState
 from shared.domain import DomainService, Prepared, check_id, event_time, feedback_outcome
 from shared.errors import InvalidArgument, Unavailable
-from shared.registry import Manifest
 from shared.runtime.model import LoadedModel, ModelRejected
 from shared.runtime.session import RuntimeOptions
 
@@ -64,7 +63,6 @@ MAX_TITLE_CHARS = 300  # default title bound (setting title_max_chars): ~60 toke
 MAX_CATEGORY_CHARS = 128
 MAX_DEPARTMENTS = 16  # department names per Recommend
 EXPLORE_SHARE = 0.1  # default share of k given to not-yet-learned items at most (setting explore_share)
-MIN_BUCKET = 64  # smallest padded width of a non-empty restrict/exclude list
 EVENTS = {pb.EVENT_IMPRESSION, pb.EVENT_CLICK, pb.EVENT_ADD_TO_CART, pb.EVENT_PURCHASE}
 INTERACTIONS = {pb.EVENT_CLICK, pb.EVENT_ADD_TO_CART, pb.EVENT_PURCHASE}  # what feeds the user's history
 
@@ -84,45 +82,6 @@ EXPLORED = Counter("storefront_recommender_explored_items_total",
                    "learned yet); the realised exploration share is this over served_items_total")
 
 
-def bucket(n: int, empty: int = 1) -> int:
-    """Padded width for n ids: `empty` for none, else MIN_BUCKET x a power of 4 (64, 256,
-    1024, ...). Few widths -> requests batch together; padding costs the graph O(width) per
-    row, nothing next to scoring the catalog."""
-    if n <= 0:
-        return empty
-    width = MIN_BUCKET
-    while width < n:
-        width *= 4
-    return width
-
-
-def padded(rows: Sequence[int], empty: int = 1, at_least: int = 1) -> np.ndarray:
-    out = np.full((1, max(at_least, bucket(len(rows), empty))), -1, np.int64)
-    out[0, : len(rows)] = rows
-    return out
-
-
-def check_manifest(manifest: Manifest) -> str | None:
-    e = manifest.extra
-    for key in ("history_len", "item_vector_dim"):
-        if not isinstance(e.get(key), int) or e[key] < 1:
-            return f"extra.{key} must be a positive integer"
-    for key in ("pages", "devices"):
-        if not isinstance(e.get(key), list) or not all(isinstance(x, str) for x in e[key]):
-            return f"extra.{key} must be a list of strings"
-    return None
-
-
-def check_outputs(outputs: Mapping[str, np.ndarray]) -> str | None:
-    for name in ("click", "purchase"):
-        p = outputs[name]
-        if (p < 0).any() or (p > 1).any():
-            return f"{name} probability outside [0, 1]"
-    return None
-
-
-
-
 @dataclasses.dataclass
 class RecoRequest:
     """What postprocess and the trainer's record need from preprocess."""
@@ -135,23 +94,6 @@ class RecoRequest:
     restrict: frozenset[int] | None
     exclude: frozenset[int]
     explore: int = 0  # exploration slots (feeds and outputs have a second row: not-yet-learned items)
-
-
-class RecentPredictions:
-    """prediction_id -> user_id of recent predictions (bounded), so an outcome can update
-    the right user's history."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._users: collections.OrderedDict[str, str] = collections.OrderedDict()
-
-    def add(self, prediction_id: str, user_id: str) -> None:
-        self._users[prediction_id] = user_id
-        if len(self._users) > self.capacity:
-            self._users.popitem(last=False)
-
-    def get(self, prediction_id: str) -> str | None:
-        return self._users.get(prediction_id)
 
 
 class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.RecommendResponse]):

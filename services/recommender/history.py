@@ -14,6 +14,9 @@ dropped first). Thread-safe (the loader thread seeds while the event loop serves
 This is the embedded default: one process, lost on restart except what the next model
 version's users.npz carries. Several replicas share it through Redis instead (the redis_url
 setting: services.recommender.redis_state.RedisUserHistory, same answers).
+
+RecentPredictions maps the ids of recent predictions to their user, so an outcome updates the
+right user's history (on Redis: RedisPredictionMemory).
 """
 from __future__ import annotations
 
@@ -133,3 +136,20 @@ class UserHistory:
                 added += 1
         self.seeded_from.add(key)
         return added
+
+
+class RecentPredictions:
+    """prediction_id -> user_id of recent predictions (bounded), so an outcome can update
+    the right user's history."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._users: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def add(self, prediction_id: str, user_id: str) -> None:
+        self._users[prediction_id] = user_id
+        if len(self._users) > self.capacity:
+            self._users.popitem(last=False)
+
+    def get(self, prediction_id: str) -> str | None:
+        return self._users.get(prediction_id)

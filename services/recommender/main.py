@@ -19,8 +19,9 @@ import dataclasses
 import sys
 
 from services.recommender.adapter import (EXPLORE_SHARE, MAX_CATEGORY_CHARS, MAX_K, MAX_TITLE_CHARS, MAX_UPSERT,
-                                          RecommenderService, check_manifest, check_outputs)
+                                          RecommenderService)
 from services.recommender.catalog import Catalog
+from services.recommender.contract import check_manifest, check_outputs
 from services.recommender.history import UserHistory
 from services.recommender.redis_state import RedisOnlineState
 from services.recommender.servicer import RecommenderServicer, register

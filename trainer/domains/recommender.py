@@ -3,7 +3,8 @@ prediction, gate, examples from joined outcomes).
 
 The network (two towers, ESMM heads, repeat term) is in trainer.domains.recommender_net, the
 training loss in trainer.domains.recommender_training, the ONNX export in
-trainer.domains.recommender_export; their public names are importable from here too.
+trainer.domains.recommender_export, its metrics in trainer.domains.recommender_metrics; their
+public names are importable from here too.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import torch
 from trainer.domains.recommender_data import (COL_DAY, COL_DEVICE, COL_HIST, COL_HOUR, COL_ITEM, COL_PAGE, COL_POSITION,
                                               COL_USER,
                                               DEVICES, HISTORY_LEN, LEVEL_CLICK, LEVEL_IMPRESSION, LEVEL_PURCHASE,
-                                              PAGES, POPULARITY_TAU_DAYS, TEXT_DIM, WIDTH, CatalogJournal, RecoState,
-                                              RedisCatalogReader)
+                                              PAGES, POPULARITY_TAU_DAYS, TEXT_DIM, WIDTH, RecoState)
+from trainer.domains.recommender_catalog import CatalogJournal, RedisCatalogReader
+from trainer.domains.recommender_metrics import (_log_loss, decode_bytes_tensor, expected_calibration_error,
+                                                 ranking_metrics)
 from trainer.domains.recommender_export import (ITEM_TOWER_FILE, _ort_run, catalog_vocab_json, export_onnx,
                                                 scoring_input_ranges, scoring_parity)
 from trainer.domains.recommender_net import ItemTowerExport, RecoDims, RecoNet, ScoringExport
@@ -32,41 +35,6 @@ MODEL_NAME = "recommender"
 LATENCY_CATALOG = 100_000  # catalog rows the latency gate scores (the serving target's size)
 EVENT_LEVEL = {1: LEVEL_IMPRESSION, 2: LEVEL_CLICK, 3: LEVEL_CLICK, 4: LEVEL_PURCHASE}  # recommender.v1.Event
 
-
-
-# ---- metrics ----
-def ranking_metrics(rank: np.ndarray, k: int = 10) -> dict[str, float]:
-    """HR@k and NDCG@k of single target items given their 0-based ranks."""
-    if len(rank) == 0:
-        return {f"hr@{k}": float("nan"), f"ndcg@{k}": float("nan")}
-    hit = rank < k
-    return {f"hr@{k}": float(hit.mean()), f"ndcg@{k}": float(np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0).mean())}
-
-
-def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if len(y) else float("nan")
-
-
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    """ECE: the row-weighted mean over 10 equal-width probability bins of |mean p - observed rate|."""
-    y, p = np.asarray(y, np.float64), np.clip(np.asarray(p, np.float64), 0.0, 1.0)
-    if len(y) == 0:
-        return float("nan")
-    b = np.minimum((p * bins).astype(np.int64), bins - 1)
-    n = np.bincount(b, minlength=bins)
-    gap = np.abs(np.bincount(b, p, bins) - np.bincount(b, y, bins))  # per bin: n x |mean p - rate|
-    return float(gap.sum() / n.sum())
-
-
-def decode_bytes_tensor(t) -> list[str]:
-    """A V2 BYTES tensor (4-byte little-endian length, then the bytes, per element) as strings."""
-    raw, out, pos = t.raw_data, [], 0
-    while pos + 4 <= len(raw):
-        n = int.from_bytes(raw[pos:pos + 4], "little")
-        out.append(raw[pos + 4:pos + 4 + n].decode("utf-8", "replace"))
-        pos += 4 + n
-    return out
 
 
 class RecommenderModel(DomainModel):
