@@ -79,7 +79,7 @@ bench-loop: setup
 	$(PY) -m bench.suite loop
 
 # Redis mode (issue 14): ingest into Redis Streams, one vs two fraud replicas, freshness with replicas
-# (bench/results/scaled.json; about 15 minutes on 2 cores).
+# (bench/results/scaled.json; 4-10 minutes on 2 cores).
 bench-scaled: setup
 	$(PY) -m bench.suite scaled
 

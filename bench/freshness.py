@@ -89,6 +89,9 @@ def traffic(target: str, registry_dir: Path, outcome_offsets, stop, data, start_
         "freshness_p95_s": round(float(np.percentile(fresh_a, 95)), 2) if len(fresh) else None,
         "freshness_max_s": round(float(fresh_a.max()), 2) if len(fresh) else None,
         "errors": len(shop.errors), "exit_codes": list(codes), "duration_s": duration_s, "rate_per_s": rate,
+        # how far the learner had come when the traffic ended: the newest version's offset vs the log's
+        "last_learned_offset": max((up_to for up_to, _ in learned), default=0),
+        "last_outcome_offset": max(offsets.values(), default=0),
     }
 
 

@@ -91,7 +91,7 @@ STEPS = [
     Step("scaled", "Beyond one host: Redis Streams ingest, fraud replicas, freshness with replicas", ("-m", "bench.scaled"),
          "Records/s into the event log on Redis Streams (appendfsync always and everysec; direct and through the "
          "collector); requests/s through one vs two fraud replicas behind one round_robin client (c=32) and freshness "
-         "p95 with two replicas and two trainers on Redis (about 15 minutes on 2 cores, the first fraud bootstrap "
+         "p95 with two replicas and two trainers on Redis (4-10 minutes on 2 cores, the first fraud bootstrap "
          "included).", in_default=False),
     Step("fuzz", "Hostile requests: status codes and memory", ("-m", "bench.fuzz"),
          "At least 3,000 hostile requests per service (domain APIs, outcomes, KServe V2, unknown methods, "
