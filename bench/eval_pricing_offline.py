@@ -66,13 +66,13 @@ def run(args) -> dict:
     t0 = time.time()
     market = build_market(args.market, SimpleNamespace(seed=0, threshold_products=30, products=40,
                                                        max_change_pct=20.0), calibration=True)
-    arr = arrivals(market, args.arrivals, seed=11)
+    arr = arrivals(market, args.arrivals, seed=11 + args.seed)
     model, net = bootstrapped_model()
     vocab = Vocab({"products": net.vocab.products, "segments": list(pricing.SEGMENTS)})
     service = PricingService(None, exploration_share=args.exploration_share, max_step_pct=args.max_step_pct,
                              wide_step_share=args.wide_step_share, uniform_step_share=args.uniform_step_share,
                              exploration_gain_scale=args.exploration_gain_scale,
-                             exploration_floor=args.exploration_floor, grid_size=21, seed=0)
+                             exploration_floor=args.exploration_floor, grid_size=21, seed=args.seed)
     version = SimpleNamespace(name="pricing", version="offline")
     served_net = pricing.PricingNet()
     served_net.load_state_dict(net.state_dict())
@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--uniform-step-share", type=float, default=UNIFORM_STEP_SHARE)
     ap.add_argument("--exploration-gain-scale", type=float, default=EXPLORATION_GAIN_SCALE)
     ap.add_argument("--exploration-floor", type=float, default=EXPLORATION_FLOOR)
+    ap.add_argument("--seed", type=int, default=0, help="of the arrivals (11 + seed: the eval's calibration arrivals "
+                                                         "at 0) and of the service's exploration draws")
     ap.add_argument("--frozen", action="store_true", help="also the bootstrap's greedy price, never updated")
     args = ap.parse_args(argv)
     print(json.dumps(run(args)))
