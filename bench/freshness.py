@@ -25,6 +25,8 @@ from bench.storefront import Storefront
 from shared.registry import ModelRegistry
 from trainer.eventlog import SqliteEventLog
 
+HORIZON_S = 30.0  # freshness_p95_all_s: outcomes reported at least this long before the traffic ended
+
 
 def fraud_stream_rows():
     """(the creditcard data, the first row the bootstrap did not see)."""
@@ -73,6 +75,7 @@ def traffic(target: str, registry_dir: Path, outcome_offsets, stop, data, start_
     registry = ModelRegistry(registry_dir)
     learned = sorted((registry.manifest("fraud", v).learned_up_to or 0, int(v)) for v in registry.versions("fraud"))
     fresh = []
+    of_outcome: dict[str, float] = {}
     for pid, t_reported in shop.reported.items():
         off = offsets.get(pid)
         if off is None:
@@ -80,7 +83,14 @@ def traffic(target: str, registry_dir: Path, outcome_offsets, stop, data, start_
         versions = [v for up_to, v in learned if up_to >= off and str(v) in shop.first_seen]
         if versions:
             fresh.append(shop.first_seen[str(min(versions))] - t_reported)
+            of_outcome[pid] = fresh[-1]
     fresh_a = np.array(fresh)
+    # Over every outcome reported at least HORIZON_S before the traffic ended, one no learned version
+    # served by then counted as longer than the horizon: a percentile of all of them, not only of
+    # those served in time (the last seconds' outcomes cannot be, so they are left out)
+    t_end = max(shop.reported.values(), default=0.0)
+    evaluated = [of_outcome.get(pid, np.inf) for pid, t in shop.reported.items() if t <= t_end - HORIZON_S]
+    p95_all = float(np.percentile(evaluated, 95)) if evaluated else None
     return {
         "outcomes_reported": len(shop.reported), "outcomes_in_log": len(offsets),
         "outcomes_served_by_a_learned_version": len(fresh),
@@ -89,6 +99,9 @@ def traffic(target: str, registry_dir: Path, outcome_offsets, stop, data, start_
         "freshness_p95_s": round(float(np.percentile(fresh_a, 95)), 2) if len(fresh) else None,
         "freshness_max_s": round(float(fresh_a.max()), 2) if len(fresh) else None,
         "errors": len(shop.errors), "exit_codes": list(codes), "duration_s": duration_s, "rate_per_s": rate,
+        "horizon_s": HORIZON_S, "outcomes_evaluated": len(evaluated),
+        "freshness_p95_all_s": None if p95_all is None or not np.isfinite(p95_all) else round(p95_all, 2),
+        "p95_beyond_horizon": p95_all is not None and not np.isfinite(p95_all),
         # how far the learner had come when the traffic ended: the newest version's offset vs the log's
         "last_learned_offset": max((up_to for up_to, _ in learned), default=0),
         "last_outcome_offset": max(offsets.values(), default=0),
