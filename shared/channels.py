@@ -13,9 +13,10 @@ for each call, and the service config's retry policy sends a call that failed wi
 (the replica went away before it answered: its connection refused or reset) again, to another
 replica, a bounded number of times with backoff. Only UNAVAILABLE is retried: the call never got
 an answer (gRPC does not retry once the server sent its response headers), so the other replica
-sees it as the first. Our write RPCs are safe to send twice: ReportOutcome is de-duplicated by
-outcome identity, the feedback stream by record id; a ScoreTransaction sent twice is answered
-twice, and only the answer the caller got has its outcome reported.
+sees it as the first. ReportOutcome is safe to send twice (de-duplicated by outcome identity); a
+ScoreTransaction sent twice is answered twice, and only the answer the caller got has its outcome
+reported. The services' feedback stream opens its channel with max_attempts=1 (round_robin, no
+retry policy): its sender reconnects and replays by itself (shared/feedback/sender.py).
 
 Channel options (grpc core's names): `grpc.lb_policy_name`, `grpc.service_config` (load
 balancing and the retry policy: https://grpc.io/docs/guides/service-config,
