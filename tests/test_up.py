@@ -58,16 +58,15 @@ def fresh_var(bootstrapped, tmp_path) -> Path:
     return var
 
 
-def test_up_serves_everything_and_stops_on_ctrl_c(bootstrapped, tmp_path):
-    var = fresh_var(bootstrapped, tmp_path)
-    _, _, data = bootstrapped[1]["fraud"]
-    offset = free_port_offset()
-    proc = subprocess.Popen([sys.executable, "-m", "ops.up", "--var", str(var), "--port-offset", str(offset)],
+def start_until_serving(var: Path, offset: int, *extra: str, timeout_s: float = 180
+                        ) -> tuple[subprocess.Popen, str]:
+    """`python -m ops.up` on var, its output read up to `all services serving` (asserted)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ops.up", "--var", str(var), "--port-offset", str(offset), *extra],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines = []
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
@@ -77,6 +76,18 @@ def test_up_serves_everything_and_stops_on_ctrl_c(bootstrapped, tmp_path):
                 break
         out = "".join(lines)
         assert "all services serving" in out, out[-3000:]
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc, out
+
+
+def test_up_serves_everything_and_stops_on_ctrl_c(bootstrapped, tmp_path):
+    var = fresh_var(bootstrapped, tmp_path)
+    _, _, data = bootstrapped[1]["fraud"]
+    offset = free_port_offset()
+    proc, out = start_until_serving(var, offset)
+    try:
         for c in [TRAINER, *SERVICES]:
             assert f"gRPC 127.0.0.1:{c.port + offset}" in out
         with grpc.insecure_channel(f"127.0.0.1:{SERVICES[0].port + offset}") as ch:
@@ -99,21 +110,8 @@ def test_up_scaled_runs_two_of_everything_on_redis_and_stops_on_ctrl_c(bootstrap
     var = fresh_var(bootstrapped, tmp_path)
     _, _, data = bootstrapped[1]["fraud"]
     offset = free_port_offset(replicas=2)
-    proc = subprocess.Popen([sys.executable, "-m", "ops.up", "--var", str(var), "--port-offset", str(offset),
-                             "--replicas", "2", "--redis"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
+    proc, out = start_until_serving(var, offset, "--replicas", "2", "--redis", timeout_s=240)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.strip() == "all services serving":
-                break
-        out = "".join(lines)
-        assert "all services serving" in out, out[-3000:]
         assert f"redis://127.0.0.1:{REDIS_PORT + offset}/0" in out
         for c in [TRAINER, *SERVICES]:
             for i in range(2):
