@@ -379,7 +379,9 @@ def choose_tau(purchases_by_day, n_items: int, lo: int, hi: int, grid: list[floa
 
 
 # ------------------------------------------------------------------------------ main
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, text_encoder: tuple[Path, float] | None = None) -> int:
+    """text_encoder: (path, parity) of an encoder export_text_encoder already wrote (tests share
+    one export per session), instead of exporting it again (~20 s of CPU)."""
     ap = argparse.ArgumentParser(prog="python -m bench.eval_recommender", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--days", type=int, default=30, help="evaluation window: the last N days")
@@ -463,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
              f"day(s) held out")
     entry = bootstrap_recommender(registry, tmp / "trainer", epochs=args.bootstrap_epochs, limit=int(bounds[w0]),
                                   show_progress=False, model=model, holdout_days=args.holdout_days,
-                                  text_encoder=export_text_encoder(tmp / "text-encoder.onnx"), config=config)
+                                  text_encoder=text_encoder or export_text_encoder(tmp / "text-encoder.onnx"),
+                                  config=config)
     bootstrap_s = time.time() - t
     progress(f"bootstrap: version {entry['version']} in {bootstrap_s:.0f} s; gate window {entry.get('window_rows')}")
     learner = Learner(model, registry, tmp / "trainer", config)

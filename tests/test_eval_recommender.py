@@ -10,6 +10,7 @@ import pytest
 
 from bench.eval_recommender import (BASELINES, METHODS, Purchases, TifuKnn, buy_again_days, buy_again_recency, fill,
                                     main, popularity_order, tifu_vector, top_from_scores)
+from tests.recommender_fixtures import exported_text_encoder
 
 
 def test_buy_again_counts_distinct_days_not_lines():
@@ -99,7 +100,8 @@ def test_the_eval_on_a_small_ta_feng_slice(tmp_path):
     the model served from the registry's versions; every method on the same pairs."""
     out = tmp_path / "eval.json"
     assert main(["--lines", "40000", "--days", "2", "--max-customers", "40", "--bootstrap-epochs", "1",
-                 "--resamples", "200", "--tau-grid", "7,30", "--out", str(out)]) == 0
+                 "--resamples", "200", "--tau-grid", "7,30", "--out", str(out)],
+                text_encoder=exported_text_encoder()) == 0
     r = json.loads(out.read_text())
     res = r["results"]
     assert set(r["protocol"]["customers_per_day"]) == {40}
