@@ -317,16 +317,16 @@ class PricingService(DomainService[pricing_pb2.QuoteRequest, pricing_pb2.QuoteRe
     def _explore(self, grid: np.ndarray, greedy: int, unit_value: np.ndarray, samples: np.ndarray
                  ) -> tuple[int, str | None]:
         """An exploratory candidate (index into grid) other than the greedy price, and its step
-        kind ("local" or "wide"); (greedy, None) when no other price is reachable."""
+        kind ("local", "wide" or "uniform"); (greedy, None) when no other price is reachable."""
         other = grid != grid[greedy]  # the reference may duplicate a grid price: compare prices
         if not other.any():
             return greedy, None
-        if self.wide_step_share > 0 and self.rng.random() < self.wide_step_share:
-            if self.uniform_step_share > 0 and self.rng.random() < self.uniform_step_share:
-                return int(self.rng.choice(np.flatnonzero(other))), "uniform"
-            sampled_value = unit_value * samples[self.rng.integers(len(samples))]
-            return int(np.argmax(np.where(other, sampled_value, -np.inf))), "wide"
+        wide = self.wide_step_share > 0 and self.rng.random() < self.wide_step_share
+        if wide and self.uniform_step_share > 0 and self.rng.random() < self.uniform_step_share:
+            return int(self.rng.choice(np.flatnonzero(other))), "uniform"
         sampled_value = unit_value * samples[self.rng.integers(len(samples))]
+        if wide:
+            return int(np.argmax(np.where(other, sampled_value, -np.inf))), "wide"
         reach = other & (np.abs(grid - grid[greedy]) <= self.max_step * grid[greedy] + 1e-12)
         if not reach.any():
             return greedy, None
