@@ -13,6 +13,7 @@ import grpc
 
 from ops.ports import free_port
 from ops.redis_server import RedisServer
+from shared.channels import normalize_target
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,8 +138,7 @@ class ScaledFraudLoop:
 
     def fraud_target(self, replicas: int | None = None) -> str:
         """The first `replicas` (default all) fraud replicas as one gRPC target."""
-        ports = self.fraud_ports[:replicas]
-        return f"127.0.0.1:{ports[0]}" if len(ports) == 1 else "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
+        return normalize_target(",".join(f"127.0.0.1:{p}" for p in self.fraud_ports[:replicas]))
 
     def start(self, timeout: float = 900.0) -> "ScaledFraudLoop":
         """The redis-server first (its port is chosen when it starts), then the trainers (the lease

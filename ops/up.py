@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ops.procs import ROOT, wait_serving
 from ops.redis_server import RedisServer
+from shared.channels import normalize_target
 from shared.settings import ENV_PREFIX
 
 
@@ -159,8 +160,7 @@ class Suite:
 
     def target(self, c: Component) -> str:
         """The gRPC target of every replica of c (one address when there is one)."""
-        addresses = [f"127.0.0.1:{self.port(c, i.index)}" for i in self.instances(c)]
-        return addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
+        return normalize_target(",".join(f"127.0.0.1:{self.port(c, i.index)}" for i in self.instances(c)))
 
     def args(self, c: Component, index: int = 0) -> list[str]:
         common = ["--host", self.host, "--port", str(self.port(c, index)), "--registry-dir", str(self.var / "registry"),

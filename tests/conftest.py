@@ -2,13 +2,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from ops.ports import free_port  # noqa: F401  (the tests import it from here)
 from shared.registry import ModelRegistry
 from shared.runtime.signature import signature_of_onnx
 from tests import onnx_models
@@ -58,12 +58,6 @@ def registry(tmp_path: Path) -> ModelRegistry:
 @pytest.fixture
 def linear_signature(model_files):
     return signature_of_onnx(model_files["v_a"])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _openssl(*args, cwd):
