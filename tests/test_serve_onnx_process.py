@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,31 @@ def start(args, env=None):
     return subprocess.Popen([sys.executable, "-m", "shared.serve_onnx", *args, "--log-format", "text"],
                             cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+class Output:
+    """Reads a process's merged output on a thread, so a test can wait for a line to appear."""
+
+    def __init__(self, proc):
+        self.text = ""
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream):
+        for line in stream:
+            with self._cond:
+                self.text += line
+                self._cond.notify_all()
+
+    def wait_count(self, needle, n, timeout=60.0):
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.text.count(needle) >= n, timeout):
+                raise AssertionError(f"{needle!r} not seen {n} times:\n{self.text[-3000:]}")
+
+    def finish(self):
+        self._thread.join(timeout=20)
+        return self.text
 
 
 def wait_ready(channel, timeout=30.0):
@@ -74,7 +100,10 @@ def test_two_workers_share_the_port(model_files):
     port = free_port()
     proc = start(["--onnx", str(model_files["v_a"]), "--name", "linear", "--port", str(port), "--workers", "2",
                   "--metrics-port", "0"])
+    output = Output(proc)
     try:
+        # A worker still importing when SIGTERM comes dies without a word, so wait for both to serve.
+        output.wait_count("listening on", 2)
         for _ in range(6):  # separate connections are spread over the workers by the kernel
             with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
                 stub = wait_ready(ch)
@@ -82,7 +111,13 @@ def test_two_workers_share_the_port(model_files):
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) == 2
     finally:
-        code, out = stop(proc)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("did not stop on SIGTERM:\n" + output.finish()[-3000:])
+    out = output.finish()
     assert code == 0, out[-3000:]
     assert out.count("stopped") == 2
 

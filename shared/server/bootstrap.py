@@ -246,7 +246,10 @@ def _supervise(settings: ServerSettings) -> int:
         children.append(subprocess.Popen(base + extra, env=env))
     log.info("started %d workers on port %d: pids %s", len(children), settings.port, [c.pid for c in children])
 
+    relayed: set[int] = set()
+
     def relay(signum, _frame):
+        relayed.add(signum)
         for c in children:
             if c.poll() is None:
                 c.send_signal(signum)
@@ -254,4 +257,8 @@ def _supervise(settings: ServerSettings) -> int:
     signal.signal(signal.SIGTERM, relay)
     signal.signal(signal.SIGINT, relay)
     codes = [c.wait() for c in children]
-    return max(codes, default=0)
+    # A worker killed by a signal has a negative code, which max() would hide behind a clean 0.
+    # One killed by the very signal we relayed (it came while the worker was still importing,
+    # before its handler existed) did stop as asked.
+    failed = [128 - c if c < 0 else c for c in codes if c != 0 and -c not in relayed]
+    return max(failed, default=0)
