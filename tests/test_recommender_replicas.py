@@ -49,6 +49,9 @@ def registry(tmp_path_factory):
     return registry
 
 
+CALL_S = 60.0  # far above a Redis client's retries (about 5 s): a hang fails at its own line
+
+
 @contextlib.asynccontextmanager
 async def replicas(tmp_path, registry, redis_url: str, trainer_target: str = ""):
     """Replicas A and B (stubs, services) on one Redis; separate state folders."""
@@ -171,19 +174,21 @@ async def test_redis_unreachable_refuses_ranking_without_history_but_keeps_every
                                                                                       redis_server):
     """Redis down: a Recommend for a user is UNAVAILABLE (never ranked without their history
     silently), an anonymous one is answered, an outcome is still accepted (the label goes to the
-    trainer; only its history update is skipped); Redis back: a retry, not an error."""
+    trainer; only its history update is skipped); Redis back: a retry, not an error. Every call
+    has a deadline: a call that never returned once made this test end at pytest's timeout, with
+    no word of which."""
     async with replicas(tmp_path, registry, redis_server.url) as ((a, _a), (b, _b)):
         request = pb.RecommendRequest(user_id="fay", k=3)
-        served = await a.Recommend(request)
+        served = await a.Recommend(request, timeout=CALL_S)
         redis_server.kill()
         recommend, report, anonymous = await asyncio.gather(
-            a.Recommend(request),
+            a.Recommend(request, timeout=CALL_S),
             b.ReportOutcome(pb.RecommendationOutcome(prediction_id=served.prediction_id, item_id=ids(served)[0],
-                                                     event=pb.EVENT_CLICK)),
-            a.Recommend(pb.RecommendRequest(k=3)), return_exceptions=True)
+                                                     event=pb.EVENT_CLICK), timeout=CALL_S),
+            a.Recommend(pb.RecommendRequest(k=3), timeout=CALL_S), return_exceptions=True)
         assert isinstance(recommend, grpc.aio.AioRpcError) and recommend.code() == grpc.StatusCode.UNAVAILABLE
         assert "history" in recommend.details()
         assert report.accepted == 1 and len(anonymous.items) == 3
         redis_server.start()  # same port and folder: the AOF replayed
-        again = await a.Recommend(request)
+        again = await a.Recommend(request, timeout=CALL_S)
         assert len(again.items) == 3 and again.prediction_id != served.prediction_id
