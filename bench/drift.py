@@ -150,7 +150,7 @@ def run_learner(cfg: Config, X, y, t, overrides: dict[str, Any], label: str, obs
 
     t0 = time.perf_counter()
     N, W, D = len(y), cfg.warmup, cfg.drift_row
-    model = seeded_model(0, reuse_graph=True, **model_kwargs(EvalConfig(), adversarial=False))
+    model = seeded_model(0, **model_kwargs(EvalConfig(), adversarial=False))
     arrival = t + cfg.delay_s
     scores = np.full(N, np.nan, np.float32)
     labels_at = np.zeros(N, np.int64)  # labels delivered when each row was scored

@@ -176,49 +176,15 @@ def model_kwargs(cfg: Config, adversarial: bool) -> dict[str, Any]:
     return kw
 
 
-def seeded_model(run_seed: int, reuse_graph: bool = False, **kw):
+def seeded_model(run_seed: int, **kw):
     """FraudModel whose initial weights and batch order depend on the seed (seed 0 = production).
-
-    reuse_graph: the first export (the bootstrap) runs the production exporter
-    (trainer.export.export_onnx, torch.onnx dynamo, ~1.5-2.5 s on this machine); later exports
-    write the round's weights into that same ONNX graph's initializers (named like the
-    state_dict) and run the same ONNX checker, in ~50 ms. The learner's gate still checks every
-    version's ONNX outputs against PyTorch (parity) and its latency before it is published.
-    """
-    import onnx
+    Its exports are the production ones: after the first, each round's weights go into the
+    kept graph (trainer.export.GraphReuse), checked against PyTorch by the learner's gate."""
     import torch
-    from onnx import numpy_helper
 
-    from trainer.domains.fraud import FraudExport, FraudModel
+    from trainer.domains.fraud import FraudModel
 
     class SeededFraudModel(FraudModel):
-        template: Any = None
-        graph_exports = 0
-        reused_exports = 0
-
-        def export(self, net, path):
-            if not reuse_graph or self.template is None:
-                out = super().export(net, path)
-                self.graph_exports += 1
-                if reuse_graph:
-                    model = onnx.load(str(out[0]))
-                    names = {i.name: tuple(i.dims) for i in model.graph.initializer}
-                    state = FraudExport(net).state_dict()
-                    if all(names.get(k) == tuple(v.shape) for k, v in state.items()):
-                        self.template = model
-                return out
-            module = FraudExport(net).eval()
-            model = onnx.ModelProto()
-            model.CopyFrom(self.template)
-            state = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
-            for init in model.graph.initializer:
-                if init.name in state:
-                    init.CopyFrom(numpy_helper.from_array(state[init.name].astype(np.float32), init.name))
-            onnx.save(model, str(path))
-            onnx.checker.check_model(str(path), full_check=True)
-            self.reused_exports += 1
-            return Path(path), module
-
         def new_network(self, bootstrap_X):
             net = super().new_network(bootstrap_X)
             if run_seed:
@@ -244,7 +210,7 @@ def ort_session(path: Path):
 
 
 # --------------------------------------------------------------------------------------- (a) incremental
-def run_incremental(cfg: Config, seed: int, adversarial: bool = False, reuse_graph: bool = True) -> dict[str, Any]:
+def run_incremental(cfg: Config, seed: int, adversarial: bool = False) -> dict[str, Any]:
     import torch
 
     from shared.registry import ModelRegistry
@@ -257,7 +223,10 @@ def run_incremental(cfg: Config, seed: int, adversarial: bool = False, reuse_gra
     d = load(cfg)
     X, y, t = d.X, d.y, d.t
     N, W = len(y), cfg.warmup
-    model = seeded_model(seed, reuse_graph, **model_kwargs(cfg, adversarial))
+    from trainer.export import GRAPHS
+
+    exports = (GRAPHS.exported, GRAPHS.reused)
+    model = seeded_model(seed, **model_kwargs(cfg, adversarial))
     arrival = t + cfg.delay_s
     scores = np.full(N, np.nan, np.float32)
     versions: list[dict[str, Any]] = []
@@ -322,7 +291,7 @@ def run_incremental(cfg: Config, seed: int, adversarial: bool = False, reuse_gra
                       "mean_round_seconds": round(float(np.mean([r["seconds"] for r in rounds])), 3) if rounds else None,
                       "refused_reasons_sample": refused_reasons},
            "config": {k: getattr(model, k, None) for k in ("adv_epsilon", "adv_share", "adv_method", "adv_steps")},
-           "exports": {"production_exporter": model.graph_exports, "weights_into_bootstrap_graph": model.reused_exports}}
+           "exports": {"production_exporter": GRAPHS.exported - exports[0], "weights_into_kept_graph": GRAPHS.reused - exports[1]}}
     # robustness: attack every scored fraud with the version that scored it
     api = adversarial_api()
     if api is not None:

@@ -12,12 +12,16 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
+
+import threading
+from collections import OrderedDict
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import numpy_helper
 
 log = logging.getLogger(__name__)
 OPSET = 18
@@ -55,6 +59,145 @@ def declare_input_ranges(path: str | os.PathLike[str], ranges: Mapping[str, tupl
     return path
 
 
+# compare(ONNX Runtime's outputs, PyTorch's) -> a difference (0 = the same)
+Compare = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], float]
+
+
+class GraphReuse:
+    """Translated graphs kept in this process, optimized again with a module's current weights.
+
+    A learner exports the same network every round; only its weights change. torch.onnx's
+    dynamo exporter traces and translates the whole module each time (2-6 s of CPU per graph on
+    two cores, the largest cost of a round). So the translated graph is kept *before* the
+    exporter's optimizer runs, keyed by everything that decides it (the module's class, the
+    names, shapes and dtypes of its parameters and buffers, the example inputs' shapes and
+    dtypes, the dynamic axes, the input and output names, the opset); a later export with the
+    same key copies it, puts the current weights into its initializers (named like the
+    state_dict) and runs the same optimizer. The optimizer folds whatever depends on weights
+    only (pricing's posterior tables, the recommender's pooling weights), so it has to run
+    after the weights are in, never before.
+
+    The translated graph holds each parameter and buffer the forward uses as an initializer of
+    its own (one it does not use is absent). A reused graph must match the module on the
+    example inputs (compare, within REUSE_TOL) before it is written: a forward that bakes in a
+    plain Python attribute that has changed would not; then it is exported afresh and its key
+    is never reused again. The learner's gate checks parity on real rows as for any export."""
+
+    REUSE_TOL = 1e-5
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self._graphs: OrderedDict[tuple, bytes] = OrderedDict()  # key -> the translated ModelProto
+        self._refused: set[tuple] = set()
+        self._lock = threading.Lock()
+        self.reused = 0
+        self.exported = 0
+
+    @staticmethod
+    def key(module: torch.nn.Module, example: Sequence[torch.Tensor], input_names: Sequence[str],
+            output_names: Sequence[str], dynamic_shapes: Mapping[str, Mapping[int, object]]) -> tuple:
+        def dim(d: object) -> tuple:
+            return (getattr(d, "__name__", str(d)), getattr(d, "min", None), getattr(d, "max", None))
+
+        return (type(module).__module__, type(module).__qualname__,
+                tuple((k, tuple(v.shape), str(v.dtype)) if isinstance(v, torch.Tensor) else (k, repr(v))
+                      for k, v in module.state_dict().items()),
+                tuple((tuple(t.shape), str(t.dtype)) for t in example), tuple(input_names), tuple(output_names),
+                tuple(sorted((name, tuple(sorted((a, dim(d)) for a, d in axes.items())))
+                             for name, axes in dynamic_shapes.items())), OPSET)
+
+    def write(self, key: tuple, module: torch.nn.Module, example: Sequence[torch.Tensor],
+              input_names: Sequence[str], path: Path, compare: Compare | None = None) -> bool:
+        """Write the kept graph of key, with module's weights and optimized, to path; False when
+        there is none (or the result does not match the module: then the key is never reused)."""
+        import onnx_ir as ir
+
+        with self._lock:
+            kept = self._graphs.get(key)
+            if kept is not None:
+                self._graphs.move_to_end(key)
+        if kept is None:
+            return False
+        proto = onnx.ModelProto.FromString(kept)
+        state = _tensors(module)
+        for init in proto.graph.initializer:
+            if init.name in state:
+                init.CopyFrom(numpy_helper.from_array(state[init.name].reshape(tuple(init.dims)), init.name))
+        _optimize_and_save(torch.onnx.ONNXProgram(ir.serde.deserialize_model(proto), None), path)
+        feeds = {name: t.detach().cpu().numpy() for name, t in zip(input_names, example)}
+        diff = parity(module, path, feeds, threads=1, compare=compare)
+        if diff <= self.REUSE_TOL:
+            self.reused += 1
+            return True
+        log.warning("export: the kept graph of %s differs from the module by %.2e with its new weights; "
+                    "exported afresh, and not reused again", type(module).__qualname__, diff)
+        with self._lock:
+            self._graphs.pop(key, None)
+            self._refused.add(key)
+        return False
+
+    def keep(self, key: tuple, module: torch.nn.Module, translated: onnx.ModelProto) -> None:
+        """Keep a translated (not yet optimized) graph, unless one of its initializers named like a
+        parameter or buffer does not have that tensor's size and dtype."""
+        self.exported += 1
+        with self._lock:
+            if key in self._refused:
+                return
+        inits = {i.name: (int(np.prod(i.dims)), i.data_type) for i in translated.graph.initializer}
+        for name, value in _tensors(module).items():
+            # absent: a tensor the forward does not use (the pricing prior, used in training only);
+            # a one-element tensor may be a scalar initializer: same values, written in its shape
+            if name in inits and inits[name] != (value.size, onnx.helper.np_dtype_to_tensor_dtype(value.dtype)):
+                log.info("export: %s's graph is not reused (its initializer %s is not that tensor)",
+                         type(module).__qualname__, name)
+                with self._lock:
+                    self._refused.add(key)
+                return
+        with self._lock:
+            self._graphs[key] = translated.SerializeToString()
+            self._graphs.move_to_end(key)
+            while len(self._graphs) > self.capacity:
+                self._graphs.popitem(last=False)
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The module's parameters and buffers by state_dict name (extra state, not a tensor, is
+    part of GraphReuse's key instead)."""
+    return {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in module.state_dict().items()
+            if isinstance(v, torch.Tensor)}
+
+
+GRAPHS = GraphReuse()
+
+
+def torch_to_onnx(module: torch.nn.Module, example: Sequence[torch.Tensor], input_names: Sequence[str],
+                  output_names: Sequence[str], path: str | os.PathLike[str],
+                  dynamic_shapes: Mapping[str, Mapping[int, object]], reuse: GraphReuse | None = GRAPHS,
+                  compare: Compare | None = None) -> Path:
+    """torch.onnx.export (dynamo, OPSET, optimized, weights inside the file), or the kept graph
+    of an earlier export of the same network with this module's weights (GraphReuse; compare:
+    how its outputs are checked against the module's, default the largest absolute difference)."""
+    path = Path(path)
+    module = module.eval()
+    key = reuse.key(module, example, input_names, output_names, dynamic_shapes) if reuse is not None else None
+    if reuse is not None and reuse.write(key, module, example, input_names, path, compare):
+        return path
+    with torch.no_grad():
+        program = torch.onnx.export(module, tuple(example), None, input_names=list(input_names),
+                                    output_names=list(output_names), dynamic_shapes=dict(dynamic_shapes),
+                                    dynamo=True, opset_version=OPSET, optimize=False, verbose=False)
+    if reuse is not None:
+        reuse.keep(key, module, program.model_proto)
+    _optimize_and_save(program, path)
+    return path
+
+
+def _optimize_and_save(program: "torch.onnx.ONNXProgram", path: Path) -> None:
+    """What torch.onnx.export(optimize=True, f=path, external_data=False) does after translating."""
+    program.optimize()
+    program.save(str(path), external_data=False)
+
+
 def export_onnx(module: torch.nn.Module, inputs: Mapping[str, tuple[int, ...]], output_names: Sequence[str],
                 path: str | os.PathLike[str], *, example: Sequence[torch.Tensor] | None = None,
                 dynamic: Mapping[str, Mapping[int, str]] | None = None,
@@ -73,25 +216,30 @@ def export_onnx(module: torch.nn.Module, inputs: Mapping[str, tuple[int, ...]], 
     for name, axes in (dynamic or {}).items():
         for axis, dim_name in axes.items():
             shapes[name][axis] = torch.export.Dim(dim_name, min=1, max=1 << 16)
-    with torch.no_grad():
-        torch.onnx.export(module, tuple(example), str(path), input_names=list(inputs), output_names=list(output_names),
-                          dynamic_shapes=shapes, dynamo=True, opset_version=OPSET,
-                          external_data=False, verbose=False)
+    torch_to_onnx(module, tuple(example), list(inputs), list(output_names), path, shapes)
     if ranges:
         declare_input_ranges(path, ranges)
     onnx.checker.check_model(str(path), full_check=True)
     return path
 
 
-def parity(module: torch.nn.Module, path: str | os.PathLike[str], feeds: Mapping[str, np.ndarray]) -> float:
-    """Largest absolute difference between ONNX Runtime's and PyTorch's outputs on feeds."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def max_abs_difference(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> float:
+    return max((float(np.max(np.abs(g - w))) if g.size else 0.0 for g, w in zip(got, want)), default=0.0)
+
+
+def parity(module: torch.nn.Module, path: str | os.PathLike[str], feeds: Mapping[str, np.ndarray],
+           threads: int = 0, compare: Compare | None = None) -> float:
+    """How far ONNX Runtime's outputs on feeds are from PyTorch's: compare(got, want), by default
+    the largest absolute difference (threads: ONNX Runtime's intra-op threads, 0 = its default)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     got = session.run(None, dict(feeds))
     with torch.no_grad():
         want = module.eval()(*(torch.from_numpy(np.asarray(v)) for v in feeds.values()))
     if isinstance(want, torch.Tensor):
         want = (want,)
-    return max(float(np.max(np.abs(g - w.numpy()))) if g.size else 0.0 for g, w in zip(got, want))
+    return (compare or max_abs_difference)(got, [w.numpy() for w in want])
 
 
 def batch1_latency_ms(path: str | os.PathLike[str], feeds: Mapping[str, np.ndarray], runs: int = 200,

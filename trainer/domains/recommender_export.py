@@ -13,7 +13,7 @@ from torch import nn
 
 from trainer.domains.recommender_data import DEVICES, HISTORY_LEN, PAGES
 from trainer.domains.recommender_net import ItemTowerExport, RecoDims, RecoNet, ScoringExport
-from trainer.export import declare_input_ranges
+from trainer.export import declare_input_ranges, torch_to_onnx
 
 ITEM_TOWER_FILE = "item_tower.onnx"
 
@@ -51,7 +51,7 @@ def export_onnx(model, net: RecoNet, path):
     _export(scoring, example, ["items", "score", "click", "purchase"], path,
             {"user": {0: "batch"}, "history": {0: "batch"}, "context": {0: "batch"}, "k": {0: "batch"},
              "restrict": {0: "batch", 1: "restrict"}, "exclude": {0: "batch", 1: "exclude"},
-             "item_vectors": {0: "catalog"}})
+             "item_vectors": {0: "catalog"}}, compare=scoring_parity)
     declare_input_ranges(path, scoring_input_ranges(net))
     model._exported.update({"catalog": catalog, "tower_parity": tower_diff, "folder": path.parent,
                            "signature": signature_of_onnx(path)})
@@ -60,7 +60,7 @@ def export_onnx(model, net: RecoNet, path):
 
 # ---- export helpers ----
 def _export(module: nn.Module, example: dict[str, torch.Tensor], outputs: list[str], path: Path,
-            dynamic: dict[str, dict[int, str]]) -> Path:
+            dynamic: dict[str, dict[int, str]], compare=None) -> Path:
     import warnings
 
     import onnx
@@ -75,9 +75,8 @@ def _export(module: nn.Module, example: dict[str, torch.Tensor], outputs: list[s
             shapes[name][axis] = dims[dim_name]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
-        torch.onnx.export(module, tuple(example.values()), str(path), input_names=list(example), output_names=outputs,
-                          dynamic_shapes={k: shapes.get(k, {}) for k in example}, dynamo=True, opset_version=18,
-                          external_data=False, verbose=False)
+        torch_to_onnx(module, tuple(example.values()), list(example), outputs, path,
+                      {k: shapes.get(k, {}) for k in example}, compare=compare)
     onnx.checker.check_model(str(path), full_check=True)
     return path
 
