@@ -1,6 +1,6 @@
 """Safe continuous delivery (issue 12): the gate, canary decisions, drift recovery, bytes kept.
 
-    python -m bench.delivery [--full] [--rows N --drift-row N] [--log-hours 1.25] [--skip gate,canary,...]
+    python -m bench.delivery [--full] [--rows N --drift-row N] [--log-hours 2] [--skip gate,canary,...]
 
 Every part goes through the production path. The default is scaled down so the whole bench
 runs in `make bench` (measured: 48-53 minutes on 2 cores shared with other work, load 9-15; the
@@ -656,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise", type=float, default=1.0,
                     help="(b): noise added to the bad candidate's weight matrices, x each matrix's std")
     ap.add_argument("--demo-s", type=float, default=15.0, help="(d): seconds of ops.up --demo traffic")
-    ap.add_argument("--log-hours", type=float, default=1.25, help="(e): hours of record time at 200 events/s")
+    ap.add_argument("--log-hours", type=float, default=2.0,
+                    help="(e): hours of record time at 200 events/s (the recommender keeps an hour of labels: retention levels the disk off after it, and the second hour shows it flat)")
     ap.add_argument("--skip", default="", help=f"comma list of parts to skip: {','.join(PARTS)} (a skipped part keeps "
                                                 "its last results in --out, marked with their date)")
     ap.add_argument("--out", type=Path, default=RESULTS)
