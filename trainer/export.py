@@ -1,5 +1,8 @@
 """Export a PyTorch module to ONNX (dynamic batch axis), check it, and compare it with PyTorch.
 
+Every export goes through torch_to_onnx: the first of a network traces it (torch.onnx, dynamo);
+the learner's later rounds reuse that translation with their own weights (GraphReuse).
+
 When the `tensorrt` package imports (the GPU image), a TensorRT engine is also built
 beside the ONNX file; otherwise one clear line says it was skipped. Services on a GPU
 build their own engines through ONNX Runtime's TensorRT provider (with a per-version
