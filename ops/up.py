@@ -236,18 +236,26 @@ class Suite:
 
     def stop(self) -> int:
         failed = 0
-        # services first (they flush to the trainers), the trainers, then the redis-server they write to
-        for i in [*(i for c in SERVICES for i in self.instances(c)), *self.instances(TRAINER)]:
-            p = self.procs.get(i.name)
-            if p is None or p.poll() is not None:
-                failed |= bool(p is not None and p.returncode not in (0, -signal.SIGTERM))
-                continue
-            p.send_signal(signal.SIGTERM)
-            try:
-                failed |= p.wait(timeout=60) != 0
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                failed = 1
+        # services first, one at a time (they flush to the trainers); then every trainer at once (a
+        # trainer stopped alone hands its learner leases to a standby that is about to stop too: a
+        # takeover in the middle of the shutdown, seen to leave the standby stuck); then the
+        # redis-server they write to
+        groups = [[i] for c in SERVICES for i in self.instances(c)] + [list(self.instances(TRAINER))]
+        for group in groups:
+            signalled = []
+            for i in group:
+                p = self.procs.get(i.name)
+                if p is None or p.poll() is not None:
+                    failed |= bool(p is not None and p.returncode not in (0, -signal.SIGTERM))
+                    continue
+                p.send_signal(signal.SIGTERM)
+                signalled.append(p)
+            for p in signalled:
+                try:
+                    failed |= p.wait(timeout=60) != 0
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    failed = 1
         if self.redis_server is not None:
             self.redis_server.stop()
         return failed
