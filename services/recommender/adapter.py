@@ -45,7 +45,7 @@ from protos.recommender.v1 import recommender_pb2 as pb
 from services.recommender.catalog import Catalog, CatalogSnapshot
 from services.recommender.catalog_records import MAX_DEPARTMENT_CHARS, read_jsonl
 from services.recommender.catalog_updates import CATALOG_ITEMS, CatalogUpdates
-from services.recommender.contract import bucket, check_manifest, check_outputs, padded
+from services.recommender.contract import bucket, padded
 from services.recommender.history import RecentPredictions, UserHistory
 from services.recommender.item_index import VersionItems
 from services.recommender.redis_state import RedisOnlineState
