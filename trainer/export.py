@@ -31,6 +31,10 @@ OPSET = 18
 # The exporter warns once per torchvision operator it cannot register (torchvision is not a
 # dependency here); those lines say nothing about our models.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+# The graph optimizer (ONNXProgram.optimize, run on every export, reused graphs included) logs
+# each pass and each folded constant at INFO: ~30 lines per round in the trainer's log.
+for _name in ("onnxscript", "onnx_ir"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def declare_input_ranges(path: str | os.PathLike[str], ranges: Mapping[str, tuple[int, int]]) -> Path:
