@@ -200,7 +200,7 @@ def test_only_a_challenger_better_with_confidence_is_published():
     pr = ev["metrics"]["pr_auc"]
     assert decision == "published" and reasons == [] and pr["interval"][0] > 0, pr
     # a bar above the gain it shows defers it (the interval's lower end is the evidence, not the point)
-    high = fast(min_gain=pr["interval"][0] + 0.01)
+    high = fast(min_gain=pr["publish_interval"][0] + 0.01)
     decision, reasons, _ = gate.decide(spec(), y, weak, p, high, seed=1)
     assert decision == "deferred" and "not better with confidence yet" in reasons[0]
     # a gain on two frauds only is not evidence enough: deferred; a negative bar (not worse than 2 %
@@ -216,6 +216,35 @@ def test_only_a_challenger_better_with_confidence_is_published():
     for bad in (-1.0, 1.0):
         with pytest.raises(ValueError):
             fast(min_gain=bad).validate()
+
+
+def test_the_must_beat_bar_reads_the_wider_publish_interval_and_the_refusal_the_narrower():
+    y, p = synthetic()
+    fast = functools.partial(gate.GateRule, resamples=200)
+    assert fast().publish_confidence == 0.99 and fast().confidence == 0.95
+    # a champion that lost k frauds' scores: the smallest k whose gain the 95 % interval shows
+    # but the 99 % one does not is deferred by default, published when the bar reads 95 %
+    for k in range(2, 16):
+        champion = p.copy()
+        champion[np.flatnonzero(y > 0.5)[:k]] = 0.02
+        _, _, ev = gate.decide(spec(), y, champion, p, fast(), seed=1)
+        pr = ev["metrics"]["pr_auc"]
+        if pr["interval"][0] > 0 >= pr["publish_interval"][0]:
+            break
+    else:
+        pytest.fail("no challenger between the two intervals' bars")
+    assert pr["publish_interval"][0] <= pr["interval"][0] <= pr["interval"][1] <= pr["publish_interval"][1]
+    decision, reasons, ev = gate.decide(spec(), y, champion, p, fast(), seed=1)
+    assert decision == "deferred" and "99% interval" in reasons[0] and ev["publish_confidence"] == 0.99
+    for same in (0.95, None):  # None: the bar reads the refusal's interval
+        assert gate.decide(spec(), y, champion, p, fast(publish_confidence=same), seed=1)[0] == "published"
+    # the refusal keeps reading the 95 % interval
+    worse = np.where(y > 0.5, p * 0.3, p).astype(np.float32)
+    decision, reasons, _ = gate.decide(spec(), y, p, worse, fast(), seed=1)
+    assert decision == "refused" and "95% interval" in reasons[0]
+    for bad in (0.5, 1.0):
+        with pytest.raises(ValueError):
+            fast(publish_confidence=bad).validate()
 
 
 def test_a_clearly_worse_challenger_is_refused_and_a_slightly_different_one_is_not():

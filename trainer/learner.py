@@ -164,6 +164,8 @@ class LearnerConfig:
     # (relative; 0 = better than the champion with confidence; None = no such bar). A tie published
     # is worse than the champion on the next window half the time (bench/delivery.py)
     gate_min_gain: float | None = 0.0
+    # the confidence of the interval that bar reads (trainer/gate.py GateRule.publish_confidence)
+    gate_publish_confidence: float = 0.99
     parity_tol: float = 1e-4
     latency_budget_ms: float = 5.0
     drift_cadence_factor: float = 0.25  # while drift lasts, rounds start after this share of min_events
@@ -513,7 +515,8 @@ class Learner:
         c = self.config
         min_gain = c.drift_gate_min_gain if adapting and c.drift_gate_min_gain is not None else c.gate_min_gain
         return GateRule(resamples=c.gate_resamples, confidence=c.gate_confidence, margin=c.gate_margin,
-                        publish_margin=c.gate_publish_margin, min_gain=min_gain)
+                        publish_margin=c.gate_publish_margin, min_gain=min_gain,
+                        publish_confidence=c.gate_publish_confidence)
 
     def _min_positives(self, in_drift: int | None = None) -> int:
         spec: GateSpec = self.model.gate_spec()

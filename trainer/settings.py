@@ -55,6 +55,9 @@ class CoreTrainerSettings(ServerSettings):
     gate_min_gain: float = setting(0.0, "gate: publish only a challenger whose interval of its main metric lies above "
                                    "this relative difference (0 = better than the champion with confidence; -0.02 = "
                                    "not worse than 2 % with confidence; -1 = off); otherwise deferred, learning goes on")
+    gate_publish_confidence: float = setting(0.99, "gate: confidence of the interval the must-beat bar reads (a "
+                                             "deferred challenger is judged again every round, so its bar is "
+                                             "stricter than the refusal's gate_confidence)")
     gate_must_beat: str = setting("fraud", "gate: domains held to gate_min_gain (comma-separated); the others publish "
                                   "unless worse with confidence or behind on the point estimate. Fraud's window holds "
                                   ">= 30 frauds and can show a gain; the recommender's 200 rows could not (22 of 30 "
@@ -170,7 +173,7 @@ class CoreTrainerSettings(ServerSettings):
                              gate_min_positives=parse_per_domain(self.gate_min_positives, "gate_min_positives").get(domain),
                              gate_min_rows=parse_per_domain(self.gate_min_rows, "gate_min_rows").get(domain),
                              gate_resamples=self.gate_resamples, gate_confidence=self.gate_confidence,
-                             gate_margin=self.gate_margin,
+                             gate_margin=self.gate_margin, gate_publish_confidence=self.gate_publish_confidence,
                              gate_min_gain=self.min_gain_for(domain),
                              delivery=self.delivery,
                              canary_mode=self.canary_config(domain).mode, canary_share=self.canary_share)
@@ -214,7 +217,8 @@ class CoreTrainerSettings(ServerSettings):
             parse_per_domain(self.gate_min_positives, "gate_min_positives")
             parse_per_domain(self.gate_min_rows, "gate_min_rows")
             GateRule(self.gate_resamples, self.gate_confidence, self.gate_margin,
-                     min_gain=None if self.gate_min_gain <= -1 else self.gate_min_gain).validate()
+                     min_gain=None if self.gate_min_gain <= -1 else self.gate_min_gain,
+                     publish_confidence=self.gate_publish_confidence).validate()
             if self.gate_margin < 0:
                 raise ValueError("gate_margin must be >= 0 (a negative margin refuses every candidate not better)")
         except ValueError as e:
