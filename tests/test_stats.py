@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 from bench import stats
 from bench.eval_fraud import SortedScores, ap_from_group_stats, bootstrap_counts, paired_bootstrap as fraud_bootstrap
@@ -19,6 +18,17 @@ from trainer.domains import fraud
 from trainer.domains.recommender import ranking_metrics
 from trainer.gate import (GateRule, average_precision_fn, compare, mean_metric, recall_at_fpr_fn,
                           stratified_weights)
+
+
+def average_precision_score(*args, **kwargs):
+    # imported when used: sklearn.metrics costs every xdist worker a second at collection
+    from sklearn.metrics import average_precision_score as reference
+    return reference(*args, **kwargs)
+
+
+def roc_auc_score(*args, **kwargs):
+    from sklearn.metrics import roc_auc_score as reference
+    return reference(*args, **kwargs)
 
 
 def scored(n: int, seed: int, ties: bool) -> tuple[np.ndarray, np.ndarray]:
