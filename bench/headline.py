@@ -154,8 +154,9 @@ def delivery(d: dict) -> list[Row]:
     failed = sum(c["failed_requests"] for c in canary)
     requests = sum(c["requests"] for c in canary)
     return [
-        Row("gate: published candidates worse than the champion they replaced, judged on later labels",
-            f"{100 * g['worse_share']:.1f} %", f"<= {100 * g['target_worse_share']:.0f} % "
+        Row(f"gate: published candidates worse ({g['metric']}) than the champion they replaced, judged on later "
+            "labels", f"{g['worse_on_later_window']} of {g['published_judged_on_later_window']} "
+            f"({100 * g['worse_share']:.1f} %)", f"<= {100 * g['target_worse_share']:.0f} % "
             f"({_met(g['worse_share'] <= g['target_worse_share'])})", _date(d), "delivery"),
         Row("canary rollback and promotion under c=32: failed requests",
             f"{failed} of {_n(requests)}", f"0 ({_met(failed == 0)})", _date(d), "delivery"),
