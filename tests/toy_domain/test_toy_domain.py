@@ -95,12 +95,17 @@ def test_the_toy_domain_serves_logs_joins_learns_publishes_and_reloads(tmp_path:
         X, y = draw(POINTS, seed=2, w=W_LIVE)  # the live world: the 4th number now matters
         with grpc.insecure_channel(f"127.0.0.1:{toy_port}") as channel:
             stub = toy_pb2_grpc.ToyStub(channel)
+            served = []
             for x, label in zip(X, y):
                 resp = stub.Score(toy_pb2.ScoreRequest(x=x.tolist()), timeout=10)
-                assert resp.model.version == first and 0.0 <= resp.probability <= 1.0
+                assert 0.0 <= resp.probability <= 1.0
+                served.append(int(resp.model.version))
                 ack = stub.ReportOutcome(toy_pb2.ToyOutcome(prediction_id=resp.prediction_id, positive=bool(label)),
                                          timeout=10)
                 assert ack.accepted == 1
+            # version 1 first; a round that starts after ROUND_LABELS labels may publish (and the
+            # service reload) before the last points are sent: versions only ever move forward
+            assert served[0] == int(first) and served == sorted(served), served
             with pytest.raises(grpc.RpcError) as refused:  # the template's admission works for it too
                 stub.ReportOutcome(toy_pb2.ToyOutcome(prediction_id="not-issued-here", positive=True), timeout=10)
             assert refused.value.code() == grpc.StatusCode.NOT_FOUND
