@@ -95,8 +95,15 @@ def loop(d: dict) -> list[Row]:
         Row("ingest into the durable event log through the collector (1 and 16 streams, the slower)",
             f"{_n(worst['records_per_s'])} records/s", f">= 20,000 ({_met(worst['records_per_s'] >= 20_000)})",
             _date(d), "loop"),
-        Row("freshness: outcome reported -> served by a version that learned it, p50 / p95",
-            f"{f['freshness_p50_s']} / {f['freshness_p95_s']} s", f"p95 <= 60 s ({_met(f['freshness_p95_s'] <= 60)})",
+        *([Row("freshness: outcome reported -> served by a version whose learner took it in (trained on it, or "
+               "holds it in the gate's window), p50 / p95; the direct path: no must-beat bar, no canary", f"{off['freshness_p50_s']} / {off['freshness_p95_s']} s",
+               f"p95 <= 60 s ({_met(off['freshness_p95_s'] is not None and off['freshness_p95_s'] <= 60)})",
+               _date(d), "loop")] if (off := d.get("freshness_direct")) else []),
+        Row(f"freshness with the trainer's defaults (must-beat on 30 frauds, then shadow until live labels promote): "
+            f"versions published in {f['duration_s']:.0f} s at {f['rate_per_s']:g} transactions/s",
+            f"{f['versions_published'] - 1}" + ("" if f["freshness_p95_s"] is None else
+                                                 f" (p50 / p95 {f['freshness_p50_s']} / {f['freshness_p95_s']} s)"),
+            f"p95 <= 60 s ({_met(f['freshness_p95_s'] is not None and f['freshness_p95_s'] <= 60)})",
             _date(d), "loop"),
     ]
 

@@ -49,7 +49,8 @@ STEPS = [
          "micro-batching on vs off; failed requests and p99 while a new version is published about every second."),
     Step("loop", "Learning loop: ingest and freshness", ("-m", "bench.loop"),
          "Records/s into the durable event log through the real collector; time from an outcome reaching the "
-         "fraud service to the first response from a version that learned it (trainer defaults)."),
+         "fraud service to the first response from a version that learned it, with the trainer's defaults and on "
+         "the direct path (no must-beat bar, no canary: the loop itself)."),
     Step("fraud-serving", "Fraud: ScoreTransaction vs V2 ModelInfer", ("-m", "bench.fraud_serving"),
          "p99 of the domain API against the plain V2 call of the same model in the same process and run (c=32)."),
     Step("recommender-serving", "Recommender: Recommend on a 100k-item catalog", ("-m", "bench.recommender_serving"),
