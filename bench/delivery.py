@@ -556,7 +556,7 @@ def render(rep: dict[str, Any]) -> str:
 
         median = "-" if s["median_relative_difference"] is None else f"{100 * s['median_relative_difference']:+.2f} %"
         s = {**s, "metric": s["metric"] or "the first gate metric"}
-        rule = g.get("rule") or {"confidence": 0.95, "publish_confidence": 0.95, "margin": 0.02}  # runs before the key
+        rule = g["rule"]
         out += ["### (a) Gate decisions on a creditcard replay with an injected drift", "",
                 f"{g['stream']}. Every round of the production Learner (gate: paired bootstrap on the rolling window; "
                 f"published only when it must-beats the champion: the lower end of the {100 * rule['publish_confidence']:g} % "
@@ -578,7 +578,7 @@ def render(rep: dict[str, Any]) -> str:
                 f"{s['published_judged_on_later_window']} | {s['worse_on_later_window']} ({pct(s['worse_share'])}) | "
                 f"{s['worse_on_any_metric']} ({pct(s['worse_on_any_metric_share'])}) | {s['worse_beyond_margin']} "
                 f"({pct(s['worse_beyond_margin_share'])}) | {s['worse_with_confidence']} | {median} |", ""]
-        for b in g.get("baselines") or ([{"run": BASELINE_RUN, **g["baseline"]}] if "baseline" in g else []):
+        for b in g.get("baselines", []):
             what = {BASELINE_RUN: "Without the must-beat bar (publish unless behind by point estimate or worse with "
                                   "confidence)",
                     BAR95_RUN: "With the must-beat bar on the 95 % interval (the refusal's)"}.get(b["run"], b["run"])

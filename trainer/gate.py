@@ -20,23 +20,23 @@ Three parts, each small enough to test on its own:
   scores both models) of the relative difference challenger vs champion, oriented so that
   positive = better. The challenger is *refused* when the whole `confidence` interval of that
   difference lies below -margin: worse with confidence, by more than a relative margin (a
-  relative margin, not an absolute tolerance: a loss of 0.011 and a PR-AUC of 0.8 need the
-  same rule). It is *published* only when it must-beats the champion: the lower end of the
+  relative margin, not an absolute tolerance: a loss of 0.011 and a PR-AUC of 0.8 need the same
+  rule). It is *published* only when it must-beats the champion: the lower end of the
   `publish_confidence` interval (99 %, wider than the refusal's 95 %: a deferred challenger is
   looked at again every round) of the first storefront metric (the domain's main one: fraud
   PR-AUC) lies above `min_gain` (0: better with confidence), and, besides, no decided metric's
-  point estimate is below -publish_margin. The fallback tier (below) refuses but never
-  publishes under must-beat. Weaker rules let through candidates that a later window then found worse
-  (bench/delivery.py judges every published candidate again on the labels that arrive after
-  its decision): "not worse with confidence" alone published candidates that were a little
-  worse on the window; "not worse with confidence and no worse by point estimate" published
-  ties (a challenger equal to the champion looks worse on the next window half the time: 8 of
-  22, 36 %); must-beat with the fallback publishing let through one candidate better on log
-  loss and worse on PR-AUC (1 of 6); must-beat at 95 % published 2 of 13 that were worse (the
-  bar, looked at every round, is crossed by chance once in a while). A challenger that neither
-  is refused nor beats the champion is *deferred*: the learner keeps training it, unpublished, and the next round
-  judges it again against the same champion (so it publishes once what it learned shows). When
-  the window cannot decide yet (too few rows, or too few positives for any metric of the
+  point estimate is below -publish_margin. The fallback tier (below) refuses but never publishes
+  under must-beat. Weaker rules let through candidates that a later window then found worse
+  (bench/delivery.py judges every published candidate again on the labels that arrive after its
+  decision): "not worse with confidence" alone published candidates that were a little worse on
+  the window; "not worse with confidence and no worse by point estimate" published ties (a
+  challenger equal to the champion looks worse on the next window half the time: 8 of 22, 36 %);
+  must-beat with the fallback publishing let through one candidate better on log loss and worse
+  on PR-AUC (1 of 6); must-beat at 95 % published 2 of 13 that were worse (the bar, looked at
+  every round, is crossed by chance once in a while). A challenger that neither is refused nor
+  beats the champion is *deferred*: the learner keeps training it, unpublished, and the next
+  round judges it again against the same champion (so it publishes once what it learned shows).
+  When the window cannot decide yet (too few rows, or too few positives for any metric of the
   domain) the decision is *deferred* too.
 
 Each domain names its storefront metrics (decided on when the window has `min_positives`)
