@@ -45,6 +45,10 @@ Baselines, on the same (customer, day)s and the same catalog, from the purchases
 The buy-again baselines have nothing of their own to rank in the exclude-bought variant: they
 are popularity there (not listed twice).
 
+Bootstrap-frozen: the bootstrap's version (the first the registry served) ranks the same
+customers with the same histories and catalog through its own ONNX graphs every day, never
+replaced: the model's ratio to it (paired bootstrap) is what the daily rounds add.
+
 The result (bench/results/eval_recommender.json) holds every method's HR@10 / NDCG@10, the
 ratio of the model to the strongest baseline with a paired bootstrap interval over
 (customer, day)s, the learner's decision per round, and timing.
@@ -74,7 +78,9 @@ K = 10
 VARIANTS = ("all", "exclude-bought")
 BASELINES = ("popularity", "buy-again-days", "buy-again-recency", "tifu-knn")
 MODEL = "model"
-METHODS = (MODEL,) + BASELINES
+# the bootstrap's version (the first the registry served), never replaced: what the rounds add
+FROZEN = "bootstrap-frozen"
+METHODS = (MODEL, FROZEN) + BASELINES
 TIFU_TAFENG = {"k": 300, "within_decay": 0.9, "group_decay": 0.7, "alpha": 0.7, "group_count": 7}
 SERVE_HOUR = 12  # Ta Feng has no time of day; the model was trained with uniform random hours
 TARGET_RATIO = 1.1
@@ -241,10 +247,11 @@ class ServedModel:
         self.registry, self.encoder = registry, encoder
         self.version: str | None = None
 
-    def load(self) -> str:
+    def load(self, version: str | None = None) -> str:
+        """The registry's CURRENT version (or `version`), if it is not the one loaded already."""
         import onnxruntime as ort
 
-        version = self.registry.current_version("recommender")
+        version = version or self.registry.current_version("recommender")
         if version == self.version:
             return version
         folder = self.registry.version_dir("recommender", version)
@@ -474,7 +481,8 @@ def main(argv: list[str] | None = None, text_encoder: tuple[Path, float] | None 
         raise RuntimeError("the bootstrap wrote no checkpoint")
     encoder = TextEncoder.from_registry(registry)
     served = ServedModel(registry, encoder)
-    served.load()
+    frozen = ServedModel(registry, encoder)
+    frozen.load(served.load())
     history = UserHistory()
     history.seed_npz(served.users_npz)
 
@@ -556,6 +564,14 @@ def main(argv: list[str] | None = None, text_encoder: tuple[Path, float] | None 
             returning = sorted(rng.choice(returning, args.max_customers, replace=False).tolist())
         top_ex, _ = served.rank(vectors, [users[n] for n in returning], [hist_rows[n] for n in returning],
                                 [purchased_rows[n] for n in returning])
+        # the bootstrap's version on the same customers, histories and catalog (its own vocabulary
+        # and item tower: an item or customer it never saw is code 0 there, as in the service)
+        frozen_vectors = vectors if frozen.version == version else frozen.item_vectors(
+            [item_names[i] for i in catalog_items], [titles[i] for i in catalog_items],
+            [str(subclass[i]) for i in catalog_items], np.asarray([journaled[i] for i in catalog_items]))
+        ret_users, ret_hist = [users[n] for n in returning], [hist_rows[n] for n in returning]
+        frozen_all, _ = frozen.rank(frozen_vectors, ret_users, ret_hist, [[] for _ in returning])
+        frozen_ex, _ = frozen.rank(frozen_vectors, ret_users, ret_hist, [purchased_rows[n] for n in returning])
         serve_s.append(time.time() - t)
         evaluated.append(len(returning))
         # baselines and the tallies
@@ -573,6 +589,8 @@ def main(argv: list[str] | None = None, text_encoder: tuple[Path, float] | None 
             lists = {
                 (MODEL, "all"): [catalog_items[r] for r in top_all[n] if r >= 0],
                 (MODEL, "exclude-bought"): [catalog_items[r] for r in top_ex[j] if r >= 0],
+                (FROZEN, "all"): [catalog_items[r] for r in frozen_all[j] if r >= 0],
+                (FROZEN, "exclude-bought"): [catalog_items[r] for r in frozen_ex[j] if r >= 0],
                 ("popularity", "all"): fill([], order),
                 ("popularity", "exclude-bought"): fill([], order, seen),
                 ("buy-again-days", "all"): fill(buy_again_days(own, pop), order),
@@ -646,6 +664,13 @@ def summarize(args, tallies: dict, rounds: list[dict[str, Any]], tau: dict[str, 
                           "ndcg_ratio_interval": ndcg["ratio_interval"], "target_ratio": target,
                           "met": bool(boot["ratio"] >= target) if v == "all" else bool(boot["ratio"] > target),
                           "units": boot["units"], "resamples": boot["resamples"], "confidence": boot["confidence"]}
+    loop_vs_frozen: dict[str, Any] = {}
+    for v in VARIANTS:
+        boot = paired_bootstrap(np.asarray(tallies[(MODEL, v)].hit), np.asarray(tallies[(FROZEN, v)].hit),
+                                resamples=args.resamples, seed=args.seed + 2)
+        loop_vs_frozen[v] = {"model_hr@10": boot["mean_a"], "frozen_hr@10": boot["mean_b"], "ratio": boot["ratio"],
+                             "ratio_interval": boot["ratio_interval"], "units": boot["units"],
+                             "confidence": boot["confidence"]}
     decisions = collections.Counter(r["decision"] for r in rounds)
     lines = ["| method | HR@10 | NDCG@10 | HR@10 excl. bought | NDCG@10 excl. bought |", "|---|---|---|---|---|"]
     for m in METHODS:
@@ -653,6 +678,7 @@ def summarize(args, tallies: dict, rounds: list[dict[str, Any]], tau: dict[str, 
         excl = (f"{e['hr@10']:.4f} | {e['ndcg@10']:.4f}" if not m.startswith("buy-again")
                 else "= popularity | = popularity")
         label = {"model": "model (production rounds, served by the exported ONNX graphs)",
+                 FROZEN: "bootstrap-frozen (the first version, never replaced; same graphs)",
                  "buy-again-recency": f"buy-again-recency (tau {tau['tau_days']:g} d)",
                  "tifu-knn": "tifu-knn (k 300, r_b 0.9, r_g 0.7, alpha 0.7, 7 groups)"}.get(m, m)
         lines.append(f"| {label} | {a['hr@10']:.4f} | {a['ndcg@10']:.4f} | {excl} |")
@@ -668,6 +694,10 @@ def summarize(args, tallies: dict, rounds: list[dict[str, Any]], tau: dict[str, 
                      f"{c['baseline_hr@10']:.4f} = {c['ratio']:.3f}x, {c['confidence']:.0%} paired-bootstrap interval "
                      f"[{c['ratio_interval'][0]:.3f}, {c['ratio_interval'][1]:.3f}] over {c['units']} (customer, day)s; "
                      f"NDCG@10 ratio {c['ndcg_ratio']:.3f}x; target {want}: {'MET' if c['met'] else 'MISSED'}")
+    for v, c in loop_vs_frozen.items():
+        lines.append(f"{v}: model / bootstrap-frozen HR@10 {c['model_hr@10']:.4f} / {c['frozen_hr@10']:.4f} = "
+                     f"{c['ratio']:.3f}x, {c['confidence']:.0%} paired-bootstrap interval [{c['ratio_interval'][0]:.3f}, "
+                     f"{c['ratio_interval'][1]:.3f}] (what the daily rounds add)")
     table = "\n".join(lines)
     print(table)
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -679,7 +709,7 @@ def summarize(args, tallies: dict, rounds: list[dict[str, Any]], tau: dict[str, 
                          "recency_tau": tau, "tifu_knn": TIFU_TAFENG, "serving": "registry CURRENT version, "
                          "item_tower.onnx + model.onnx in ONNX Runtime", "learning": "one Learner.round per day on "
                          "the day's joined purchase outcomes (trainer settings)"},
-            "results": summary, "comparison": comparisons, "rounds": rounds,
+            "results": summary, "comparison": comparisons, "loop_vs_frozen": loop_vs_frozen, "rounds": rounds,
             "decisions": dict(decisions), "table": table}
 
 

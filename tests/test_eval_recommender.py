@@ -120,6 +120,12 @@ def test_the_eval_on_a_small_ta_feng_slice(tmp_path):
     assert c["strongest_baseline"] in BASELINES and c["units"] == 80
     assert c["ratio_interval"][0] <= c["ratio"] <= c["ratio_interval"][1]
     assert r["comparison"]["exclude-bought"]["strongest_baseline"] in ("popularity", "tifu-knn")
+    # the bootstrap's version ranked the same pairs; on the first day it is the one served
+    f = r["loop_vs_frozen"]["all"]
+    assert f["units"] == 80 and f["frozen_hr@10"] == res["bootstrap-frozen/all"]["hr@10"]
+    # (batched differently: a last-bit tie may flip one customer's list)
+    first = str(rounds[0]["day"])
+    assert abs(res["bootstrap-frozen/all"]["hr@10_by_day"][first] - res["model/all"]["hr@10_by_day"][first]) <= 1 / 40
 
 
 def test_a_day_comes_back_as_the_rows_the_service_would_have_recorded():
