@@ -18,11 +18,10 @@ Models:
   says so (`--round-labels` new labels, a quarter of that while its drift detector fires; the
   wall-clock trigger is off, the stream has no wall clock). Each row is scored by ONNX Runtime on
   the model.onnx of the registry's CURRENT version at the row's time. Adversarial training is off
-  (FraudModel(adv_epsilon=0)). Seed 0 exports every round with the production exporter (torch.onnx
-  dynamo, ~2 s a round here); the other runs export the bootstrap version that way and then write
-  each round's weights into that same ONNX graph (same checker, same gate; identical scores,
-  checked: max difference 0.0), which makes a run ~8x faster (--export-every-round: all runs
-  use the production exporter).
+  (FraudModel(adv_epsilon=0)). Every version is exported by the learner's own exporter: the
+  bootstrap traced by torch.onnx, each later round's weights put into that kept graph and
+  optimized again (trainer.export.GraphReuse, checked against the module before it is written),
+  as the trainer does.
 - frozen-mlp: the bootstrap version (v1) of the same run, never updated.
 - incremental-mlp-adv: the same loop with FraudModel's adversarial training (its defaults, or
   --adv-epsilon / --adv-share), when trainer/adversarial.py exists.
@@ -800,9 +799,6 @@ def main(argv: list[str] | None = None) -> int:
                          "'refresh' run and re-cache, 'off' run without the cache, 'skip' (--quick's default)")
     ap.add_argument("--no-adv", action="store_true", help="skip the adversarially trained incremental loop")
     ap.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))), help="worker processes")
-    ap.add_argument("--export-every-round", action="store_true",
-                    help="every incremental run exports each round with the production exporter (default: only "
-                         "seed 0 of the plain loop; the others write new weights into the bootstrap's ONNX graph)")
     ap.add_argument("--rows", type=int, default=None, help="only the first ROWS rows of the stream")
     ap.add_argument("--warmup", type=int, default=20_000, help="rows trained on before scoring starts")
     ap.add_argument("--delay-s", type=float, default=3600.0, help="label delay in seconds of the dataset's Time")
@@ -834,10 +830,9 @@ def main(argv: list[str] | None = None) -> int:
     # jobs, longest first so that two workers finish together
     jobs: list[tuple[str, tuple]] = []
     for s in range(seeds):
-        # seed 0 of the plain loop exports every round with the production exporter
-        jobs.append(("incremental", (cfg, s, False, not (args.export_every_round or s == 0))))
+        jobs.append(("incremental", (cfg, s, False)))
         if adv_ok:
-            jobs.append(("incremental", (cfg, s, True, not args.export_every_round)))
+            jobs.append(("incremental", (cfg, s, True)))
     if amf != "skip":  # first: uncached, it is the longest job by far
         jobs.insert(0, ("river", (cfg, "river-amf", 0, amf, None if args.out is None and not args.quick
                                   else out.parent / "fraud_river_amf.npz")))
@@ -982,10 +977,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "min_events": cfg.round_labels, "max_interval_s": "off (no wall clock)",
                                      "bootstrap_epochs": cfg.bootstrap_epochs, "label_delivery": cfg.delivery,
                                      "scored_with": "ONNX Runtime on the CURRENT version's model.onnx",
-                                     "export": "seed 0 (plain): production exporter every round" + (
-                                         "" if args.export_every_round else "; other runs: production exporter at "
-                                         "bootstrap, then each round's weights written into that graph (same ONNX "
-                                         "checker, same gate: parity vs PyTorch and latency)")},
+                                     "export": "the learner's exporter every round (trainer.export.GraphReuse: "
+                                               "the bootstrap traced, later rounds' weights put into the kept graph; "
+                                               "same ONNX checker, same gate: parity vs PyTorch and latency)"},
                      "retrain_every_rows": cfg.retrain_every,
                      "retrain_mlp_epochs": f"max({cfg.retrain_min_epochs}, {cfg.bootstrap_epochs} * warmup / labels)",
                      "hgb_params": {k: (str(v) if isinstance(v, dict) else v) for k, v in HGB_PARAMS.items()},

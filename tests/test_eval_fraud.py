@@ -109,3 +109,23 @@ def test_attack_strength_in_raw_units():
     assert out["eps1"]["amount_max_factor"] == pytest.approx(math.exp(3.0), abs=1e-3)
     moved = eval_fraud.attack_strength([{"std": std}, {"std": std * 1.1}], [0.2])
     assert moved["scaler_same_in_every_version"] is False
+
+
+@pytest.mark.long
+@pytest.mark.timeout(600)
+def test_the_whole_eval_runs_on_a_slice_of_the_real_stream(tmp_path):
+    """Every job of the default run (the production loop plain and adversarial, the retrains,
+    River) on the stream's first 30,000 rows, in one process: the result holds every model and
+    the targets' judgements (a job whose call no longer matches its function fails here, not
+    80 minutes into `make eval-fraud`)."""
+    import json
+
+    out = tmp_path / "fraud.json"
+    assert eval_fraud.main(["--quick", "--rows", "30000", "--seeds", "1", "--jobs", "1", "--resamples", "50",
+                            "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert {"incremental-mlp", "frozen-mlp", "retrain-hgb", "retrain-mlp", "river-lr", "river-lr-weighted"} <= set(
+        r["summary"])
+    inc = r["details"]["incremental-mlp"][0]
+    assert inc["versions"] >= 1 and inc["exports"]["production_exporter"] >= 1
+    assert "within_0.02_of_best_full_retrain" in r["targets"]
