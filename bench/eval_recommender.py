@@ -48,6 +48,10 @@ are popularity there (not listed twice).
 Bootstrap-frozen: the bootstrap's version (the first the registry served) ranks the same
 customers with the same histories and catalog through its own ONNX graphs every day, never
 replaced: the model's ratio to it (paired bootstrap) is what the daily rounds add.
+Bootstrap-fresh-sales: the same graphs, with the recent-sales columns of its item vectors (the
+last ones: log1p of each item's decayed sales, trainer.domains.recommender_net) replaced by the
+sales before the day, as a version exported that day holds them: what the rounds add beyond
+refreshing the sales is the model's ratio to it.
 
 The result (bench/results/eval_recommender.json) holds every method's HR@10 / NDCG@10, the
 ratio of the model to the strongest baseline with a paired bootstrap interval over
@@ -80,7 +84,11 @@ BASELINES = ("popularity", "buy-again-days", "buy-again-recency", "tifu-knn")
 MODEL = "model"
 # the bootstrap's version (the first the registry served), never replaced: what the rounds add
 FROZEN = "bootstrap-frozen"
-METHODS = (MODEL, FROZEN) + BASELINES
+# the same bootstrap weights with the recent sales of each day (what a version exported that day
+# holds): how much of what the rounds add is the refreshed sales alone
+FRESH = "bootstrap-fresh-sales"
+ABLATIONS = (FROZEN, FRESH)
+METHODS = (MODEL,) + ABLATIONS + BASELINES
 TIFU_TAFENG = {"k": 300, "within_decay": 0.9, "group_decay": 0.7, "alpha": 0.7, "group_count": 7}
 SERVE_HOUR = 12  # Ta Feng has no time of day; the model was trained with uniform random hours
 TARGET_RATIO = 1.1
@@ -572,6 +580,12 @@ def main(argv: list[str] | None = None, text_encoder: tuple[Path, float] | None 
         ret_users, ret_hist = [users[n] for n in returning], [hist_rows[n] for n in returning]
         frozen_all, _ = frozen.rank(frozen_vectors, ret_users, ret_hist, [[] for _ in returning])
         frozen_ex, _ = frozen.rank(frozen_vectors, ret_users, ret_hist, [purchased_rows[n] for n in returning])
+        sales = model.state.popularity([int(day_numbers[d])])[int(day_numbers[d])]  # sales before the day
+        fresh_vectors = frozen_vectors.copy()
+        fresh_vectors[:, -sales.shape[1]:] = np.log1p(sales[[model.state.item_index.get(item_names[i], 0)
+                                                             for i in catalog_items]])
+        fresh_all, _ = frozen.rank(fresh_vectors, ret_users, ret_hist, [[] for _ in returning])
+        fresh_ex, _ = frozen.rank(fresh_vectors, ret_users, ret_hist, [purchased_rows[n] for n in returning])
         serve_s.append(time.time() - t)
         evaluated.append(len(returning))
         # baselines and the tallies
@@ -591,6 +605,8 @@ def main(argv: list[str] | None = None, text_encoder: tuple[Path, float] | None 
                 (MODEL, "exclude-bought"): [catalog_items[r] for r in top_ex[j] if r >= 0],
                 (FROZEN, "all"): [catalog_items[r] for r in frozen_all[j] if r >= 0],
                 (FROZEN, "exclude-bought"): [catalog_items[r] for r in frozen_ex[j] if r >= 0],
+                (FRESH, "all"): [catalog_items[r] for r in fresh_all[j] if r >= 0],
+                (FRESH, "exclude-bought"): [catalog_items[r] for r in fresh_ex[j] if r >= 0],
                 ("popularity", "all"): fill([], order),
                 ("popularity", "exclude-bought"): fill([], order, seen),
                 ("buy-again-days", "all"): fill(buy_again_days(own, pop), order),
@@ -664,13 +680,14 @@ def summarize(args, tallies: dict, rounds: list[dict[str, Any]], tau: dict[str, 
                           "ndcg_ratio_interval": ndcg["ratio_interval"], "target_ratio": target,
                           "met": bool(boot["ratio"] >= target) if v == "all" else bool(boot["ratio"] > target),
                           "units": boot["units"], "resamples": boot["resamples"], "confidence": boot["confidence"]}
-    loop_vs_frozen: dict[str, Any] = {}
-    for v in VARIANTS:
-        boot = paired_bootstrap(np.asarray(tallies[(MODEL, v)].hit), np.asarray(tallies[(FROZEN, v)].hit),
-                                resamples=args.resamples, seed=args.seed + 2)
-        loop_vs_frozen[v] = {"model_hr@10": boot["mean_a"], "frozen_hr@10": boot["mean_b"], "ratio": boot["ratio"],
-                             "ratio_interval": boot["ratio_interval"], "units": boot["units"],
-                             "confidence": boot["confidence"]}
+    ablations: dict[str, Any] = {}
+    for a in ABLATIONS:
+        for v in VARIANTS:
+            boot = paired_bootstrap(np.asarray(tallies[(MODEL, v)].hit), np.asarray(tallies[(a, v)].hit),
+                                    resamples=args.resamples, seed=args.seed + 2)
+            ablations.setdefault(a, {})[v] = {
+                "model_hr@10": boot["mean_a"], "ablation_hr@10": boot["mean_b"], "ratio": boot["ratio"],
+                "ratio_interval": boot["ratio_interval"], "units": boot["units"], "confidence": boot["confidence"]}
     decisions = collections.Counter(r["decision"] for r in rounds)
     lines = ["| method | HR@10 | NDCG@10 | HR@10 excl. bought | NDCG@10 excl. bought |", "|---|---|---|---|---|"]
     for m in METHODS:
@@ -679,6 +696,7 @@ def summarize(args, tallies: dict, rounds: list[dict[str, Any]], tau: dict[str, 
                 else "= popularity | = popularity")
         label = {"model": "model (production rounds, served by the exported ONNX graphs)",
                  FROZEN: "bootstrap-frozen (the first version, never replaced; same graphs)",
+                 FRESH: "bootstrap-fresh-sales (the first version's graphs, each day's recent sales)",
                  "buy-again-recency": f"buy-again-recency (tau {tau['tau_days']:g} d)",
                  "tifu-knn": "tifu-knn (k 300, r_b 0.9, r_g 0.7, alpha 0.7, 7 groups)"}.get(m, m)
         lines.append(f"| {label} | {a['hr@10']:.4f} | {a['ndcg@10']:.4f} | {excl} |")
@@ -694,10 +712,12 @@ def summarize(args, tallies: dict, rounds: list[dict[str, Any]], tau: dict[str, 
                      f"{c['baseline_hr@10']:.4f} = {c['ratio']:.3f}x, {c['confidence']:.0%} paired-bootstrap interval "
                      f"[{c['ratio_interval'][0]:.3f}, {c['ratio_interval'][1]:.3f}] over {c['units']} (customer, day)s; "
                      f"NDCG@10 ratio {c['ndcg_ratio']:.3f}x; target {want}: {'MET' if c['met'] else 'MISSED'}")
-    for v, c in loop_vs_frozen.items():
-        lines.append(f"{v}: model / bootstrap-frozen HR@10 {c['model_hr@10']:.4f} / {c['frozen_hr@10']:.4f} = "
-                     f"{c['ratio']:.3f}x, {c['confidence']:.0%} paired-bootstrap interval [{c['ratio_interval'][0]:.3f}, "
-                     f"{c['ratio_interval'][1]:.3f}] (what the daily rounds add)")
+    meaning = {FROZEN: "what the daily rounds add", FRESH: "what the rounds add beyond refreshing the recent sales"}
+    for a, by_variant in ablations.items():
+        for v, c in by_variant.items():
+            lines.append(f"{v}: model / {a} HR@10 {c['model_hr@10']:.4f} / {c['ablation_hr@10']:.4f} = "
+                         f"{c['ratio']:.3f}x, {c['confidence']:.0%} paired-bootstrap interval "
+                         f"[{c['ratio_interval'][0]:.3f}, {c['ratio_interval'][1]:.3f}] ({meaning[a]})")
     table = "\n".join(lines)
     print(table)
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -709,7 +729,7 @@ def summarize(args, tallies: dict, rounds: list[dict[str, Any]], tau: dict[str, 
                          "recency_tau": tau, "tifu_knn": TIFU_TAFENG, "serving": "registry CURRENT version, "
                          "item_tower.onnx + model.onnx in ONNX Runtime", "learning": "one Learner.round per day on "
                          "the day's joined purchase outcomes (trainer settings)"},
-            "results": summary, "comparison": comparisons, "loop_vs_frozen": loop_vs_frozen, "rounds": rounds,
+            "results": summary, "comparison": comparisons, "ablations": ablations, "rounds": rounds,
             "decisions": dict(decisions), "table": table}
 
 

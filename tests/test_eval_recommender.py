@@ -121,8 +121,9 @@ def test_the_eval_on_a_small_ta_feng_slice(tmp_path):
     assert c["ratio_interval"][0] <= c["ratio"] <= c["ratio_interval"][1]
     assert r["comparison"]["exclude-bought"]["strongest_baseline"] in ("popularity", "tifu-knn")
     # the bootstrap's version ranked the same pairs; on the first day it is the one served
-    f = r["loop_vs_frozen"]["all"]
-    assert f["units"] == 80 and f["frozen_hr@10"] == res["bootstrap-frozen/all"]["hr@10"]
+    f = r["ablations"]["bootstrap-frozen"]["all"]
+    assert f["units"] == 80 and f["ablation_hr@10"] == res["bootstrap-frozen/all"]["hr@10"]
+    assert set(r["ablations"]) == {"bootstrap-frozen", "bootstrap-fresh-sales"}
     # (batched differently: a last-bit tie may flip one customer's list)
     first = str(rounds[0]["day"])
     assert abs(res["bootstrap-frozen/all"]["hr@10_by_day"][first] - res["model/all"]["hr@10_by_day"][first]) <= 1 / 40
