@@ -19,7 +19,8 @@ Protocol (test, then train), the last `--days` days (30) of Ta Feng:
   reported since) - never by PyTorch; (3) the day's purchases come back as the service
   records them (a served prediction per customer, a purchase outcome per distinct item),
   are turned into training rows by the domain's `examples` (joined examples), and one
-  learning round of the production Learner runs on them (trainer defaults: 3 epochs, replay,
+  learning round of the production Learner runs on them (trainer defaults: the recommender's
+  one pass over the rows, --round-epochs to change it; replay,
   the gate's evaluation window and paired bootstrap, ONNX export with parity and latency
   checks, publish to the registry); the next day is served by whatever it published;
 - evaluated: the customers who buy that day and bought on an earlier day (all of them, or
@@ -413,6 +414,10 @@ def main(argv: list[str] | None = None, text_encoder: tuple[Path, float] | None 
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lines", type=int, default=None,
                     help="only the first N purchase lines of Ta Feng (tests; default: all)")
+    ap.add_argument("--end-offset-days", type=int, default=0,
+                    help="leave out the data's last N days: a validation window that ends where the scored one "
+                         "begins (--end-offset-days 30 --days 30), to choose settings without looking at it")
+    ap.add_argument("--round-epochs", type=int, default=None, help="passes over each round's rows (trainer default)")
     ap.add_argument("--quick", action="store_true", help="3 days, 200 customers a day, 1 bootstrap epoch (smoke run)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (bench/results/eval_recommender.json)")
     args = ap.parse_args(argv)
@@ -439,6 +444,9 @@ def main(argv: list[str] | None = None, text_encoder: tuple[Path, float] | None 
 
     torch.set_num_threads(1)
     df = load_tafeng(args.lines)
+    if args.end_offset_days:
+        last_days = np.sort(df["day"].unique())[-args.end_offset_days:]
+        df = df[df["day"] < last_days[0]].reset_index(drop=True)
     day_values = np.asarray(sorted(df["day"].unique()))
     n_days = len(day_values)
     w0 = n_days - args.days
@@ -474,6 +482,9 @@ def main(argv: list[str] | None = None, text_encoder: tuple[Path, float] | None 
     if args.latency_budget_ms is not None:
         config.latency_budget_ms = args.latency_budget_ms
     args.latency_budget_ms = config.latency_budget_ms  # recorded in the protocol
+    if args.round_epochs is not None:
+        config.epochs = args.round_epochs
+    args.round_epochs = config.epochs
     model = RecommenderModel(registry_dir=registry.root, catalog_path=journal, seed=args.seed)
     t = time.time()
     progress(f"bootstrap: {int(bounds[w0])} warm-up lines, {args.bootstrap_epochs} epochs, last {args.holdout_days} "
@@ -725,7 +736,8 @@ def summarize(args, tallies: dict, rounds: list[dict[str, Any]], tau: dict[str, 
                          "max_customers_per_day": args.max_customers or "all", "customers_per_day": evaluated,
                          "seed": args.seed, "k": K, "bootstrap_epochs": args.bootstrap_epochs,
                          "bootstrap_holdout_days": args.holdout_days, "quick": args.quick,
-                         "gate_latency_budget_ms": args.latency_budget_ms,
+                         "gate_latency_budget_ms": args.latency_budget_ms, "round_epochs": args.round_epochs,
+                         "end_offset_days": args.end_offset_days,
                          "recency_tau": tau, "tifu_knn": TIFU_TAFENG, "serving": "registry CURRENT version, "
                          "item_tower.onnx + model.onnx in ONNX Runtime", "learning": "one Learner.round per day on "
                          "the day's joined purchase outcomes (trainer settings)"},

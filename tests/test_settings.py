@@ -59,3 +59,18 @@ def test_help_lists_every_setting(spec, capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert all("--" + f.name.replace("_", "-") in out for f in dataclasses.fields(cls))
+
+
+def test_round_epochs_per_domain_the_plugins_own_then_the_trainers():
+    """The recommender's plug-in asks for one pass over a round's rows; fraud and pricing take
+    --epochs; domain_epochs overrides either; 0 passes is refused."""
+    from trainer.service import TrainerSettings
+
+    s = TrainerSettings.load([], env={})
+    assert [s.learner_config(d).epochs for d in ("recommender", "fraud", "pricing")] == [1, 3, 3]
+    s = TrainerSettings.load(["--epochs", "2", "--domain-epochs", "fraud=5"], env={})
+    assert [s.learner_config(d).epochs for d in ("recommender", "fraud", "pricing")] == [1, 5, 2]
+    s = TrainerSettings.load([], env={"STOREFRONT_DOMAIN_EPOCHS": "recommender=3"})
+    assert s.learner_config("recommender").epochs == 3
+    assert any("domain_epochs" in p for p in TrainerSettings(domain_epochs="recommender=0").validate())
+    assert any("domain_epochs" in p for p in TrainerSettings(domain_epochs="recommender").validate())

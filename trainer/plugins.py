@@ -32,7 +32,9 @@ A plug-in declares:
   plug-in and the trainer, declaring the same name is an error at start. Its `validate()`
   (when it has one) returns problems like a settings class's;
 - `canary_mode`: how its candidates meet traffic by default ("canary" or "shadow"; the
-  `canary_modes` setting overrides it per domain).
+  `canary_modes` setting overrides it per domain);
+- `round_epochs`: passes over each round's new labels (None: the trainer's `epochs`; the
+  `domain_epochs` setting overrides it per domain).
 
 The service side of a domain is its own process (services/<domain>/main.py, on the shared
 template shared/domain.py), which names itself with the same registered name.
@@ -89,6 +91,7 @@ class TrainerDomain:
     one_label_per_prediction: bool | None = None
     settings: type | None = None
     canary_mode: str = "canary"
+    round_epochs: int | None = None
     # (feedback.v1.ServedPrediction, [outcome_type messages in the window]) -> [outcome_type messages]
     served_labels: Callable[[Any, list[Message]], list[Message]] | None = None
 
@@ -106,6 +109,8 @@ class TrainerDomain:
             raise TypeError(f"domain {self.name}: served_labels must be callable")
         if self.canary_mode not in CANARY_MODES:
             raise ValueError(f"domain {self.name}: canary_mode must be one of {CANARY_MODES}")
+        if self.round_epochs is not None and not (isinstance(self.round_epochs, int) and self.round_epochs >= 1):
+            raise ValueError(f"domain {self.name}: round_epochs must be an int >= 1 or None")
         if self.settings is not None and not dataclasses.is_dataclass(self.settings):
             raise TypeError(f"domain {self.name}: settings must be a dataclass")
         if self.one_label_per_prediction is None:

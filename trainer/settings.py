@@ -42,7 +42,9 @@ class CoreTrainerSettings(ServerSettings):
     join_grace_s: float = setting(60.0, "how long an outcome waits for its served prediction")
     min_events: int = setting(200, "a round starts after this many new labels ...")
     max_interval_s: float = setting(30.0, "... or this long after the last round, with at least one")
-    epochs: int = setting(3, "passes over each round's new labels (plus replay)")
+    epochs: int = setting(3, "passes over each round's new labels (plus replay), in domains without their own")
+    domain_epochs: str = setting("", "passes over each round's new labels per domain, e.g. 'recommender=1' (empty = "
+                                 "each domain's own: the recommender's 1; the others --epochs)")
     replay_size: int = setting(20000, "older labeled rows kept for replay against forgetting")
     gate_min_positives: str = setting("", "gate: positives the evaluation window needs per domain for the storefront "
                                       "metrics, e.g. 'fraud=30,recommender=100,pricing=30' (empty = those defaults)")
@@ -168,7 +170,8 @@ class CoreTrainerSettings(ServerSettings):
     def learner_config(self, domain: str | None = None) -> LearnerConfig:
         from trainer.gate import parse_per_domain
 
-        return LearnerConfig(min_events=self.min_events, max_interval_s=self.max_interval_s, epochs=self.epochs,
+        return LearnerConfig(min_events=self.min_events, max_interval_s=self.max_interval_s,
+                             epochs=self.epochs_for(domain),
                              replay_size=self.replay_size, latency_budget_ms=self.latency_budget_ms,
                              gate_min_positives=parse_per_domain(self.gate_min_positives, "gate_min_positives").get(domain),
                              gate_min_rows=parse_per_domain(self.gate_min_rows, "gate_min_rows").get(domain),
@@ -177,6 +180,16 @@ class CoreTrainerSettings(ServerSettings):
                              gate_min_gain=self.min_gain_for(domain),
                              delivery=self.delivery,
                              canary_mode=self.canary_config(domain).mode, canary_share=self.canary_share)
+
+    def epochs_for(self, domain: str | None) -> int:
+        """Passes over a round's rows in domain: domain_epochs, else the plug-in's own
+        (TrainerDomain.round_epochs), else epochs."""
+        from trainer.gate import parse_per_domain
+
+        own = parse_per_domain(self.domain_epochs, "domain_epochs").get(domain)
+        if own is None and domain is not None and domain in self.loaded_domains():
+            own = self.plugin(domain).round_epochs
+        return own or self.epochs
 
     def min_gain_for(self, domain: str | None) -> float | None:
         """The must-beat bar of domain's gate (None: not worse is enough)."""
@@ -216,6 +229,8 @@ class CoreTrainerSettings(ServerSettings):
 
             parse_per_domain(self.gate_min_positives, "gate_min_positives")
             parse_per_domain(self.gate_min_rows, "gate_min_rows")
+            if 0 in parse_per_domain(self.domain_epochs, "domain_epochs").values():
+                raise ValueError("domain_epochs: a domain's epochs must be >= 1")
             GateRule(self.gate_resamples, self.gate_confidence, self.gate_margin,
                      min_gain=None if self.gate_min_gain <= -1 else self.gate_min_gain,
                      publish_confidence=self.gate_publish_confidence).validate()
