@@ -20,7 +20,8 @@ Protocol (test, then train), the last `--days` days (30) of Ta Feng:
   records them (a served prediction per customer, a purchase outcome per distinct item),
   are turned into training rows by the domain's `examples` (joined examples), and one
   learning round of the production Learner runs on them (trainer defaults: the recommender's
-  one pass over the rows, --round-epochs to change it; replay,
+  one pass over the rows at a tenth of the bootstrap's step size, --round-epochs and
+  --round-lr-factor to change them; replay,
   the gate's evaluation window and paired bootstrap, ONNX export with parity and latency
   checks, publish to the registry); the next day is served by whatever it published;
 - evaluated: the customers who buy that day and bought on an earlier day (all of them, or
@@ -418,6 +419,10 @@ def main(argv: list[str] | None = None, text_encoder: tuple[Path, float] | None 
                     help="leave out the data's last N days: a validation window that ends where the scored one "
                          "begins (--end-offset-days 30 --days 30), to choose settings without looking at it")
     ap.add_argument("--round-epochs", type=int, default=None, help="passes over each round's rows (trainer default)")
+    ap.add_argument("--round-lr-factor", type=float, default=None,
+                    help="step size multiplier of a round (the learner's default)")
+    ap.add_argument("--replay-ratio", type=float, default=None,
+                    help="replayed rows per new row in a round (the learner's default)")
     ap.add_argument("--quick", action="store_true", help="3 days, 200 customers a day, 1 bootstrap epoch (smoke run)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (bench/results/eval_recommender.json)")
     args = ap.parse_args(argv)
@@ -485,6 +490,12 @@ def main(argv: list[str] | None = None, text_encoder: tuple[Path, float] | None 
     if args.round_epochs is not None:
         config.epochs = args.round_epochs
     args.round_epochs = config.epochs
+    if args.replay_ratio is not None:
+        config.replay_ratio = args.replay_ratio
+    args.replay_ratio = config.replay_ratio
+    if args.round_lr_factor is not None:
+        config.lr_factor = args.round_lr_factor
+    args.round_lr_factor = config.lr_factor
     model = RecommenderModel(registry_dir=registry.root, catalog_path=journal, seed=args.seed)
     t = time.time()
     progress(f"bootstrap: {int(bounds[w0])} warm-up lines, {args.bootstrap_epochs} epochs, last {args.holdout_days} "
@@ -737,6 +748,7 @@ def summarize(args, tallies: dict, rounds: list[dict[str, Any]], tau: dict[str, 
                          "seed": args.seed, "k": K, "bootstrap_epochs": args.bootstrap_epochs,
                          "bootstrap_holdout_days": args.holdout_days, "quick": args.quick,
                          "gate_latency_budget_ms": args.latency_budget_ms, "round_epochs": args.round_epochs,
+                         "replay_ratio": args.replay_ratio, "round_lr_factor": args.round_lr_factor,
                          "end_offset_days": args.end_offset_days,
                          "recency_tau": tau, "tifu_knn": TIFU_TAFENG, "serving": "registry CURRENT version, "
                          "item_tower.onnx + model.onnx in ONNX Runtime", "learning": "one Learner.round per day on "

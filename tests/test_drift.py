@@ -153,6 +153,22 @@ def test_the_learner_adapts_its_rounds_while_in_drift(drifting_learner):
     assert entry["drift"] is True and entry["adaptation"] == {"adapting": False, "replay_ratio": 1.0,
                                                               "recent_since_offset": None, "epochs": 1,
                                                               "lr_factor": 1.0, "gate_min_positives": None}
+    # a round outside the drift action steps at the config's lr_factor of the model's own rate
+    # (the recommender's rounds: TrainerDomain.round_lr_factor), the kept optimizer unchanged
+    learner.config.lr_factor = 0.25
+    seen, train = [], learner.model.train
+
+    def recording(net, opt, X, y, epochs, seed):
+        seen.append([g["lr"] for g in opt.param_groups])
+        return train(net, opt, X, y, epochs, seed)
+
+    learner.model.train = recording
+    learner.config.gate_min_positives = 1  # the window lets rows go to training at once
+    X, y = data.X[TRAIN_ROWS + 18_500:TRAIN_ROWS + 20_500], data.y[TRAIN_ROWS + 18_500:TRAIN_ROWS + 20_500]
+    learner.add(Examples(X, y, broken(learner, X), np.arange(8501, 10_501)))
+    entry = learner.round({"offset": 10_500, "pending": []})
+    assert entry["adaptation"]["lr_factor"] == 0.25 and entry["trained_new_rows"] > 0
+    assert seen == [[0.25 * x for x in lr]] and [g["lr"] for g in learner.opt.param_groups] == lr
 
 
 def test_the_report_marks_the_drift_span(drifting_learner, tmp_path):

@@ -68,6 +68,7 @@ def test_round_epochs_per_domain_the_plugins_own_then_the_trainers():
 
     s = TrainerSettings.load([], env={})
     assert [s.learner_config(d).epochs for d in ("recommender", "fraud", "pricing")] == [1, 3, 3]
+    assert [s.learner_config(d).lr_factor for d in ("recommender", "fraud", "pricing")] == [0.1, 1.0, 1.0]
     s = TrainerSettings.load(["--epochs", "2", "--domain-epochs", "fraud=5"], env={})
     assert [s.learner_config(d).epochs for d in ("recommender", "fraud", "pricing")] == [1, 5, 2]
     s = TrainerSettings.load([], env={"STOREFRONT_DOMAIN_EPOCHS": "recommender=3"})

@@ -182,6 +182,7 @@ class LearnerConfig:
     drift_replay_recent: bool = True  # ... drawn only from rows labeled since the drift began (not the old concept)
     drift_epochs: int = 3  # passes over each round's rows while in drift
     drift_lr_factor: float = 1.0  # step size multiplier while in drift
+    lr_factor: float = 1.0  # step size multiplier of a round outside drift (the model's own step size x this)
     # positives the gate's window holds while in drift (None: as outside drift). A window sized for 30
     # frauds keeps ~15k of the newest transactions out of training, and right after a drift most of
     # them are of the old concept: the post-drift frauds reach training ~30 frauds late and the gate
@@ -406,7 +407,7 @@ class Learner:
                     "epochs": c.drift_epochs, "lr_factor": c.drift_lr_factor,
                     "gate_min_positives": c.drift_gate_min_positives}
         return {"adapting": False, "replay_ratio": c.replay_ratio, "recent_since_offset": None, "epochs": c.epochs,
-                "lr_factor": 1.0, "gate_min_positives": None}
+                "lr_factor": c.lr_factor, "gate_min_positives": None}
 
     def round(self, progress: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """One update-gate-publish round over the pending examples. Returns the decision.

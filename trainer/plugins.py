@@ -34,7 +34,9 @@ A plug-in declares:
 - `canary_mode`: how its candidates meet traffic by default ("canary" or "shadow"; the
   `canary_modes` setting overrides it per domain);
 - `round_epochs`: passes over each round's new labels (None: the trainer's `epochs`; the
-  `domain_epochs` setting overrides it per domain).
+  `domain_epochs` setting overrides it per domain);
+- `round_lr_factor`: a round's step size as a share of its model's own (the bootstrap's):
+  small daily batches fit at the bootstrap's rate pull the weights toward one day.
 
 The service side of a domain is its own process (services/<domain>/main.py, on the shared
 template shared/domain.py), which names itself with the same registered name.
@@ -92,6 +94,7 @@ class TrainerDomain:
     settings: type | None = None
     canary_mode: str = "canary"
     round_epochs: int | None = None
+    round_lr_factor: float = 1.0
     # (feedback.v1.ServedPrediction, [outcome_type messages in the window]) -> [outcome_type messages]
     served_labels: Callable[[Any, list[Message]], list[Message]] | None = None
 
@@ -111,6 +114,8 @@ class TrainerDomain:
             raise ValueError(f"domain {self.name}: canary_mode must be one of {CANARY_MODES}")
         if self.round_epochs is not None and not (isinstance(self.round_epochs, int) and self.round_epochs >= 1):
             raise ValueError(f"domain {self.name}: round_epochs must be an int >= 1 or None")
+        if not (isinstance(self.round_lr_factor, (int, float)) and 0 < self.round_lr_factor <= 10):
+            raise ValueError(f"domain {self.name}: round_lr_factor must be in (0, 10]")
         if self.settings is not None and not dataclasses.is_dataclass(self.settings):
             raise TypeError(f"domain {self.name}: settings must be a dataclass")
         if self.one_label_per_prediction is None:

@@ -171,7 +171,7 @@ class CoreTrainerSettings(ServerSettings):
         from trainer.gate import parse_per_domain
 
         return LearnerConfig(min_events=self.min_events, max_interval_s=self.max_interval_s,
-                             epochs=self.epochs_for(domain),
+                             epochs=self.epochs_for(domain), lr_factor=self.lr_factor_for(domain),
                              replay_size=self.replay_size, latency_budget_ms=self.latency_budget_ms,
                              gate_min_positives=parse_per_domain(self.gate_min_positives, "gate_min_positives").get(domain),
                              gate_min_rows=parse_per_domain(self.gate_min_rows, "gate_min_rows").get(domain),
@@ -190,6 +190,10 @@ class CoreTrainerSettings(ServerSettings):
         if own is None and domain is not None and domain in self.loaded_domains():
             own = self.plugin(domain).round_epochs
         return own or self.epochs
+
+    def lr_factor_for(self, domain: str | None) -> float:
+        """A round's step size as a share of the model's own: the plug-in's (TrainerDomain.round_lr_factor)."""
+        return self.plugin(domain).round_lr_factor if domain is not None and domain in self.loaded_domains() else 1.0
 
     def min_gain_for(self, domain: str | None) -> float | None:
         """The must-beat bar of domain's gate (None: not worse is enough)."""
