@@ -78,4 +78,4 @@ def test_the_new_recommender_protocol_replaces_the_earlier_ones_row(tmp_path):
         "all": {"strongest_baseline": "tifu-knn", "model_hr@10": 0.5, "baseline_hr@10": 0.45, "ratio": 1.11,
                 "target_ratio": 1.1, "met": True}}}))
     (row,) = [r for r in headline.rows(results) if r.section == "eval-recommender"]
-    assert row.measured == "0.500 / 0.450 (1.11x)" and row.date == "2031-01-01" and "tifu-knn" in row.what
+    assert row.measured == "0.500 / 0.450 (1.110x)" and row.date == "2031-01-01" and "tifu-knn" in row.what
