@@ -487,15 +487,10 @@ def main(argv: list[str] | None = None, text_encoder: tuple[Path, float] | None 
     if args.latency_budget_ms is not None:
         config.latency_budget_ms = args.latency_budget_ms
     args.latency_budget_ms = config.latency_budget_ms  # recorded in the protocol
-    if args.round_epochs is not None:
-        config.epochs = args.round_epochs
-    args.round_epochs = config.epochs
-    if args.replay_ratio is not None:
-        config.replay_ratio = args.replay_ratio
-    args.replay_ratio = config.replay_ratio
-    if args.round_lr_factor is not None:
-        config.lr_factor = args.round_lr_factor
-    args.round_lr_factor = config.lr_factor
+    for flag, field in (("round_epochs", "epochs"), ("replay_ratio", "replay_ratio"), ("round_lr_factor", "lr_factor")):
+        if getattr(args, flag) is not None:
+            setattr(config, field, getattr(args, flag))
+        setattr(args, flag, getattr(config, field))  # recorded in the protocol
     model = RecommenderModel(registry_dir=registry.root, catalog_path=journal, seed=args.seed)
     t = time.time()
     progress(f"bootstrap: {int(bounds[w0])} warm-up lines, {args.bootstrap_epochs} epochs, last {args.holdout_days} "
@@ -592,22 +587,22 @@ def main(argv: list[str] | None = None, text_encoder: tuple[Path, float] | None 
         returning = [n for n, c in enumerate(customers) if c in purchases.days]
         if args.max_customers and len(returning) > args.max_customers:
             returning = sorted(rng.choice(returning, args.max_customers, replace=False).tolist())
-        top_ex, _ = served.rank(vectors, [users[n] for n in returning], [hist_rows[n] for n in returning],
-                                [purchased_rows[n] for n in returning])
+        ret_users, ret_hist = [users[n] for n in returning], [hist_rows[n] for n in returning]
+        ret_bought, ret_none = [purchased_rows[n] for n in returning], [[] for _ in returning]
+        top_ex, _ = served.rank(vectors, ret_users, ret_hist, ret_bought)
         # the bootstrap's version on the same customers, histories and catalog (its own vocabulary
         # and item tower: an item or customer it never saw is code 0 there, as in the service)
         frozen_vectors = vectors if frozen.version == version else frozen.item_vectors(
             [item_names[i] for i in catalog_items], [titles[i] for i in catalog_items],
             [str(subclass[i]) for i in catalog_items], np.asarray([journaled[i] for i in catalog_items]))
-        ret_users, ret_hist = [users[n] for n in returning], [hist_rows[n] for n in returning]
-        frozen_all, _ = frozen.rank(frozen_vectors, ret_users, ret_hist, [[] for _ in returning])
-        frozen_ex, _ = frozen.rank(frozen_vectors, ret_users, ret_hist, [purchased_rows[n] for n in returning])
+        frozen_all, _ = frozen.rank(frozen_vectors, ret_users, ret_hist, ret_none)
+        frozen_ex, _ = frozen.rank(frozen_vectors, ret_users, ret_hist, ret_bought)
         sales = model.state.popularity([int(day_numbers[d])])[int(day_numbers[d])]  # sales before the day
         fresh_vectors = frozen_vectors.copy()
         fresh_vectors[:, -sales.shape[1]:] = np.log1p(sales[[model.state.item_index.get(item_names[i], 0)
                                                              for i in catalog_items]])
-        fresh_all, _ = frozen.rank(fresh_vectors, ret_users, ret_hist, [[] for _ in returning])
-        fresh_ex, _ = frozen.rank(fresh_vectors, ret_users, ret_hist, [purchased_rows[n] for n in returning])
+        fresh_all, _ = frozen.rank(fresh_vectors, ret_users, ret_hist, ret_none)
+        fresh_ex, _ = frozen.rank(fresh_vectors, ret_users, ret_hist, ret_bought)
         serve_s.append(time.time() - t)
         evaluated.append(len(returning))
         # baselines and the tallies

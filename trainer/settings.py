@@ -137,6 +137,11 @@ class CoreTrainerSettings(ServerSettings):
     def plugin(self, domain: str) -> TrainerDomain:
         return self.loaded_domains()[domain]
 
+    def loaded_plugin(self, domain: str | None) -> TrainerDomain | None:
+        """domain's plug-in, None for no domain or one domain_modules does not load."""
+        domains = self.loaded_domains()
+        return domains[domain] if domain is not None and domain in domains else None
+
     @property
     def event_log_path(self) -> Path:
         return Path(self.workdir) / "events.db"
@@ -187,13 +192,15 @@ class CoreTrainerSettings(ServerSettings):
         from trainer.gate import parse_per_domain
 
         own = parse_per_domain(self.domain_epochs, "domain_epochs").get(domain)
-        if own is None and domain is not None and domain in self.loaded_domains():
-            own = self.plugin(domain).round_epochs
+        plugin = self.loaded_plugin(domain)
+        if own is None and plugin is not None:
+            own = plugin.round_epochs
         return own or self.epochs
 
     def lr_factor_for(self, domain: str | None) -> float:
         """A round's step size as a share of the model's own: the plug-in's (TrainerDomain.round_lr_factor)."""
-        return self.plugin(domain).round_lr_factor if domain is not None and domain in self.loaded_domains() else 1.0
+        plugin = self.loaded_plugin(domain)
+        return plugin.round_lr_factor if plugin is not None else 1.0
 
     def min_gain_for(self, domain: str | None) -> float | None:
         """The must-beat bar of domain's gate (None: not worse is enough)."""
@@ -203,7 +210,8 @@ class CoreTrainerSettings(ServerSettings):
     def canary_config(self, domain: str | None = None):
         from trainer.canary import CanaryConfig, parse_modes
 
-        default = self.plugin(domain).canary_mode if domain in self.loaded_domains() else "canary"
+        plugin = self.loaded_plugin(domain)
+        default = plugin.canary_mode if plugin is not None else "canary"
         return CanaryConfig(mode=parse_modes(self.canary_modes).get(domain, default), share=self.canary_share,
                             min_labels=self.canary_min_labels, min_positives=self.canary_min_positives,
                             timeout_s=self.canary_timeout_s, margin=self.canary_margin,
