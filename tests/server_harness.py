@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import sys
+import threading
 
 import grpc
 
@@ -27,6 +29,55 @@ async def until(condition, what: str = "condition", timeout_s: float = 30.0) -> 
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+
+def _awaited_frames(coro, limit: int = 12) -> list[str]:
+    """Where a suspended coroutine waits: its frame, then each one it awaits, innermost last
+    (Task.print_stack shows only the outermost frame of a suspended task)."""
+    lines = []
+    while coro is not None and len(lines) < limit:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            lines.append(f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return lines
+
+
+def pending_work() -> str:
+    """Every task of the running loop and every other thread, each with where it waits: what a
+    hang's failure message needs to name its cause."""
+    out = []
+    for task in asyncio.all_tasks():
+        out.append(f"task {task.get_name()}: " + " <- ".join(reversed(_awaited_frames(task.get_coro()))))
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        if ident == threading.get_ident():
+            continue
+        stack = []
+        while frame is not None and len(stack) < 4:
+            stack.append(f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno} {frame.f_code.co_name}")
+            frame = frame.f_back
+        out.append(f"thread {names.get(ident, ident)}: " + " <- ".join(stack))
+    return "\n".join(out)
+
+
+@contextlib.asynccontextmanager
+async def within(timeout_s: float, what: str):
+    """Fail the block if it has not finished after timeout_s, naming `what` and, taken at that
+    moment, every pending task and thread with where it waits: a hang fails at its own step
+    with its cause in the message, not at pytest's timeout on the event loop's idle frame."""
+    loop = asyncio.get_running_loop()
+    seen: list[str] = []
+    snapshot = loop.call_later(timeout_s, lambda: seen.append(pending_work()))  # before the cancel below
+    try:
+        async with asyncio.timeout(timeout_s + 0.05):
+            yield
+    except TimeoutError as e:
+        raise AssertionError(f"{what}: not done after {timeout_s:g} s; pending then:\n"
+                             + (seen[0] if seen else pending_work())) from e
+    finally:
+        snapshot.cancel()
 
 
 def settings(**overrides) -> OnnxServerSettings:

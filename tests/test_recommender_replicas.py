@@ -28,7 +28,7 @@ from shared.registry import ModelRegistry
 from tests.reco_onnx import publish_contract_version
 from tests.recommender_fixtures import RunningRecommender, exported_text_encoder, recommender_test_settings
 from tests.redis_server import redis_server  # noqa: F401  (fixture)
-from tests.server_harness import until
+from tests.server_harness import until, within
 from tests.test_recommender_service import CATALOG, USERS, ids
 from trainer.collector import FeedbackCollector, add_collector
 from trainer.domains.recommender import model_from_settings
@@ -52,17 +52,27 @@ def registry(tmp_path_factory):
 CALL_S = 60.0  # far above a Redis client's retries (about 5 s): a hang fails at its own line
 
 
+STEP_S = 60.0  # a bound for starting or stopping both replicas (about 1 s on an idle machine)
+
+
 @contextlib.asynccontextmanager
 async def replicas(tmp_path, registry, redis_url: str, trainer_target: str = ""):
-    """Replicas A and B (stubs, services) on one Redis; separate state folders."""
+    """Replicas A and B (stubs, services) on one Redis; separate state folders. Starting and
+    stopping them are bounded steps (tests.server_harness.within): a hang names itself."""
     async with contextlib.AsyncExitStack() as stack:
         out = []
-        for name in ("a", "b"):
-            s = recommender_test_settings(tmp_path, registry, name, redis_url=redis_url, trainer_target=trainer_target)
-            running = RunningRecommender(s)
-            stub = await stack.enter_async_context(running)
-            out.append((stub, running.service))
-        yield out
+        async with within(STEP_S, "starting replicas A and B"):
+            for name in ("a", "b"):
+                s = recommender_test_settings(tmp_path, registry, name, redis_url=redis_url,
+                                              trainer_target=trainer_target)
+                running = RunningRecommender(s)
+                stub = await stack.enter_async_context(running)
+                out.append((stub, running.service))
+        try:
+            yield out
+        finally:
+            async with within(STEP_S, "stopping replicas A and B"):
+                await stack.aclose()
 
 
 async def test_a_click_reported_to_replica_b_changes_what_replica_a_recommends(tmp_path, registry, redis_server):
@@ -175,20 +185,22 @@ async def test_redis_unreachable_refuses_ranking_without_history_but_keeps_every
     """Redis down: a Recommend for a user is UNAVAILABLE (never ranked without their history
     silently), an anonymous one is answered, an outcome is still accepted (the label goes to the
     trainer; only its history update is skipped); Redis back: a retry, not an error. Every call
-    has a deadline: a call that never returned once made this test end at pytest's timeout, with
-    no word of which."""
+    has a deadline and every step a bound that names it (a hang ended this test twice at pytest's
+    timeout on the event loop's idle frame, with no word of where)."""
     async with replicas(tmp_path, registry, redis_server.url) as ((a, _a), (b, _b)):
         request = pb.RecommendRequest(user_id="fay", k=3)
         served = await a.Recommend(request, timeout=CALL_S)
         redis_server.kill()
-        recommend, report, anonymous = await asyncio.gather(
-            a.Recommend(request, timeout=CALL_S),
-            b.ReportOutcome(pb.RecommendationOutcome(prediction_id=served.prediction_id, item_id=ids(served)[0],
-                                                     event=pb.EVENT_CLICK), timeout=CALL_S),
-            a.Recommend(pb.RecommendRequest(k=3), timeout=CALL_S), return_exceptions=True)
+        async with within(CALL_S + 10, "three calls with Redis down"):
+            recommend, report, anonymous = await asyncio.gather(
+                a.Recommend(request, timeout=CALL_S),
+                b.ReportOutcome(pb.RecommendationOutcome(prediction_id=served.prediction_id, item_id=ids(served)[0],
+                                                         event=pb.EVENT_CLICK), timeout=CALL_S),
+                a.Recommend(pb.RecommendRequest(k=3), timeout=CALL_S), return_exceptions=True)
         assert isinstance(recommend, grpc.aio.AioRpcError) and recommend.code() == grpc.StatusCode.UNAVAILABLE
         assert "history" in recommend.details()
         assert report.accepted == 1 and len(anonymous.items) == 3
         redis_server.start()  # same port and folder: the AOF replayed
-        again = await a.Recommend(request, timeout=CALL_S)
+        async with within(CALL_S + 10, "a Recommend after Redis came back"):
+            again = await a.Recommend(request, timeout=CALL_S)
         assert len(again.items) == 3 and again.prediction_id != served.prediction_id

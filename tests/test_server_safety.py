@@ -2,7 +2,8 @@
 shed by us, RESOURCE_EXHAUSTED at once and counted; the adaptive per-method limit shrinks
 under a standing queue, never for one slow call), undecodable request bytes are
 INVALID_ARGUMENT, unknown method names do not grow memory, health List and reflection v1
-answer, shutdown drains without losing an admitted call, and the trainer is NOT_SERVING
+answer, shutdown drains without losing an admitted call (and ends even when a shutdown hook
+hangs), and the trainer is NOT_SERVING
 until it has a model for every domain it learns.
 
 Admission tests drive time with a FakeClock given to the interceptor: a call's latency is
@@ -421,6 +422,39 @@ async def test_shutdown_drains_then_lets_every_admitted_call_finish_and_ends_wat
         assert await watch.read() is grpc.aio.EOF
         assert await watch.code() == grpc.StatusCode.OK
         await stopping
+
+
+
+@pytest.mark.timeout(60)
+async def test_a_shutdown_hook_that_never_ends_is_abandoned_by_name_and_the_later_steps_still_run(caplog):
+    """The worst hook: it waits forever and swallows its cancellation. stop() still returns,
+    says which hook it left behind, and runs the hooks after it. (The hook here ends when the
+    test releases it, after stop() returned: the event loop's own teardown would wait for it.)"""
+    async with held_server() as (app, held, stub, channel):
+        app.stop_step_timeout_s = 0.2
+        ran, stuck_started, released = [], asyncio.Event(), asyncio.Event()
+        left_behind: list[asyncio.Task] = []
+
+        async def wait_for_a_dead_dependency() -> None:
+            stuck_started.set()
+            left_behind.append(asyncio.current_task())
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await released.wait()  # the cancellation swallowed: still stuck
+
+        async def flush_what_is_left() -> None:
+            ran.append("flushed")
+
+        app.on_stop[:] = [wait_for_a_dead_dependency, flush_what_is_left]
+        with caplog.at_level("ERROR", logger="shared.server.bootstrap"):
+            await app.stop()
+        assert stuck_started.is_set() and ran == ["flushed"]
+        [line] = [r.getMessage() for r in caplog.records if "abandoned" in r.getMessage()]
+        assert "wait_for_a_dead_dependency" in line and "0.2 s" in line
+        assert not left_behind[0].done()  # stop() returned while the hook was still stuck
+        released.set()
+        await left_behind[0]
 
 
 @pytest.mark.timeout(300)

@@ -90,6 +90,11 @@ class ServerApp:
     # Called after the models started / before they stop (e.g. the feedback client).
     on_start: list[Callable[[], Awaitable[None]]] = dataclasses.field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = dataclasses.field(default_factory=list)
+    # The longest one shutdown step (grpc's stop after its grace, an on_stop hook, a model's
+    # stop) may take before it is abandoned, logged by name: a step stuck on a dead dependency
+    # must not keep a SIGTERM'd process alive until the orchestrator's SIGKILL, which loses
+    # what the later steps would have flushed.
+    stop_step_timeout_s: float = 15.0
 
     def __post_init__(self) -> None:
         self.server: grpc.aio.Server | None = None
@@ -166,6 +171,8 @@ class ServerApp:
            whole grace and then be cancelled;
         4. server.stop(grace_s): new RPCs are refused, in-flight ones get grace_s to finish;
         5. only then the on_stop hooks and the models, which in-flight calls still use.
+        Each step is bounded (stop_step_timeout_s; grpc's stop gets grace_s more): one that
+        hangs is abandoned and named in the log, and the steps after it still run.
         """
         if self._stopping:
             return
@@ -177,19 +184,33 @@ class ServerApp:
                     log.info("%s: NOT_SERVING; draining for %.1f s before refusing new calls", self.name,
                              self.settings.drain_s)
                     await asyncio.sleep(self.settings.drain_s)
-                await self.health.close_watches()
-                await self.server.stop(self.settings.grace_s)
+                await self._stop_step("closing the health Watch streams", self.health.close_watches())
+                await self._stop_step("stopping the gRPC server", self.server.stop(self.settings.grace_s),
+                                      self.settings.grace_s + self.stop_step_timeout_s)
         finally:
             for hook in self.on_stop:
-                try:
-                    await hook()
-                except Exception:
-                    log.exception("%s: shutdown hook failed", self.name)
-            await asyncio.gather(*(m.stop() for m in self.models.values()), return_exceptions=True)
+                await self._stop_step(f"the shutdown hook {getattr(hook, '__qualname__', hook)!r}", hook())
+            await asyncio.gather(*(self._stop_step(f"stopping model {name!r}", m.stop())
+                                   for name, m in self.models.items()))
             if self._metrics_httpd is not None:
                 self._metrics_httpd.shutdown()
                 self._metrics_httpd.server_close()
             log.info("%s stopped", self.name)
+
+    async def _stop_step(self, what: str, step: Awaitable[None], timeout_s: float | None = None) -> None:
+        """Await one shutdown step in a task of its own, for at most timeout_s (default
+        stop_step_timeout_s). Past it the task is cancelled and left behind, not awaited: a step
+        that swallows its cancellation would otherwise hold the shutdown as surely as the hang.
+        A step that fails is logged; the shutdown goes on either way."""
+        timeout_s = self.stop_step_timeout_s if timeout_s is None else timeout_s
+        task = asyncio.ensure_future(step)
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done:
+            task.cancel()
+            log.error("%s: %s did not finish within %.1f s; abandoned so that the shutdown ends", self.name,
+                      what, timeout_s)
+        elif not task.cancelled() and task.exception() is not None:
+            log.error("%s: %s failed", self.name, what, exc_info=task.exception())
 
 
 async def _serve_until_signal(app: ServerApp) -> None:
