@@ -126,6 +126,19 @@ def test_onnx_matches_pytorch(world):
     assert model.parity(ScoringExport(net).eval(), world["folder"] / "model.onnx", feeds) <= 1e-4
 
 
+
+def test_the_first_version_answers_the_same_at_every_hour(world):
+    """Ta Feng has no hours (its rows carry random ones, trainer.domains.recommender_data.TafengRows):
+    after the bootstrap every hour has the mean embedding, so an answer does not depend on the
+    hour of day it is asked at until live traffic teaches the hours something."""
+    n = len(world["catalog"])
+    for user, history in ((3, [1, 5, 9]), (0, []), (7, list(range(0, n, max(1, n // 20)))[:20])):
+        answers = [run(world, request(world, user=user, history=history, context=(1, 2, hour))) for hour in range(24)]
+        for hour, answer in enumerate(answers[1:], start=1):
+            assert answer["items"].tolist() == answers[0]["items"].tolist(), hour
+            np.testing.assert_allclose(answer["score"], answers[0]["score"], rtol=0, atol=1e-5, err_msg=str(hour))
+
+
 def test_topk_restrict_exclude_and_batching(world):
     n = len(world["catalog"])
     history = [5, 9, 5, 17]

@@ -110,6 +110,10 @@ class DomainModel(abc.ABC):
         return torch.optim.Adam(net.parameters(), lr=1e-3)
 
     # ---- optional hooks (defaults fit a model with one probability output per row) ----
+    def finish_bootstrap(self, net: torch.nn.Module) -> None:
+        """Called once the bootstrap's epochs are done, before the first version is evaluated
+        and exported: what the bootstrap data could not teach is undone here (default: nothing)."""
+
     def prequential_loss(self, y: np.ndarray, p: np.ndarray) -> np.ndarray:
         """Per-example loss of what was served (the drift detector's input): log loss."""
         p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
@@ -352,6 +356,7 @@ class Learner:
             self.model.train(self.net, self.opt, X, y, epochs=1, seed=epoch)
             if progress is not None:
                 progress(epoch + 1, epochs)
+        self.model.finish_bootstrap(self.net)
         p = self.model.predict(self.net, holdout_X)
         keep = self._rng.choice(len(y), size=min(len(y), self.config.replay_size), replace=False)
         self.replay = Examples(X[keep], y[keep], np.full(len(keep), np.nan, np.float32), np.zeros(len(keep), np.int64))

@@ -343,8 +343,9 @@ class TafengRows:
     Each purchase line is a click and a purchase (level 2) of its product by its customer; the
     history of a row is the customer's purchases on earlier days, most recent first (the
     day's own basket is not visible to itself). Ta Feng has no page, device or hour: page and
-    device are 0 (other) and the hour is drawn uniformly, so the hour embeddings learn no
-    spurious effect before live traffic teaches them one.
+    device are 0 (other) and the hour is drawn uniformly (a noise the user tower is trained
+    around); RecommenderModel.finish_bootstrap then gives every hour the mean embedding, so no
+    hour carries a spurious effect before live traffic teaches them.
     """
 
     def __init__(self, df, state: RecoState, seed: int = 0) -> None:
