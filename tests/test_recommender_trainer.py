@@ -139,6 +139,27 @@ def test_the_first_version_answers_the_same_at_every_hour(world):
             np.testing.assert_allclose(answer["score"], answers[0]["score"], rtol=0, atol=1e-5, err_msg=str(hour))
 
 
+
+@pytest.mark.parametrize("random_hours", [True, False])
+def test_the_bootstrap_evens_out_the_hours_only_when_its_rows_had_random_ones(random_hours):
+    """A bootstrap on rows with real hours (a store's own history) keeps the hour effects it
+    learned; one on Ta Feng's random hours gives every hour the mean."""
+    from trainer.domains.recommender import RecommenderModel
+    from trainer.domains.recommender_net import RecoNet
+
+    model = RecommenderModel()
+    model.state.random_hours = random_hours
+    net = RecoNet(10, 10, 2)
+    with torch.no_grad():
+        net.hour.weight.copy_(torch.randn(net.hour.weight.shape, generator=torch.Generator().manual_seed(0)))
+    learned = net.hour.weight.detach().clone()
+    model.finish_bootstrap(net)
+    if random_hours:
+        assert torch.allclose(net.hour.weight, learned.mean(0, keepdim=True).expand_as(learned))
+    else:
+        assert torch.equal(net.hour.weight, learned)
+
+
 def test_topk_restrict_exclude_and_batching(world):
     n = len(world["catalog"])
     history = [5, 9, 5, 17]

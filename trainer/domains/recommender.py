@@ -200,12 +200,16 @@ class RecommenderModel(DomainModel):
                      fitted["b"])
 
     def finish_bootstrap(self, net: RecoNet) -> None:
-        """Every hour gets the mean of the 24 hour embeddings. Ta Feng has no hours: its rows
-        carry random ones (TafengRows), a noise that regularises the user tower (dropping it
-        cost the cold-start test's matching customers 161 -> 129 of 233), but what each hour's
-        embedding learned from it is noise too: the first version's top-10s changed with the
-        hour of day they were asked at (that test failed at 02:00 UTC only). The mean keeps the
-        offset the tower was trained around; live traffic, which has real hours, teaches them."""
+        """After a bootstrap on rows with random hours (state.random_hours: TafengRows, since
+        Ta Feng has none), every hour gets the mean of the 24 hour embeddings. The random hours
+        are a noise that regularises the user tower (without it the cold-start test's matching
+        customers fell 161 -> 129 of 233), but what each hour's embedding learned from them is
+        noise too: the first version's top-10s changed with the hour of day they were asked at
+        (that test failed at 02:00 UTC only). The mean keeps the offset the tower was trained
+        around; live traffic, which has real hours, teaches them. A bootstrap on rows with real
+        hours keeps what it learned."""
+        if not self.state.random_hours:
+            return
         with torch.no_grad():
             net.hour.weight.copy_(net.hour.weight.mean(0, keepdim=True).expand_as(net.hour.weight))
 

@@ -96,6 +96,9 @@ class RecoState:
         self.item_capacity = 0
         self.category_capacity = 0
         self.revision = 0  # bumped on every change of item features (caches key on it)
+        # the bootstrap's rows carry random hours (TafengRows: the data has none); not saved:
+        # it matters only until the bootstrap ends (RecommenderModel.finish_bootstrap)
+        self.random_hours = False
 
     # ---- sizes ----
     @property
@@ -353,6 +356,7 @@ class TafengRows:
         self.state = state
         self.days = np.asarray(sorted(df["day"].unique()))
         self.day_of_row = df["day"].to_numpy()
+        state.random_hours = True
         self.users = np.asarray([state.user_code(str(c), add=True) for c in df["customer_id"].to_numpy()], np.int64)
         self.items = np.asarray([state.item_code(str(p)) for p in df["product_id"].to_numpy()], np.int64)
         self.day_numbers = (self.days.astype("datetime64[D]").astype(np.int64))  # days since 1970-01-01
