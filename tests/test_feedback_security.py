@@ -81,7 +81,11 @@ async def test_fabricated_feedback_without_identity_is_refused_and_counted(tmp_p
             before = metric("storefront_trainer_feedback_refused_total", reason=reason)
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await c.send(fabricated, metadata)
-            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, reason
+            # the collector refuses on the call's metadata; when that status beats the batch onto
+            # the wire, grpc fails the client's write with a local INTERNAL instead (seen once under
+            # load); the collector's count by reason is what says it refused, and why
+            raced = e.value.code() == grpc.StatusCode.INTERNAL and "SendMessageOperation" in e.value.debug_error_string()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED or raced, (reason, e.value)
             assert metric("storefront_trainer_feedback_refused_total", reason=reason) == before + 1
         assert c.log.count() == 0 and c.collector.refused == 2
 
