@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from services.recommender.explore import closest_titles
+
 RESULTS = Path(__file__).resolve().parent / "results" / "cold_start.json"
 K = 10
 TAFENG_LINES = 60_000  # ~9 days of Ta Feng
@@ -211,6 +213,7 @@ class ExportedRanker:
                  "category": np.array([[category_code.get(c["category"], 0)] for c in catalog], np.int64),
                  "price": np.array([[c["price"]] for c in catalog], np.float32)}
         self.vectors = tower.run(["item_vector"], feeds)[0]
+        self.texts = feeds["text"]
         self.unlearned = np.flatnonzero(feeds["item"][:, 0] == 0)
         self.explore_share = explore_share
         self.scoring = ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
@@ -218,12 +221,19 @@ class ExportedRanker:
     def top(self, users: list[str], histories: list[list[str]], k: int = K) -> np.ndarray:
         """Top-k catalog rows [len(users), k] (history: item ids, most recent first); with an
         explore_share, the service's exploration slot (services.recommender.adapter): the best
-        unlearned items take the last floor(k x share) places when the ranking shows fewer."""
+        of the unlearned items (for a customer with a history: the floor(k x share) whose titles
+        are closest to the history's) take that many last places when the ranking shows fewer."""
         top = self._top(users, histories, k)
         slots = int(k * self.explore_share)
         if not slots or not len(self.unlearned):
             return top
-        best_new = self._top(users, histories, k, restrict=self.unlearned)
+        # the service's candidates (services.recommender.explore): for a customer with a history,
+        # the `slots` unlearned items whose titles are closest to the history's
+        restrict = []
+        for h in histories:
+            rows = [self.row[x] for x in h if x in self.row][:self.history_len]
+            restrict.append(self.unlearned[closest_titles(self.texts[rows], self.texts[self.unlearned], slots)])
+        best_new = self._top(users, histories, k, restrict=restrict)
         unlearned = set(self.unlearned.tolist())
         for i in range(len(users)):
             ranked = top[i].tolist()
@@ -234,6 +244,7 @@ class ExportedRanker:
         return top
 
     def _top(self, users: list[str], histories: list[list[str]], k: int, restrict=None) -> np.ndarray:
+        """restrict: None (every row) or one array of rows per user."""
         out = []
         for s in range(0, len(users), 256):
             us, hs = users[s:s + 256], histories[s:s + 256]
@@ -241,10 +252,14 @@ class ExportedRanker:
             for i, h in enumerate(hs):
                 rows = [self.row[x] for x in h if x in self.row][:self.history_len]
                 hist[i, :len(rows)] = rows
+            chunk = restrict[s:s + 256] if restrict is not None else [np.array([-1])] * len(us)
+            allowed = np.full((len(us), max(1, max(len(r) for r in chunk))), -1, np.int64)
+            for i, r in enumerate(chunk):
+                allowed[i, :len(r)] = r
             feeds = {"user": np.array([[self.user_code.get(u, 0)] for u in us], np.int64), "history": hist,
                      "context": np.tile(np.array([[0, 0, 10]], np.int64), (len(us), 1)),
                      "k": np.full((len(us), 1), k, np.int64),
-                     "restrict": np.tile(restrict if restrict is not None else np.array([-1]), (len(us), 1)),
+                     "restrict": allowed,
                      "exclude": np.full((len(us), 1), -1, np.int64), "item_vectors": self.vectors}
             out.append(self.scoring.run(["items"], feeds)[0][:, :k])
         return np.concatenate(out) if out else np.zeros((0, k), np.int64)

@@ -71,7 +71,9 @@ async def test_a_new_titled_item_reaches_matching_customers_before_any_interacti
             matching += any(kind(i) == favourites[user][0] for i in shown_new)
             unrelated += any(kind(i) != favourites[user][0] for i in shown_new)
         # every new item has zero interactions: what puts it there is its title
-        assert matching >= 0.6 * len(customers), (matching, len(customers))
+        # the slot's candidates are the new items whose titles are closest to the customer's
+        # history (services.recommender.explore): 218..223 of the 233 over training seeds 0..4
+        assert matching >= 0.85 * len(customers), (matching, len(customers))
         assert unrelated <= 0.4 * len(customers) and unrelated < matching / 2, (unrelated, matching)
         # the slot's share is bounded (1 of 10) and counted
         served = counter("storefront_recommender_served_items_total") - served0
@@ -134,3 +136,16 @@ def test_the_cold_item_prior_and_the_vocabulary_of_cold_items(tmp_path):
     assert vocab["items"] == ["milk", "tea", "new"] and vocab["cold_items"] == ["new"]
     state.cold_prior = False  # the former rule: a cold item has no sales at all
     assert (state.popularity([102])[102][[0, new]] == 0).all()
+
+
+def test_the_slot_candidates_are_the_titles_closest_to_the_history():
+    import numpy as np
+
+    from services.recommender.explore import closest_titles
+
+    history = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])  # lengths differ: cosine, not dot
+    candidates = np.array([[0.0, 0.0, 5.0], [1.0, 1.0, 0.0], [9.0, 0.0, 3.0], [0.0, 1.0, 0.05]])
+    assert closest_titles(history, candidates, 2).tolist() == [1, 3]  # ascending indices
+    assert closest_titles(history, candidates, 1).tolist() == [1]
+    assert closest_titles(history, candidates, 4).tolist() == [0, 1, 2, 3]  # no more than there are
+    assert closest_titles(history[:0], candidates, 1).tolist() == [0, 1, 2, 3]  # no history: the graph ranks all

@@ -15,9 +15,11 @@ Departments: a request scoped to departments restricts the graph to their rows (
 the popularity fallback alike: both are the graph). Exploration: while the catalog holds items
 the serving version has no id for (brand-new items, scored by their title, category and price
 and the cold-item popularity prior), a request gets a second graph row ranking only those
-items, and the best of them take at most floor(k x explore_share) of the last places when the
-ranking itself shows fewer (realised share: explored_items_total / served_items_total). The
-extra row is only run while unlearned items exist, i.e. until the next round learns them.
+items (for a customer with a history: the floor(k x explore_share) of them whose titles are
+closest to the history's, services.recommender.explore), and the best of them take at most
+that many of the last places when the ranking itself shows fewer (realised share:
+explored_items_total / served_items_total). The extra row is only run while unlearned items
+exist, i.e. until the next round learns them.
 Catalog updates (UpsertItems, the journal follower): services.recommender.catalog_updates.
 The Redis mode (RedisOnlineState: history, prediction memory, catalog shared by every replica):
 predict() reads the user's lists before the template's preprocess, and remembers the
@@ -46,6 +48,7 @@ from services.recommender.catalog import Catalog, CatalogSnapshot
 from services.recommender.catalog_records import MAX_DEPARTMENT_CHARS, read_jsonl
 from services.recommender.catalog_updates import CATALOG_ITEMS, CatalogUpdates
 from services.recommender.contract import bucket, padded
+from services.recommender.explore import closest_titles
 from services.recommender.history import RecentPredictions, UserHistory
 from services.recommender.item_index import VersionItems
 from services.recommender.redis_state import RedisOnlineState
@@ -296,6 +299,9 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
         if slots and len(unlearned):
             if restrict_set is not None:
                 unlearned = np.fromiter((r for r in unlearned.tolist() if r in restrict_set), np.int64)
+            if len(unlearned) and history_rows:  # the slot's candidates: titles like the history's
+                unlearned = unlearned[closest_titles(snap.text_vectors(np.asarray(history_rows)),
+                                                     snap.text_vectors(unlearned), slots)]
             if len(unlearned):
                 feeds = self._with_explore_row(feeds, unlearned, slots)
         extra = RecoRequest(snap, request.k, user_id, history_ids,

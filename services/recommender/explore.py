@@ -1,0 +1,29 @@
+"""Which not-yet-learned items a customer's exploration slot ranks: the ones whose titles are
+closest to what the customer interacted with.
+
+A brand-new item has no id row and no sales: the version scores it on its content alone, and
+that score's personalisation varies with the training's random draws. Ranking every unlearned
+item by it, the slot showed the matching new item to 161 of 233 one-kind customers of the
+cold-start test with one seed and to 47 with another (bench.cold_start --seed). The title
+embedding (the sentence encoder's, which no training moves) does not: the mean of the
+customer's history titles picks an item of the customer's kind of shop for 218 of the 233.
+The version's graph still scores the chosen items (score and probabilities in the answer),
+and a customer without a history gets its content score over every unlearned item.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def closest_titles(history: np.ndarray, candidates: np.ndarray, n: int) -> np.ndarray:
+    """Indices (ascending) into `candidates` [C, D] of the n title embeddings with the highest
+    cosine to the mean of the unit-length `history` [H, D] embeddings. Every index when C <= n
+    or the history is empty (nothing to be close to: the graph's content score ranks them)."""
+    if len(candidates) <= n or len(history) == 0:
+        return np.arange(len(candidates), dtype=np.int64)
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    h = history / np.maximum(np.linalg.norm(history, axis=1, keepdims=True), 1e-12)
+    c = candidates / np.maximum(np.linalg.norm(candidates, axis=1, keepdims=True), 1e-12)
+    sims = c @ h.mean(0)
+    return np.sort(np.argpartition(-sims, n - 1)[:n]).astype(np.int64)
