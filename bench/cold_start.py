@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.recommender.explore import closest_titles
+from services.recommender.explore import EXPLORE_SHORTLIST, closest_titles
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cold_start.json"
 K = 10
@@ -227,18 +227,18 @@ class ExportedRanker:
         slots = int(k * self.explore_share)
         if not slots or not len(self.unlearned):
             return top
-        # the service's candidates (services.recommender.explore): for a customer with a history,
-        # the `slots` unlearned items whose titles are closest to the history's
-        restrict = []
-        for h in histories:
-            rows = [self.row[x] for x in h if x in self.row][:self.history_len]
-            restrict.append(self.unlearned[closest_titles(self.texts[rows], self.texts[self.unlearned], slots)])
-        best_new = self._top(users, histories, k, restrict=restrict)
+        # as the service picks (services.recommender.adapter): the graph's best unlearned items,
+        # and for a customer with a history the shortlist's titles closest to the history's
+        best_new = self._top(users, histories, max(slots, EXPLORE_SHORTLIST), restrict=[self.unlearned] * len(users))
         unlearned = set(self.unlearned.tolist())
-        for i in range(len(users)):
+        for i, h in enumerate(histories):
             ranked = top[i].tolist()
             need = slots - sum(r in unlearned for r in ranked)
-            extra = [r for r in best_new[i].tolist() if r not in ranked][:max(0, need)]
+            candidates = [r for r in best_new[i].tolist() if r not in ranked]
+            rows = [self.row[x] for x in h if x in self.row][:self.history_len]
+            if rows:
+                candidates = [candidates[j] for j in closest_titles(self.texts[rows], self.texts[candidates], slots)]
+            extra = candidates[:max(0, need)]
             if extra:
                 top[i] = ranked[:k - len(extra)] + extra
         return top

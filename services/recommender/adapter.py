@@ -15,11 +15,11 @@ Departments: a request scoped to departments restricts the graph to their rows (
 the popularity fallback alike: both are the graph). Exploration: while the catalog holds items
 the serving version has no id for (brand-new items, scored by their title, category and price
 and the cold-item popularity prior), a request gets a second graph row ranking only those
-items (for a customer with a history: the floor(k x explore_share) of them whose titles are
-closest to the history's, services.recommender.explore), and the best of them take at most
-that many of the last places when the ranking itself shows fewer (realised share:
-explored_items_total / served_items_total). The extra row is only run while unlearned items
-exist, i.e. until the next round learns them.
+items, and the best of them take at most floor(k x explore_share) of the last places when the
+ranking itself shows fewer (realised share: explored_items_total / served_items_total); for a
+customer with a history, "best" is the titles closest to the history's among the row's top
+EXPLORE_SHORTLIST (services.recommender.explore). The extra row is only run while unlearned
+items exist, i.e. until the next round learns them.
 Catalog updates (UpsertItems, the journal follower): services.recommender.catalog_updates.
 The Redis mode (RedisOnlineState: history, prediction memory, catalog shared by every replica):
 predict() reads the user's lists before the template's preprocess, and remembers the
@@ -48,7 +48,7 @@ from services.recommender.catalog import Catalog, CatalogSnapshot
 from services.recommender.catalog_records import MAX_DEPARTMENT_CHARS, read_jsonl
 from services.recommender.catalog_updates import CATALOG_ITEMS, CatalogUpdates
 from services.recommender.contract import bucket, padded
-from services.recommender.explore import closest_titles
+from services.recommender.explore import EXPLORE_SHORTLIST, closest_titles
 from services.recommender.history import RecentPredictions, UserHistory
 from services.recommender.item_index import VersionItems
 from services.recommender.redis_state import RedisOnlineState
@@ -97,6 +97,7 @@ class RecoRequest:
     restrict: frozenset[int] | None
     exclude: frozenset[int]
     explore: int = 0  # exploration slots (feeds and outputs have a second row: not-yet-learned items)
+    history_rows: tuple[int, ...] = ()  # the history's catalog rows (the slot picks by their titles)
 
 
 class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.RecommendResponse]):
@@ -299,15 +300,14 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
         if slots and len(unlearned):
             if restrict_set is not None:
                 unlearned = np.fromiter((r for r in unlearned.tolist() if r in restrict_set), np.int64)
-            if len(unlearned) and history_rows:  # the slot's candidates: titles like the history's
-                unlearned = unlearned[closest_titles(snap.text_vectors(np.asarray(history_rows)),
-                                                     snap.text_vectors(unlearned), slots)]
             if len(unlearned):
-                feeds = self._with_explore_row(feeds, unlearned, slots)
+                # with a history the graph shortlists, the titles pick (postprocess)
+                feeds = self._with_explore_row(feeds, unlearned, max(slots, EXPLORE_SHORTLIST) if history_rows
+                                               else slots)
         extra = RecoRequest(snap, request.k, user_id, history_ids,
                             fallback=user_code == 0 and not history_rows,
                             restrict=restrict_set, exclude=frozenset(exclude),
-                            explore=slots if len(feeds["user"]) == 2 else 0)
+                            explore=slots if len(feeds["user"]) == 2 else 0, history_rows=tuple(history_rows))
         return Prepared(feeds, len(feeds["user"]), extra, shared={"item_vectors": index.vectors})
 
     def _user_state(self, user_id: str, n: int, want_purchased: bool) -> tuple[list[str], list[str]]:
@@ -347,10 +347,10 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
         return response
 
     @staticmethod
-    def _with_explore_row(feeds: dict[str, np.ndarray], unlearned: np.ndarray, slots: int) -> dict[str, np.ndarray]:
+    def _with_explore_row(feeds: dict[str, np.ndarray], unlearned: np.ndarray, k: int) -> dict[str, np.ndarray]:
         """A second row for the exploration slot: the same user, history and context, ranking
         only the items this version has not learned yet (their content score: title, category,
-        price, and the cold-item popularity prior). Both rows share one restrict width (-1
+        price, and the cold-item popularity prior), its best k. Both rows share one restrict width (-1
         padding: the first row stays as it was)."""
         explore = padded(unlearned)
         width = max(explore.shape[1], feeds["restrict"].shape[1])
@@ -359,7 +359,7 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
         restrict[1, :explore.shape[1]] = explore[0]
         out = {name: np.repeat(a, 2, axis=0) for name, a in feeds.items() if name != "restrict"}
         out["restrict"] = restrict
-        out["k"][1, 0] = slots
+        out["k"][1, 0] = k
         return out
 
     def postprocess(self, request, prepared: Prepared, outputs, model: LoadedModel,
@@ -375,7 +375,13 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
             unlearned = set(prepared.feeds["restrict"][1].tolist())
             shown = sum(1 for e in ranked if e[0] in unlearned)
             rows = {e[0] for e in ranked}
-            extra = [e for e in self._ranked(r, outputs, 1, r.k) if e[0] not in rows][:max(0, r.explore - shown)]
+            candidates = [e for e in self._ranked(r, outputs, 1, int(prepared.feeds["k"][1, 0])) if e[0] not in rows]
+            if r.history_rows:  # the shortlist's titles closest to the history's (services.recommender.explore)
+                texts = r.snapshot.text_vectors
+                picked = closest_titles(texts(np.asarray(r.history_rows)), texts(np.asarray([e[0] for e in candidates],
+                                                                                           np.int64)), r.explore)
+                candidates = [candidates[i] for i in picked]
+            extra = candidates[:max(0, r.explore - shown)]
             if extra:
                 ranked = ranked[:max(0, min(len(ranked), r.k - len(extra)))] + extra
                 EXPLORED.inc(len(extra))
