@@ -50,7 +50,7 @@ from services.recommender.catalog_updates import CATALOG_ITEMS, CatalogUpdates
 from services.recommender.contract import bucket, padded
 from services.recommender.explore import EXPLORE_SHORTLIST, closest_titles
 from services.recommender.history import RecentPredictions, UserHistory
-from services.recommender.item_index import VersionItems
+from services.recommender.item_index import ItemIndex, VersionItems
 from services.recommender.redis_state import RedisOnlineState
 from shared.domain import DomainService, Prepared, check_id, event_time, feedback_outcome
 from shared.errors import InvalidArgument, Unavailable
@@ -98,6 +98,7 @@ class RecoRequest:
     exclude: frozenset[int]
     explore: int = 0  # exploration slots (feeds and outputs have a second row: not-yet-learned items)
     history_rows: tuple[int, ...] = ()  # the history's catalog rows (the slot picks by their titles)
+    index: ItemIndex | None = None  # the version's item index the request was scored on
 
 
 class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.RecommendResponse]):
@@ -296,18 +297,21 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
                  # batch, and scattering a few hundred -1s costs nothing next to scoring the catalog
                  "exclude": padded(exclude, empty=self.exclude_width, at_least=self.exclude_width)}
         slots = int(request.k * self.explore_share)
-        unlearned = index.unlearned
-        if slots and len(unlearned):
-            if restrict_set is not None:
-                unlearned = np.fromiter((r for r in unlearned.tolist() if r in restrict_set), np.int64)
-            if len(unlearned):
+        if slots and len(index.unlearned):
+            if restrict_set is None:
+                explore = index.unlearned_padded()
+            else:
+                unlearned = index.unlearned[np.isin(index.unlearned, np.fromiter(restrict_set, np.int64))]
+                explore = padded(unlearned) if len(unlearned) else None
+            if explore is not None:
                 # with a history the graph shortlists, the titles pick (postprocess)
-                feeds = self._with_explore_row(feeds, unlearned, max(slots, EXPLORE_SHORTLIST) if history_rows
+                feeds = self._with_explore_row(feeds, explore, max(slots, EXPLORE_SHORTLIST) if history_rows
                                                else slots)
         extra = RecoRequest(snap, request.k, user_id, history_ids,
                             fallback=user_code == 0 and not history_rows,
                             restrict=restrict_set, exclude=frozenset(exclude),
-                            explore=slots if len(feeds["user"]) == 2 else 0, history_rows=tuple(history_rows))
+                            explore=slots if len(feeds["user"]) == 2 else 0, history_rows=tuple(history_rows),
+                            index=index)
         return Prepared(feeds, len(feeds["user"]), extra, shared={"item_vectors": index.vectors})
 
     def _user_state(self, user_id: str, n: int, want_purchased: bool) -> tuple[list[str], list[str]]:
@@ -347,12 +351,11 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
         return response
 
     @staticmethod
-    def _with_explore_row(feeds: dict[str, np.ndarray], unlearned: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    def _with_explore_row(feeds: dict[str, np.ndarray], explore: np.ndarray, k: int) -> dict[str, np.ndarray]:
         """A second row for the exploration slot: the same user, history and context, ranking
-        only the items this version has not learned yet (their content score: title, category,
-        price, and the cold-item popularity prior), its best k. Both rows share one restrict width (-1
-        padding: the first row stays as it was)."""
-        explore = padded(unlearned)
+        only the items this version has not learned yet (`explore`: their rows, padded; their
+        content score: title, category, price, and the cold-item popularity prior), its best k.
+        Both rows share one restrict width (-1 padding: the first row stays as it was)."""
         width = max(explore.shape[1], feeds["restrict"].shape[1])
         restrict = np.full((2, width), -1, np.int64)
         restrict[0, :feeds["restrict"].shape[1]] = feeds["restrict"][0]
@@ -372,8 +375,7 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
             # the exploration slot: the best not-yet-learned items (for this user) take the last
             # places when the ranking itself shows fewer than `explore` of them; they scored below
             # every item they displace, so the list stays best first
-            unlearned = set(prepared.feeds["restrict"][1].tolist())
-            shown = sum(1 for e in ranked if e[0] in unlearned)
+            shown = int(r.index.is_unlearned([e[0] for e in ranked]).sum())
             rows = {e[0] for e in ranked}
             candidates = [e for e in self._ranked(r, outputs, 1, int(prepared.feeds["k"][1, 0])) if e[0] not in rows]
             if r.history_rows:  # the shortlist's titles closest to the history's (services.recommender.explore)

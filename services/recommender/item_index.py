@@ -17,6 +17,7 @@ from typing import Mapping
 import numpy as np
 
 from services.recommender.catalog import CatalogSnapshot
+from services.recommender.contract import padded
 from shared.runtime.model import LoadedModel, ModelRejected
 from shared.runtime.session import RuntimeOptions, create_session
 
@@ -49,6 +50,23 @@ class ItemIndex:
     # cold_items): brand-new items, served on their title/category/price alone (the candidates
     # of the exploration slot)
     unlearned: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    _unlearned_padded: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+    def unlearned_padded(self) -> np.ndarray:
+        """`unlearned` as the exploration row's restrict input [1, bucket width], built once per
+        index: with 90k upserted items it is 262,144 wide, too much to build for every request."""
+        if self._unlearned_padded is None:
+            self._unlearned_padded = padded(self.unlearned)
+        return self._unlearned_padded
+
+    def is_unlearned(self, rows: list[int]) -> np.ndarray:
+        """Which of these rows are unlearned (a binary search each: `unlearned` is ascending)."""
+        q = np.asarray(rows, np.int64)
+        u = self.unlearned
+        if not len(u) or not len(q):
+            return np.zeros(len(q), bool)
+        at = np.minimum(np.searchsorted(u, q), len(u) - 1)
+        return u[at] == q
 
 
 class VersionItems:
