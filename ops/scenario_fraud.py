@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 
 import grpc
 
-from ops.loadgen import Later
+from ops.loadgen import Later, report_outcome
 from ops.storefront_data import fraud_requests
 from protos.fraud.v1 import fraud_pb2, fraud_pb2_grpc
 
@@ -27,11 +26,8 @@ async def scenario(channel: grpc.aio.Channel, args):
 
     async def report_later(pid: str, is_fraud: bool) -> None:
         await asyncio.sleep(args.label_delay_s)
-        try:
-            await stub.ReportOutcome(fraud_pb2.FraudOutcome(prediction_id=pid, is_fraud=is_fraud, source="chargeback"),
-                                     timeout=args.timeout)
-        except grpc.aio.AioRpcError as e:
-            print(f"[loadtest] ReportOutcome failed: {e.code().name}: {e.details()}", file=sys.stderr)
+        outcome = fraud_pb2.FraudOutcome(prediction_id=pid, is_fraud=is_fraud, source="chargeback")
+        await report_outcome(lambda: stub.ReportOutcome(outcome, timeout=args.timeout))
 
     async def call(i: int):
         k = i % len(requests)

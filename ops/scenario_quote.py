@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 from typing import Awaitable, Callable
 
 import grpc
 import numpy as np
 
-from ops.loadgen import Later
+from ops.loadgen import Later, report_outcome
 
 MAX_PRODUCTS = 300
 CHANGE_PCTS = (10.0, 20.0, 30.0)
@@ -68,11 +67,9 @@ async def scenario(channel: grpc.aio.Channel, args) -> tuple[Callable[[int], Awa
 
     async def report(pid: str, sold: bool, units: int, price: float) -> None:
         await asyncio.sleep(delay * rng.uniform(0.5, 1.5))
-        try:
-            await stub.ReportOutcome(pricing_pb2.PricingOutcome(prediction_id=pid, sold=sold, units=units if sold else 0,
-                                                                price=price if sold else 0.0), timeout=timeout)
-        except grpc.aio.AioRpcError as e:
-            print(f"[loadtest] ReportOutcome failed: {e.code().name}: {e.details()}", file=sys.stderr)
+        outcome = pricing_pb2.PricingOutcome(prediction_id=pid, sold=sold, units=units if sold else 0,
+                                             price=price if sold else 0.0)
+        await report_outcome(lambda: stub.ReportOutcome(outcome, timeout=timeout))
 
     async def call(i: int):
         k = i % len(requests)

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 from typing import Awaitable, Callable
 
 import grpc
 import numpy as np
 
-from ops.loadgen import Later
+from ops.loadgen import Later, report_outcome
 
 PAGES = (("home", 0.45), ("product", 0.25), ("category", 0.2), ("cart", 0.1))
 DEVICES = (("mobile", 0.55), ("desktop", 0.3), ("tablet", 0.05), ("app", 0.1))
@@ -81,16 +80,12 @@ async def scenario(channel: grpc.aio.Channel, args) -> tuple[Callable[[int], Awa
     later = Later()
 
     async def report(pid: str, item_id: str, bought: bool) -> None:
-        try:
-            await asyncio.sleep(click_delay * rng.uniform(0.5, 1.5))
-            await stub.ReportOutcome(pb.RecommendationOutcome(prediction_id=pid, item_id=item_id,
-                                                              event=pb.EVENT_CLICK), timeout=timeout)
-            if bought:
-                await asyncio.sleep(purchase_delay * rng.uniform(0.5, 1.5))
-                await stub.ReportOutcome(pb.RecommendationOutcome(prediction_id=pid, item_id=item_id,
-                                                                  event=pb.EVENT_PURCHASE), timeout=timeout)
-        except grpc.aio.AioRpcError as e:
-            print(f"[loadtest] ReportOutcome failed: {e.code().name}: {e.details()}", file=sys.stderr)
+        await asyncio.sleep(click_delay * rng.uniform(0.5, 1.5))
+        click = pb.RecommendationOutcome(prediction_id=pid, item_id=item_id, event=pb.EVENT_CLICK)
+        if await report_outcome(lambda: stub.ReportOutcome(click, timeout=timeout)) and bought:
+            await asyncio.sleep(purchase_delay * rng.uniform(0.5, 1.5))
+            purchase = pb.RecommendationOutcome(prediction_id=pid, item_id=item_id, event=pb.EVENT_PURCHASE)
+            await report_outcome(lambda: stub.ReportOutcome(purchase, timeout=timeout))
 
     async def call(i: int):
         n = i % len(requests)

@@ -85,3 +85,25 @@ async def test_the_closed_loop_keeps_its_workers_busy_and_reports_what_the_clien
     assert out["p50_ms"] <= out["p99_ms"] <= out["max_ms"]
     client = loadgen.client_summary(rec)
     assert client["client_cpu_us_per_req"] > 0 and client["client_loop_lag_max_ms"] >= 0
+
+
+async def test_an_outcome_report_is_sent_again_after_a_transport_failure_and_never_after_a_refusal(capsys):
+    """Outcomes are idempotent (a repeat is answered as a duplicate): a report that failed in
+    transport is retried; one the service refused is not, and the failure is printed."""
+    def failing(codes):
+        calls = []
+
+        async def send():
+            calls.append(1)
+            if len(calls) <= len(codes):
+                raise grpc.aio.AioRpcError(codes[len(calls) - 1], grpc.aio.Metadata(), grpc.aio.Metadata(), "no")
+            return "ok"
+        return send, calls
+
+    send, calls = failing([grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE])
+    assert await loadgen.report_outcome(send, backoff_s=0.0) and len(calls) == 3
+    send, calls = failing([grpc.StatusCode.NOT_FOUND])
+    assert not await loadgen.report_outcome(send, backoff_s=0.0) and len(calls) == 1
+    send, calls = failing([grpc.StatusCode.UNAVAILABLE] * 3)
+    assert not await loadgen.report_outcome(send, attempts=3, backoff_s=0.0) and len(calls) == 3
+    assert capsys.readouterr().err.count("ReportOutcome failed") == 2
