@@ -235,13 +235,17 @@ class ExportedRanker:
             ranked = top[i].tolist()
             need = slots - sum(r in unlearned for r in ranked)
             candidates = [r for r in best_new[i].tolist() if r not in ranked]
-            rows = [self.row[x] for x in h if x in self.row][:self.history_len]
+            rows = self._rows(h)
             if rows:
                 candidates = [candidates[j] for j in closest_titles(self.texts[rows], self.texts[candidates], slots)]
             extra = candidates[:max(0, need)]
             if extra:
                 top[i] = ranked[:k - len(extra)] + extra
         return top
+
+    def _rows(self, history: list[str]) -> list[int]:
+        """The catalog rows of a history's items (most recent first), as many as the graph reads."""
+        return [self.row[x] for x in history if x in self.row][:self.history_len]
 
     def _top(self, users: list[str], histories: list[list[str]], k: int, restrict=None) -> np.ndarray:
         """restrict: None (every row) or one array of rows per user."""
@@ -250,7 +254,7 @@ class ExportedRanker:
             us, hs = users[s:s + 256], histories[s:s + 256]
             hist = np.full((len(us), self.history_len), -1, np.int64)
             for i, h in enumerate(hs):
-                rows = [self.row[x] for x in h if x in self.row][:self.history_len]
+                rows = self._rows(h)
                 hist[i, :len(rows)] = rows
             chunk = restrict[s:s + 256] if restrict is not None else [np.array([-1])] * len(us)
             allowed = np.full((len(us), max(1, max(len(r) for r in chunk))), -1, np.int64)

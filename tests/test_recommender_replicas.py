@@ -50,8 +50,6 @@ def registry(tmp_path_factory):
 
 
 CALL_S = 60.0  # far above a Redis client's retries (about 5 s): a hang fails at its own line
-
-
 STEP_S = 60.0  # a bound for starting or stopping both replicas (about 1 s on an idle machine)
 
 

@@ -126,7 +126,6 @@ def test_onnx_matches_pytorch(world):
     assert model.parity(ScoringExport(net).eval(), world["folder"] / "model.onnx", feeds) <= 1e-4
 
 
-
 def test_the_first_version_answers_the_same_at_every_hour(world):
     """Ta Feng has no hours (its rows carry random ones, trainer.domains.recommender_data.TafengRows):
     after the bootstrap every hour has the mean embedding, so an answer does not depend on the
@@ -137,7 +136,6 @@ def test_the_first_version_answers_the_same_at_every_hour(world):
         for hour, answer in enumerate(answers[1:], start=1):
             assert answer["items"].tolist() == answers[0]["items"].tolist(), hour
             np.testing.assert_allclose(answer["score"], answers[0]["score"], rtol=0, atol=1e-5, err_msg=str(hour))
-
 
 
 @pytest.mark.parametrize("random_hours", [True, False])

@@ -424,7 +424,6 @@ async def test_shutdown_drains_then_lets_every_admitted_call_finish_and_ends_wat
         await stopping
 
 
-
 @pytest.mark.timeout(60)
 async def test_a_shutdown_hook_that_never_ends_is_abandoned_by_name_and_the_later_steps_still_run(caplog):
     """The worst hook: it waits forever and swallows its cancellation. stop() still returns,

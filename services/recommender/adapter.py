@@ -299,7 +299,7 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
         slots = int(request.k * self.explore_share)
         if slots and len(index.unlearned):
             if restrict_set is None:
-                explore = index.unlearned_padded()
+                explore = index.unlearned_padded
             else:
                 unlearned = index.unlearned[np.isin(index.unlearned, np.fromiter(restrict_set, np.int64))]
                 explore = padded(unlearned) if len(unlearned) else None

@@ -10,6 +10,7 @@ same catalog snapshot and version shares one session run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import threading
 from typing import Mapping
@@ -50,14 +51,12 @@ class ItemIndex:
     # cold_items): brand-new items, served on their title/category/price alone (the candidates
     # of the exploration slot)
     unlearned: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
-    _unlearned_padded: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
+    @functools.cached_property
     def unlearned_padded(self) -> np.ndarray:
         """`unlearned` as the exploration row's restrict input [1, bucket width], built once per
         index: with 90k upserted items it is 262,144 wide, too much to build for every request."""
-        if self._unlearned_padded is None:
-            self._unlearned_padded = padded(self.unlearned)
-        return self._unlearned_padded
+        return padded(self.unlearned)
 
     def is_unlearned(self, rows: list[int]) -> np.ndarray:
         """Which of these rows are unlearned (a binary search each: `unlearned` is ascending)."""
