@@ -331,3 +331,53 @@ def test_an_incremental_round_on_joined_examples_publishes(world, tmp_path):
     assert again.model.state.user_code("brand-new-customer") == new_user
     X = ex.X[:50]
     np.testing.assert_allclose(again.model.predict(again.net, X), model.predict(learner.net, X), rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_written_with_a_64_place_history_restores_and_learns_on(world, tmp_path):
+    """An older trainer's checkpoint (rows, weights and Adam moments for 64 history places) is
+    upgraded on restore: no label or replayed row is lost, the older places start as the oldest
+    one, and a training step runs on the restored optimizer."""
+    from trainer.domains.recommender_data import COL_POSITION
+    from trainer.learner import Checkpoint, Examples
+
+    old_h = 64
+    assert HISTORY_LEN > old_h
+    learner, registry = world["learner"], world["registry"]
+    state = Checkpoint(learner.checkpoint.path).load()
+    keep = np.r_[0:COL_HIST + old_h, COL_POSITION:WIDTH]
+
+    def old_rows(ex):
+        return Examples(ex.X[:, keep], ex.y, ex.served_p, ex.offsets)
+
+    def old_weights(w):
+        return None if w is None else {k: (v[:old_h] if k in ("pool_weight", "repeat_weight") else v) for k, v in w.items()}
+
+    names = [n for n, p in learner.net.named_parameters() if n not in ("item_id.weight", "user_id.weight")]
+    places = {names.index("pool_weight"), names.index("repeat_weight")}
+    dense = state["opt"]["dense"]
+    assert places <= set(dense["state"])  # the bootstrap stepped them: there are moments to upgrade
+    old = {**state, "replay": old_rows(state["replay"]), "window": old_rows(state["window"]),
+           "net": old_weights(state["net"]), "champion": old_weights(state.get("champion")),
+           "canary": old_weights(state.get("canary")),
+           "opt": {**state["opt"], "dense": {**dense, "state": {
+               i: {k: (v[:old_h] if i in places and k in ("exp_avg", "exp_avg_sq") else v) for k, v in s.items()}
+               for i, s in dense["state"].items()}}}}
+    assert old["replay"].X.shape[1] == WIDTH - (HISTORY_LEN - old_h)
+    workdir = tmp_path / "trainer"
+    Checkpoint(workdir / "checkpoints" / "recommender.pt").save(old)
+
+    again = Learner(RecommenderModel(registry_dir=registry.root), registry, workdir)
+    assert again.restore()
+    expected = state["replay"].X.copy()
+    expected[:, COL_HIST + old_h:COL_POSITION] = -1  # the places the old layout did not keep are empty
+    np.testing.assert_array_equal(again.replay.X, expected)
+    np.testing.assert_array_equal(again.replay.y, state["replay"].y)
+    assert len(again.window) == len(state["window"]) and again.offset == state["offset"]
+    for name in ("pool_weight", "repeat_weight"):
+        got, was = getattr(again.net, name).detach(), state["net"][name]
+        np.testing.assert_array_equal(got[:old_h], was[:old_h])
+        assert (got[old_h:] == was[old_h - 1]).all()
+    before = again.net.pool_weight.detach().clone()
+    again.model.train(again.net, again.opt, again.replay.X[:512], again.replay.y[:512], 1, 0)
+    assert not torch.equal(again.net.pool_weight.detach(), before)
+    assert np.isfinite(again.model.predict(again.net, again.replay.X[:50])).all()

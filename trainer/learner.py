@@ -138,6 +138,13 @@ class DomainModel(abc.ABC):
     def load_domain_state(self, state: dict[str, Any]) -> None:
         """Restore domain_state() (called before new_network on restore)."""
 
+    def upgrade_checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint written by an older version of this domain, in today's layout (rows,
+        weights and optimizer state), or as it is when it already is (default: as it is). Called
+        on restore, after load_domain_state: an upgrade of the model's layout must not cost the
+        labels the checkpoint learned, nor its replay buffer."""
+        return state
+
     def prequential_metrics(self, y: np.ndarray, served_p: np.ndarray) -> dict[str, float]:
         """Metrics of what was served (scored before its label was learned) over the learner's
         recent window: the learning report's curve. Default: report_metrics on those rows,
@@ -302,6 +309,7 @@ class Learner:
             return False
         state = self.checkpoint.load()
         self.model.load_domain_state(state.get("domain", {}))
+        state = self.model.upgrade_checkpoint(state)
         self.net = self.model.new_network(np.zeros((1, self.model.width), np.float32))
         self.net.load_state_dict(state["net"])
         self.opt = self.model.optimizer(self.net)

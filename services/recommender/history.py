@@ -27,6 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+# recent interactions kept per user by default: the history the current trainer's versions read
+# (trainer.domains.recommender_data.HISTORY_LEN, their manifest's history_len); a version that
+# reads more than the setting keeps gets a warning at load (services.recommender.adapter)
+MAX_RECENT = 128
+
 
 class _User:
     __slots__ = ("recent", "purchased")
@@ -37,7 +42,7 @@ class _User:
 
 
 class UserHistory:
-    def __init__(self, max_users: int = 200_000, max_recent: int = 64, max_purchased: int = 1000) -> None:
+    def __init__(self, max_users: int = 200_000, max_recent: int = MAX_RECENT, max_purchased: int = 1000) -> None:
         if max_users < 1 or max_recent < 1 or max_purchased < 0:
             raise ValueError("max_users and max_recent must be >= 1, max_purchased >= 0")
         self.max_users, self.max_recent, self.max_purchased = max_users, max_recent, max_purchased

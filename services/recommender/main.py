@@ -22,7 +22,7 @@ from services.recommender.adapter import (EXPLORE_SHARE, MAX_CATEGORY_CHARS, MAX
                                           RecommenderService)
 from services.recommender.catalog import Catalog
 from services.recommender.contract import check_manifest, check_outputs
-from services.recommender.history import UserHistory
+from services.recommender.history import MAX_RECENT, UserHistory
 from services.recommender.redis_state import RedisOnlineState
 from services.recommender.servicer import RecommenderServicer, register
 from shared.domain import domain_app, served_model
@@ -42,7 +42,7 @@ class RecommenderSettings(DomainSettings):
                                 "unused with redis_url (the catalog is then shared on Redis)")
     max_k: int = setting(MAX_K, "largest k a Recommend may ask for (1..200)")
     history_max_users: int = setting(200_000, "users whose recent interactions are kept in memory")
-    history_max_recent: int = setting(64, "recent interactions kept per user (the model reads its manifest history_len of them)")
+    history_max_recent: int = setting(MAX_RECENT, "recent interactions kept per user (the model reads its manifest history_len of them)")
     history_max_purchased: int = setting(1000, "purchased items kept per user (for exclude_purchased)")
     prediction_memory: int = setting(200_000, "recent predictions whose user is remembered, so outcomes update history")
     text_cache_size: int = setting(200_000, "title embeddings cached in memory (LRU)")

@@ -47,6 +47,7 @@ import numpy as np
 from redis.asyncio import Redis
 
 from services.recommender.catalog_records import ItemRecord
+from services.recommender.history import MAX_RECENT
 from shared.jsonl import read_records
 
 PREFIX = "storefront:reco"
@@ -119,7 +120,7 @@ class RedisUserHistory:
     """history.UserHistory on Redis: recent(), purchased(), record(), seed_npz() with the same
     arguments and answers, awaited. One object per process; every replica sees every record."""
 
-    def __init__(self, client: Redis, max_recent: int = 64, max_purchased: int = 1000, *,
+    def __init__(self, client: Redis, max_recent: int = MAX_RECENT, max_purchased: int = 1000, *,
                  ttl_s: float = DEFAULT_HISTORY_TTL_S, prefix: str = PREFIX, seed_batch: int = 500) -> None:
         if max_recent < 1 or max_purchased < 0 or ttl_s <= 0 or seed_batch < 1:
             raise ValueError("max_recent must be >= 1, max_purchased >= 0, ttl_s > 0, seed_batch >= 1")
@@ -361,7 +362,7 @@ class RedisOnlineState:
     load, a version's users.npz) cannot use that client, whose connections are bound to the
     loop: `blocking()` runs a coroutine in the calling thread on a client of its own."""
 
-    def __init__(self, url: str, password_file: str = "", *, max_recent: int = 64, max_purchased: int = 1000,
+    def __init__(self, url: str, password_file: str = "", *, max_recent: int = MAX_RECENT, max_purchased: int = 1000,
                  history_ttl_s: float = DEFAULT_HISTORY_TTL_S,
                  prediction_ttl_s: float = DEFAULT_PREDICTION_TTL_S) -> None:
         from shared.redis_conn import redis_client

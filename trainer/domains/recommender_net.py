@@ -71,6 +71,21 @@ def _pos_weight(raw: torch.Tensor) -> torch.Tensor:
     return F.softplus(raw)
 
 
+# parameters with one entry per history place (most recent first)
+PER_PLACE_PARAMETERS = ("pool_weight", "repeat_weight")
+
+
+def longer_history(value: torch.Tensor, history_len: int, fill: float | None = None) -> torch.Tensor:
+    """A per-place tensor learned with a shorter history, extended to history_len places: the
+    older places start as its oldest one (fill: a constant instead, e.g. 0 for an optimizer's
+    moments)."""
+    missing = history_len - value.shape[0]
+    if missing <= 0:
+        return value
+    tail = value[-1:].expand(missing) if fill is None else value.new_full((missing,), fill)
+    return torch.cat([value, tail])
+
+
 class RecoNet(nn.Module):
     def __init__(self, users: int, items: int, categories: int, dims: RecoDims = RecoDims(),
                  history_len: int = HISTORY_LEN) -> None:
@@ -119,9 +134,13 @@ class RecoNet(nn.Module):
         self.register_buffer("click_calibration", torch.tensor([1.0, 0.0]))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As nn.Module's; weights saved before the click calibration existed get the identity."""
+        """As nn.Module's; weights saved before the click calibration existed get the identity,
+        and weights learned with a shorter history weigh the older places like their oldest."""
         if "click_calibration" not in state_dict:
             state_dict = {**state_dict, "click_calibration": torch.tensor([1.0, 0.0])}
+        if any(name in state_dict and state_dict[name].shape[0] < self.history_len for name in PER_PLACE_PARAMETERS):
+            state_dict = {**state_dict, **{name: longer_history(state_dict[name], self.history_len)
+                                           for name in PER_PLACE_PARAMETERS if name in state_dict}}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def click_probability(self, c: torch.Tensor) -> torch.Tensor:
