@@ -149,3 +149,17 @@ def test_the_slot_candidates_are_the_titles_closest_to_the_history():
     assert closest_titles(history, candidates, 1).tolist() == [1]
     assert closest_titles(history, candidates, 4).tolist() == [0, 1, 2, 3]  # no more than there are
     assert closest_titles(history[:0], candidates, 1).tolist() == [0, 1, 2, 3]  # no history: the graph ranks all
+
+
+def test_the_exploration_pool_is_bounded_and_gives_every_unlearned_item_its_chance():
+    import numpy as np
+
+    from services.recommender.explore import explore_pool
+
+    rng = np.random.default_rng(0)
+    few = np.arange(10, 20, dtype=np.int64)
+    assert explore_pool(few, rng, pool=10) is few  # at most the pool: every one, every request
+    many = np.arange(100, 1100, dtype=np.int64)
+    draws = [explore_pool(many, rng, pool=64) for _ in range(300)]
+    assert all(len(d) == 64 and np.isin(d, many).all() for d in draws)  # bounded, only unlearned rows
+    assert set(np.concatenate(draws).tolist()) == set(many.tolist())  # over requests, each gets its turn

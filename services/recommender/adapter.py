@@ -18,7 +18,8 @@ and the cold-item popularity prior), a request gets a second graph row ranking o
 items, and the best of them take at most floor(k x explore_share) of the last places when the
 ranking itself shows fewer (realised share: explored_items_total / served_items_total); for a
 customer with a history, "best" is the titles closest to the history's among the row's top
-EXPLORE_SHORTLIST (services.recommender.explore). The extra row is only run while unlearned
+EXPLORE_SHORTLIST (services.recommender.explore); past EXPLORE_POOL unlearned items the row ranks
+a uniform draw of that many, so its cost is bounded. The extra row is only run while unlearned
 items exist, i.e. until the next round learns them.
 Catalog updates (UpsertItems, the journal follower): services.recommender.catalog_updates.
 The Redis mode (RedisOnlineState: history, prediction memory, catalog shared by every replica):
@@ -48,7 +49,7 @@ from services.recommender.catalog import Catalog, CatalogSnapshot
 from services.recommender.catalog_records import MAX_DEPARTMENT_CHARS, read_jsonl
 from services.recommender.catalog_updates import CATALOG_ITEMS, CatalogUpdates
 from services.recommender.contract import bucket, padded
-from services.recommender.explore import EXPLORE_SHORTLIST, closest_titles
+from services.recommender.explore import EXPLORE_POOL, EXPLORE_SHORTLIST, closest_titles, explore_pool
 from services.recommender.history import RecentPredictions, UserHistory
 from services.recommender.item_index import ItemIndex, VersionItems
 from services.recommender.redis_state import RedisOnlineState
@@ -131,6 +132,7 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
         self.title_max_chars = title_max_chars
         self.category_max_chars = category_max_chars
         self.explore_share = explore_share
+        self._explore_rng = np.random.default_rng()  # the exploration pool's draws (explore_pool)
         self.titles_embedded = 0  # titles the upsert path has sent to the encoder (tests, logs)
 
     # ---- per-version preparation (loader thread) ----
@@ -299,10 +301,11 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
         slots = int(request.k * self.explore_share)
         if slots and len(index.unlearned):
             if restrict_set is None:
-                explore = index.unlearned_padded
+                explore = (index.unlearned_padded if len(index.unlearned) <= EXPLORE_POOL
+                           else padded(explore_pool(index.unlearned, self._explore_rng)))
             else:
                 unlearned = index.unlearned[np.isin(index.unlearned, np.fromiter(restrict_set, np.int64))]
-                explore = padded(unlearned) if len(unlearned) else None
+                explore = padded(explore_pool(unlearned, self._explore_rng)) if len(unlearned) else None
             if explore is not None:
                 # with a history the graph shortlists, the titles pick (postprocess)
                 feeds = self._with_explore_row(feeds, explore, max(slots, EXPLORE_SHORTLIST) if history_rows
