@@ -18,15 +18,15 @@ import torch
 from trainer.domains.recommender_data import (COL_DAY, COL_DEVICE, COL_HIST, COL_HOUR, COL_ITEM, COL_PAGE, COL_POSITION,
                                               COL_USER,
                                               DEVICES, HISTORY_LEN, LEVEL_CLICK, LEVEL_IMPRESSION, LEVEL_PURCHASE,
-                                              PAGES, POPULARITY_TAU_DAYS, TEXT_DIM, WIDTH, RecoState, upgrade_rows)
+                                              PAGES, POPULARITY_TAU_DAYS, TEXT_DIM, WIDTH, RecoState)
 from trainer.domains.recommender_catalog import CatalogJournal, RedisCatalogReader
 from trainer.domains.recommender_metrics import (_log_loss, decode_bytes_tensor, expected_calibration_error,
                                                  ranking_metrics)
 from trainer.domains.recommender_export import (ITEM_TOWER_FILE, _ort_run, catalog_vocab_json, export_onnx,
                                                 scoring_input_ranges, scoring_parity)
-from trainer.domains.recommender_net import (PER_PLACE_PARAMETERS, ItemTowerExport, RecoDims, RecoNet, ScoringExport,
-                                             longer_history)
-from trainer.domains.recommender_training import JointOptimizer, fit_click_calibration, torch_threads, train_epochs
+from trainer.domains.recommender_net import ItemTowerExport, RecoDims, RecoNet, ScoringExport
+from trainer.domains.recommender_training import (JointOptimizer, fit_click_calibration, optimizer_parameters,
+                                                  torch_threads, train_epochs, upgrade_checkpoint)
 from trainer.export import batch1_latency_ms
 from trainer.learner import DomainModel, Examples
 
@@ -121,39 +121,13 @@ class RecommenderModel(DomainModel):
             net.init_popularity(X[:, COL_ITEM].astype(np.int64), self.state.n_items)
         return net
 
-    @staticmethod
-    def _parameters(net: RecoNet) -> tuple[list[torch.Tensor], list[tuple[str, torch.Tensor]]]:
-        """The id tables (SparseAdam) and the named rest (Adam), in the optimizers' order."""
-        sparse = [net.item_id.weight, net.user_id.weight]
-        return sparse, [(n, p) for n, p in net.named_parameters() if all(p is not q for q in sparse)]
-
     def optimizer(self, net):
-        sparse, dense = self._parameters(net)
+        sparse, dense = optimizer_parameters(net)
         return JointOptimizer({"sparse": torch.optim.SparseAdam(sparse, lr=self.sparse_lr),
                                "dense": torch.optim.Adam([p for _, p in dense], lr=self.lr)})
 
     def upgrade_checkpoint(self, state: dict[str, Any]) -> dict[str, Any]:
-        """A checkpoint of a trainer whose rows held a shorter history (64 places before
-        HISTORY_LEN became 128): its replay and window rows get empty older places
-        (upgrade_rows), its networks weigh them like their oldest place (RecoNet.load_state_dict)
-        and the dense optimizer's moments for the per-place weights start at 0 there."""
-        upgraded = dict(state)
-        for key in ("replay", "window", "holdout"):
-            ex = state.get(key)
-            if isinstance(ex, Examples) and ex.X.shape[1] != WIDTH:
-                upgraded[key] = Examples(upgrade_rows(ex.X), ex.y, ex.served_p, ex.offsets)
-        dense = state.get("opt", {}).get("dense") if isinstance(state.get("opt"), dict) else None
-        if dense is not None:
-            _, named = self._parameters(RecoNet(1, 1, 1, self.dims))
-            places = {i for i, (n, _) in enumerate(named) if n in PER_PLACE_PARAMETERS}
-            moments = {}
-            for i, s in dense["state"].items():
-                if i in places:
-                    s = {k: (longer_history(v, HISTORY_LEN, 0.0) if k in ("exp_avg", "exp_avg_sq") else v)
-                         for k, v in s.items()}
-                moments[i] = s
-            upgraded["opt"] = {**state["opt"], "dense": {**dense, "state": moments}}
-        return upgraded
+        return upgrade_checkpoint(state, self.dims)
 
     def _item_base(self, net: RecoNet, codes: torch.Tensor, id_keep: torch.Tensor | None = None) -> torch.Tensor:
         """The learned part of the item vectors of item codes, from the state's features."""

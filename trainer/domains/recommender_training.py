@@ -38,7 +38,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from trainer.domains.recommender_data import COL_DAY, COL_ITEM, COL_POSITION, LEVEL_CLICK, LEVEL_PURCHASE
+from trainer.domains.recommender_data import (COL_DAY, COL_ITEM, COL_POSITION, HISTORY_LEN, LEVEL_CLICK, LEVEL_PURCHASE,
+                                              WIDTH, upgrade_rows)
+from trainer.domains.recommender_net import PER_PLACE_PARAMETERS, RecoDims, RecoNet, longer_history
+from trainer.learner import Examples
 
 
 @contextlib.contextmanager
@@ -81,6 +84,33 @@ class JointOptimizer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, o in self.optimizers.items():
             o.load_state_dict(state[k])
+
+
+def optimizer_parameters(net: RecoNet) -> tuple[list[torch.Tensor], list[tuple[str, torch.Tensor]]]:
+    """The id tables (SparseAdam) and the named rest (Adam), in the optimizers' order."""
+    sparse = [net.item_id.weight, net.user_id.weight]
+    return sparse, [(n, p) for n, p in net.named_parameters() if all(p is not q for q in sparse)]
+
+
+def upgrade_checkpoint(state: dict[str, Any], dims: RecoDims) -> dict[str, Any]:
+    """The learner's checkpoint of a trainer whose rows held a shorter history (64 places before
+    HISTORY_LEN became 128), in today's layout: its replay and window rows get empty older
+    places (upgrade_rows), its networks weigh them like their oldest place (RecoNet.
+    load_state_dict) and the dense optimizer's moments for the per-place weights start at 0
+    there. A checkpoint already in today's layout comes back as it is."""
+    upgraded = dict(state)
+    for key in ("replay", "window", "holdout"):
+        ex = state.get(key)
+        if isinstance(ex, Examples) and ex.X.shape[1] != WIDTH:
+            upgraded[key] = Examples(upgrade_rows(ex.X), ex.y, ex.served_p, ex.offsets)
+    dense = state["opt"].get("dense") if isinstance(state.get("opt"), dict) else None
+    if dense is not None:
+        _, named = optimizer_parameters(RecoNet(1, 1, 1, dims))
+        places = {i for i, (n, _) in enumerate(named) if n in PER_PLACE_PARAMETERS}
+        moments = {i: ({k: (longer_history(v, HISTORY_LEN, 0.0) if k in ("exp_avg", "exp_avg_sq") else v)
+                        for k, v in s.items()} if i in places else s) for i, s in dense["state"].items()}
+        upgraded["opt"] = {**state["opt"], "dense": {**dense, "state": moments}}
+    return upgraded
 
 
 MIN_PROPENSITY = 0.1  # clicks at a place clicked 10x less than the top weigh at most 10x
