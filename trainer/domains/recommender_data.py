@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # one in their last 64 lines and 14,547 in their last 128 (buy-again counts every day, however
 # old); measured on the validation window (bench.eval_recommender --end-offset-days 30, never the
 # scored one): HR@10 0.3813 -> 0.3855. Checkpoints written with a shorter history are upgraded on
-# restore (upgrade_rows, RecommenderModel.upgrade_checkpoint).
+# restore (upgrade_rows, trainer.domains.recommender_training.upgrade_checkpoint).
 HISTORY_LEN = 128
 PAGES = ("home", "product", "category", "search", "cart", "checkout")
 DEVICES = ("desktop", "mobile", "tablet", "app")
@@ -50,25 +50,25 @@ COL_HIST = 6
 # bootstrap's purchases): training corrects the click head's position bias with it
 COL_POSITION = COL_HIST + HISTORY_LEN
 WIDTH = COL_POSITION + 1
-
-
-def upgrade_rows(X: np.ndarray) -> np.ndarray:
-    """Training rows written with a shorter history (a checkpoint of an older trainer) in the
-    current layout: the missing, older history places are empty (-1), as for a user with a short
-    history. Rows already WIDTH wide are returned as they are; wider ones are refused."""
-    old = X.shape[1] - COL_HIST - 1  # that layout's history length
-    if X.shape[1] == WIDTH:
-        return X
-    if not 0 < old < HISTORY_LEN:
-        raise ValueError(f"recommender rows {X.shape[1]} wide: not this layout ({WIDTH}) nor an older one")
-    pad = np.full((X.shape[0], HISTORY_LEN - old), -1.0, X.dtype)
-    return np.concatenate([X[:, :COL_HIST + old], pad, X[:, COL_HIST + old:]], axis=1)
 # Recent popularity: per item, sales (clicks and purchases) decayed with these time constants
 # (days), counted strictly before the day in question. Grocery sales follow promotions and
 # seasons: on Ta Feng the last 3 days' best sellers beat the all-time ones by 80 % on items a
 # customer never bought (HR@10 0.27 vs 0.15).
 POPULARITY_TAU_DAYS = (2.0, 14.0)
 POPULARITY_HORIZON_DAYS = 90  # sales older than this no longer count (weight < e^-6)
+
+
+def upgrade_rows(X: np.ndarray) -> np.ndarray:
+    """Training rows written with a shorter history (a checkpoint of an older trainer) in the
+    current layout: the missing, older history places are empty (-1), as for a user with a short
+    history. Rows already WIDTH wide are returned as they are; wider ones are refused."""
+    if X.shape[1] == WIDTH:
+        return X
+    old = X.shape[1] - COL_HIST - 1  # that layout's history length
+    if not 0 < old < HISTORY_LEN:
+        raise ValueError(f"recommender rows {X.shape[1]} wide: not this layout ({WIDTH}) nor an older one")
+    pad = np.full((X.shape[0], HISTORY_LEN - old), -1.0, X.dtype)
+    return np.concatenate([X[:, :COL_HIST + old], pad, X[:, COL_HIST + old:]], axis=1)
 
 
 def tafeng_title(subclass) -> str:
