@@ -49,7 +49,7 @@ from services.recommender.catalog import Catalog, CatalogSnapshot
 from services.recommender.catalog_records import MAX_DEPARTMENT_CHARS, read_jsonl
 from services.recommender.catalog_updates import CATALOG_ITEMS, CatalogUpdates
 from services.recommender.contract import bucket, padded
-from services.recommender.explore import EXPLORE_POOL, EXPLORE_SHORTLIST, closest_titles, explore_pool
+from services.recommender.explore import EXPLORE_SHORTLIST, closest_titles, explore_pool
 from services.recommender.history import RecentPredictions, UserHistory
 from services.recommender.item_index import ItemIndex, VersionItems
 from services.recommender.redis_state import RedisOnlineState
@@ -300,16 +300,13 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
                  "exclude": padded(exclude, empty=self.exclude_width, at_least=self.exclude_width)}
         slots = int(request.k * self.explore_share)
         if slots and len(index.unlearned):
-            if restrict_set is None:
-                explore = (index.unlearned_padded if len(index.unlearned) <= EXPLORE_POOL
-                           else padded(explore_pool(index.unlearned, self._explore_rng)))
-            else:
-                unlearned = index.unlearned[np.isin(index.unlearned, np.fromiter(restrict_set, np.int64))]
-                explore = padded(explore_pool(unlearned, self._explore_rng)) if len(unlearned) else None
-            if explore is not None:
+            unlearned = index.unlearned
+            if restrict_set is not None:
+                unlearned = unlearned[np.isin(unlearned, np.fromiter(restrict_set, np.int64))]
+            if len(unlearned):
                 # with a history the graph shortlists, the titles pick (postprocess)
-                feeds = self._with_explore_row(feeds, explore, max(slots, EXPLORE_SHORTLIST) if history_rows
-                                               else slots)
+                feeds = self._with_explore_row(feeds, padded(explore_pool(unlearned, self._explore_rng)),
+                                               max(slots, EXPLORE_SHORTLIST) if history_rows else slots)
         extra = RecoRequest(snap, request.k, user_id, history_ids,
                             fallback=user_code == 0 and not history_rows,
                             restrict=restrict_set, exclude=frozenset(exclude),

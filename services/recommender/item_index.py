@@ -10,7 +10,6 @@ same catalog snapshot and version shares one session run.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import threading
 from typing import Mapping
@@ -18,7 +17,6 @@ from typing import Mapping
 import numpy as np
 
 from services.recommender.catalog import CatalogSnapshot
-from services.recommender.contract import padded
 from shared.runtime.model import LoadedModel, ModelRejected
 from shared.runtime.session import RuntimeOptions, create_session
 
@@ -51,12 +49,6 @@ class ItemIndex:
     # cold_items): brand-new items, served on their title/category/price alone (the candidates
     # of the exploration slot)
     unlearned: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
-
-    @functools.cached_property
-    def unlearned_padded(self) -> np.ndarray:
-        """`unlearned` as the exploration row's restrict input [1, bucket width], built once per
-        index: with 90k upserted items it is 262,144 wide, too much to build for every request."""
-        return padded(self.unlearned)
 
     def is_unlearned(self, rows: list[int]) -> np.ndarray:
         """Which of these rows are unlearned (a binary search each: `unlearned` is ascending)."""
