@@ -32,9 +32,10 @@ def ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
         return 32768
 
 
-def _next_counter() -> int:
-    """The shared counter's value, incremented for the next caller (any process on this host)."""
-    fd = os.open(COUNTER_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+def next_ticket(counter: Path | None = None) -> int:
+    """The shared counter's value, incremented for the next caller (any process on this host).
+    `counter` names another sequence (tests/test_up.py draws its port offsets from one)."""
+    fd = os.open(counter or COUNTER_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         raw = os.pread(fd, 32, 0)
@@ -67,7 +68,7 @@ def free_port() -> int:
             return s.getsockname()[1]
     span = low - LOWEST
     for _ in range(span):
-        port = LOWEST + _next_counter() % span
+        port = LOWEST + next_ticket() % span
         if _bindable(port):
             return port
     raise RuntimeError(f"no free loopback port in {LOWEST}-{low - 1}")

@@ -1,7 +1,6 @@
 """`python -m ops.up` (what `make up` runs) brings the trainer and the services up, says
 `all services serving` once every health service says SERVING, and stops cleanly on Ctrl-C."""
 import os
-import random
 import re
 import shutil
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from ops.ports import COUNTER_FILE, next_ticket
 from ops.up import DEMO_TRAINER_SETTINGS, REDIS_PORT, REPLICA_PORT_STEP, SERVICES, TRAINER
 from protos.fraud.v1 import fraud_pb2_grpc
 from tests.suite_fixtures import bootstrap_small_suite
@@ -31,6 +31,9 @@ def bootstrapped(tmp_path_factory):
     return var, worlds
 
 
+OFFSET_COUNTER = COUNTER_FILE.with_name(COUNTER_FILE.name.replace("free-port", "port-offset"))
+
+
 def free_port_offset(replicas: int = 1) -> int:
     """A --port-offset whose every gRPC and metrics port (+1000) is free, above the kernel's
     ephemeral range (32768-60999 here), where no other test's port-0 server can land: with xdist
@@ -39,8 +42,14 @@ def free_port_offset(replicas: int = 1) -> int:
     base = [c.port + REPLICA_PORT_STEP * i for c in (TRAINER, *SERVICES) for i in range(replicas)]
     if replicas > 1:
         base.append(REDIS_PORT)
+    # offsets come from one counter every xdist worker shares (ops.ports.next_ticket), a widest
+    # layout apart: two tests drawing at once get disjoint ports (random draws overlapped ~1 % of the time)
+    widest = [c.port + REPLICA_PORT_STEP * i for c in (TRAINER, *SERVICES) for i in range(2)] + [REDIS_PORT]
+    stride = max(widest) - min(widest) + 1
+    low, high = 61000 - min(widest), 65535 - 1000 - max(widest)
+    slots = (high - low) // stride
     for _ in range(200):
-        offset = random.randrange(61000 - min(base), 65535 - 1000 - max(base))
+        offset = low + (next_ticket(OFFSET_COUNTER) % slots) * stride
         ports = [p + offset for p in base] + [p + offset + 1000 for p in base]
         try:
             for p in ports:
