@@ -41,7 +41,7 @@ class FeedbackClient(StreamSender):
                  batch_max: int = 256, max_batch_bytes: int = MAX_BATCH_BYTES, reconnect_backoff_s: tuple[float, float] = (0.2, 5.0),
                  channel_credentials: grpc.ChannelCredentials | None = None,
                  channel_options: Sequence[tuple[str, object]] = (), metadata: Sequence[tuple[str, str]] = (),
-                 ack_timeout_s: float = 30.0, spool_interval_s: float = 0.02, batch_linger_s: float = 0.005,
+                 ack_timeout_s: float = 30.0, spool_interval_s: float = 0.02, batch_linger_s: float = 0.02,
                  max_record_bytes: int = MAX_BATCH_BYTES - BATCH_FRAMING) -> None:
         if max_buffer < 1 or max_in_flight < 1 or batch_max < 1:
             raise ValueError("max_buffer, max_in_flight and batch_max must be >= 1")
