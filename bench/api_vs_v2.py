@@ -61,7 +61,7 @@ def arguments(doc: str, out: str) -> argparse.ArgumentParser:
     return ap
 
 
-def compare(results: list[dict], api: str, concurrency: int, target: float) -> dict:
+def compare(results: list[dict], api: str, concurrency: int, target: float | None) -> dict:
     """Median p99 and req/s per API over the rounds, the p99 ratio; prints the table."""
     apis = [V2, api]
     p99 = {a: float(np.median([r["p99_ms"] for r in results if r["api"] == a])) for a in apis}
@@ -72,6 +72,6 @@ def compare(results: list[dict], api: str, concurrency: int, target: float) -> d
     print("|---|---|---|")
     for a in apis:
         print(f"| {a} | {rps[a]:,.0f} | {p99[a]:.2f} |")
-    print(f"\n{api} p99 / {V2} p99 = {ratio} (target <= {target})")
+    print(f"\n{api} p99 / {V2} p99 = {ratio}" + (f" (target <= {target})" if target is not None else ""))
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results, "p99_ratio": ratio,
             "target_ratio": target, "median_p99_ms": p99, "median_rps": rps}

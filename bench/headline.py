@@ -66,7 +66,10 @@ def serving(d: dict) -> list[Row]:
 def api_overhead(name: str, api: str) -> Callable[[dict], list[Row]]:
     def rows(d: dict) -> list[Row]:
         ratio, target = d["p99_ratio"], d["target_ratio"]
-        return [Row(f"{api} p99 / V2 ModelInfer p99, same model and process, c=32", f"{ratio:.2f}x",
+        value = f"{ratio:.2f}x"
+        if "feedback_off" in d:  # the same pair on a service that records nothing for the trainer
+            value += f" (feedback off: {d['feedback_off']['p99_ratio']:.2f}x)"
+        return [Row(f"{api} p99 / V2 ModelInfer p99, same model and process, c=32", value,
                     f"<= {target}x ({_met(ratio <= target)})", _date(d), name)]
     return rows
 

@@ -31,7 +31,7 @@ def test_the_readme_figures_follow_the_results_a_run_wrote(tmp_path, monkeypatch
     results = tmp_path / "results"
     shutil.copytree(headline.RESULTS, results)
     fraud_serving = json.loads((results / "fraud_serving.json").read_text())
-    fraud_serving.update(p99_ratio=1.111, date="2031-01-02T03:04:05Z")
+    fraud_serving.update(p99_ratio=1.111, date="2031-01-02T03:04:05Z", feedback_off={"p99_ratio": 0.951})
     (results / "fraud_serving.json").write_text(json.dumps(fraud_serving))
     readme = tmp_path / "README.md"
     readme.write_text("<!-- figures:begin -->\n<!-- figures:end -->\n")
@@ -40,7 +40,7 @@ def test_the_readme_figures_follow_the_results_a_run_wrote(tmp_path, monkeypatch
     monkeypatch.setattr(suite, "DOC", tmp_path / "BENCHMARKS.md")
     assert suite.main(["--docs-only"]) == 0
     row = next(line for line in readme.read_text().splitlines() if "ScoreTransaction" in line)
-    assert "| 1.11x | <= 1.2x (met) | 2031-01-02 |" in row
+    assert "| 1.11x (feedback off: 0.95x) | <= 1.2x (met) | 2031-01-02 |" in row
 
 
 def test_a_failing_step_is_recorded_with_its_exit_status(tmp_path, monkeypatch):
