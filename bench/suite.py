@@ -52,7 +52,9 @@ STEPS = [
          "fraud service to the first response from a version that learned it, with the trainer's defaults and on "
          "the direct path (no must-beat bar, no canary: the loop itself)."),
     Step("fraud-serving", "Fraud: ScoreTransaction vs V2 ModelInfer", ("-m", "bench.fraud_serving"),
-         "p99 of the domain API against the plain V2 call of the same model in the same process and run (c=32)."),
+         "p99 of the domain API against the plain V2 call of the same model in the same process and run (c=32); "
+         "then the same pair on a fraud service with the feedback off, which separates the API's own cost from "
+         "recording what it served for the trainer (whose ingest shares the two cores)."),
     Step("recommender-serving", "Recommender: Recommend on a 100k-item catalog", ("-m", "bench.recommender_serving"),
          "Recommend p50/p99 and req/s at c=1, 8, 32, batched vs unbatched in the same run."),
     Step("pricing-serving", "Pricing: Quote vs V2 ModelInfer", ("-m", "bench.pricing_serving"),
