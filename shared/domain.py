@@ -224,6 +224,15 @@ class DomainService(abc.ABC, Generic[Req, Resp]):
         score = float(np.asarray(first).reshape(-1)[0]) if first is not None and np.size(first) else float("nan")
         return prepared.feeds, outputs, score
 
+    async def infer(self, prepared: Prepared, deadline: float | None, model: LoadedModel, *, pin: bool
+                    ) -> tuple[dict[str, np.ndarray], LoadedModel]:
+        """(outputs by name, the version that ran them) of the prepared inputs. pin: run on `model`
+        even if another version was swapped in meanwhile (so do inputs made with shared ones). A
+        domain whose request takes more than one run overrides it (the recommender's exploration)."""
+        outputs, used = await self.served.infer(prepared.feeds, prepared.rows, deadline, shared=prepared.shared,
+                                                model=model if pin or prepared.shared else None)
+        return dict(zip(used.output_names, outputs)), used
+
     # ---- the template ----
     async def predict(self, request: Req, deadline: float | None) -> Resp:
         champion = self.served.current
@@ -260,9 +269,7 @@ class DomainService(abc.ABC, Generic[Req, Resp]):
         """Preprocess with model, run, postprocess, record. pin: run on model even if another
         version was swapped in meanwhile (the canary; or inputs made for that version)."""
         prepared = self.preprocess(request, model)
-        outputs, used = await self.served.infer(prepared.feeds, prepared.rows, deadline, shared=prepared.shared,
-                                                model=model if pin or prepared.shared else None)
-        named = dict(zip(used.output_names, outputs))
+        named, used = await self.infer(prepared, deadline, model, pin=pin)
         prediction_id = self.ids.next()
         self.served_ids.add(prediction_id)
         logs.model_version.set(used.version)
@@ -296,10 +303,7 @@ class DomainService(abc.ABC, Generic[Req, Resp]):
         started = time.perf_counter()
         try:
             prepared = self.preprocess(request, model)
-            outputs, used = await self.served.infer(prepared.feeds, prepared.rows,
-                                                    time.monotonic() + self.served.shadow_timeout_s,
-                                                    shared=prepared.shared, model=model)
-            named = dict(zip(used.output_names, outputs))
+            named, used = await self.infer(prepared, time.monotonic() + self.served.shadow_timeout_s, model, pin=True)
             inputs, recorded, score = self.shadow_record(request, prepared, named)
             shadow = ShadowRecord(used.version, inputs, recorded, score, (time.perf_counter() - started) * 1e3)
             result = "scored"

@@ -86,7 +86,7 @@ async def test_a_new_titled_item_reaches_matching_customers_before_any_interacti
 
 
 async def test_without_the_slot_new_items_rank_on_content_and_the_prior_only(world):
-    """explore_share 0: no second row, no slot; the new items compete on their content score
+    """explore_share 0: no exploration run, no slot; the new items compete on their content score
     and the cold-item prior with the customers' own repeat purchases (bench/cold_start.py)."""
     root, registry, catalog, new_ids, favourites, bought = world
     new = set(new_ids)
@@ -161,5 +161,36 @@ def test_the_exploration_pool_is_bounded_and_gives_every_unlearned_item_its_chan
     assert explore_pool(few, rng, pool=10) is few  # at most the pool: every one, every request
     many = np.arange(100, 1100, dtype=np.int64)
     draws = [explore_pool(many, rng, pool=64) for _ in range(300)]
-    assert all(len(d) == 64 and np.isin(d, many).all() for d in draws)  # bounded, only unlearned rows
+    # bounded, only unlearned rows, ascending and distinct (explore_inputs searches them)
+    assert all(len(d) == 64 and np.isin(d, many).all() and (np.diff(d) > 0).all() for d in draws)
     assert set(np.concatenate(draws).tolist()) == set(many.tolist())  # over requests, each gets its turn
+
+
+async def test_under_load_the_exploration_rides_in_the_batch_and_answers_as_its_own_run_does(world):
+    """Sequential requests find the batcher idle: the exploration is a run of its own over the
+    rows it reads. Concurrent ones queue: it becomes a second row of the request's run. The
+    answers must not depend on which (services.recommender.adapter RecommenderService.infer)."""
+    import asyncio
+
+    root, registry, catalog, new_ids, favourites, bought = world
+    async with RunningRecommender(recommender_test_settings(root, registry, "explore-load")) as stub:
+        await upsert_new_items(stub, catalog, new_ids)
+        customers = one_kind_customers(favourites, bought)[:64]
+
+        def runs(how: str) -> float:
+            return counter_with("storefront_recommender_explorations_total", how=how)
+
+        own0, row0 = runs("own_run"), runs("second_row")
+        alone = [await stub.Recommend(pb.RecommendRequest(user_id=u, k=10)) for u in customers]
+        assert runs("own_run") - own0 == len(customers) and runs("second_row") == row0
+        together = await asyncio.gather(*(stub.Recommend(pb.RecommendRequest(user_id=u, k=10)) for u in customers))
+        assert runs("second_row") > row0  # some of them queued
+        for a, b in zip(alone, together):
+            assert [it.item_id for it in a.items] == [it.item_id for it in b.items]
+            for x, y in zip(a.items, b.items):
+                assert x.score == pytest.approx(y.score, rel=1e-5, abs=1e-6)
+        assert sum(any(it.item_id in set(new_ids) for it in a.items) for a in alone) >= len(customers) // 2
+
+
+def counter_with(name: str, **labels) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
