@@ -32,7 +32,8 @@ async def client(redis_server):
 
 async def test_a_second_contender_cannot_acquire_while_the_holder_renews(client):
     holder = LearnerLease(client, "recommender", "trainer-a", ttl_s=0.6, renew_every_s=0.15)
-    standby = LearnerLease(client, "recommender", "trainer-b", ttl_s=0.6, poll_s=0.05)
+    # the standby's own TTL is long: once it holds, nothing renews it before the checks below
+    standby = LearnerLease(client, "recommender", "trainer-b", ttl_s=30, poll_s=0.05)
     token = await holder.try_acquire()
     assert token == 1 and holder.held
     holder.start_keeping()

@@ -24,7 +24,9 @@ def test_a_replaced_holder_is_refused_by_its_fence_and_the_new_holder_passes(red
         client_a, client_b = redis_client(redis_server.url), redis_client(redis_server.url)
         try:
             a = LearnerLease(client_a, "fraud", owner="trainer-a", ttl_s=0.6, poll_s=0.05)
-            b = LearnerLease(client_b, "fraud", owner="trainer-b", ttl_s=0.6, poll_s=0.05)
+            # B's own TTL is long: it holds for the rest of the test, which renews nothing (with
+            # 0.6 s, a loaded CI machine once let B's lease run out before its fence was asked)
+            b = LearnerLease(client_b, "fraud", owner="trainer-b", ttl_s=30, poll_s=0.05)
             token_a = await a.acquire()
             fence_a = lease_fence(a, token_a, loop, timeout_s=5)
             # from a round thread, as the learner calls it: while held, it says what the manifest records
