@@ -39,12 +39,14 @@ def free_port_offset(replicas: int = 1) -> int:
     ephemeral range (32768-60999 here), where no other test's port-0 server can land: with xdist
     a demo's trainer once found its metrics port taken by another test's server. With replicas,
     every replica's ports and the redis-server's."""
-    base = [c.port + REPLICA_PORT_STEP * i for c in (TRAINER, *SERVICES) for i in range(replicas)]
-    if replicas > 1:
-        base.append(REDIS_PORT)
+    def layout(n: int) -> list[int]:  # every gRPC port of n replicas (and the redis-server's past one)
+        ports = [c.port + REPLICA_PORT_STEP * i for c in (TRAINER, *SERVICES) for i in range(n)]
+        return ports + [REDIS_PORT] if n > 1 else ports
+
+    base = layout(replicas)
     # offsets come from one counter every xdist worker shares (ops.ports.next_ticket), a widest
     # layout apart: two tests drawing at once get disjoint ports (random draws overlapped ~1 % of the time)
-    widest = [c.port + REPLICA_PORT_STEP * i for c in (TRAINER, *SERVICES) for i in range(2)] + [REDIS_PORT]
+    widest = layout(2)
     stride = max(widest) - min(widest) + 1
     low, high = 61000 - min(widest), 65535 - 1000 - max(widest)
     slots = (high - low) // stride

@@ -363,11 +363,11 @@ class RecommenderService(CatalogUpdates, DomainService[pb.RecommendRequest, pb.R
         r: RecoRequest = prepared.extra
         if r.explore_pool is None:
             return await super().infer(prepared, deadline, model, pin=pin)
-        vectors = prepared.shared["item_vectors"]
         own = self.served.batcher.max_batch_size == 1 or self.served.batcher.queued == 0
         EXPLORATIONS[own].inc()
         if own:
-            feeds, shared, rows = explore_inputs(prepared.feeds, vectors, r.explore_pool, r.explore_k)
+            feeds, shared, rows = explore_inputs(prepared.feeds, prepared.shared["item_vectors"], r.explore_pool,
+                                                 r.explore_k)
             (named, used), (explored, _) = await asyncio.gather(
                 super().infer(prepared, deadline, model, pin=pin),
                 self.served.infer(feeds, 1, deadline, shared=shared, model=model))

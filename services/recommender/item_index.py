@@ -35,6 +35,15 @@ def _check_graph(session, expected: Mapping[str, str], what: str) -> None:
         raise ModelRejected(f"{what} inputs are {got}, the contract says {dict(expected)}")
 
 
+def find_sorted(ascending: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position, found) of each of q in the ascending array: a binary search each; a position
+    means something only where found."""
+    if not len(ascending):
+        return np.zeros(q.shape, np.int64), np.zeros(q.shape, bool)
+    at = np.minimum(np.searchsorted(ascending, q), len(ascending) - 1)
+    return at, ascending[at] == q
+
+
 @dataclasses.dataclass(eq=False)
 class ItemIndex:
     """One version's item vectors for one catalog snapshot (rows [0, size))."""
@@ -51,13 +60,8 @@ class ItemIndex:
     unlearned: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     def is_unlearned(self, rows: list[int]) -> np.ndarray:
-        """Which of these rows are unlearned (a binary search each: `unlearned` is ascending)."""
-        q = np.asarray(rows, np.int64)
-        u = self.unlearned
-        if not len(u) or not len(q):
-            return np.zeros(len(q), bool)
-        at = np.minimum(np.searchsorted(u, q), len(u) - 1)
-        return u[at] == q
+        """Which of these rows are unlearned (`unlearned` is ascending: find_sorted)."""
+        return find_sorted(self.unlearned, np.asarray(rows, np.int64))[1]
 
 
 class VersionItems:
